@@ -1,0 +1,129 @@
+"""The catalog: a SQLite index of commits and refs, for fast log, lookup and queries.
+
+The object store is the truth; the catalog is a cache of it that can be deleted at any
+time and is rebuilt (and reconciled with the refs) when a store is opened. This is the only
+module that imports sqlite-utils.
+
+Tables::
+
+    meta      (key PK, value)                       schema version
+    commits   (id PK, manifest, message, created_at, branch, step, logical_bytes,
+               new_bytes, object)                   object: the commit object's bytes
+    parents   (commit, position, parent)            PK (commit, position)
+    metrics   (commit, name, value)                 PK (commit, name)
+    refs      (kind, name, commit)                  PK (kind, name)
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+class Catalog:
+    """A SQLite catalog at ``path`` (``None``: in memory). Thread-safe; every method is
+    one transaction."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        if path is None:
+            conn = sqlite3.connect(":memory:", check_same_thread=False)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, timeout=60)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        self.db = sqlite_utils.Database(conn)
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        with self._lock, self.db.conn:
+            meta = self.db["meta"]
+            if meta.exists():
+                row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                if row is not None and int(row[0]) == SCHEMA_VERSION:
+                    return
+                for name in self.db.table_names():
+                    self.db[name].drop()  # an older catalog: it is a cache, rebuild it
+            self.db["meta"].create({"key": str, "value": str}, pk="key")
+            self.db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
+            self.db["commits"].create(
+                {"id": str, "manifest": str, "message": str, "created_at": float, "branch": str,
+                 "step": int, "logical_bytes": int, "new_bytes": int, "object": bytes},
+                pk="id",
+            )  # fmt: skip
+            self.db["parents"].create({"commit": str, "position": int, "parent": str}, pk=("commit", "position"))
+            self.db["parents"].create_index(["parent"])
+            self.db["metrics"].create({"commit": str, "name": str, "value": float}, pk=("commit", "name"))
+            self.db["refs"].create({"kind": str, "name": str, "commit": str}, pk=("kind", "name"))
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    # -- commits ---------------------------------------------------------------------------
+
+    def add_commit(self, row: dict, parents: Iterable[str], metrics: dict[str, float]) -> None:
+        """Index one commit. Idempotent."""
+        with self._lock, self.db.conn:
+            self.db["commits"].insert(row, replace=True)
+            self.db["parents"].insert_all(
+                ({"commit": row["id"], "position": i, "parent": p} for i, p in enumerate(parents)), replace=True
+            )
+            self.db["metrics"].insert_all(
+                ({"commit": row["id"], "name": k, "value": v} for k, v in metrics.items()), replace=True
+            )
+
+    def remove_commits(self, ids: Iterable[str]) -> None:
+        with self._lock, self.db.conn:
+            for commit_id in ids:
+                for table in ("parents", "metrics"):
+                    self.db.execute(f"DELETE FROM {table} WHERE [commit] = ?", [commit_id])
+                self.db.execute("DELETE FROM commits WHERE id = ?", [commit_id])
+
+    def commit_object(self, commit_id: str) -> bytes | None:
+        with self._lock:
+            row = self.db.execute("SELECT object FROM commits WHERE id = ?", [commit_id]).fetchone()
+        return None if row is None else row[0]
+
+    def commit_ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self.db.execute("SELECT id FROM commits")}
+
+    def ids_with_prefix(self, prefix: str) -> list[str]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", [prefix, prefix + "g"]
+            )
+            return [r[0] for r in rows]
+
+    def children(self, commit_id: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.db.execute("SELECT [commit] FROM parents WHERE parent = ?", [commit_id])]
+
+    # -- refs ------------------------------------------------------------------------------
+
+    def refs(self, kind: str) -> dict[str, str]:
+        with self._lock:
+            rows = self.db.execute("SELECT name, [commit] FROM refs WHERE kind = ? ORDER BY name", [kind])
+            return dict(rows.fetchall())
+
+    def set_ref(self, kind: str, name: str, commit_id: str | None) -> None:
+        with self._lock, self.db.conn:
+            if commit_id is None:
+                self.db.execute("DELETE FROM refs WHERE kind = ? AND name = ?", [kind, name])
+            else:
+                self.db["refs"].insert({"kind": kind, "name": name, "commit": commit_id}, replace=True)
+
+    def replace_refs(self, kind: str, refs: dict[str, str]) -> None:
+        """Make the catalog's refs of ``kind`` exactly ``refs``."""
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM refs WHERE kind = ?", [kind])
+            self.db["refs"].insert_all(({"kind": kind, "name": n, "commit": c} for n, c in refs.items()), replace=True)

@@ -1,0 +1,141 @@
+"""The one exception tree of ckptstore.
+
+Every error the package raises on purpose is a :class:`CkptStoreError`. Each class also
+derives from the builtin exception a caller would naturally catch, so ``except KeyError``,
+``except TypeError`` or ``except OSError`` keep working::
+
+    CkptStoreError
+    ├── RefError
+    │   ├── UnknownRef ................ LookupError   a name, id or prefix that resolves to nothing
+    │   ├── AmbiguousRef .............. LookupError   an id prefix matching several commits
+    │   ├── InvalidRefName ............ ValueError    a branch/tag name or revision that is malformed
+    │   ├── RefExists ................. FileExistsError  creating a branch/tag that already exists
+    │   └── RefConflict ............... a compare-and-swap on a ref lost a race
+    ├── UnsupportedValue .............. TypeError     a value that cannot be stored (names its key path)
+    ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
+    ├── UnsupportedFormat ............. ValueError    an object or store of an unknown format version
+    ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
+    └── StorageError .................. OSError       the backend failed (the cause is chained)
+        ├── ObjectNotFound ............ FileNotFoundError
+        └── PreconditionFailed ........ a create-only or versioned write found another value
+"""
+
+from __future__ import annotations
+
+
+class CkptStoreError(Exception):
+    """Base class of every error ckptstore raises on purpose."""
+
+
+class RefError(CkptStoreError):
+    """A problem with a ref (branch, tag) or a revision."""
+
+
+class UnknownRef(RefError, LookupError):
+    """A revision that names no branch, tag or commit."""
+
+    def __init__(self, ref: str, *, suggestions: list[str] | None = None) -> None:
+        self.ref = ref
+        self.suggestions = list(suggestions or [])
+        msg = f"unknown revision {ref!r}"
+        if self.suggestions:
+            msg += "; did you mean " + ", ".join(repr(s) for s in self.suggestions) + "?"
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # LookupError would otherwise repr() the message
+        return self.args[0]
+
+
+class AmbiguousRef(RefError, LookupError):
+    """An id prefix that matches more than one commit."""
+
+    def __init__(self, ref: str, candidates: list[str]) -> None:
+        self.ref = ref
+        self.candidates = list(candidates)
+        shown = ", ".join(c[:12] for c in self.candidates[:5])
+        more = "" if len(self.candidates) <= 5 else f" and {len(self.candidates) - 5} more"
+        super().__init__(f"ambiguous revision {ref!r}: matches {shown}{more}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class InvalidRefName(RefError, ValueError):
+    """A branch or tag name, or a revision expression, that is not well formed."""
+
+
+class RefExists(RefError, FileExistsError):
+    """A branch or tag that was to be created already exists."""
+
+
+class RefConflict(RefError):
+    """A ref changed between reading and updating it (compare-and-swap lost a race).
+
+    Nothing was overwritten: the ref still points at ``actual``.
+    """
+
+    def __init__(self, ref: str, *, expected: str | None, actual: str | None) -> None:
+        self.ref = ref
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"ref {ref!r} changed concurrently: expected {expected or '(absent)'}, "
+            f"found {actual or '(absent)'}"
+        )
+
+
+class UnsupportedValue(CkptStoreError, TypeError):
+    """A value in a state that ckptstore cannot store without pickle."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path or '<root>'}: {message}")
+
+
+class IntegrityError(CkptStoreError, ValueError):
+    """Stored data failed verification (wrong hash, size or structure) or is missing.
+
+    ``key`` names the object in the store; ``path`` the key path of the value that needed
+    it, when known.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, path: str | None = None) -> None:
+        self.key = key
+        self.path = path
+        where = []
+        if key:
+            where.append(f"object {key}")
+        if path:
+            where.append(f"key path {path}")
+        super().__init__(message + (f" ({', '.join(where)})" if where else ""))
+
+
+class UnsupportedFormat(CkptStoreError, ValueError):
+    """An object, manifest or store written in a format this version cannot read."""
+
+
+class StoreNotFound(CkptStoreError, FileNotFoundError):
+    """No store exists at the URL (and it was opened with ``create=False``)."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+class StorageError(CkptStoreError, OSError):
+    """The storage backend failed; the backend's exception is chained as ``__cause__``."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """The object does not exist in the store."""
+
+
+class PreconditionFailed(StorageError):
+    """A create-only write found the object present, or a versioned write found another
+    version. Nothing was written."""

@@ -1,0 +1,494 @@
+"""Manifests: what a checkpoint holds, as a versioned msgpack document.
+
+A state (nested dicts, lists, tuples, scalars, tensors, numpy arrays) is encoded as:
+
+``tree``
+    The state with every tensor replaced by a reference into ``tensors``; encoded with
+    msgpack, every non-native type as a msgpack extension (see :class:`Ext`). No pickle.
+``tensors``
+    One entry per tensor: key path, dtype, shape, stride (``None`` = contiguous), the blob
+    holding its bytes and its byte offset there, and its kind (tensor, parameter, ndarray).
+``blobs``
+    Byte buffers: a tensor's bytes, or one storage shared by several tensors (tied weights,
+    views), stored once. A blob is either inlined (small) or a list of chunks
+    ``[chunk id, raw size]`` of at most ``chunk_size_bytes`` each.
+
+Decoding distrusts its input: every field is type- and range-checked against the others
+before any tensor is built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from .codec import DTYPE_NAMES, DTYPES, tensor_bytes
+from .errors import CkptStoreError, IntegrityError, UnsupportedFormat, UnsupportedValue
+
+MANIFEST_FORMAT_VERSION = 1
+MAX_DEPTH = 200
+_NUMPY_KINDS = "biufc"
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+class Ext(IntEnum):
+    """msgpack extension codes used in trees."""
+
+    TENSOR = 1  # index into the manifest's tensors
+    TUPLE = 2  # list of items
+    DICT = 3  # list of [key, value]; for dicts whose keys are not all str
+    ODICT = 4  # [list of [key, value], _metadata or None]
+    BIGINT = 5  # signed little-endian bytes
+    NPSCALAR = 6  # [dtype.str, bytes]
+    DTYPE = 7  # torch dtype name
+    DEVICE = 8  # torch device string
+    SIZE = 9  # torch.Size as a list
+
+
+class TensorKind(IntEnum):
+    TENSOR = 0
+    PARAMETER = 1
+    NDARRAY = 2
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    id: str
+    size: int
+
+
+@dataclass
+class Blob:
+    size: int
+    chunks: list[ChunkRef] = field(default_factory=list)
+    inline: bytes | None = None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: str
+    dtype: str  # a torch dtype name, or a numpy dtype string for ndarrays
+    shape: tuple[int, ...]
+    stride: tuple[int, ...] | None
+    blob: int
+    offset: int
+    kind: TensorKind
+    requires_grad: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        if self.kind is TensorKind.NDARRAY:
+            return np.dtype(self.dtype).itemsize
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def extent_bytes(self) -> int:
+        """Bytes of the blob this tensor spans from its offset."""
+        if self.numel == 0:
+            return 0
+        if self.stride is None:
+            return self.nbytes
+        return (sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1) * self.itemsize
+
+
+@dataclass
+class Manifest:
+    tree: bytes
+    tensors: list[TensorEntry]
+    blobs: list[Blob]
+
+    @property
+    def logical_bytes(self) -> int:
+        """Bytes of tensor data (each shared storage once) plus the encoded tree."""
+        return sum(b.size for b in self.blobs) + len(self.tree)
+
+    def chunk_ids(self) -> set[str]:
+        return {c.id for b in self.blobs for c in b.chunks}
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": MANIFEST_FORMAT_VERSION,
+            "tree": self.tree,
+            "tensors": [
+                [t.path, t.dtype, list(t.shape), None if t.stride is None else list(t.stride),
+                 t.blob, t.offset, int(t.kind), t.requires_grad]
+                for t in self.tensors
+            ],
+            "blobs": [
+                [b.size, [[c.id, c.size] for c in b.chunks], b.inline] for b in self.blobs
+            ],
+        }  # fmt: skip
+        return msgpack.packb(doc, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview, *, key: str) -> Manifest:
+        return _ManifestReader(key).read(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+@dataclass
+class BlobSource:
+    """Bytes to store for one blob; ``owner`` keeps the tensor that backs ``data`` alive."""
+
+    data: memoryview
+    path: str
+    owner: Any = None
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+class _TreeEncoder:
+    """Walks a state, turning it into msgpack-native values and collecting its tensors."""
+
+    def __init__(self, *, allow_tensors: bool) -> None:
+        self.allow_tensors = allow_tensors
+        self.tensors: list[tuple[str, Any]] = []
+        self._index_of: dict[int, int] = {}  # id(tensor) -> index: one object stays one object
+
+    def encode(self, value: Any, path: str = "", depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise UnsupportedValue(path, f"nested deeper than {MAX_DEPTH} levels")
+        t = type(value)
+        if value is None or t in (bool, float, bytes):
+            return value
+        if t is str:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UnsupportedValue(path, "string is not valid UTF-8 (lone surrogates)") from None
+            return value
+        if t is int:
+            if _INT64_MIN <= value <= _UINT64_MAX:
+                return value
+            length = (value.bit_length() + 8) // 8
+            return msgpack.ExtType(Ext.BIGINT, value.to_bytes(length, "little", signed=True))
+        if t is list:
+            return [self.encode(v, _join(path, i), depth + 1) for i, v in enumerate(value)]
+        if t is tuple:
+            items = [self.encode(v, _join(path, i), depth + 1) for i, v in enumerate(value)]
+            return msgpack.ExtType(Ext.TUPLE, _pack(items))
+        if t is dict or t is OrderedDict:
+            return self._encode_dict(value, path, depth)
+        if t is torch.Tensor or t is torch.nn.Parameter or t is np.ndarray:
+            return self._encode_array(value, path)
+        if isinstance(value, np.generic):
+            if value.dtype.kind not in _NUMPY_KINDS:
+                raise UnsupportedValue(path, f"numpy scalar of dtype {value.dtype} is not supported")
+            return msgpack.ExtType(Ext.NPSCALAR, _pack([value.dtype.str, value.tobytes()]))
+        if t is torch.dtype:
+            return msgpack.ExtType(Ext.DTYPE, str(value).removeprefix("torch.").encode())
+        if t is torch.device:
+            return msgpack.ExtType(Ext.DEVICE, str(value).encode())
+        if t is torch.Size:
+            return msgpack.ExtType(Ext.SIZE, _pack(list(value)))
+        state_dict = getattr(value, "state_dict", None)
+        if callable(state_dict) and not isinstance(value, type):
+            return self.encode(state_dict(), path, depth + 1)
+        name = f"{t.__module__}.{t.__qualname__}"
+        raise UnsupportedValue(
+            path,
+            f"cannot store a value of type {name} without pickle; supported are None, bool, "
+            "int, float, str, bytes, list, tuple, dict, OrderedDict, tensors, numpy arrays "
+            "and scalars, torch dtype/device/Size, and objects with state_dict()",
+        )
+
+    def _encode_dict(self, value: dict, path: str, depth: int) -> Any:
+        pairs = []
+        all_str = True
+        for k, v in value.items():
+            if type(k) is str:
+                pass
+            elif type(k) is int and _INT64_MIN <= k <= _UINT64_MAX:
+                all_str = False
+            else:
+                raise UnsupportedValue(path, f"dict key {k!r} of type {type(k).__name__}: keys must be str or int")
+            pairs.append((k, self.encode(v, _join(path, k), depth + 1)))
+        if type(value) is OrderedDict:
+            meta = getattr(value, "_metadata", None)
+            meta_enc = None if meta is None else self.encode(meta, _join(path, "_metadata"), depth + 1)
+            return msgpack.ExtType(Ext.ODICT, _pack([[list(p) for p in pairs], meta_enc]))
+        if all_str:
+            return dict(pairs)
+        return msgpack.ExtType(Ext.DICT, _pack([list(p) for p in pairs]))
+
+    def _encode_array(self, value: Any, path: str) -> Any:
+        if not self.allow_tensors:
+            raise UnsupportedValue(path, "tensors and arrays are not allowed here (commit metadata)")
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind not in _NUMPY_KINDS or value.dtype.hasobject:
+                raise UnsupportedValue(path, f"numpy array of dtype {value.dtype} is not supported")
+        else:
+            if value.layout != torch.strided:
+                raise UnsupportedValue(path, f"tensor with layout {value.layout} is not supported (dense tensors only)")
+            if value.is_quantized or value.dtype not in DTYPE_NAMES:
+                raise UnsupportedValue(path, f"tensor dtype {value.dtype} is not supported")
+            if value.device.type == "meta":
+                raise UnsupportedValue(path, "tensor is on the meta device and has no data")
+        index = self._index_of.get(id(value))
+        if index is None:
+            index = self._index_of[id(value)] = len(self.tensors)
+            self.tensors.append((path, value))
+        return msgpack.ExtType(Ext.TENSOR, _pack(index))
+
+
+def _storage_span(t: torch.Tensor) -> tuple[int, int]:
+    """The [start, end) byte range of ``t``'s storage that ``t`` touches."""
+    start = t.storage_offset() * t.element_size()
+    extent = (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+    return start, start + extent
+
+
+def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int) -> tuple[list[TensorEntry], list[Blob], dict[int, BlobSource]]:
+    """Group tensors by shared storage; return entries, blobs (inline ones filled) and the
+    sources of the blobs still to be chunked, by blob index."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, t) in enumerate(tensors):
+        shareable = (
+            isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_conj() and not t.is_neg()
+        )
+        key = (str(t.device), t.untyped_storage().data_ptr()) if shareable else ("alone", i)
+        groups.setdefault(key, []).append(i)
+
+    entries: list[TensorEntry | None] = [None] * len(tensors)
+    blobs: list[Blob] = []
+    sources: dict[int, BlobSource] = {}
+
+    def add_blob(data: memoryview, path: str, owner: Any) -> int:
+        index = len(blobs)
+        if len(data) <= inline_threshold_bytes:
+            blobs.append(Blob(size=len(data), inline=data.tobytes()))
+        else:
+            blobs.append(Blob(size=len(data)))
+            sources[index] = BlobSource(data, path, owner)
+        return index
+
+    for members in groups.values():
+        first_path, first = tensors[members[0]]
+        if isinstance(first, np.ndarray):
+            arr = np.ascontiguousarray(first)
+            data = memoryview(arr.reshape(-1).view(np.uint8)).cast("B") if arr.size else memoryview(b"")
+            blob = add_blob(data, first_path, arr)
+            entries[members[0]] = TensorEntry(first_path, arr.dtype.str, tuple(arr.shape), None, blob, 0, TensorKind.NDARRAY)
+            continue
+        if len(members) == 1:
+            c = first.detach().resolve_conj().resolve_neg().contiguous().cpu()
+            blob = add_blob(tensor_bytes(c), first_path, c)
+            entries[members[0]] = _torch_entry(first_path, first, None, blob, 0)
+            continue
+        spans = [_storage_span(tensors[i][1]) for i in members]
+        lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+        region = torch.empty(0, dtype=torch.uint8, device=first.device)
+        region.set_(first.untyped_storage(), lo, (hi - lo,), (1,))
+        region = region.cpu()
+        blob = add_blob(tensor_bytes(region), first_path, region)
+        for i, (start, _) in zip(members, spans):
+            path, t = tensors[i]
+            entries[i] = _torch_entry(path, t, tuple(t.stride()), blob, start - lo)
+    return [e for e in entries if e is not None], blobs, sources
+
+
+def _torch_entry(path: str, t: torch.Tensor, stride: tuple[int, ...] | None, blob: int, offset: int) -> TensorEntry:
+    kind = TensorKind.PARAMETER if type(t) is torch.nn.Parameter else TensorKind.TENSOR
+    return TensorEntry(path, DTYPE_NAMES[t.dtype], tuple(t.shape), stride, blob, offset, kind, bool(t.requires_grad))
+
+
+def encode_state(state: Any, *, inline_threshold_bytes: int) -> tuple[Manifest, dict[int, BlobSource]]:
+    """Encode ``state`` into a manifest whose non-inline blobs have no chunks yet, and the
+    bytes of those blobs. Raises :class:`UnsupportedValue` naming the key path of the first
+    value that cannot be stored; nothing is written."""
+    encoder = _TreeEncoder(allow_tensors=True)
+    tree = _pack(encoder.encode(state))
+    entries, blobs, sources = _plan_tensors(encoder.tensors, inline_threshold_bytes=inline_threshold_bytes)
+    return Manifest(tree=tree, tensors=entries, blobs=blobs), sources
+
+
+def pack_value(value: Any, *, path: str) -> bytes:
+    """Encode a tensor-free value (commit metadata) with the tree's type rules."""
+    return _pack(_TreeEncoder(allow_tensors=False).encode(value, path))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def unpack_value(data: bytes | memoryview, *, key: str, tensors: Sequence[Any] = ()) -> Any:
+    """Decode a tree, putting ``tensors[i]`` where the tree references tensor ``i``."""
+
+    def hook(code: int, payload: bytes) -> Any:
+        inner = lambda: msgpack.unpackb(payload, ext_hook=hook, raw=False)  # noqa: E731
+        if code == Ext.TENSOR:
+            index = inner()
+            if type(index) is not int or not 0 <= index < len(tensors):
+                raise IntegrityError(f"tree references tensor {index!r} of {len(tensors)}", key=key)
+            return tensors[index]
+        if code == Ext.TUPLE:
+            return tuple(inner())
+        if code == Ext.DICT:
+            return {_check_key(k, key): v for k, v in inner()}
+        if code == Ext.ODICT:
+            pairs, meta = inner()
+            od = OrderedDict((_check_key(k, key), v) for k, v in pairs)
+            if meta is not None:
+                od._metadata = meta  # type: ignore[attr-defined]
+            return od
+        if code == Ext.BIGINT:
+            return int.from_bytes(payload, "little", signed=True)
+        if code == Ext.NPSCALAR:
+            dtype_str, raw = inner()
+            dtype = np.dtype(dtype_str)
+            if dtype.kind not in _NUMPY_KINDS or dtype.itemsize != len(raw):
+                raise IntegrityError(f"bad numpy scalar of dtype {dtype_str!r}", key=key)
+            return np.frombuffer(raw, dtype=dtype)[0]
+        if code == Ext.DTYPE:
+            dtype = getattr(torch, payload.decode(), None)
+            if not isinstance(dtype, torch.dtype):
+                raise IntegrityError(f"unknown torch dtype {payload!r}", key=key)
+            return dtype
+        if code == Ext.DEVICE:
+            return torch.device(payload.decode())
+        if code == Ext.SIZE:
+            return torch.Size(inner())
+        raise IntegrityError(f"unknown tree extension type {code}", key=key)
+
+    try:
+        return msgpack.unpackb(data, ext_hook=hook, raw=False)
+    except CkptStoreError:
+        raise
+    except (ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError, RuntimeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"malformed tree: {type(exc).__name__}: {exc}", key=key) from exc
+
+
+def _check_key(k: Any, key: str) -> str | int:
+    if type(k) not in (str, int):
+        raise IntegrityError(f"dict key of type {type(k).__name__} in tree", key=key)
+    return k
+
+
+class _ManifestReader:
+    """Validates a manifest document field by field."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def fail(self, what: str) -> IntegrityError:
+        return IntegrityError(f"malformed manifest: {what}", key=self.key)
+
+    def read(self, data: bytes | memoryview) -> Manifest:
+        try:
+            doc = msgpack.unpackb(data, raw=False)
+        except Exception as exc:
+            raise self.fail(f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise self.fail("not a map")
+        version = doc.get("format")
+        if version != MANIFEST_FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"manifest {self.key} has format version {version!r}; this version of "
+                f"ckptstore reads version {MANIFEST_FORMAT_VERSION}"
+            )
+        tree, raw_tensors, raw_blobs = doc.get("tree"), doc.get("tensors"), doc.get("blobs")
+        if not isinstance(tree, bytes) or not isinstance(raw_tensors, list) or not isinstance(raw_blobs, list):
+            raise self.fail("missing tree, tensors or blobs")
+        blobs = [self.blob(b) for b in raw_blobs]
+        tensors = [self.tensor(t, blobs) for t in raw_tensors]
+        return Manifest(tree=tree, tensors=tensors, blobs=blobs)
+
+    def blob(self, raw: Any) -> Blob:
+        if not (isinstance(raw, list) and len(raw) == 3):
+            raise self.fail("blob is not [size, chunks, inline]")
+        size, chunks, inline = raw
+        if not _is_count(size) or not isinstance(chunks, list):
+            raise self.fail("blob size or chunk list")
+        refs = []
+        for c in chunks:
+            if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and len(c[0]) == 32 and _is_count(c[1])):
+                raise self.fail("chunk reference")
+            refs.append(ChunkRef(c[0], c[1]))
+        if inline is not None:
+            if not isinstance(inline, bytes) or len(inline) != size or refs:
+                raise self.fail("inline blob size")
+        elif sum(r.size for r in refs) != size:
+            raise self.fail("chunk sizes do not add up to the blob size")
+        return Blob(size=size, chunks=refs, inline=inline)
+
+    def tensor(self, raw: Any, blobs: list[Blob]) -> TensorEntry:
+        if not (isinstance(raw, list) and len(raw) == 8):
+            raise self.fail("tensor entry is not a list of 8 fields")
+        path, dtype, shape, stride, blob, offset, kind, requires_grad = raw
+        if not isinstance(path, str) or not isinstance(dtype, str) or not isinstance(requires_grad, bool):
+            raise self.fail("tensor path, dtype or requires_grad")
+        if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):
+            raise self.fail(f"shape of {path}")
+        if stride is not None and not (isinstance(stride, list) and len(stride) == len(shape) and all(_is_count(s) for s in stride)):
+            raise self.fail(f"stride of {path}")
+        if kind not in (0, 1, 2) or not _is_count(blob) or blob >= len(blobs) or not _is_count(offset):
+            raise self.fail(f"kind, blob or offset of {path}")
+        kind = TensorKind(kind)
+        if kind is TensorKind.NDARRAY:
+            try:
+                np_dtype = np.dtype(dtype)
+            except TypeError:
+                raise self.fail(f"numpy dtype {dtype!r} of {path}") from None
+            if np_dtype.kind not in _NUMPY_KINDS:
+                raise self.fail(f"numpy dtype {dtype!r} of {path}")
+        elif dtype not in DTYPES:
+            raise IntegrityError(f"unknown tensor dtype {dtype!r}", key=self.key, path=path)
+        entry = TensorEntry(path, dtype, tuple(shape), None if stride is None else tuple(stride), blob, offset, kind, requires_grad)
+        if entry.offset % entry.itemsize or entry.offset + entry.extent_bytes > blobs[blob].size:
+            raise IntegrityError("tensor does not fit its blob", key=self.key, path=path)
+        return entry
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**62
+
+
+def build_tensor(entry: TensorEntry, blob_buffer: torch.Tensor) -> Any:
+    """Make the tensor or array of ``entry`` as a view of its blob's uint8 buffer (so tensors
+    sharing a blob stay tied)."""
+    if entry.kind is TensorKind.NDARRAY:
+        flat = blob_buffer.numpy()[entry.offset : entry.offset + entry.nbytes]
+        return flat.view(np.dtype(entry.dtype)).reshape(entry.shape)
+    dtype = DTYPES[entry.dtype]
+    stride = entry.stride if entry.stride is not None else _contiguous_stride(entry.shape)
+    t = torch.empty(0, dtype=dtype, device=blob_buffer.device)
+    t.set_(blob_buffer.untyped_storage(), entry.offset // entry.itemsize, entry.shape, stride)
+    if entry.kind is TensorKind.PARAMETER:
+        return torch.nn.Parameter(t, requires_grad=entry.requires_grad)
+    if entry.requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+

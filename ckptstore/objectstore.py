@@ -1,0 +1,521 @@
+"""The object store: a narrow key → bytes contract over fsspec.
+
+This is the only module that imports fsspec or s3fs, and the only place where backend
+exceptions are translated into :mod:`ckptstore.errors`.
+
+The contract (every backend passes one shared test suite, ``tests/test_objectstore.py``):
+
+``put_if_absent(key, data) -> bool``
+    Create-only write of a bytes-like object or a sequence of them (written in order). Atomic: a reader sees the whole object or nothing. Idempotent: if the
+    key exists, nothing is written and ``False`` is returned. Durable on return.
+``get(key)``, ``get_range(key, start, end)``, ``size(key)``, ``exists(key)``
+    Reads. A missing key raises :class:`ObjectNotFound`.
+``delete(key)``
+    Idempotent: deleting a missing key is not an error.
+``list(prefix)``
+    Every key under ``prefix``, sorted.
+``get_versioned(key) -> (data, version)``, ``put_if_version(key, data, version=...)``,
+``delete_if_version(key, version=...)``
+    Compare-and-swap for mutable objects (refs). ``version=None`` means "only if absent".
+    A mismatch raises :class:`PreconditionFailed` and writes nothing.
+
+Keys are relative, ``/``-separated, and use a safe alphabet (letters, digits, ``. _ -``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
+
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
+
+from .errors import CkptStoreError, ObjectNotFound, PreconditionFailed, StorageError
+from .ids import content_id
+
+Buffer = Union[bytes, bytearray, memoryview]
+#: What a write accepts: one buffer, or a sequence of buffers written in order.
+Data = Union[Buffer, Sequence[Buffer]]
+
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
+
+
+def _parts(data: Data) -> list[memoryview]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = [data]
+    return [memoryview(part).cast("B") for part in data]
+
+
+def _joined(data: Data) -> bytes:
+    parts = _parts(data)
+    return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a well-formed object key, else raise ``ValueError``."""
+    if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None or ".." in key.split("/"):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class ObjectStore(ABC):
+    """A flat namespace of immutable objects plus compare-and-swap objects, over fsspec."""
+
+    #: The store's URL with any credentials removed; safe to log.
+    url: str
+    #: Whether the store lives in this process only (its catalog is then kept in memory too).
+    is_ephemeral: bool = False
+    #: The local directory of the store, for a local store; ``None`` otherwise.
+    local_root: str | None = None
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: Data) -> bool: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, end: int) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]: ...
+
+    @abstractmethod
+    def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str: ...
+
+    @abstractmethod
+    def delete_if_version(self, key: str, *, version: str) -> None: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+@contextlib.contextmanager
+def _translated(key: str, action: str) -> Iterator[None]:
+    """Turn a backend exception into the matching :class:`StorageError`, cause chained."""
+    try:
+        yield
+    except CkptStoreError:
+        raise
+    except FileNotFoundError as exc:
+        raise ObjectNotFound(f"object {key} not found", key=key) from exc
+    except FileExistsError as exc:
+        raise PreconditionFailed(f"object {key} already exists", key=key) from exc
+    except Exception as exc:
+        if _is_precondition_failure(exc):
+            raise PreconditionFailed(f"object {key} changed concurrently", key=key) from exc
+        raise StorageError(f"could not {action} object {key}: {type(exc).__name__}: {exc}", key=key) from exc
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    """S3's answer to a failed conditional write (412, or 409 for a concurrent one)."""
+    for err in (exc, exc.__cause__, exc.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, Mapping):
+            code = response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Local directory
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalObjectStore(ObjectStore):
+    """Objects as files under a directory.
+
+    Writes go to a temp file in the destination directory, are fsync'd, then linked into
+    place (create-only) or renamed over the old file under a lock (compare-and-swap); the
+    directory is fsync'd after. Temp and lock files start with ``.`` and are never listed.
+    """
+
+    #: A lock older than this whose holder cannot be checked is taken to be abandoned.
+    stale_lock_s = 30.0
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.url = self.root
+        self.local_root = self.root
+        self._fs = fsspec.filesystem("file")
+        self._known_dirs: set[str] = set()
+        self._host = socket.gethostname()
+        with _translated("", "create the store directory of"):
+            self._ensure_dir(self.root)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def _ensure_dir(self, path: str) -> None:
+        if path in self._known_dirs:
+            return
+        if not os.path.isdir(path):
+            parent = os.path.dirname(path)
+            if parent != path:
+                self._ensure_dir(parent)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path)
+            _fsync_dir(parent)
+        self._known_dirs.add(path)
+
+    def _write_temp(self, directory: str, data: Data) -> str:
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for view in _parts(data):
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def put_if_absent(self, key: str, data: Data) -> bool:
+        path = self._path(key)
+        if os.path.exists(path):
+            return False
+        with _translated(key, "write"):
+            directory = os.path.dirname(path)
+            self._ensure_dir(directory)
+            tmp = self._write_temp(directory, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            _fsync_dir(directory)
+            return True
+
+    def get(self, key: str) -> bytes:
+        with _translated(key, "read"), open(self._path(key), "rb") as f:
+            return f.read()
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        with _translated(key, "read"), open(self._path(key), "rb") as f:
+            f.seek(start)
+            return f.read(max(0, end - start))
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def size(self, key: str) -> int:
+        with _translated(key, "stat"):
+            return os.stat(self._path(key)).st_size
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with contextlib.suppress(FileNotFoundError), _translated(key, "delete"):
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(path))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = os.path.join(self.root, *prefix.split("/")) if prefix else self.root
+        keys = []
+        with _translated(prefix, "list"):
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+                for name in filenames:
+                    if name.startswith(".") or _KEY_RE.fullmatch(name) is None:
+                        continue
+                    keys.append(name if rel == "." else f"{rel}/{name}")
+        return sorted(keys)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, content_id(data)
+
+    # -- compare-and-swap under a lock file ----------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, key: str, path: str) -> Iterator[None]:
+        lock = path + ".lock"
+        lock = os.path.join(os.path.dirname(lock), "." + os.path.basename(lock))
+        stamp = f"{os.getpid()} {self._host} {time.time()}\n".encode()
+        for attempt in range(2):
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if attempt == 0 and self._break_if_stale(lock):
+                    continue
+                raise PreconditionFailed(f"object {key} is being updated by another writer", key=key)
+            try:
+                os.write(fd, stamp)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            break
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+
+    def _break_if_stale(self, lock: str) -> bool:
+        """Remove ``lock`` if its holder is dead (same host) or it is older than
+        ``stale_lock_s``. Returns whether it was removed."""
+        try:
+            with open(lock, "rb") as f:
+                content = f.read()
+            age_s = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            return True
+        try:
+            pid_text, host, _ = content.decode().split()
+            dead = host == self._host and not _pid_alive(int(pid_text))
+        except ValueError:  # a lock whose writer died before writing its stamp
+            dead = age_s > 1.0
+        if not (dead or age_s > self.stale_lock_s):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        return True
+
+    def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
+        path = self._path(key)
+        with _translated(key, "update"):
+            directory = os.path.dirname(path)
+            self._ensure_dir(directory)
+            with self._locked(key, path):
+                try:
+                    with open(path, "rb") as f:
+                        current: str | None = content_id(f.read())
+                except FileNotFoundError:
+                    current = None
+                if current != version:
+                    raise PreconditionFailed(
+                        f"object {key} is at version {current or '(absent)'}, "
+                        f"not {version or '(absent)'}",
+                        key=key,
+                    )
+                tmp = self._write_temp(directory, data)
+                os.replace(tmp, path)
+                _fsync_dir(directory)
+        return content_id(data)
+
+    def delete_if_version(self, key: str, *, version: str) -> None:
+        path = self._path(key)
+        with _translated(key, "delete"), self._locked(key, path):
+            try:
+                with open(path, "rb") as f:
+                    current: str | None = content_id(f.read())
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                raise PreconditionFailed(f"object {key} changed concurrently", key=key)
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Generic fsspec backends (memory, S3)
+
+
+class _FsspecObjectStore(ObjectStore):
+    """Reads, listing and deletes through an fsspec filesystem rooted at ``root``."""
+
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self.url = url
+
+    def _path(self, key: str) -> str:
+        return f"{self._root}/{check_key(key)}"
+
+    def get(self, key: str) -> bytes:
+        with _translated(key, "read"):
+            return self._fs.cat_file(self._path(key))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            self.size(key)  # still report a missing object
+            return b""
+        with _translated(key, "read"):
+            return self._fs.cat_file(self._path(key), start=start, end=end)
+
+    def exists(self, key: str) -> bool:
+        with _translated(key, "stat"):
+            return bool(self._fs.exists(self._path(key)))
+
+    def size(self, key: str) -> int:
+        with _translated(key, "stat"):
+            return int(self._fs.size(self._path(key)))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(ObjectNotFound), _translated(key, "delete"):
+            self._fs.rm_file(self._path(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = f"{self._root}/{prefix}".rstrip("/")
+        with _translated(prefix, "list"):
+            try:
+                paths = self._fs.find(base)
+            except FileNotFoundError:
+                return []
+        start = len(self._root.lstrip("/")) + 1
+        keys = (p.lstrip("/")[start:] for p in paths)
+        return sorted(k for k in keys if _KEY_RE.fullmatch(k))
+
+
+class MemoryObjectStore(_FsspecObjectStore):
+    """Objects in fsspec's process-wide memory filesystem (``memory://name``); for tests and
+    throwaway work. Atomicity comes from one lock per process."""
+
+    is_ephemeral = True
+    _lock = threading.RLock()
+
+    def __init__(self, root: str) -> None:
+        root = "/" + root.strip("/")
+        super().__init__(MemoryFileSystem(), root, f"memory://{root}")
+
+    def put_if_absent(self, key: str, data: Data) -> bool:
+        path = self._path(key)
+        with self._lock, _translated(key, "write"):
+            if self._fs.exists(path):
+                return False
+            self._fs.pipe_file(path, _joined(data))
+            return True
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        with self._lock:
+            data = self.get(key)
+        return data, content_id(data)
+
+    def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
+        path = self._path(key)
+        with self._lock, _translated(key, "update"):
+            current = content_id(self._fs.cat_file(path)) if self._fs.exists(path) else None
+            if current != version:
+                raise PreconditionFailed(f"object {key} changed concurrently", key=key)
+            self._fs.pipe_file(path, bytes(data))
+        return content_id(data)
+
+    def delete_if_version(self, key: str, *, version: str) -> None:
+        path = self._path(key)
+        with self._lock, _translated(key, "delete"):
+            current = content_id(self._fs.cat_file(path)) if self._fs.exists(path) else None
+            if current != version:
+                raise PreconditionFailed(f"object {key} changed concurrently", key=key)
+            self._fs.rm_file(path)
+
+
+class S3ObjectStore(_FsspecObjectStore):
+    """Objects in an S3 bucket under a prefix, through s3fs.
+
+    Create-only writes send ``If-None-Match: *``; compare-and-swap sends ``If-Match`` with the
+    ETag read before. Both are answered by S3 itself, so concurrent writers on different
+    machines are safe.
+    """
+
+    def __init__(self, bucket_and_prefix: str, storage_options: Mapping[str, Any]) -> None:
+        import s3fs  # imported here so that local use never pays for botocore
+
+        options = {"use_listings_cache": False, **storage_options}
+        fs = s3fs.S3FileSystem(**options)
+        root = bucket_and_prefix.strip("/")
+        super().__init__(fs, root, f"s3://{root}")
+
+    def put_if_absent(self, key: str, data: Data) -> bool:
+        path = self._path(key)
+        try:
+            with _translated(key, "write"):
+                self._fs.pipe_file(path, _joined(data), mode="create")
+        except PreconditionFailed:
+            return False
+        return True
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        from fsspec.asyn import sync
+
+        bucket, object_key, _ = self._fs.split_path(self._path(key))
+
+        async def fetch() -> tuple[bytes, str]:
+            response = await self._fs._call_s3("get_object", Bucket=bucket, Key=object_key)
+            async with response["Body"] as body:
+                return await body.read(), response["ETag"]
+
+        with _translated(key, "read"):
+            return sync(self._fs.loop, fetch)
+
+    def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
+        path = self._path(key)
+        with _translated(key, "update"):
+            if version is None:
+                response = self._fs.pipe_file(path, data, mode="create")
+            else:
+                response = self._fs.pipe_file(path, data, IfMatch=version)
+        return response["ETag"]
+
+    def delete_if_version(self, key: str, *, version: str) -> None:
+        bucket, object_key, _ = self._fs.split_path(self._path(key))
+        with _translated(key, "delete"):
+            self._fs.call_s3("delete_object", Bucket=bucket, Key=object_key, IfMatch=version)
+
+
+def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ObjectStore:
+    """Open the object store at ``url``: a local path (or ``file://``), ``memory://name`` or
+    ``s3://bucket/prefix``. ``storage_options`` go to the backend (s3fs) and are never
+    logged or shown."""
+    options = dict(storage_options or {})
+    protocol, _, rest = url.partition("://")
+    if not rest:
+        protocol, rest = "file", url
+    if protocol in ("file", "local"):
+        if options:
+            raise ValueError("storage_options are not used by a local store")
+        return LocalObjectStore(rest)
+    if protocol == "memory":
+        return MemoryObjectStore(rest or "default")
+    if protocol in ("s3", "s3a"):
+        if not rest.strip("/"):
+            raise ValueError(f"S3 store URL {url!r} names no bucket")
+        return S3ObjectStore(rest, options)
+    raise ValueError(
+        f"unsupported store URL scheme {protocol!r} in {url!r}: use a local path, memory://NAME "
+        "or s3://BUCKET/PREFIX (they are the backends with atomic create-only and "
+        "compare-and-swap writes)"
+    )

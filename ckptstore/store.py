@@ -1,0 +1,635 @@
+"""The store: commits, checkouts, branches and tags over an object store and its catalog.
+
+Write order of a commit (each step starts only when the one before is durable)::
+
+    chunks → manifest → commit object → branch ref (the commit point) → tags, latest, best
+
+A crash before the branch moves leaves only unreferenced objects (collected by GC); a crash
+after leaves a complete commit. The catalog is updated last and is never needed for safety.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import msgpack
+import torch
+
+from .catalog import Catalog
+from .codec import Kind, decode_object, encode_object_bytes
+from .commit import Commit, CommitStats, check_metrics, decode_commit, encode_commit
+from .errors import (
+    AmbiguousRef,
+    IntegrityError,
+    InvalidRefName,
+    ObjectNotFound,
+    RefConflict,
+    RefExists,
+    StoreNotFound,
+    UnknownRef,
+    UnsupportedFormat,
+)
+from .ids import HASH_ALGORITHM, check_hash_algorithm, check_ref_name, content_id, is_full_id, is_id_prefix, parse_revision
+from .manifest import Manifest, TensorEntry, TensorKind, build_tensor, encode_state, unpack_value
+from .objectstore import ObjectStore, open_object_store
+from .pipeline import Pipeline, default_threads
+from .refs import RefKind, RefStore
+
+STORE_FORMAT_VERSION = 1
+CONFIG_KEY = "config"
+LATEST = "latest"
+BEST = "best"
+RESERVED_TAGS = (LATEST, BEST)
+
+#: Caps on what a header may declare for these objects before they are decompressed.
+MAX_MANIFEST_BYTES = 1 << 32
+MAX_COMMIT_BYTES = 1 << 26
+
+
+def manifest_key(manifest_id: str) -> str:
+    return f"manifests/{manifest_id[:2]}/{manifest_id}"
+
+
+def commit_key(commit_id: str) -> str:
+    return f"commits/{commit_id[:2]}/{commit_id}"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings written once when a store is created (the ``config`` object)."""
+
+    format: int = STORE_FORMAT_VERSION
+    hash: str = HASH_ALGORITHM
+    chunk_size_bytes: int = 16 << 20
+    inline_threshold_bytes: int = 64 << 10
+    compression_level: int | None = 3
+    default_branch: str = "main"
+    best_metric: str = "eval_loss"
+    greater_is_better: bool | None = None
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(self.__dict__, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> StoreConfig:
+        try:
+            doc = msgpack.unpackb(data, raw=False)
+            version = doc["format"]
+        except Exception as exc:
+            raise IntegrityError(f"malformed store config: {exc}", key=CONFIG_KEY) from exc
+        if version != STORE_FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"store has format version {version!r}; this version of ckptstore reads "
+                f"version {STORE_FORMAT_VERSION}"
+            )
+        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
+        config = cls(**known)
+        check_hash_algorithm(config.hash)
+        return config
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    """One tensor in a :class:`Diff`: its key path, and dtype/shape/bytes on each side
+    (``None`` where absent)."""
+
+    path: str
+    dtype: tuple[str | None, str | None]
+    shape: tuple[tuple[int, ...] | None, tuple[int, ...] | None]
+    nbytes: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Tensors added, removed and changed from ``a`` to ``b`` (commit ids), and whether the
+    non-tensor values differ."""
+
+    a: str
+    b: str
+    added: list[TensorChange] = field(default_factory=list)
+    removed: list[TensorChange] = field(default_factory=list)
+    changed: list[TensorChange] = field(default_factory=list)
+    unchanged: int = 0
+    values_changed: bool = False
+
+    @property
+    def added_bytes(self) -> int:
+        return sum(c.nbytes[1] for c in self.added)
+
+    @property
+    def removed_bytes(self) -> int:
+        return sum(c.nbytes[0] for c in self.removed)
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(c.nbytes[1] for c in self.changed)
+
+
+def _cache_dir() -> str:
+    return os.environ.get("CKPTSTORE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ckptstore")
+
+
+class Store:
+    """A checkpoint store. Open one with :func:`ckptstore.open`.
+
+    Safe to use from several threads, and from several processes or machines on the same
+    store: refs move only by compare-and-swap.
+    """
+
+    def __init__(
+        self,
+        objects: ObjectStore,
+        *,
+        config: StoreConfig,
+        catalog_path: str | None,
+        threads: int,
+        max_inflight_bytes: int,
+        max_ref_retries: int = 100,
+    ) -> None:
+        self.objects = objects
+        self.config = config
+        self.refs = RefStore(objects)
+        self.catalog = Catalog(catalog_path)
+        self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes)
+        self.max_ref_retries = max_ref_retries
+        self.sync_catalog()
+
+    @property
+    def url(self) -> str:
+        return self.objects.url
+
+    def __repr__(self) -> str:
+        return f"<ckptstore.Store {self.url!r}>"
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- objects -------------------------------------------------------------------------
+
+    def _put_object(self, kind: Kind, key: str, raw: bytes) -> bool:
+        return self.objects.put_if_absent(key, encode_object_bytes(kind, raw, compression_level=self.config.compression_level))
+
+    def _get_object(self, kind: Kind, key: str, object_id: str, max_raw_size: int) -> bytes | memoryview:
+        """Read an immutable object and check that its bytes hash to its id."""
+        try:
+            data = self.objects.get(key)
+        except ObjectNotFound:
+            raise IntegrityError(f"{kind.name.lower()} object is missing", key=key) from None
+        raw = decode_object(data, key=key, kind=kind, max_raw_size=max_raw_size)
+        if content_id(raw) != object_id:
+            raise IntegrityError(f"{kind.name.lower()} content does not match its id", key=key)
+        return raw
+
+    def get_commit(self, commit_id: str) -> Commit:
+        """The commit with this full id (from the catalog, else from the object store)."""
+        raw = self.catalog.commit_object(commit_id)
+        if raw is not None:
+            return decode_commit(commit_id, raw, key=commit_key(commit_id))
+        key = commit_key(commit_id)
+        raw = bytes(self._get_object(Kind.COMMIT, key, commit_id, MAX_COMMIT_BYTES))
+        commit = decode_commit(commit_id, raw, key=key)
+        self._index_commit(commit, raw)
+        return commit
+
+    def _index_commit(self, commit: Commit, raw: bytes) -> None:
+        step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
+        row = {
+            "id": commit.id,
+            "manifest": commit.manifest,
+            "message": commit.message,
+            "created_at": commit.created_at.timestamp(),
+            "branch": commit.branch,
+            "step": step if type(step) is int and abs(step) < 2**63 else None,
+            "logical_bytes": commit.stats.logical_bytes,
+            "new_bytes": commit.stats.new_bytes,
+            "object": raw,
+        }
+        self.catalog.add_commit(row, commit.parents, commit.metrics)
+
+    def get_manifest(self, manifest_id: str) -> Manifest:
+        key = manifest_key(manifest_id)
+        return Manifest.from_bytes(self._get_object(Kind.MANIFEST, key, manifest_id, MAX_MANIFEST_BYTES), key=key)
+
+    # -- catalog -------------------------------------------------------------------------
+
+    def sync_catalog(self) -> None:
+        """Reconcile the catalog with the object store: index commits it lacks, drop commits
+        the store no longer has, and take the refs from the store. Idempotent."""
+        stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
+        known = self.catalog.commit_ids()
+        for commit_id in sorted(stored - known):
+            if is_full_id(commit_id):
+                self.get_commit(commit_id)
+        self.catalog.remove_commits(known - stored)
+        for kind in RefKind:
+            self.catalog.replace_refs(kind.value, self.refs.list(kind))
+
+    # -- revisions -----------------------------------------------------------------------
+
+    def resolve(self, rev: str) -> str:
+        """The full commit id of a revision: a branch, a tag, a full id, a unique id prefix
+        (4+ hex digits), any of them followed by ``~N`` or ``^`` (first parents)."""
+        revision = parse_revision(rev)
+        commit_id = self._resolve_base(revision.base, rev)
+        for step in range(revision.ancestors):
+            parents = self.get_commit(commit_id).parents
+            if not parents:
+                raise UnknownRef(rev, suggestions=[f"{revision.base}~{step}"] if step else [])
+            commit_id = parents[0]
+        return commit_id
+
+    def _resolve_base(self, base: str, rev: str) -> str:
+        if is_full_id(base):
+            if self.catalog.commit_object(base) is None and not self.objects.exists(commit_key(base)):
+                raise UnknownRef(rev)
+            return base
+        candidates = {}
+        for kind in RefKind:
+            try:
+                target = self.refs.get(kind, base)
+            except InvalidRefName:
+                target = None
+            if target is not None:
+                candidates[kind] = target
+        if len(candidates) == 2 and len(set(candidates.values())) == 2:
+            raise AmbiguousRef(rev, [f"branch {base}", f"tag {base}"])
+        if candidates:
+            return next(iter(candidates.values()))
+        if is_id_prefix(base):
+            matches = self.catalog.ids_with_prefix(base)
+            if not matches:
+                self.sync_catalog()
+                matches = self.catalog.ids_with_prefix(base)
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise AmbiguousRef(rev, matches)
+        names = list(self.catalog.refs(RefKind.BRANCH.value)) + list(self.catalog.refs(RefKind.TAG.value))
+        raise UnknownRef(rev, suggestions=difflib.get_close_matches(base, names, n=3, cutoff=0.6))
+
+    def commit_of(self, rev: str) -> Commit:
+        """The :class:`Commit` a revision names."""
+        return self.get_commit(self.resolve(rev))
+
+    # -- commit ----------------------------------------------------------------------------
+
+    def commit(
+        self,
+        state: Mapping[str, Any],
+        *,
+        message: str = "",
+        branch: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+        best_metric: str | None = None,
+        greater_is_better: bool | None = None,
+    ) -> Commit:
+        """Store ``state`` as a new commit on ``branch`` (default: the store's default branch,
+        created if missing) and return it.
+
+        Objects with ``state_dict()`` (modules, optimizers, schedulers) are stored as their
+        state dicts. The branch moves by compare-and-swap; if another writer moved it first,
+        the commit is re-parented onto the new head and retried (the checkpoint itself is not
+        written again). Then ``latest`` moves, each of ``tags`` is created or moved, and
+        ``best`` moves if ``metrics[best_metric]`` beats the current best. An unsupported
+        value raises :class:`UnsupportedValue` naming its key path before anything is written.
+        """
+        branch = check_ref_name(branch or self.config.default_branch, kind="branch")
+        tags = [self._check_tag_name(t) for t in tags]
+        metrics_f = check_metrics(dict(metrics or {}))
+        metadata = dict(metadata or {})
+        manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
+        written = self.pipeline.write_blobs(
+            manifest, sources, chunk_size_bytes=self.config.chunk_size_bytes, compression_level=self.config.compression_level
+        )
+        manifest_raw = manifest.to_bytes()
+        manifest_id = content_id(manifest_raw)
+        manifest_bytes = len(manifest_raw) if self._put_object(Kind.MANIFEST, manifest_key(manifest_id), manifest_raw) else 0
+        stats = CommitStats(
+            logical_bytes=manifest.logical_bytes,
+            new_bytes=written.new_bytes + manifest_bytes,
+            new_chunks=written.new_chunks,
+            reused_chunks=written.reused_chunks,
+            reused_bytes=written.reused_bytes,
+        )
+        commit = self._commit_onto_branch(branch, manifest_id, message, metadata, metrics_f, stats)
+        self._move_tag(LATEST, commit.id)
+        for tag in tags:
+            self._move_tag(tag, commit.id)
+        self._maybe_move_best(commit, best_metric, greater_is_better)
+        return commit
+
+    def _check_tag_name(self, name: str) -> str:
+        check_ref_name(name, kind="tag")
+        if name in RESERVED_TAGS:
+            raise InvalidRefName(f"tag {name!r} is managed by the store and cannot be set by hand")
+        return name
+
+    def _commit_onto_branch(self, branch: str, manifest_id: str, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats) -> Commit:
+        for attempt in range(self.max_ref_retries):
+            head = self.refs.get(RefKind.BRANCH, branch)
+            commit_id, raw = encode_commit(
+                manifest=manifest_id, parents=(head,) if head else (), message=message,
+                created_at=datetime.now(timezone.utc), branch=branch, metadata=metadata,
+                metrics=metrics, stats=stats,
+            )  # fmt: skip
+            self._put_object(Kind.COMMIT, commit_key(commit_id), raw)
+            try:
+                self.refs.set_ref_if_equals(RefKind.BRANCH, branch, commit_id, expected=head)
+            except RefConflict:
+                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
+                continue
+            commit = decode_commit(commit_id, raw, key=commit_key(commit_id))
+            self._index_commit(commit, raw)
+            self.catalog.set_ref(RefKind.BRANCH.value, branch, commit_id)
+            return commit
+        raise RefConflict(branch, expected=head, actual=self.refs.get(RefKind.BRANCH, branch))
+
+    def _move_tag(self, name: str, commit_id: str, *, expected: str | None | object = ...) -> None:
+        """Point tag ``name`` at ``commit_id``; with ``expected``, only if it is there now."""
+        for attempt in range(self.max_ref_retries):
+            current = self.refs.get(RefKind.TAG, name) if expected is ... else expected
+            try:
+                self.refs.set_ref_if_equals(RefKind.TAG, name, commit_id, expected=current)  # type: ignore[arg-type]
+                break
+            except RefConflict:
+                if expected is not ...:
+                    raise
+                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
+        else:
+            raise RefConflict(name, expected=None, actual=self.refs.get(RefKind.TAG, name))
+        self.catalog.set_ref(RefKind.TAG.value, name, commit_id)
+
+    def _maybe_move_best(self, commit: Commit, best_metric: str | None, greater_is_better: bool | None) -> None:
+        metric = best_metric or self.config.best_metric
+        if metric not in commit.metrics:
+            return
+        if greater_is_better is None:
+            greater_is_better = self.config.greater_is_better
+        if greater_is_better is None:
+            greater_is_better = not metric.endswith("loss")
+        value = commit.metrics[metric]
+        for attempt in range(self.max_ref_retries):
+            current = self.refs.get(RefKind.TAG, BEST)
+            if current is not None:
+                best_value = self.get_commit(current).metrics.get(metric)
+                if best_value is not None and not (value > best_value if greater_is_better else value < best_value):
+                    return
+            try:
+                self.refs.set_ref_if_equals(RefKind.TAG, BEST, commit.id, expected=current)
+            except RefConflict:
+                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
+                continue
+            self.catalog.set_ref(RefKind.TAG.value, BEST, commit.id)
+            return
+
+    # -- checkout --------------------------------------------------------------------------
+
+    def checkout(self, rev: str = LATEST, *, map_location: str | torch.device | None = None) -> Any:
+        """Return the state committed at ``rev``, with tensors on ``map_location`` (default:
+        CPU). Every byte is verified against its hash; corruption raises
+        :class:`IntegrityError` naming the object and the key path."""
+        commit = self.commit_of(rev)
+        key = manifest_key(commit.manifest)
+        manifest = self.get_manifest(commit.manifest)
+        buffers = self.pipeline.read_blobs(manifest, range(len(manifest.blobs)), manifest_key=key)
+        device = torch.device(map_location) if map_location is not None else None
+        tensors = []
+        moved: dict[int, torch.Tensor] = {}
+        for entry in manifest.tensors:
+            buffer = buffers[entry.blob]
+            if device is not None and device.type != "cpu" and entry.kind is not TensorKind.NDARRAY:
+                if entry.blob not in moved:
+                    moved[entry.blob] = buffer.to(device)
+                buffer = moved[entry.blob]
+            tensors.append(build_tensor(entry, buffer))
+        return unpack_value(manifest.tree, key=key, tensors=tensors)
+
+    def restore(self, rev: str, targets: Mapping[str, Any], *, map_location: str | torch.device | None = None) -> Any:
+        """Check out ``rev`` and load each component into ``targets[name]`` in place with its
+        ``load_state_dict``. Returns the whole checked-out state."""
+        state = self.checkout(rev, map_location=map_location)
+        missing = [name for name in targets if name not in state]
+        if missing:
+            raise KeyError(f"commit {self.resolve(rev)[:12]} has no component {', '.join(map(repr, missing))}; it has {', '.join(map(repr, state))}")
+        for name, target in targets.items():
+            target.load_state_dict(state[name])
+        return state
+
+    # -- refs ----------------------------------------------------------------------------
+
+    def branches(self) -> dict[str, str]:
+        """Every branch: name → head commit id."""
+        out = self.refs.list(RefKind.BRANCH)
+        self.catalog.replace_refs(RefKind.BRANCH.value, out)
+        return out
+
+    def tags(self) -> dict[str, str]:
+        """Every tag (``latest`` and ``best`` included): name → commit id."""
+        out = self.refs.list(RefKind.TAG)
+        self.catalog.replace_refs(RefKind.TAG.value, out)
+        return out
+
+    def branch(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
+        """Create branch ``name`` at revision ``at`` (zero-copy: only a ref is written). An
+        existing branch is an error unless ``force``, which moves it."""
+        check_ref_name(name, kind="branch")
+        if name in RESERVED_TAGS or self.refs.get(RefKind.TAG, name) is not None:
+            raise InvalidRefName(f"{name!r} is a tag; branches and tags share one namespace")
+        target = self.resolve(at)
+        current = self.refs.get(RefKind.BRANCH, name)
+        if current is not None and not force:
+            raise RefExists(f"branch {name!r} already exists (at {current[:12]}); use force=True to move it")
+        self.refs.set_ref_if_equals(RefKind.BRANCH, name, target, expected=current)
+        self.catalog.set_ref(RefKind.BRANCH.value, name, target)
+        return self.get_commit(target)
+
+    def delete_branch(self, name: str) -> None:
+        """Delete branch ``name`` (its commits stay until garbage collection)."""
+        current = self.refs.get(RefKind.BRANCH, name)
+        if current is None:
+            raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.branches(), n=3))
+        self.refs.delete_ref_if_equals(RefKind.BRANCH, name, expected=current)
+        self.catalog.set_ref(RefKind.BRANCH.value, name, None)
+
+    def tag(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
+        """Create tag ``name`` at revision ``at``; ``force`` moves an existing tag."""
+        self._check_tag_name(name)
+        if self.refs.get(RefKind.BRANCH, name) is not None:
+            raise InvalidRefName(f"{name!r} is a branch; branches and tags share one namespace")
+        target = self.resolve(at)
+        current = self.refs.get(RefKind.TAG, name)
+        if current is not None and not force:
+            raise RefExists(f"tag {name!r} already exists (at {current[:12]}); use force=True to move it")
+        self._move_tag(name, target, expected=current)
+        return self.get_commit(target)
+
+    def delete_tag(self, name: str) -> None:
+        """Delete tag ``name``."""
+        self._check_tag_name(name)
+        current = self.refs.get(RefKind.TAG, name)
+        if current is None:
+            raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.tags(), n=3))
+        self.refs.delete_ref_if_equals(RefKind.TAG, name, expected=current)
+        self.catalog.set_ref(RefKind.TAG.value, name, None)
+
+    # -- history -------------------------------------------------------------------------
+
+    def log(self, rev: str | None = None, *, limit: int | None = None) -> list[Commit]:
+        """Commits reachable from ``rev`` (default: the default branch) along first parents,
+        newest first."""
+        commit_id: str | None = self.resolve(rev or self.config.default_branch)
+        out: list[Commit] = []
+        while commit_id is not None and (limit is None or len(out) < limit):
+            commit = self.get_commit(commit_id)
+            out.append(commit)
+            commit_id = commit.parents[0] if commit.parents else None
+        return out
+
+    def diff(self, a: str, b: str) -> Diff:
+        """Tensors added, removed and changed from revision ``a`` to ``b``, compared by the
+        hashes of their bytes (no tensor data is read)."""
+        ca, cb = self.commit_of(a), self.commit_of(b)
+        ma, mb = self.get_manifest(ca.manifest), self.get_manifest(cb.manifest)
+        ta, tb = _fingerprints(ma), _fingerprints(mb)
+        result = Diff(ca.id, cb.id)
+        for path, (entry, fp) in tb.items():
+            if path not in ta:
+                result.added.append(_change(None, entry))
+            elif ta[path][1] != fp:
+                result.changed.append(_change(ta[path][0], entry))
+            else:
+                object.__setattr__(result, "unchanged", result.unchanged + 1)
+        for path, (entry, _) in ta.items():
+            if path not in tb:
+                result.removed.append(_change(entry, None))
+        placeholder_a = [e.path for e in ma.tensors]
+        placeholder_b = [e.path for e in mb.tensors]
+        values_a = unpack_value(ma.tree, key=manifest_key(ca.manifest), tensors=placeholder_a)
+        values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=placeholder_b)
+        object.__setattr__(result, "values_changed", _values_differ(values_a, values_b))
+        return result
+
+
+def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
+    """Key path → (entry, a hash of its dtype, geometry and the bytes of its blob)."""
+    blob_ids = []
+    for blob in manifest.blobs:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(blob.inline if blob.inline is not None else b"".join(c.id.encode() for c in blob.chunks))
+        blob_ids.append(h.hexdigest())
+    return {
+        e.path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}") for e in manifest.tensors
+    }
+
+
+def _change(a: TensorEntry | None, b: TensorEntry | None) -> TensorChange:
+    return TensorChange(
+        path=(a or b).path,  # type: ignore[union-attr]
+        dtype=(a.dtype if a else None, b.dtype if b else None),
+        shape=(a.shape if a else None, b.shape if b else None),
+        nbytes=(a.nbytes if a else 0, b.nbytes if b else 0),
+    )
+
+
+def _values_differ(a: Any, b: Any) -> bool:
+    """Whether two decoded trees (tensors replaced by their key paths) differ, NaN-aware."""
+    if type(a) is not type(b):
+        return True
+    if isinstance(a, dict):
+        return list(a) != list(b) or any(_values_differ(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) != len(b) or any(_values_differ(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and a != a and b != b:
+        return False
+    try:
+        return bool(a != b)
+    except (TypeError, ValueError):
+        return repr(a) != repr(b)
+
+
+def open_store(
+    url: str = "ckpts",
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    create: bool = True,
+    chunk_size_bytes: int | None = None,
+    inline_threshold_bytes: int | None = None,
+    compression_level: int | None | object = ...,
+    default_branch: str | None = None,
+    best_metric: str | None = None,
+    greater_is_better: bool | None = None,
+    threads: int | None = None,
+    max_inflight_bytes: int = 512 << 20,
+    cache_dir: str | None = None,
+) -> Store:
+    """Open (and with ``create``, create if missing) the store at ``url``.
+
+    ``url`` is a local directory, ``memory://NAME`` or ``s3://BUCKET/PREFIX``;
+    ``storage_options`` go to s3fs and are never logged. Settings given here are written
+    into a new store's config; for an existing store they override the stored ones for this
+    session (``chunk_size_bytes`` then only affects new writes).
+    """
+    objects = open_object_store(url, storage_options=storage_options)
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "chunk_size_bytes": chunk_size_bytes,
+            "inline_threshold_bytes": inline_threshold_bytes,
+            "default_branch": default_branch,
+            "best_metric": best_metric,
+            "greater_is_better": greater_is_better,
+        }.items()
+        if v is not None
+    }
+    if compression_level is not ...:
+        overrides["compression_level"] = compression_level
+    if "chunk_size_bytes" in overrides and overrides["chunk_size_bytes"] < 1:
+        raise ValueError("chunk_size_bytes must be positive")
+    if "default_branch" in overrides:
+        check_ref_name(overrides["default_branch"], kind="branch")
+    config = _load_or_create_config(objects, overrides, create=create)
+    config = StoreConfig(**{**config.__dict__, **overrides})
+    if objects.is_ephemeral:
+        catalog_path = None
+    elif objects.local_root is not None:
+        catalog_path = os.path.join(objects.local_root, ".catalog", "catalog.sqlite")
+    else:
+        digest = hashlib.sha256(objects.url.encode()).hexdigest()[:24]
+        catalog_path = os.path.join(cache_dir or _cache_dir(), digest, "catalog.sqlite")
+    return Store(
+        objects,
+        config=config,
+        catalog_path=catalog_path,
+        threads=threads or default_threads(),
+        max_inflight_bytes=max_inflight_bytes,
+    )
+
+
+def _load_or_create_config(objects: ObjectStore, settings: dict[str, Any], *, create: bool) -> StoreConfig:
+    for _ in range(2):
+        try:
+            data = objects.get(CONFIG_KEY)
+        except ObjectNotFound:
+            if not create:
+                raise StoreNotFound(f"no ckptstore store at {objects.url}") from None
+            fresh = StoreConfig(**settings)
+            objects.put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, fresh.to_bytes(), compression_level=None))
+            continue
+        return StoreConfig.from_bytes(decode_object(data, key=CONFIG_KEY, kind=Kind.CONFIG, max_raw_size=1 << 20))
+    raise IntegrityError("store config could not be read after creating it", key=CONFIG_KEY)

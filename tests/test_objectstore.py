@@ -1,0 +1,469 @@
+"""The object store contract (see ``ckptstore.objectstore``), run against every backend,
+plus local-only tests of temp files, lock files and crash safety."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptstore.errors import ObjectNotFound, PreconditionFailed, StorageError
+from ckptstore.objectstore import LocalObjectStore, ObjectStore, open_object_store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+N_THREADS = 8
+
+
+@pytest.fixture
+def store(store_url) -> ObjectStore:
+    url, storage_options = store_url
+    return open_object_store(url, storage_options=storage_options)
+
+
+@pytest.fixture
+def local_store(tmp_path) -> LocalObjectStore:
+    store = open_object_store(str(tmp_path / "store"))
+    assert isinstance(store, LocalObjectStore)
+    return store
+
+
+def run_in_threads(fn, n: int = N_THREADS) -> list:
+    """Call ``fn(i)`` for i in range(n), all threads released at once; return the results
+    (an exception instance where a call raised)."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - collected for the caller to check
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def hidden_files(root: str) -> list[str]:
+    """Every file or directory under ``root`` whose name starts with '.'."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        found += [os.path.join(dirpath, n) for n in dirnames + filenames if n.startswith(".")]
+    return found
+
+
+def lock_path(store: LocalObjectStore, key: str) -> str:
+    """The lock file ``LocalObjectStore._locked`` takes for ``key``: ``.<name>.lock`` beside
+    the object."""
+    *dirs, name = key.split("/")
+    return os.path.join(store.root, *dirs, f".{name}.lock")
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# --------------------------------------------------------------------------------------------
+# Create-only writes and reads
+
+
+def test_put_if_absent_creates_once_and_never_overwrites(store):
+    assert store.put_if_absent("obj", b"first") is True
+    assert store.put_if_absent("obj", b"second") is False
+    assert store.get("obj") == b"first"
+    assert store.size("obj") == 5
+
+
+@pytest.mark.parametrize("data", [memoryview(b"view bytes"), bytearray(b"array bytes")], ids=type)
+def test_put_if_absent_accepts_bytes_like(store, data):
+    assert store.put_if_absent("obj", data) is True
+    assert store.get("obj") == bytes(data)
+
+
+def test_put_if_absent_accepts_non_byte_memoryview(store):
+    data = memoryview(bytearray(range(16))).cast("I")  # 4 items of 4 bytes
+    assert store.put_if_absent("obj", data) is True
+    assert store.get("obj") == bytes(range(16))
+
+
+def test_empty_object(store):
+    assert store.put_if_absent("empty", b"") is True
+    assert store.exists("empty")
+    assert store.get("empty") == b""
+    assert store.size("empty") == 0
+    assert store.list("") == ["empty"]
+
+
+def test_reads(store):
+    data = bytes(range(256)) * 4
+    store.put_if_absent("dir/sub/obj", data)
+    assert store.exists("dir/sub/obj")
+    assert not store.exists("dir/sub/other")
+    assert store.get("dir/sub/obj") == data
+    assert store.size("dir/sub/obj") == len(data)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [
+        (0, 10, b"0123456789"),
+        (2, 5, b"234"),
+        (7, 100, b"789"),  # end past the end
+        (10, 20, b""),  # starts at the end
+        (15, 20, b""),  # starts past the end
+        (4, 4, b""),  # empty range
+        (6, 3, b""),  # reversed range
+    ],
+)
+def test_get_range(store, start, end, expected):
+    store.put_if_absent("obj", b"0123456789")
+    assert store.get_range("obj", start, end) == expected
+
+
+def test_a_prefix_is_not_an_object(store):
+    store.put_if_absent("dir/obj", b"data")
+    assert not store.exists("dir")
+    with pytest.raises(ObjectNotFound):
+        store.get("dir")
+    with pytest.raises(ObjectNotFound):
+        store.size("dir")
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda s, k: s.get(k),
+        lambda s, k: s.get_range(k, 0, 10),
+        lambda s, k: s.get_range(k, 3, 3),
+        lambda s, k: s.size(k),
+        lambda s, k: s.get_versioned(k),
+    ],
+    ids=["get", "get_range", "get_range_empty", "size", "get_versioned"],
+)
+def test_missing_object_raises_object_not_found(store, read):
+    store.put_if_absent("other", b"x")
+    with pytest.raises(ObjectNotFound) as info:
+        read(store, "missing/obj")
+    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, StorageError)
+    assert info.value.key == "missing/obj"
+    assert not store.exists("missing/obj")
+
+
+def test_delete_is_idempotent(store):
+    store.put_if_absent("a/obj", b"x")
+    store.put_if_absent("a/keep", b"y")
+    store.delete("a/obj")
+    assert not store.exists("a/obj")
+    with pytest.raises(ObjectNotFound):
+        store.get("a/obj")
+    store.delete("a/obj")
+    store.delete("never/existed")
+    assert store.list("") == ["a/keep"]
+    assert store.put_if_absent("a/obj", b"again") is True
+    assert store.get("a/obj") == b"again"
+
+
+# --------------------------------------------------------------------------------------------
+# Listing
+
+
+def test_list(store):
+    keys = ["b/2", "a/x", "a/sub/deep/z", "ab/y", "a/sub/w", "top", "b/1"]
+    for key in keys:
+        store.put_if_absent(key, key.encode())
+    assert store.list("") == sorted(keys)
+    assert store.list() == sorted(keys)
+    assert store.list("a") == ["a/sub/deep/z", "a/sub/w", "a/x"]
+    assert store.list("a/") == ["a/sub/deep/z", "a/sub/w", "a/x"]
+    assert store.list("a/sub") == ["a/sub/deep/z", "a/sub/w"]
+    assert store.list("ab") == ["ab/y"]
+    assert store.list("b") == ["b/1", "b/2"]
+    assert store.list("missing") == []
+    assert store.list("a/missing") == []
+
+
+def test_list_of_empty_store(store):
+    assert store.list("") == []
+
+
+def test_stores_with_overlapping_names_are_separate(store_url):
+    url, options = store_url
+    first = open_object_store(url, storage_options=options)
+    second = open_object_store(url + "2", storage_options=options)
+    first.put_if_absent("obj", b"1")
+    assert second.list("") == []
+    assert not second.exists("obj")
+    assert second.put_if_absent("obj", b"2") is True
+    assert first.get("obj") == b"1"
+
+
+# --------------------------------------------------------------------------------------------
+# Compare-and-swap
+
+
+def test_put_if_version_create_and_update(store):
+    v1 = store.put_if_version("refs/main", b"one", version=None)
+    assert store.get_versioned("refs/main") == (b"one", v1)
+
+    with pytest.raises(PreconditionFailed):
+        store.put_if_version("refs/main", b"other", version=None)
+    assert store.get_versioned("refs/main") == (b"one", v1)
+
+    v2 = store.put_if_version("refs/main", b"two", version=v1)
+    assert v2 != v1
+    assert store.get_versioned("refs/main") == (b"two", v2)
+    assert store.get("refs/main") == b"two"
+
+    with pytest.raises(PreconditionFailed):
+        store.put_if_version("refs/main", b"stale", version=v1)
+    assert store.get_versioned("refs/main") == (b"two", v2)
+
+
+def test_put_if_version_of_missing_object_with_a_version_fails(store):
+    v1 = store.put_if_version("refs/main", b"one", version=None)
+    with pytest.raises(PreconditionFailed):
+        store.put_if_version("refs/other", b"x", version=v1)
+    assert not store.exists("refs/other")
+
+
+def test_delete_if_version(store):
+    v1 = store.put_if_version("refs/main", b"one", version=None)
+    v2 = store.put_if_version("refs/main", b"two", version=v1)
+
+    with pytest.raises(PreconditionFailed):
+        store.delete_if_version("refs/main", version=v1)
+    assert store.get_versioned("refs/main") == (b"two", v2)
+
+    store.delete_if_version("refs/main", version=v2)
+    assert not store.exists("refs/main")
+    assert store.list("refs") == []
+
+    with pytest.raises(PreconditionFailed):
+        store.delete_if_version("refs/main", version=v2)
+    assert store.put_if_version("refs/main", b"three", version=None)
+
+
+def test_concurrent_put_if_version_has_one_winner(store):
+    v0 = store.put_if_version("refs/main", b"base", version=None)
+
+    results = run_in_threads(
+        lambda i: store.put_if_version("refs/main", f"thread {i}".encode(), version=v0)
+    )
+
+    winners = [i for i, r in enumerate(results) if isinstance(r, str)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, PreconditionFailed) for r in results if not isinstance(r, str))
+    (winner,) = winners
+    assert store.get_versioned("refs/main") == (f"thread {winner}".encode(), results[winner])
+
+
+def test_concurrent_put_if_absent_has_one_winner(store):
+    results = run_in_threads(lambda i: store.put_if_absent("obj", f"thread {i}".encode() * 1000))
+
+    assert sorted(results, key=repr) == [False] * (N_THREADS - 1) + [True], results
+    winner = results.index(True)
+    assert store.get("obj") == f"thread {winner}".encode() * 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Keys and URLs
+
+
+@pytest.mark.parametrize(
+    "key", ["../x", "/abs", "a//b", "a/../b", "", "a\x00b", ".hidden", "a/", "a/./b", "a b"]
+)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, k: s.put_if_absent(k, b"x"),
+        lambda s, k: s.get(k),
+        lambda s, k: s.get_range(k, 0, 1),
+        lambda s, k: s.exists(k),
+        lambda s, k: s.size(k),
+        lambda s, k: s.delete(k),
+        lambda s, k: s.get_versioned(k),
+        lambda s, k: s.put_if_version(k, b"x", version=None),
+        lambda s, k: s.delete_if_version(k, version="v"),
+    ],
+    ids=[
+        "put_if_absent", "get", "get_range", "exists", "size", "delete",
+        "get_versioned", "put_if_version", "delete_if_version",
+    ],
+)
+def test_invalid_key_raises_value_error(store, key, call):
+    with pytest.raises(ValueError):
+        call(store, key)
+
+
+def test_valid_key_alphabet(store):
+    key = "A-z_0.9/sub.dir/obj-1_2.bin"
+    assert store.put_if_absent(key, b"x") is True
+    assert store.list("") == [key]
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/x", "ftp://host/x", "s3://", "s3:///", "s3a://"])
+def test_open_object_store_rejects_bad_urls(url):
+    with pytest.raises(ValueError):
+        open_object_store(url)
+
+
+def test_open_object_store_local_forms(tmp_path):
+    plain = open_object_store(str(tmp_path / "a"))
+    file_url = open_object_store(f"file://{tmp_path / 'a'}")
+    assert isinstance(plain, LocalObjectStore) and isinstance(file_url, LocalObjectStore)
+    assert plain.local_root == file_url.local_root == str(tmp_path / "a")
+    plain.put_if_absent("obj", b"x")
+    assert file_url.get("obj") == b"x"
+    with pytest.raises(ValueError):
+        open_object_store(str(tmp_path / "b"), storage_options={"key": "x"})
+
+
+# --------------------------------------------------------------------------------------------
+# Local backend: temp files and lock files
+
+
+def test_local_leaves_no_temp_or_lock_files(local_store):
+    local_store.put_if_absent("a/b/obj", b"x")
+    local_store.put_if_absent("a/b/obj", b"y")
+    v1 = local_store.put_if_version("refs/main", b"1", version=None)
+    with pytest.raises(PreconditionFailed):
+        local_store.put_if_version("refs/main", b"2", version="stale")
+    with pytest.raises(PreconditionFailed):
+        local_store.delete_if_version("refs/main", version="stale")
+    v2 = local_store.put_if_version("refs/main", b"2", version=v1)
+    local_store.put_if_version("refs/other", b"1", version=None)
+    local_store.delete_if_version("refs/other", version=local_store.get_versioned("refs/other")[1])
+    run_in_threads(lambda i: local_store.put_if_version("refs/main", b"%d" % i, version=v2))
+    run_in_threads(lambda i: local_store.put_if_absent("race", b"%d" % i))
+
+    assert hidden_files(local_store.root) == []
+    assert local_store.list("") == ["a/b/obj", "race", "refs/main"]
+
+
+def test_local_list_skips_hidden_files(local_store):
+    local_store.put_if_absent("dir/obj", b"x")
+    for name in ["dir/.tmp-0123abcd", "dir/.obj.lock", ".tmp-xyz", ".hidden/obj"]:
+        path = Path(local_store.root, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"junk")
+    assert local_store.list("") == ["dir/obj"]
+    assert local_store.list("dir") == ["dir/obj"]
+
+
+def test_local_breaks_lock_of_dead_process(local_store):
+    v1 = local_store.put_if_version("refs/main", b"1", version=None)
+    lock = lock_path(local_store, "refs/main")
+    Path(lock).write_text(f"{dead_pid()} {socket.gethostname()} {time.time()}\n")
+
+    v2 = local_store.put_if_version("refs/main", b"2", version=v1)
+
+    assert local_store.get_versioned("refs/main") == (b"2", v2)
+    assert not os.path.exists(lock)
+
+
+def test_local_breaks_old_lock_of_unknown_holder(local_store):
+    v1 = local_store.put_if_version("refs/main", b"1", version=None)
+    lock = lock_path(local_store, "refs/main")
+    Path(lock).write_text(f"{os.getpid()} some-other-host {time.time()}\n")
+    old = time.time() - 2 * local_store.stale_lock_s
+    os.utime(lock, (old, old))
+
+    local_store.delete_if_version("refs/main", version=v1)
+
+    assert not local_store.exists("refs/main")
+    assert not os.path.exists(lock)
+
+
+def test_local_respects_lock_of_live_process(local_store):
+    v1 = local_store.put_if_version("refs/main", b"1", version=None)
+    lock = lock_path(local_store, "refs/main")
+    stamp = f"{os.getpid()} {socket.gethostname()} {time.time()}\n"
+    Path(lock).write_text(stamp)
+
+    with pytest.raises(PreconditionFailed):
+        local_store.put_if_version("refs/main", b"2", version=v1)
+    with pytest.raises(PreconditionFailed):
+        local_store.delete_if_version("refs/main", version=v1)
+
+    assert local_store.get_versioned("refs/main") == (b"1", v1)
+    assert Path(lock).read_text() == stamp  # neither broken nor released by the losers
+
+
+# --------------------------------------------------------------------------------------------
+# Local backend: SIGKILL during writes
+
+CRASH_OBJECT_SIZE = 8 * 2**20
+
+_CRASH_CHILD = """
+import sys
+sys.path.insert(0, {tests_dir!r})
+from test_objectstore import crash_payload
+from ckptstore.objectstore import open_object_store
+
+store = open_object_store({root!r})
+print("ready", flush=True)
+i = 0
+while True:
+    key = f"{prefix}/obj-{{i:05d}}"
+    store.put_if_absent(key, crash_payload(key))
+    i += 1
+"""
+
+
+def crash_payload(key: str) -> bytes:
+    """A CRASH_OBJECT_SIZE object whose every 32-byte block derives from ``key``, so a
+    truncated, empty or mixed-up object is detected."""
+    block = hashlib.sha256(key.encode()).digest()
+    return block * (CRASH_OBJECT_SIZE // len(block))
+
+
+def test_local_put_if_absent_survives_sigkill(local_store):
+    rng = random.Random()
+    written = 0
+    for round_ in range(5):
+        prefix = f"round{round_}"
+        code = _CRASH_CHILD.format(
+            tests_dir=str(Path(__file__).parent), root=local_store.root, prefix=prefix
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert child.stdout.readline() == "ready\n"
+            time.sleep(rng.uniform(0.05, 0.4))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stdout.close()
+        assert child.returncode == -signal.SIGKILL
+
+        keys = local_store.list(prefix)
+        # The child writes keys in order: what it finished is a gap-free run from 0.
+        assert keys == [f"{prefix}/obj-{i:05d}" for i in range(len(keys))]
+        for key in keys:
+            assert local_store.size(key) == CRASH_OBJECT_SIZE, key
+            assert local_store.get(key) == crash_payload(key), key
+        # The object being written at the kill was not created, and can be written now.
+        interrupted = f"{prefix}/obj-{len(keys):05d}"
+        assert not local_store.exists(interrupted)
+        assert local_store.put_if_absent(interrupted, crash_payload(interrupted)) is True
+        written += len(keys)
+
+    assert written > 0, "the child never finished an object before it was killed"
