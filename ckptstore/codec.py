@@ -117,6 +117,8 @@ def read_header(data: bytes | memoryview, *, key: str, kind: Kind) -> tuple[Code
         )
     if found_kind != kind:
         raise IntegrityError(f"object is of kind {found_kind}, expected {kind.name.lower()}", key=key)
+    if _reserved != 0:
+        raise IntegrityError("object header has a nonzero reserved byte", key=key)
     if codec not in (Codec.RAW, Codec.ZSTD):
         raise UnsupportedFormat(f"object {key} uses unknown codec {codec}")
     return Codec(codec), raw_size, body_size

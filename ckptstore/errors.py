@@ -52,7 +52,7 @@ class AmbiguousRef(RefError, LookupError):
     def __init__(self, ref: str, candidates: list[str]) -> None:
         self.ref = ref
         self.candidates = list(candidates)
-        shown = ", ".join(c[:12] for c in self.candidates[:5])
+        shown = ", ".join(c[:12] if len(c) == 32 else c for c in self.candidates[:5])
         more = "" if len(self.candidates) <= 5 else f" and {len(self.candidates) - 5} more"
         super().__init__(f"ambiguous revision {ref!r}: matches {shown}{more}")
 

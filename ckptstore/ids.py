@@ -21,7 +21,7 @@ MIN_PREFIX_LENGTH = 4
 _HEX_RE = re.compile(r"[0-9a-f]+")
 # Branch and tag names: git's check-ref-format rules, narrowed to a portable alphabet that is
 # safe as an object key on every backend.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
 _REVISION_RE = re.compile(r"(?P<base>[^~^]+)(?P<ops>(?:~\d*|\^)*)")
 
 
@@ -49,8 +49,8 @@ def is_id_prefix(text: str) -> bool:
 def check_ref_name(name: str, *, kind: str = "ref") -> str:
     """Return ``name`` if it is a valid branch or tag name, else raise :class:`InvalidRefName`.
 
-    Valid names start with a letter or digit, use only letters, digits, ``. _ - /``, and
-    contain no ``..``, ``//``, ``/.``, trailing ``/`` or ``.``, or ``.lock`` suffix.
+    Valid names are ``/``-separated components that each start with a letter or digit and
+    use only letters, digits and ``. _ -``; no ``..``, and no trailing ``.`` or ``.lock``.
     """
     if not isinstance(name, str):
         raise InvalidRefName(f"{kind} name must be a str, not {type(name).__name__}")
@@ -65,8 +65,8 @@ def check_ref_name(name: str, *, kind: str = "ref") -> str:
     )
     if bad:
         raise InvalidRefName(
-            f"invalid {kind} name {name!r}: use letters, digits and . _ - / "
-            "(starting with a letter or digit; no '..', '//', or trailing '/', '.', '.lock')"
+            f"invalid {kind} name {name!r}: use /-separated parts of letters, digits and . _ - "
+            "(each starting with a letter or digit; no '..', no trailing '.' or '.lock')"
         )
     if is_full_id(name):
         raise InvalidRefName(f"invalid {kind} name {name!r}: it looks like a commit id")

@@ -32,6 +32,7 @@ import torch
 
 from .codec import DTYPE_NAMES, DTYPES, tensor_bytes
 from .errors import CkptStoreError, IntegrityError, UnsupportedFormat, UnsupportedValue
+from .ids import is_full_id
 
 MANIFEST_FORMAT_VERSION = 1
 MAX_DEPTH = 200
@@ -426,7 +427,7 @@ class _ManifestReader:
             raise self.fail("blob size or chunk list")
         refs = []
         for c in chunks:
-            if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and len(c[0]) == 32 and _is_count(c[1])):
+            if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and is_full_id(c[0]) and _is_count(c[1])):
                 raise self.fail("chunk reference")
             refs.append(ChunkRef(c[0], c[1]))
         if inline is not None:

@@ -66,6 +66,14 @@ def check_key(key: str) -> str:
     return key
 
 
+def _check_prefix(prefix: str) -> str:
+    """Return a ``list`` prefix without its trailing ``/``: empty, or a well-formed key."""
+    stripped = prefix.rstrip("/")
+    if stripped:
+        check_key(stripped)
+    return stripped
+
+
 class ObjectStore(ABC):
     """A flat namespace of immutable objects plus compare-and-swap objects, over fsspec."""
 
@@ -127,6 +135,16 @@ def _translated(key: str, action: str) -> Iterator[None]:
         raise StorageError(f"could not {action} object {key}: {type(exc).__name__}: {exc}", key=key) from exc
 
 
+@contextlib.contextmanager
+def _missing_is_mismatch(key: str) -> Iterator[None]:
+    """S3 answers a write or delete conditional on the ETag of a missing object with 404; for
+    the contract that is a version mismatch like any other."""
+    try:
+        yield
+    except ObjectNotFound as exc:
+        raise PreconditionFailed(f"object {key} does not exist", key=key) from exc
+
+
 def _is_precondition_failure(exc: BaseException) -> bool:
     """S3's answer to a failed conditional write (412, or 409 for a concurrent one)."""
     for err in (exc, exc.__cause__, exc.__context__):
@@ -148,6 +166,15 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _open_for_read(path: str) -> Any:
+    """Open the object file at ``path``. A directory (a prefix of other keys) or a path below
+    a file is no object: both raise ``FileNotFoundError``."""
+    try:
+        return open(path, "rb")
+    except (IsADirectoryError, NotADirectoryError) as exc:
+        raise FileNotFoundError(path) from exc
 
 
 def _pid_alive(pid: int) -> bool:
@@ -231,11 +258,13 @@ class LocalObjectStore(ObjectStore):
             return True
 
     def get(self, key: str) -> bytes:
-        with _translated(key, "read"), open(self._path(key), "rb") as f:
+        path = self._path(key)
+        with _translated(key, "read"), _open_for_read(path) as f:
             return f.read()
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        with _translated(key, "read"), open(self._path(key), "rb") as f:
+        path = self._path(key)
+        with _translated(key, "read"), _open_for_read(path) as f:
             f.seek(start)
             return f.read(max(0, end - start))
 
@@ -243,16 +272,21 @@ class LocalObjectStore(ObjectStore):
         return os.path.isfile(self._path(key))
 
     def size(self, key: str) -> int:
-        with _translated(key, "stat"):
-            return os.stat(self._path(key)).st_size
+        path = self._path(key)
+        with _translated(key, "stat"), _open_for_read(path) as f:
+            return os.fstat(f.fileno()).st_size
 
     def delete(self, key: str) -> None:
         path = self._path(key)
         with contextlib.suppress(FileNotFoundError), _translated(key, "delete"):
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except (IsADirectoryError, NotADirectoryError) as exc:
+                raise FileNotFoundError(path) from exc  # no object there
             _fsync_dir(os.path.dirname(path))
 
     def list(self, prefix: str = "") -> list[str]:
+        prefix = _check_prefix(prefix)
         base = os.path.join(self.root, *prefix.split("/")) if prefix else self.root
         keys = []
         with _translated(prefix, "list"):
@@ -367,29 +401,47 @@ class _FsspecObjectStore(ObjectStore):
         return f"{self._root}/{check_key(key)}"
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         with _translated(key, "read"):
-            return self._fs.cat_file(self._path(key))
+            return self._fs.cat_file(path)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
+        path = self._path(key)
         if end <= start:
             self.size(key)  # still report a missing object
             return b""
-        with _translated(key, "read"):
-            return self._fs.cat_file(self._path(key), start=start, end=end)
+        try:
+            with _translated(key, "read"):
+                return self._fs.cat_file(path, start=start, end=end)
+        except ObjectNotFound:
+            raise
+        except StorageError:
+            if start < self.size(key):
+                raise
+            return b""  # S3 refuses a range that starts at or past the end (416)
 
     def exists(self, key: str) -> bool:
-        with _translated(key, "stat"):
-            return bool(self._fs.exists(self._path(key)))
+        try:
+            self.size(key)
+        except ObjectNotFound:
+            return False
+        return True
 
     def size(self, key: str) -> int:
+        path = self._path(key)
         with _translated(key, "stat"):
-            return int(self._fs.size(self._path(key)))
+            info = self._fs.info(path)
+            if info["type"] != "file":  # a prefix of other keys is no object
+                raise FileNotFoundError(path)
+            return int(info["size"])
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         with contextlib.suppress(ObjectNotFound), _translated(key, "delete"):
-            self._fs.rm_file(self._path(key))
+            self._fs.rm_file(path)
 
     def list(self, prefix: str = "") -> list[str]:
+        prefix = _check_prefix(prefix)
         base = f"{self._root}/{prefix}".rstrip("/")
         with _translated(prefix, "list"):
             try:
@@ -398,7 +450,8 @@ class _FsspecObjectStore(ObjectStore):
                 return []
         start = len(self._root.lstrip("/")) + 1
         keys = (p.lstrip("/")[start:] for p in paths)
-        return sorted(k for k in keys if _KEY_RE.fullmatch(k))
+        under = prefix + "/" if prefix else ""  # find() of an object's own path returns it
+        return sorted(k for k in keys if _KEY_RE.fullmatch(k) and k.startswith(under))
 
 
 class MemoryObjectStore(_FsspecObjectStore):
@@ -483,16 +536,17 @@ class S3ObjectStore(_FsspecObjectStore):
 
     def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
         path = self._path(key)
-        with _translated(key, "update"):
-            if version is None:
+        if version is None:
+            with _translated(key, "update"):
                 response = self._fs.pipe_file(path, data, mode="create")
-            else:
+        else:
+            with _missing_is_mismatch(key), _translated(key, "update"):
                 response = self._fs.pipe_file(path, data, IfMatch=version)
         return response["ETag"]
 
     def delete_if_version(self, key: str, *, version: str) -> None:
         bucket, object_key, _ = self._fs.split_path(self._path(key))
-        with _translated(key, "delete"):
+        with _missing_is_mismatch(key), _translated(key, "delete"):
             self._fs.call_s3("delete_object", Bucket=bucket, Key=object_key, IfMatch=version)
 
 
@@ -501,8 +555,8 @@ def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = N
     ``s3://bucket/prefix``. ``storage_options`` go to the backend (s3fs) and are never
     logged or shown."""
     options = dict(storage_options or {})
-    protocol, _, rest = url.partition("://")
-    if not rest:
+    protocol, separator, rest = url.partition("://")
+    if not separator:
         protocol, rest = "file", url
     if protocol in ("file", "local"):
         if options:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 
 from .codec import Kind, decode_object, encode_object_bytes
-from .errors import IntegrityError, ObjectNotFound, PreconditionFailed, RefConflict
+from .errors import IntegrityError, InvalidRefName, ObjectNotFound, PreconditionFailed, RefConflict
 from .ids import check_ref_name, is_full_id
 from .objectstore import ObjectStore
 
@@ -52,14 +52,18 @@ class RefStore:
         found = self._read(ref_key(kind, name))
         return None if found is None else found[0]
 
+    def names(self, kind: RefKind) -> list[str]:
+        """The names of every ref of ``kind``, sorted."""
+        prefix = f"refs/{kind.value}/"
+        return [key[len(prefix) :] for key in self._objects.list(prefix)]
+
     def list(self, kind: RefKind) -> dict[str, str]:
         """Every ref of ``kind``: name → commit id, sorted by name."""
-        prefix = f"refs/{kind.value}/"
         out = {}
-        for key in self._objects.list(prefix):
-            found = self._read(key)
+        for name in self.names(kind):
+            found = self.get(kind, name)
             if found is not None:  # deleted between listing and reading
-                out[key[len(prefix) :]] = found[0]
+                out[name] = found
         return out
 
     def set_ref_if_equals(self, kind: RefKind, name: str, new: str, *, expected: str | None) -> None:
@@ -75,12 +79,21 @@ class RefStore:
             return
         if actual != expected:
             raise RefConflict(name, expected=expected, actual=actual)
+        if actual is None:
+            self._check_no_path_clash(kind, name)
         try:
             self._objects.put_if_version(key, encode_object_bytes(Kind.REF, new.encode(), compression_level=None), version=version)
         except PreconditionFailed:
             after = self.get(kind, name)
             if after != new:
                 raise RefConflict(name, expected=expected, actual=after) from None
+
+    def _check_no_path_clash(self, kind: RefKind, name: str) -> None:
+        """Refuse ``a/b`` beside ``a`` (and the reverse), as git does: one would have to be
+        both a ref and a folder of refs."""
+        for other in self.names(kind):
+            if other.startswith(name + "/") or name.startswith(other + "/"):
+                raise InvalidRefName(f"{kind.noun} {name!r} clashes with existing {kind.noun} {other!r}")
 
     def delete_ref_if_equals(self, kind: RefKind, name: str, *, expected: str) -> None:
         """Delete ``name`` if it points at ``expected``; raise :class:`RefConflict` if not.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
+import math
 import os
 import random
 import time
@@ -42,6 +44,8 @@ from .manifest import Manifest, TensorEntry, TensorKind, build_tensor, encode_st
 from .objectstore import ObjectStore, open_object_store
 from .pipeline import Pipeline, default_threads
 from .refs import RefKind, RefStore
+
+log = logging.getLogger("ckptstore")
 
 STORE_FORMAT_VERSION = 1
 CONFIG_KEY = "config"
@@ -228,15 +232,31 @@ class Store:
 
     def sync_catalog(self) -> None:
         """Reconcile the catalog with the object store: index commits it lacks, drop commits
-        the store no longer has, and take the refs from the store. Idempotent."""
+        the store no longer has, and take the refs from the store. Idempotent.
+
+        A damaged commit object or ref is logged and left out (reading it later raises
+        :class:`IntegrityError`), so one bad object never makes a store unopenable.
+        """
         stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
         known = self.catalog.commit_ids()
         for commit_id in sorted(stored - known):
             if is_full_id(commit_id):
-                self.get_commit(commit_id)
+                try:
+                    self.get_commit(commit_id)
+                except (IntegrityError, UnsupportedFormat) as exc:
+                    log.warning("skipping commit %s while indexing: %s", commit_id, exc)
         self.catalog.remove_commits(known - stored)
         for kind in RefKind:
-            self.catalog.replace_refs(kind.value, self.refs.list(kind))
+            refs = {}
+            for name in self.refs.names(kind):
+                try:
+                    target = self.refs.get(kind, name)
+                except (IntegrityError, UnsupportedFormat) as exc:
+                    log.warning("skipping %s %s while indexing: %s", kind.noun, name, exc)
+                    continue
+                if target is not None:
+                    refs[name] = target
+            self.catalog.replace_refs(kind.value, refs)
 
     # -- revisions -----------------------------------------------------------------------
 
@@ -311,6 +331,8 @@ class Store:
         """
         branch = check_ref_name(branch or self.config.default_branch, kind="branch")
         tags = [self._check_tag_name(t) for t in tags]
+        self._check_namespace(RefKind.BRANCH, [branch])
+        self._check_namespace(RefKind.TAG, tags)
         metrics_f = check_metrics(dict(metrics or {}))
         metadata = dict(metadata or {})
         manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
@@ -319,13 +341,15 @@ class Store:
         )
         manifest_raw = manifest.to_bytes()
         manifest_id = content_id(manifest_raw)
-        manifest_bytes = len(manifest_raw) if self._put_object(Kind.MANIFEST, manifest_key(manifest_id), manifest_raw) else 0
+        manifest_is_new = self._put_object(Kind.MANIFEST, manifest_key(manifest_id), manifest_raw)
+        # A manifest already stored also carries the inline tensors and the tree already.
+        in_manifest = manifest.logical_bytes - sum(b.size for b in manifest.blobs if b.inline is None)
         stats = CommitStats(
             logical_bytes=manifest.logical_bytes,
-            new_bytes=written.new_bytes + manifest_bytes,
+            new_bytes=written.new_bytes + (self.objects.size(manifest_key(manifest_id)) if manifest_is_new else 0),
             new_chunks=written.new_chunks,
             reused_chunks=written.reused_chunks,
-            reused_bytes=written.reused_bytes,
+            reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
         )
         commit = self._commit_onto_branch(branch, manifest_id, message, metadata, metrics_f, stats)
         self._move_tag(LATEST, commit.id)
@@ -333,6 +357,13 @@ class Store:
             self._move_tag(tag, commit.id)
         self._maybe_move_best(commit, best_metric, greater_is_better)
         return commit
+
+    def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
+        """Branches and tags share one namespace: refuse a name the other kind holds."""
+        other = RefKind.TAG if kind is RefKind.BRANCH else RefKind.BRANCH
+        for name in names:
+            if (other is RefKind.TAG and name in RESERVED_TAGS) or self.refs.get(other, name) is not None:
+                raise InvalidRefName(f"{name!r} is a {other.noun}; branches and tags share one namespace")
 
     def _check_tag_name(self, name: str) -> str:
         check_ref_name(name, kind="tag")
@@ -377,7 +408,7 @@ class Store:
 
     def _maybe_move_best(self, commit: Commit, best_metric: str | None, greater_is_better: bool | None) -> None:
         metric = best_metric or self.config.best_metric
-        if metric not in commit.metrics:
+        if metric not in commit.metrics or math.isnan(commit.metrics[metric]):
             return
         if greater_is_better is None:
             greater_is_better = self.config.greater_is_better
@@ -388,7 +419,8 @@ class Store:
             current = self.refs.get(RefKind.TAG, BEST)
             if current is not None:
                 best_value = self.get_commit(current).metrics.get(metric)
-                if best_value is not None and not (value > best_value if greater_is_better else value < best_value):
+                beaten = best_value is None or math.isnan(best_value) or (value > best_value if greater_is_better else value < best_value)
+                if not beaten:
                     return
             try:
                 self.refs.set_ref_if_equals(RefKind.TAG, BEST, commit.id, expected=current)
@@ -449,8 +481,7 @@ class Store:
         """Create branch ``name`` at revision ``at`` (zero-copy: only a ref is written). An
         existing branch is an error unless ``force``, which moves it."""
         check_ref_name(name, kind="branch")
-        if name in RESERVED_TAGS or self.refs.get(RefKind.TAG, name) is not None:
-            raise InvalidRefName(f"{name!r} is a tag; branches and tags share one namespace")
+        self._check_namespace(RefKind.BRANCH, [name])
         target = self.resolve(at)
         current = self.refs.get(RefKind.BRANCH, name)
         if current is not None and not force:
@@ -470,8 +501,7 @@ class Store:
     def tag(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create tag ``name`` at revision ``at``; ``force`` moves an existing tag."""
         self._check_tag_name(name)
-        if self.refs.get(RefKind.BRANCH, name) is not None:
-            raise InvalidRefName(f"{name!r} is a branch; branches and tags share one namespace")
+        self._check_namespace(RefKind.TAG, [name])
         target = self.resolve(at)
         current = self.refs.get(RefKind.TAG, name)
         if current is not None and not force:

@@ -1,0 +1,386 @@
+"""The store's public API on every backend: round trips, dedup, refs, history, errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore.objectstore import open_object_store
+from ckptstore.pipeline import chunk_key
+from ckptstore.store import commit_key, manifest_key
+
+from states import TinyNet, assert_same, full_state, trained
+
+CHUNK = 4096
+INLINE = 256  # shrunk with the chunk size so small tensors take the chunked path
+TESTS_DIR = os.path.dirname(__file__)
+
+
+def open_store(url_and_options, **kwargs):
+    url, options = url_and_options
+    return ckptstore.open(url, storage_options=options, chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE, **kwargs)
+
+
+def keys(store, prefix):
+    return set(store.objects.list(prefix))
+
+
+# -- acceptance 1: bit-exact round trips --------------------------------------------------
+
+
+def test_full_state_round_trips_bit_exact(store_url):
+    state = full_state(seed=1)
+    store = open_store(store_url)
+    commit = store.commit(state, message="everything")
+    assert_same(state, store.checkout(commit.id))
+    # A second handle on the same store (memory included) sees the same commit.
+    assert_same(state, open_store(store_url).checkout("latest"))
+
+
+def _run_child(code: str, env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env, "PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_checkout_in_fresh_process_with_empty_cache(backend, tmp_path, request):
+    url, options = (str(tmp_path / "store"), {}) if backend == "local" else request.getfixturevalue("s3_url")
+    store = ckptstore.open(url, storage_options=options, chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE)
+    store.commit(full_state(seed=2), message="for a fresh process")
+    store.close()
+    _run_child(
+        f"""
+        import ckptstore, torch
+        from states import full_state, assert_same, trained
+        store = ckptstore.open({url!r}, storage_options={options!r})
+        state = store.checkout("main")
+        assert_same(full_state(seed=2), state)
+        model, opt, _ = trained(seed=5)
+        opt.load_state_dict(state["optimizer"])
+        model.load_state_dict(state["model"])
+        """,
+        {"CKPTSTORE_CACHE_DIR": str(tmp_path / "empty-cache")},
+    )
+
+
+def test_restore_loads_components_in_place():
+    store = ckptstore.open("memory://restore")
+    model, opt, sched = trained(seed=3)
+    store.commit({"model": model, "optimizer": opt, "scheduler": sched, "step": 3})
+    model2, opt2, sched2 = trained(seed=9, steps=1)
+    state = store.restore("latest", {"model": model2, "optimizer": opt2, "scheduler": sched2})
+    assert state["step"] == 3
+    assert_same(model.state_dict(), model2.state_dict())
+    assert_same(opt.state_dict(), opt2.state_dict())
+    assert sched2.state_dict() == sched.state_dict()
+    assert model2.out.weight is model2.embed.weight
+    with pytest.raises(KeyError, match="ema"):
+        store.restore("latest", {"ema": model2})
+
+
+def test_map_location_and_device_values():
+    store = ckptstore.open("memory://maploc")
+    store.commit({"w": torch.ones(2)})
+    assert store.checkout(map_location="cpu")["w"].device.type == "cpu"
+
+
+# -- acceptance 2: dedup and statistics ---------------------------------------------------
+
+
+def test_identical_recommit_stores_no_new_chunk(store_url):
+    store = open_store(store_url)
+    state = full_state(seed=4)
+    first = store.commit(state)
+    assert first.stats.new_chunks > 0 and first.stats.reused_chunks == 0
+    chunks, manifests, commits = keys(store, "chunks/"), keys(store, "manifests/"), keys(store, "commits/")
+    second = store.commit(state)
+    assert second.stats.new_chunks == 0
+    assert second.stats.new_bytes == 0
+    assert second.stats.reused_chunks == first.stats.new_chunks
+    assert second.stats.dedup_ratio == float("inf")
+    assert second.manifest == first.manifest
+    assert keys(store, "chunks/") == chunks and keys(store, "manifests/") == manifests
+    assert keys(store, "commits/") == commits | {commit_key(second.id)}
+
+
+def test_changing_one_tensor_stores_only_its_chunks():
+    store = ckptstore.open("memory://one-tensor", chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE)
+    state = {"frozen": torch.randn(20_000), "trained": torch.randn(10_000), "step": 1}
+    first = store.commit(state)
+    before = keys(store, "chunks/")
+    state["trained"] = state["trained"] + 1
+    state["step"] = 2
+    second = store.commit(state)
+    new = keys(store, "chunks/") - before
+    expected_chunks = -(-state["trained"].numel() * 4 // CHUNK)
+    assert len(new) == expected_chunks == second.stats.new_chunks
+    assert second.stats.reused_chunks == first.stats.new_chunks - expected_chunks
+    assert second.stats.reused_bytes == 20_000 * 4
+    assert 2.9 < second.stats.dedup_ratio < 3.1
+    manifest = store.get_manifest(second.manifest)
+    trained_blob = manifest.blobs[next(t.blob for t in manifest.tensors if t.path == "trained")]
+    assert {chunk_key(c.id) for c in trained_blob.chunks} == new
+
+
+# -- acceptance 3: refs, revisions and history --------------------------------------------
+
+
+def test_branch_tag_log_and_revisions():
+    store = ckptstore.open("memory://refs")
+    ids = [store.commit({"step": i}, message=f"m{i}", metadata={"step": i}).id for i in range(4)]
+    assert [c.id for c in store.log("main")] == ids[::-1]
+    assert store.resolve("main") == store.resolve("latest") == ids[3]
+    assert store.resolve("main~2") == store.resolve("main^^") == store.resolve("main~1~1") == ids[1]
+    assert store.resolve(ids[2][:8]) == ids[2]
+    assert store.checkout("main~3") == {"step": 0}
+    with pytest.raises(ckptstore.UnknownRef):
+        store.resolve("main~4")
+
+    fork = store.branch("sweep", at="main~1")
+    assert fork.id == ids[2]
+    sweep = store.commit({"step": 99}, branch="sweep", message="on sweep")
+    assert sweep.parents == (ids[2],)
+    assert store.branches() == {"main": ids[3], "sweep": sweep.id}
+    assert store.resolve("latest") == sweep.id
+    assert [c.id for c in store.log("sweep")] == [sweep.id, *ids[:3][::-1]]
+    assert store.log("main", limit=2)[1].message == "m2"
+
+    store.tag("release", at=ids[1])
+    assert store.tags()["release"] == ids[1]
+    with pytest.raises(ckptstore.RefExists):
+        store.tag("release", at=ids[2])
+    store.tag("release", at=ids[2], force=True)
+    assert store.resolve("release") == ids[2]
+    store.delete_tag("release")
+    assert "release" not in store.tags()
+    with pytest.raises(ckptstore.UnknownRef):
+        store.delete_tag("release")
+
+    with pytest.raises(ckptstore.RefExists):
+        store.branch("sweep", at="main")
+    store.delete_branch("sweep")
+    assert list(store.branches()) == ["main"]
+    with pytest.raises(ckptstore.InvalidRefName):
+        store.tag("latest", at="main")
+    for bad in ["", "a..b", "-x", "a/", "x.lock", "a b", "../up", "/abs"]:
+        with pytest.raises(ckptstore.InvalidRefName):
+            store.branch(bad, at="main")
+
+
+def test_commit_tags_and_metadata():
+    store = ckptstore.open("memory://commit-tags")
+    c = store.commit({"x": 1}, message="hello", tags=["warmup-done"], metadata={"step": 7, "cfg": {"lr": 0.1}})
+    assert store.resolve("warmup-done") == c.id
+    got = store.commit_of("warmup-done")
+    assert (got.message, got.metadata, got.parents, got.branch) == ("hello", {"step": 7, "cfg": {"lr": 0.1}}, (), "main")
+    assert got.created_at.tzinfo is not None
+
+
+def test_unknown_and_ambiguous_revisions():
+    store = ckptstore.open("memory://ambiguous")
+    store.commit({"x": 0})
+    store.branch("feature", at="main")
+    with pytest.raises(ckptstore.UnknownRef) as excinfo:
+        store.resolve("featrue")
+    assert "feature" in excinfo.value.suggestions and "did you mean 'feature'" in str(excinfo.value)
+    with pytest.raises(ckptstore.UnknownRef):
+        store.checkout("0" * 32)
+    seen: dict[str, str] = {}
+    for i in range(3000):
+        c = store.commit({"x": i})
+        if c.id[:4] in seen:
+            break
+        seen[c.id[:4]] = c.id
+    else:
+        pytest.fail("no two commit ids shared a 4-digit prefix")
+    with pytest.raises(ckptstore.AmbiguousRef) as excinfo:
+        store.resolve(c.id[:4])
+    assert set(excinfo.value.candidates) == {c.id, seen[c.id[:4]]}
+    assert store.resolve(c.id[:12]) == c.id
+
+
+def test_best_follows_metric_and_direction():
+    store = ckptstore.open("memory://best")
+    a = store.commit({"s": 1}, metrics={"eval_loss": 2.0})
+    assert store.resolve("best") == a.id
+    b = store.commit({"s": 2}, metrics={"eval_loss": 1.5})
+    store.commit({"s": 3}, metrics={"eval_loss": 1.7})
+    store.commit({"s": 4})
+    assert store.resolve("best") == b.id
+    assert store.resolve("latest") != b.id
+
+    acc = ckptstore.open("memory://best-acc", best_metric="accuracy")
+    x = acc.commit({"s": 1}, metrics={"accuracy": 0.5})
+    acc.commit({"s": 2}, metrics={"accuracy": 0.4})
+    assert acc.resolve("best") == x.id
+    y = acc.commit({"s": 3}, metrics={"accuracy": torch.tensor(0.9)})
+    assert acc.resolve("best") == y.id
+    # Per-call setting, HF style: greater_is_better given explicitly.
+    z = acc.commit({"s": 4}, metrics={"accuracy": 0.1}, greater_is_better=False)
+    assert acc.resolve("best") == z.id
+
+
+# -- acceptance 5: corruption, no pickle, unsupported values ------------------------------
+
+
+def _flip_byte(objects, key, position):
+    data = bytearray(objects.get(key))
+    data[position % len(data)] ^= 0x40
+    objects.delete(key)
+    objects.put_if_absent(key, bytes(data))
+
+
+def test_flipped_byte_in_any_object_fails_only_the_commits_that_use_it(tmp_path):
+    original = tmp_path / "original"
+    store = ckptstore.open(str(original), chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE)
+    state_a = {"shared": torch.randn(3000), "own": torch.randn(2000), "small": torch.ones(4)}
+    a = store.commit(state_a)
+    state_b = {**state_a, "own": torch.randn(2000), "small": torch.zeros(4)}
+    b = store.commit(state_b)
+    states = {a.id: state_a, b.id: state_b}
+    uses = {}
+    for commit in (a, b):
+        manifest = store.get_manifest(commit.manifest)
+        uses[commit.id] = {commit_key(commit.id), manifest_key(commit.manifest)} | {chunk_key(c) for c in manifest.chunk_ids()}
+    objects = sorted(keys(store, "chunks/") | keys(store, "manifests/") | keys(store, "commits/"))
+    store.close()
+    for i, key in enumerate(objects):
+        for position in (5, 30, -1):  # header, body start, last byte
+            copy = tmp_path / f"copy-{i}-{position}"
+            shutil.copytree(original, copy, ignore=shutil.ignore_patterns(".catalog"))
+            _flip_byte(open_object_store(str(copy)), key, position)
+            damaged = ckptstore.open(str(copy))
+            for commit_id, state in states.items():
+                if key in uses[commit_id]:
+                    with pytest.raises(ckptstore.IntegrityError) as excinfo:
+                        damaged.checkout(commit_id)
+                    assert key in str(excinfo.value)
+                else:
+                    assert_same(state, damaged.checkout(commit_id))
+
+
+def test_integrity_error_names_tensor_key_path():
+    store = ckptstore.open("memory://names-path", chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE)
+    store.commit({"model": {"layer.weight": torch.randn(5000)}})
+    key = sorted(keys(store, "chunks/"))[0]
+    _flip_byte(store.objects, key, 100)
+    with pytest.raises(ckptstore.IntegrityError) as excinfo:
+        store.checkout()
+    assert excinfo.value.key == key and excinfo.value.path == "model/layer.weight"
+
+
+def test_checkout_never_unpickles(monkeypatch):
+    store = ckptstore.open("memory://no-pickle")
+    state = full_state(seed=6)
+    store.commit(state)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used on the checkout path")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    assert_same(state, ckptstore.open("memory://no-pickle").checkout())
+
+
+class Custom:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ({"model": {"fn": lambda x: x}}, "model/fn"),
+        ({"opt": [1, 2, Custom()]}, "opt/2"),
+        ({"cfg": {"keys": {(1, 2): 3}}}, "cfg/keys"),
+        ({"s": {1, 2}}, "s"),
+        ({"sparse": torch.eye(3).to_sparse()}, "sparse"),
+    ],
+)
+def test_unsupported_value_names_key_path_and_moves_nothing(value, path):
+    store = ckptstore.open("memory://unsupported-" + path.replace("/", "-"))
+    store.commit({"ok": 1})
+    refs_before = (store.branches(), store.tags())
+    objects_before = keys(store, "")
+    with pytest.raises(TypeError) as excinfo:
+        store.commit(value)
+    assert isinstance(excinfo.value, ckptstore.UnsupportedValue)
+    assert excinfo.value.path == path and path in str(excinfo.value)
+    assert (store.branches(), store.tags()) == refs_before
+    assert keys(store, "") == objects_before
+
+
+# -- acceptance 6: the catalog is a rebuildable cache -------------------------------------
+
+
+def test_deleting_catalog_loses_nothing(tmp_path):
+    url = str(tmp_path / "store")
+    store = ckptstore.open(url)
+    for i in range(3):
+        store.commit({"i": i}, metrics={"eval_loss": 3.0 - i}, metadata={"step": i})
+    store.branch("fork", at="main~1")
+    store.commit({"i": 10}, branch="fork")
+    store.tag("v1", at="main~2")
+    before = (store.branches(), store.tags(), store.log("main"), store.log("fork"))
+    store.close()
+    shutil.rmtree(tmp_path / "store" / ".catalog")
+    reopened = ckptstore.open(url)
+    after = (reopened.branches(), reopened.tags(), reopened.log("main"), reopened.log("fork"))
+    assert after == before
+    assert reopened.catalog.commit_ids() == {c.id for c in before[2] + before[3]}
+
+
+def test_catalog_reconciles_with_refs_moved_by_another_handle(tmp_path):
+    url = str(tmp_path / "store")
+    one, two = ckptstore.open(url), ckptstore.open(url)
+    c = two.commit({"x": 1})
+    assert one.resolve("main") == c.id and one.log()[0].id == c.id
+    two.branch("other", at="main")
+    assert ckptstore.open(url).catalog.refs("heads") == {"main": c.id, "other": c.id}
+
+
+def test_open_missing_store_without_create(tmp_path):
+    with pytest.raises(ckptstore.StoreNotFound):
+        ckptstore.open(str(tmp_path / "nothing"), create=False)
+
+
+def test_branches_and_tags_share_one_namespace():
+    store = ckptstore.open("memory://namespace")
+    store.commit({"x": 1})
+    for name in ("latest", "best"):
+        with pytest.raises(ckptstore.InvalidRefName):
+            store.commit({"x": 2}, branch=name)
+    with pytest.raises(ckptstore.InvalidRefName):
+        store.commit({"x": 2}, tags=["main"])
+    store.tag("v1", at="main")
+    with pytest.raises(ckptstore.InvalidRefName):
+        store.branch("v1", at="main")
+    store.branch("exp/a", at="main")
+    for clash in ("exp", "exp/a/b"):
+        with pytest.raises(ckptstore.InvalidRefName, match="clashes"):
+            store.branch(clash, at="main")
+    for bad in ("a/-b", "a/_b", "a//b"):
+        with pytest.raises(ckptstore.InvalidRefName):
+            store.branch(bad, at="main")
+    assert store.branches().keys() == {"main", "exp/a"}
+
+
+def test_nan_metric_never_becomes_best():
+    store = ckptstore.open("memory://nan-best")
+    a = store.commit({"s": 1}, metrics={"eval_loss": 1.0})
+    store.commit({"s": 2}, metrics={"eval_loss": float("nan")})
+    assert store.resolve("best") == a.id
