@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -352,9 +352,9 @@ class Store:
             reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
         )
         commit = self._commit_onto_branch(branch, manifest_id, message, metadata, metrics_f, stats)
-        self._move_tag(LATEST, commit.id)
+        self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
         for tag in tags:
-            self._move_tag(tag, commit.id)
+            self._advance_tag(tag, commit, newer=lambda current: False)
         self._maybe_move_best(commit, best_metric, greater_is_better)
         return commit
 
@@ -391,44 +391,40 @@ class Store:
             return commit
         raise RefConflict(branch, expected=head, actual=self.refs.get(RefKind.BRANCH, branch))
 
-    def _move_tag(self, name: str, commit_id: str, *, expected: str | None | object = ...) -> None:
-        """Point tag ``name`` at ``commit_id``; with ``expected``, only if it is there now."""
-        for attempt in range(self.max_ref_retries):
-            current = self.refs.get(RefKind.TAG, name) if expected is ... else expected
-            try:
-                self.refs.set_ref_if_equals(RefKind.TAG, name, commit_id, expected=current)  # type: ignore[arg-type]
-                break
-            except RefConflict:
-                if expected is not ...:
-                    raise
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
-        else:
-            raise RefConflict(name, expected=None, actual=self.refs.get(RefKind.TAG, name))
-        self.catalog.set_ref(RefKind.TAG.value, name, commit_id)
-
     def _maybe_move_best(self, commit: Commit, best_metric: str | None, greater_is_better: bool | None) -> None:
         metric = best_metric or self.config.best_metric
-        if metric not in commit.metrics or math.isnan(commit.metrics[metric]):
+        value = commit.metrics.get(metric)
+        if value is None or math.isnan(value):
             return
         if greater_is_better is None:
             greater_is_better = self.config.greater_is_better
         if greater_is_better is None:
             greater_is_better = not metric.endswith("loss")
-        value = commit.metrics[metric]
+
+        def at_least_as_good(current: Commit) -> bool:
+            best = current.metrics.get(metric)
+            if best is None or math.isnan(best):
+                return False
+            return best >= value if greater_is_better else best <= value
+
+        self._advance_tag(BEST, commit, newer=at_least_as_good)
+
+    def _advance_tag(self, name: str, commit: Commit, *, newer: Callable[[Commit], bool]) -> None:
+        """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (for
+        ``latest``: created later; for ``best``: at least as good). Compare-and-swap, retried,
+        so concurrent writers leave the tag on the right commit."""
         for attempt in range(self.max_ref_retries):
-            current = self.refs.get(RefKind.TAG, BEST)
-            if current is not None:
-                best_value = self.get_commit(current).metrics.get(metric)
-                beaten = best_value is None or math.isnan(best_value) or (value > best_value if greater_is_better else value < best_value)
-                if not beaten:
-                    return
+            current = self.refs.get(RefKind.TAG, name)
+            if current is not None and newer(self.get_commit(current)):
+                return
             try:
-                self.refs.set_ref_if_equals(RefKind.TAG, BEST, commit.id, expected=current)
+                self.refs.set_ref_if_equals(RefKind.TAG, name, commit.id, expected=current)
             except RefConflict:
                 time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
                 continue
-            self.catalog.set_ref(RefKind.TAG.value, BEST, commit.id)
+            self.catalog.set_ref(RefKind.TAG.value, name, commit.id)
             return
+        raise RefConflict(name, expected=None, actual=self.refs.get(RefKind.TAG, name))
 
     # -- checkout --------------------------------------------------------------------------
 
@@ -506,7 +502,8 @@ class Store:
         current = self.refs.get(RefKind.TAG, name)
         if current is not None and not force:
             raise RefExists(f"tag {name!r} already exists (at {current[:12]}); use force=True to move it")
-        self._move_tag(name, target, expected=current)
+        self.refs.set_ref_if_equals(RefKind.TAG, name, target, expected=current)
+        self.catalog.set_ref(RefKind.TAG.value, name, target)
         return self.get_commit(target)
 
     def delete_tag(self, name: str) -> None:
