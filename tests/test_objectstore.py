@@ -90,7 +90,7 @@ def test_put_if_absent_creates_once_and_never_overwrites(store):
     assert store.size("obj") == 5
 
 
-@pytest.mark.parametrize("data", [memoryview(b"view bytes"), bytearray(b"array bytes")], ids=type)
+@pytest.mark.parametrize("data", [memoryview(b"view bytes"), bytearray(b"array bytes")], ids=lambda d: type(d).__name__)
 def test_put_if_absent_accepts_bytes_like(store, data):
     assert store.put_if_absent("obj", data) is True
     assert store.get("obj") == bytes(data)
@@ -289,7 +289,7 @@ def test_concurrent_put_if_version_has_one_winner(store):
 def test_concurrent_put_if_absent_has_one_winner(store):
     results = run_in_threads(lambda i: store.put_if_absent("obj", f"thread {i}".encode() * 1000))
 
-    assert sorted(results, key=repr) == [False] * (N_THREADS - 1) + [True], results
+    assert results.count(True) == 1 and results.count(False) == N_THREADS - 1, results
     winner = results.index(True)
     assert store.get("obj") == f"thread {winner}".encode() * 1000
 
@@ -428,22 +428,24 @@ def test_local_respects_lock_of_live_process(local_store):
 
 CRASH_OBJECT_SIZE = 8 * 2**20
 
+# Run as: python -c _CRASH_CHILD PACKAGE_DIR TESTS_DIR STORE_ROOT PREFIX
 _CRASH_CHILD = """
 import sys, types
+package_dir, tests_dir, root, prefix = sys.argv[1:]
 # Load ckptstore's modules without running ckptstore/__init__.py, which imports torch and
 # would make every child take seconds to start.
 package = types.ModuleType("ckptstore")
-package.__path__ = [{package_dir!r}]
+package.__path__ = [package_dir]
 sys.modules["ckptstore"] = package
-sys.path.insert(0, {tests_dir!r})
+sys.path.insert(0, tests_dir)
 from test_objectstore import crash_payload
 from ckptstore.objectstore import open_object_store
 
-store = open_object_store({root!r})
+store = open_object_store(root)
 print("ready", flush=True)
 i = 0
 while True:
-    key = f"{prefix}/obj-{{i:05d}}"
+    key = f"{prefix}/obj-{i:05d}"
     store.put_if_absent(key, crash_payload(key))
     i += 1
 """
@@ -461,13 +463,10 @@ def test_local_put_if_absent_survives_sigkill(local_store):
     written = 0
     for round_ in range(5):
         prefix = f"round{round_}"
-        code = _CRASH_CHILD.format(
-            package_dir=str(REPO_ROOT / "ckptstore"),
-            tests_dir=str(Path(__file__).parent),
-            root=local_store.root,
-            prefix=prefix,
+        args = [REPO_ROOT / "ckptstore", Path(__file__).parent, local_store.root, prefix]
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CRASH_CHILD, *map(str, args)], stdout=subprocess.PIPE, text=True
         )
-        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout.readline() == "ready\n"
             time.sleep(rng.uniform(0.05, 0.4))
