@@ -140,10 +140,10 @@ def decode_object(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_siz
         if body_size != raw_size:
             raise IntegrityError("raw object size does not match its header", key=key, path=path)
         return body
-    declared = zstandard.frame_content_size(body) if body_size >= 4 else -2
-    if declared != raw_size:
-        raise IntegrityError(f"zstd frame declares {declared} bytes, header says {raw_size}", key=key, path=path)
     try:
+        declared = zstandard.frame_content_size(body)
+        if declared != raw_size:
+            raise IntegrityError(f"zstd frame declares {declared} bytes, header says {raw_size}", key=key, path=path)
         out = _decompressor().decompress(body, max_output_size=raw_size)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"zstd frame is corrupt: {exc}", key=key, path=path) from exc

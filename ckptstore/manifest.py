@@ -19,9 +19,10 @@ before any tensor is built.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -36,6 +37,9 @@ from .ids import is_full_id
 
 MANIFEST_FORMAT_VERSION = 1
 MAX_DEPTH = 200
+#: Tuples, OrderedDicts and dicts with int keys nest as msgpack extensions, which the C
+#: decoder recurses into with a large stack frame each; their nesting is capped lower.
+MAX_EXT_DEPTH = 32
 _NUMPY_KINDS = "biufc"
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
@@ -170,6 +174,7 @@ class _TreeEncoder:
         self.allow_tensors = allow_tensors
         self.tensors: list[tuple[str, Any]] = []
         self._index_of: dict[int, int] = {}  # id(tensor) -> index: one object stays one object
+        self._ext_depth = 0
 
     def encode(self, value: Any, path: str = "", depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
@@ -191,9 +196,13 @@ class _TreeEncoder:
         if t is list:
             return [self.encode(v, _join(path, i), depth + 1) for i, v in enumerate(value)]
         if t is tuple:
-            items = [self.encode(v, _join(path, i), depth + 1) for i, v in enumerate(value)]
+            with self._extension(path):
+                items = [self.encode(v, _join(path, i), depth + 1) for i, v in enumerate(value)]
             return msgpack.ExtType(Ext.TUPLE, _pack(items))
-        if t is dict or t is OrderedDict:
+        if t is OrderedDict or (t is dict and not all(type(k) is str for k in value)):
+            with self._extension(path):
+                return self._encode_dict(value, path, depth)
+        if t is dict:
             return self._encode_dict(value, path, depth)
         if t is torch.Tensor or t is torch.nn.Parameter or t is np.ndarray:
             return self._encode_array(value, path)
@@ -217,6 +226,16 @@ class _TreeEncoder:
             "int, float, str, bytes, list, tuple, dict, OrderedDict, tensors, numpy arrays "
             "and scalars, torch dtype/device/Size, and objects with state_dict()",
         )
+
+    @contextlib.contextmanager
+    def _extension(self, path: str) -> Iterator[None]:
+        self._ext_depth += 1
+        try:
+            if self._ext_depth > MAX_EXT_DEPTH:
+                raise UnsupportedValue(path, f"tuples, OrderedDicts and int-keyed dicts nested deeper than {MAX_EXT_DEPTH} levels")
+            yield
+        finally:
+            self._ext_depth -= 1
 
     def _encode_dict(self, value: dict, path: str, depth: int) -> Any:
         pairs = []
@@ -340,8 +359,20 @@ def pack_value(value: Any, *, path: str) -> bytes:
 def unpack_value(data: bytes | memoryview, *, key: str, tensors: Sequence[Any] = ()) -> Any:
     """Decode a tree, putting ``tensors[i]`` where the tree references tensor ``i``."""
 
+    depth = 0
+
+    def inner_of(payload: bytes) -> Any:
+        nonlocal depth
+        depth += 1
+        try:
+            if depth > MAX_EXT_DEPTH:
+                raise IntegrityError(f"tree extensions nested deeper than {MAX_EXT_DEPTH} levels", key=key)
+            return msgpack.unpackb(payload, ext_hook=hook, raw=False)
+        finally:
+            depth -= 1
+
     def hook(code: int, payload: bytes) -> Any:
-        inner = lambda: msgpack.unpackb(payload, ext_hook=hook, raw=False)  # noqa: E731
+        inner = lambda: inner_of(payload)  # noqa: E731
         if code == Ext.TENSOR:
             index = inner()
             if type(index) is not int or not 0 <= index < len(tensors):
