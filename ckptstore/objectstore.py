@@ -25,6 +25,7 @@ Keys are relative, ``/``-separated, and use a safe alphabet (letters, digits, ``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -195,7 +196,8 @@ class LocalObjectStore(ObjectStore):
     directory is fsync'd after. Temp and lock files start with ``.`` and are never listed.
     """
 
-    #: A lock older than this whose holder cannot be checked is taken to be abandoned.
+    #: A lock nobody holds a flock on, older than this, is abandoned even if its holder's
+    #: liveness cannot be checked (another host).
     stale_lock_s = 30.0
 
     def __init__(self, root: str) -> None:
@@ -307,8 +309,10 @@ class LocalObjectStore(ObjectStore):
 
     @contextlib.contextmanager
     def _locked(self, key: str, path: str) -> Iterator[None]:
-        lock = path + ".lock"
-        lock = os.path.join(os.path.dirname(lock), "." + os.path.basename(lock))
+        """Hold the lock file ``.NAME.lock`` beside ``path``: created with O_EXCL, stamped
+        with pid, host and time, and ``flock``-ed for as long as it is held, so that a lock
+        whose holder died (the kernel drops its flock) can be told from a live one."""
+        lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
         stamp = f"{os.getpid()} {self._host} {time.time()}\n".encode()
         for attempt in range(2):
             try:
@@ -316,38 +320,50 @@ class LocalObjectStore(ObjectStore):
             except FileExistsError:
                 if attempt == 0 and self._break_if_stale(lock):
                     continue
-                raise PreconditionFailed(f"object {key} is being updated by another writer", key=key)
-            try:
-                os.write(fd, stamp)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                raise PreconditionFailed(f"object {key} is being updated by another writer", key=key) from None
             break
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a breaker inspects it
+            os.write(fd, stamp)
+            os.fsync(fd)
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
+                os.unlink(lock)  # while still flock-ed: no breaker can take it for stale
+            os.close(fd)
 
     def _break_if_stale(self, lock: str) -> bool:
-        """Remove ``lock`` if its holder is dead (same host) or it is older than
-        ``stale_lock_s``. Returns whether it was removed."""
+        """Remove ``lock`` if it is abandoned: nobody holds its flock, and its holder is a
+        dead process of this host or it is older than ``stale_lock_s``. Safe against other
+        breakers: only the one holding the old lock's flock may unlink it, and only while the
+        path still names that file. Returns whether the lock is gone."""
         try:
-            with open(lock, "rb") as f:
-                content = f.read()
-            age_s = time.time() - os.stat(lock).st_mtime
+            fd = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
             return True
         try:
-            pid_text, host, _ = content.decode().split()
-            dead = host == self._host and not _pid_alive(int(pid_text))
-        except ValueError:  # a lock whose writer died before writing its stamp
-            dead = age_s > 1.0
-        if not (dead or age_s > self.stale_lock_s):
-            return False
-        with contextlib.suppress(FileNotFoundError):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live holder
+            content = os.read(fd, 4096)
+            age_s = time.time() - os.fstat(fd).st_mtime
+            try:
+                pid_text, host, _ = content.decode().split()
+                dead = host == self._host and not _pid_alive(int(pid_text))
+            except ValueError:  # its writer died before writing the stamp
+                dead = age_s > 1.0
+            if not (dead or age_s > self.stale_lock_s):
+                return False
+            try:
+                if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                    return False  # already replaced by a new lock
+            except FileNotFoundError:
+                return True
             os.unlink(lock)
-        return True
+            return True
+        finally:
+            os.close(fd)
 
     def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
         path = self._path(key)

@@ -423,6 +423,34 @@ def test_local_respects_lock_of_live_process(local_store):
     assert Path(lock).read_text() == stamp  # neither broken nor released by the losers
 
 
+def test_local_never_breaks_a_flocked_lock_however_old(local_store):
+    """A holder on another host, slow past ``stale_lock_s``, still holds its flock."""
+    v1 = local_store.put_if_version("refs/main", b"1", version=None)
+    lock = lock_path(local_store, "refs/main")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL)\n"
+         "os.write(fd, b'1 some-other-host 0\\n')\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(60)\n", lock],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        old = time.time() - 2 * local_store.stale_lock_s
+        os.utime(lock, (old, old))
+        with pytest.raises(PreconditionFailed):
+            local_store.put_if_version("refs/main", b"2", version=v1)
+        assert os.path.exists(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder gone, the old lock is abandoned and broken.
+    assert local_store.put_if_version("refs/main", b"2", version=v1)
+
+
 # --------------------------------------------------------------------------------------------
 # Local backend: SIGKILL during writes
 
