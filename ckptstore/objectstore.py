@@ -365,17 +365,21 @@ class LocalObjectStore(ObjectStore):
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _current_version(path: str) -> str | None:
+        try:
+            with open(path, "rb") as f:
+                return content_id(f.read())
+        except FileNotFoundError:
+            return None
+
     def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
         path = self._path(key)
         with _translated(key, "update"):
             directory = os.path.dirname(path)
             self._ensure_dir(directory)
             with self._locked(key, path):
-                try:
-                    with open(path, "rb") as f:
-                        current: str | None = content_id(f.read())
-                except FileNotFoundError:
-                    current = None
+                current = self._current_version(path)
                 if current != version:
                     raise PreconditionFailed(
                         f"object {key} is at version {current or '(absent)'}, "
@@ -390,12 +394,7 @@ class LocalObjectStore(ObjectStore):
     def delete_if_version(self, key: str, *, version: str) -> None:
         path = self._path(key)
         with _translated(key, "delete"), self._locked(key, path):
-            try:
-                with open(path, "rb") as f:
-                    current: str | None = content_id(f.read())
-            except FileNotFoundError:
-                current = None
-            if current != version:
+            if self._current_version(path) != version:
                 raise PreconditionFailed(f"object {key} changed concurrently", key=key)
             os.unlink(path)
             _fsync_dir(os.path.dirname(path))

@@ -477,43 +477,40 @@ class Store:
         """Create branch ``name`` at revision ``at`` (zero-copy: only a ref is written). An
         existing branch is an error unless ``force``, which moves it."""
         check_ref_name(name, kind="branch")
-        self._check_namespace(RefKind.BRANCH, [name])
-        target = self.resolve(at)
-        current = self.refs.get(RefKind.BRANCH, name)
-        if current is not None and not force:
-            raise RefExists(f"branch {name!r} already exists (at {current[:12]}); use force=True to move it")
-        self.refs.set_ref_if_equals(RefKind.BRANCH, name, target, expected=current)
-        self.catalog.set_ref(RefKind.BRANCH.value, name, target)
-        return self.get_commit(target)
-
-    def delete_branch(self, name: str) -> None:
-        """Delete branch ``name`` (its commits stay until garbage collection)."""
-        current = self.refs.get(RefKind.BRANCH, name)
-        if current is None:
-            raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.branches(), n=3))
-        self.refs.delete_ref_if_equals(RefKind.BRANCH, name, expected=current)
-        self.catalog.set_ref(RefKind.BRANCH.value, name, None)
+        return self._set_ref(RefKind.BRANCH, name, at=at, force=force)
 
     def tag(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create tag ``name`` at revision ``at``; ``force`` moves an existing tag."""
         self._check_tag_name(name)
-        self._check_namespace(RefKind.TAG, [name])
-        target = self.resolve(at)
-        current = self.refs.get(RefKind.TAG, name)
-        if current is not None and not force:
-            raise RefExists(f"tag {name!r} already exists (at {current[:12]}); use force=True to move it")
-        self.refs.set_ref_if_equals(RefKind.TAG, name, target, expected=current)
-        self.catalog.set_ref(RefKind.TAG.value, name, target)
-        return self.get_commit(target)
+        return self._set_ref(RefKind.TAG, name, at=at, force=force)
+
+    def delete_branch(self, name: str) -> None:
+        """Delete branch ``name`` (its commits stay until garbage collection)."""
+        self._delete_ref(RefKind.BRANCH, name)
 
     def delete_tag(self, name: str) -> None:
         """Delete tag ``name``."""
         self._check_tag_name(name)
-        current = self.refs.get(RefKind.TAG, name)
+        self._delete_ref(RefKind.TAG, name)
+
+    def _set_ref(self, kind: RefKind, name: str, *, at: str, force: bool) -> Commit:
+        """Create (or with ``force`` move) a ref by compare-and-swap; a concurrent change
+        raises :class:`RefConflict`."""
+        self._check_namespace(kind, [name])
+        target = self.resolve(at)
+        current = self.refs.get(kind, name)
+        if current is not None and not force:
+            raise RefExists(f"{kind.noun} {name!r} already exists (at {current[:12]}); use force=True to move it")
+        self.refs.set_ref_if_equals(kind, name, target, expected=current)
+        self.catalog.set_ref(kind.value, name, target)
+        return self.get_commit(target)
+
+    def _delete_ref(self, kind: RefKind, name: str) -> None:
+        current = self.refs.get(kind, name)
         if current is None:
-            raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.tags(), n=3))
-        self.refs.delete_ref_if_equals(RefKind.TAG, name, expected=current)
-        self.catalog.set_ref(RefKind.TAG.value, name, None)
+            raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.refs.names(kind), n=3))
+        self.refs.delete_ref_if_equals(kind, name, expected=current)
+        self.catalog.set_ref(kind.value, name, None)
 
     # -- history -------------------------------------------------------------------------
 
