@@ -468,6 +468,14 @@ def machine_info(workdir: str) -> dict:
             info["filesystem"]["rotational"] = open(rot).read().strip() == "1"
     except (OSError, IndexError):
         pass
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "ckptstore"], capture_output=True, text=True)
+        if head.returncode == 0:
+            info["ckptstore_commit"] = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
     try:
         with open("/proc/cpuinfo") as f:
             m = re.search(r"model name\s*:\s*(.*)", f.read())
@@ -586,7 +594,7 @@ def summarize(report: dict, args) -> str:
         else:
             disk = "—"
         lines.append(
-            f"| {name} | {m:.3f} | {logical / GB / m:.2f} | {disk} | {extra / MB:,.0f} MB | {peak / MB:,.0f} MB | "
+            f"| {name} | {m:.3f} | {'(lazy)' if '(mmap)' in name else f'{logical / GB / m:.2f}'} | {disk} | {extra / MB:,.0f} MB | {peak / MB:,.0f} MB | "
             + ", ".join(f"{s:.3f}" for s in secs)
             + " |"
         )
@@ -651,9 +659,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     report = run_parent(args)
+    report["total_s"] = time.perf_counter() - t0
     text = summarize(report, args)
     report["args"] = {k: v for k, v in vars(args).items() if k not in ("op", "target", "result", "verify", "profile")}
-    report["total_s"] = time.perf_counter() - t0
+    m = report["machine"]
+    text += (
+        f"\nMachine: {m.get('nproc')} CPUs ({m.get('cpu')}), {m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM, "
+        f"{(m.get('filesystem') or {}).get('type')} on {(m.get('filesystem') or {}).get('device')}, Python {m.get('python')}, torch {m.get('torch')}, safetensors {m.get('safetensors')}, "
+        f"ckptstore at {m.get('ckptstore_commit', 'unknown commit')}; total {report['total_s']:.0f}s"
+    )
     print(text)
     if args.json:
         with open(args.json, "w") as f:

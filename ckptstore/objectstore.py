@@ -10,6 +10,9 @@ The contract (every backend passes one shared test suite, ``tests/test_objectsto
     key exists, nothing is written and ``False`` is returned. Durable on return.
 ``get(key)``, ``get_range(key, start, end)``, ``size(key)``, ``exists(key)``
     Reads. A missing key raises :class:`ObjectNotFound`.
+``reader(key)``
+    A seekable binary file over an object, for ``readinto`` straight into a caller's buffer
+    (the local backend reads the file; others fetch the object whole).
 ``delete(key)``
     Idempotent: deleting a missing key is not an error.
 ``list(prefix)``
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import re
 import socket
@@ -34,7 +38,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
@@ -114,6 +118,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def delete_if_version(self, key: str, *, version: str) -> None: ...
+
+    def reader(self, key: str) -> BinaryIO:
+        """A seekable binary file over the object ``key``, to read it straight into a
+        caller's buffer with ``readinto``. A missing key raises :class:`ObjectNotFound`."""
+        return io.BytesIO(self.get(key))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -263,6 +272,11 @@ class LocalObjectStore(ObjectStore):
         path = self._path(key)
         with _translated(key, "read"), _open_for_read(path) as f:
             return f.read()
+
+    def reader(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        with _translated(key, "read"):
+            return _open_for_read(path)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         path = self._path(key)

@@ -14,10 +14,11 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .codec import Kind, decode_object, encode_object
+from .codec import HEADER_SIZE, Codec, Kind, decode_object, encode_object, read_header
 from .errors import IntegrityError, ObjectNotFound
 from .ids import content_id
 from .manifest import BlobSource, ChunkRef, Manifest
@@ -145,13 +146,20 @@ class Pipeline:
         def fetch(ref: ChunkRef, target: memoryview, path: str | None) -> None:
             key = chunk_key(ref.id)
             try:
-                data = self._objects.get(key)
+                f = self._objects.reader(key)
             except ObjectNotFound:
                 raise IntegrityError(f"chunk is missing (needed by manifest {manifest_key})", key=key, path=path) from None
-            raw = decode_object(data, key=key, kind=Kind.CHUNK, max_raw_size=ref.size, path=path)
+            with f:
+                codec, raw_size, body_size = read_header(f.read(HEADER_SIZE), key=key, kind=Kind.CHUNK)
+                if codec is Codec.RAW and raw_size == body_size == ref.size and _read_exactly(f, target) and not f.read(1):
+                    raw: bytes | memoryview = target  # read straight into place: no staging copy
+                else:  # compressed, or malformed: decode_object checks it and names the fault
+                    f.seek(0)
+                    raw = decode_object(f.read(), key=key, kind=Kind.CHUNK, max_raw_size=ref.size, path=path)
             if len(raw) != ref.size or content_id(raw) != ref.id:
                 raise IntegrityError("chunk content does not match its id", key=key, path=path)
-            target[:] = raw
+            if raw is not target:
+                target[:] = raw
 
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index in blob_indices:
@@ -171,3 +179,14 @@ class Pipeline:
 
         self._run(tasks())
         return buffers
+
+
+def _read_exactly(f: Any, target: memoryview) -> bool:
+    """Fill ``target`` from ``f``; False if the file ends first."""
+    n = 0
+    while n < len(target):
+        got = f.readinto(target[n:])
+        if not got:
+            return False
+        n += got
+    return True

@@ -517,3 +517,15 @@ def test_local_put_if_absent_survives_sigkill(local_store):
         written += len(keys)
 
     assert written > 0, "the child never finished an object before it was killed"
+
+
+def test_reader_reads_the_object_into_a_buffer(store):
+    store.put_if_absent("a/obj", b"0123456789")
+    buffer = bytearray(4)
+    with store.reader("a/obj") as f:
+        f.seek(3)
+        assert f.readinto(buffer) == 4
+        assert f.read() == b"789"
+    assert buffer == b"3456"
+    with pytest.raises(ObjectNotFound):
+        store.reader("a/missing")
