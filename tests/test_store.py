@@ -17,7 +17,7 @@ from ckptstore.objectstore import open_object_store
 from ckptstore.pipeline import chunk_key
 from ckptstore.store import commit_key, manifest_key
 
-from states import TinyNet, assert_same, full_state, trained
+from states import assert_same, full_state, trained
 
 CHUNK = 4096
 INLINE = 256  # shrunk with the chunk size so small tensors take the chunked path
