@@ -12,18 +12,25 @@ Tables::
     parents   (commit, position, parent)            PK (commit, position)
     metrics   (commit, name, value)                 PK (commit, name)
     refs      (kind, name, commit)                  PK (kind, name)
+    manifest_chunks (manifest, chunk, size)         PK (manifest, chunk): chunk usage, for GC and du
+
+A catalog file that SQLite cannot read is moved aside and rebuilt.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("ckptstore.catalog")
+
+SCHEMA_VERSION = 2
 
 
 class Catalog:
@@ -33,15 +40,37 @@ class Catalog:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._lock = threading.RLock()
-        if path is None:
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if path is None:
+                raise
+            aside = f"{path}.corrupt-{int(time.time())}"
+            log.warning("catalog %s is unreadable (%s); moving it to %s and rebuilding it", path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, aside + suffix)
+            self._open()
+
+    def _open(self) -> None:
+        if self.path is None:
             conn = sqlite3.connect(":memory:", check_same_thread=False)
         else:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            conn = sqlite3.connect(path, check_same_thread=False, timeout=60)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA quick_check").fetchall()
+            except sqlite3.DatabaseError:
+                conn.close()
+                raise
         self.db = sqlite_utils.Database(conn)
-        self._create_schema()
+        try:
+            self._create_schema()
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise
 
     def _create_schema(self) -> None:
         with self._lock, self.db.conn:
@@ -63,6 +92,13 @@ class Catalog:
             self.db["parents"].create_index(["parent"])
             self.db["metrics"].create({"commit": str, "name": str, "value": float}, pk=("commit", "name"))
             self.db["refs"].create({"kind": str, "name": str, "commit": str}, pk=("kind", "name"))
+            self.db["manifest_chunks"].create({"manifest": str, "chunk": str, "size": int}, pk=("manifest", "chunk"))
+
+    def clear(self) -> None:
+        """Forget everything (the catalog is then rebuilt from the store)."""
+        with self._lock, self.db.conn:
+            for table in ("commits", "parents", "metrics", "refs", "manifest_chunks"):
+                self.db.execute(f"DELETE FROM {table}")
 
     def close(self) -> None:
         with self._lock:
@@ -87,6 +123,32 @@ class Catalog:
                 for table in ("parents", "metrics"):
                     self.db.execute(f"DELETE FROM {table} WHERE [commit] = ?", [commit_id])
                 self.db.execute("DELETE FROM commits WHERE id = ?", [commit_id])
+
+    def commit_rows(self) -> list[dict]:
+        """Every commit's id, manifest, created_at and step, and its metrics as a dict."""
+        with self._lock:
+            rows = [dict(r) for r in self.db.query("SELECT id, manifest, created_at, step FROM commits")]
+            metrics: dict[str, dict[str, float]] = {}
+            for commit_id, name, value in self.db.execute("SELECT [commit], name, value FROM metrics"):
+                metrics.setdefault(commit_id, {})[name] = value
+        for row in rows:
+            row["metrics"] = metrics.get(row["id"], {})
+        return rows
+
+    # -- chunk usage -----------------------------------------------------------------------
+
+    def manifest_chunks(self, manifest_id: str) -> dict[str, int] | None:
+        """The chunks (id → raw size) a manifest uses, if indexed."""
+        with self._lock:
+            rows = self.db.execute("SELECT chunk, size FROM manifest_chunks WHERE manifest = ?", [manifest_id]).fetchall()
+        return dict(rows) if rows else None
+
+    def add_manifest_chunks(self, manifest_id: str, chunks: dict[str, int]) -> None:
+        """Index the chunks of a manifest (immutable, so this never goes stale). Idempotent."""
+        with self._lock, self.db.conn:
+            self.db["manifest_chunks"].insert_all(
+                ({"manifest": manifest_id, "chunk": c, "size": n} for c, n in chunks.items()), replace=True
+            )
 
     def commit_object(self, commit_id: str) -> bytes | None:
         with self._lock:

@@ -5,7 +5,7 @@ Every stored object is a frame::
     offset  size  field
     0       4     magic  b"CKPT"
     4       1     format version (1)
-    5       1     kind: 1 chunk, 2 manifest, 3 commit, 4 ref, 5 config
+    5       1     kind: 1 chunk, 2 manifest, 3 commit, 4 ref, 5 config, 6 record
     6       1     codec: 0 raw, 1 zstd
     7       1     reserved (0)
     8       8     raw size in bytes (little endian)
@@ -48,6 +48,7 @@ class Kind(IntEnum):
     COMMIT = 3
     REF = 4
     CONFIG = 5
+    RECORD = 6  # small msgpack records: GC lease, writer markers, demotions, shallow marks
 
 
 class Codec(IntEnum):

@@ -12,6 +12,8 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     │   ├── RefExists ................. FileExistsError  creating a branch/tag that already exists
     │   └── RefConflict ............... a compare-and-swap on a ref lost a race
     ├── UnsupportedValue .............. TypeError     a value that cannot be stored (names its key path)
+    ├── ComponentsUnavailable ......... KeyError      components a commit lacks, or that GC dropped (demotion)
+    ├── CollectorBusy ................. another garbage collector holds the store's lease
     ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
     ├── UnsupportedFormat ............. ValueError    an object or store of an unknown format version
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
@@ -90,6 +92,35 @@ class UnsupportedValue(CkptStoreError, TypeError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         super().__init__(f"{path or '<root>'}: {message}")
+
+
+class ComponentsUnavailable(CkptStoreError, KeyError):
+    """Asked-for components that a commit does not have: never stored (``missing``), or
+    dropped by garbage collection when the commit was demoted (``dropped``)."""
+
+    def __init__(self, commit_id: str, *, missing: list[str] = (), dropped: list[str] = (), available: list[str] = ()) -> None:  # type: ignore[assignment]
+        self.commit_id = commit_id
+        self.missing = list(missing)
+        self.dropped = list(dropped)
+        self.available = list(available)
+        parts = []
+        if self.dropped:
+            names = ", ".join(map(repr, self.dropped))
+            parts.append(
+                f"commit {commit_id[:12]} was demoted by garbage collection and no longer holds {names}; "
+                f"check out the rest with exclude=[{names}]"
+            )
+        if self.missing:
+            has = ", ".join(map(repr, self.available)) or "nothing"
+            parts.append(f"commit {commit_id[:12]} has no component {', '.join(map(repr, self.missing))}; it has {has}")
+        super().__init__("; ".join(parts))
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class CollectorBusy(CkptStoreError):
+    """Another garbage collector holds the store's lease (it expires if its holder dies)."""
 
 
 class IntegrityError(CkptStoreError, ValueError):

@@ -20,9 +20,10 @@ before any tensor is built.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -372,7 +373,7 @@ def unpack_value(data: bytes | memoryview, *, key: str, tensors: Sequence[Any] =
             depth -= 1
 
     def hook(code: int, payload: bytes) -> Any:
-        inner = lambda: inner_of(payload)  # noqa: E731
+        inner = lambda: inner_of(payload)
         if code == Ext.TENSOR:
             index = inner()
             if type(index) is not int or not 0 <= index < len(tensors):
@@ -524,3 +525,86 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
         acc *= max(n, 1)
     return tuple(reversed(stride))
 
+
+
+# --------------------------------------------------------------------------------------------
+# Selecting key paths
+
+
+def path_under(path: str, prefix: str) -> bool:
+    """Whether key path ``path`` is ``prefix`` or lies below it (``optimizer/state/0`` is
+    under ``optimizer``)."""
+    prefix = prefix.strip("/")
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """A key pattern matches a path equal to it, below it, or that it matches as a glob
+    (``*`` crosses ``/``)."""
+    return path_under(path, pattern) or fnmatch.fnmatchcase(path, pattern)
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    """The key paths ``include`` names (all, if ``None``) minus those ``exclude`` names.
+    A pattern selects a path equal to it or below it, or any path it matches as a glob."""
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None) -> KeySelection:
+        as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)
+        return cls(None if include is None else as_tuple(include), () if exclude is None else as_tuple(exclude))
+
+    @property
+    def everything(self) -> bool:
+        return self.include is None and not self.exclude
+
+    def excluded(self, path: str) -> bool:
+        return any(_matches(path, p) for p in self.exclude)
+
+    def selected(self, path: str) -> bool:
+        """Whether ``path`` (a value or tensor) is selected."""
+        if self.excluded(path):
+            return False
+        return self.include is None or any(_matches(path, p) for p in self.include)
+
+    def unmatched(self, paths: Iterable[str]) -> list[str]:
+        """The include patterns that match none of ``paths``."""
+        paths = list(paths)
+        return [p for p in self.include or () if not any(_matches(path, p) for path in paths)]
+
+    def prune(self, tree: Any, path: str = "") -> Any:
+        """``tree`` with the unselected values removed from dicts, lists and tuples; a
+        container is kept if it is selected or holds something selected."""
+        if isinstance(tree, dict):
+            out = type(tree)()
+            for k, v in tree.items():
+                child = _join(path, k)
+                if self.excluded(child):
+                    continue
+                if self.include is not None and self.selected(child):
+                    out[k] = KeySelection(None, self.exclude).prune(v, child)
+                    continue
+                kept = self.prune(v, child)
+                if kept is not _NOTHING:
+                    out[k] = kept
+            if hasattr(tree, "_metadata"):
+                out._metadata = tree._metadata  # type: ignore[attr-defined]
+            return out if out or not path or self.selected(path) else _NOTHING
+        if isinstance(tree, (list, tuple)):
+            items = []
+            for i, v in enumerate(tree):
+                child = _join(path, i)
+                if self.excluded(child):
+                    continue
+                kept = KeySelection(None, self.exclude).prune(v, child) if self.include is not None and self.selected(child) else self.prune(v, child)
+                if kept is not _NOTHING:
+                    items.append(kept)
+            out_seq = type(tree)(items) if isinstance(tree, list) else tuple(items)
+            return out_seq if items or not path or self.selected(path) else _NOTHING
+        return tree if self.selected(path) else _NOTHING
+
+
+_NOTHING = object()

@@ -17,6 +17,12 @@ The contract (every backend passes one shared test suite, ``tests/test_objectsto
     Idempotent: deleting a missing key is not an error.
 ``list(prefix)``
     Every key under ``prefix``, sorted.
+``list_info(prefix)``
+    The same keys as :class:`ObjectInfo` (size and last-modified time), for GC and ``du``.
+``delete_many(keys)``
+    ``delete`` of each key, batched where the backend can (S3: 1,000 per request).
+``remove_abandoned_uploads(older_than_s)``
+    Remove what crashed writers left half-written (local temp files) older than this.
 ``get_versioned(key) -> (data, version)``, ``put_if_version(key, data, version=...)``,
 ``delete_if_version(key, version=...)``
     Compare-and-swap for mutable objects (refs). ``version=None`` means "only if absent".
@@ -37,7 +43,8 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Union
 
 import fsspec
@@ -79,6 +86,15 @@ def _check_prefix(prefix: str) -> str:
     return stripped
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key, size and last-modified time (seconds since the epoch)."""
+
+    key: str
+    size_bytes: int
+    modified_s: float
+
+
 class ObjectStore(ABC):
     """A flat namespace of immutable objects plus compare-and-swap objects, over fsspec."""
 
@@ -109,6 +125,19 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]: ...
+
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete every key in ``keys``. Idempotent."""
+        for key in keys:
+            self.delete(key)
+
+    def remove_abandoned_uploads(self, *, older_than_s: float) -> int:
+        """Remove partial writes left by crashed writers, older than ``older_than_s``.
+        Returns how many were removed."""
+        return 0
 
     @abstractmethod
     def get_versioned(self, key: str) -> tuple[bytes, str]: ...
@@ -301,19 +330,50 @@ class LocalObjectStore(ObjectStore):
                 raise FileNotFoundError(path) from exc  # no object there
             _fsync_dir(os.path.dirname(path))
 
-    def list(self, prefix: str = "") -> list[str]:
+    def _walk(self, prefix: str, *, hidden: bool = False) -> Iterator[tuple[str, str]]:
+        """``(key, path)`` of every file under ``prefix``; with ``hidden``, only the temp and
+        lock files (names starting with ``.``) instead."""
         prefix = _check_prefix(prefix)
         base = os.path.join(self.root, *prefix.split("/")) if prefix else self.root
-        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for name in filenames:
+                if hidden != name.startswith(".") or (not hidden and _KEY_RE.fullmatch(name) is None):
+                    continue
+                yield (name if rel == "." else f"{rel}/{name}"), os.path.join(dirpath, name)
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
         with _translated(prefix, "list"):
-            for dirpath, dirnames, filenames in os.walk(base):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
-                for name in filenames:
-                    if name.startswith(".") or _KEY_RE.fullmatch(name) is None:
-                        continue
-                    keys.append(name if rel == "." else f"{rel}/{name}")
-        return sorted(keys)
+            return sorted(key for key, _ in self._walk(prefix))
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        _check_prefix(prefix)
+        out = []
+        with _translated(prefix, "list"):
+            for key, path in self._walk(prefix):
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda info: info.key)
+
+    def remove_abandoned_uploads(self, *, older_than_s: float) -> int:
+        """Remove ``.tmp-*`` files older than ``older_than_s`` (lock files are the lock
+        protocol's business)."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        with _translated("", "clean up temp files of"):
+            for key, path in self._walk("", hidden=True):
+                if not os.path.basename(path).startswith(".tmp-"):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+        return removed
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         data = self.get(key)
@@ -470,17 +530,32 @@ class _FsspecObjectStore(ObjectStore):
             self._fs.rm_file(path)
 
     def list(self, prefix: str = "") -> list[str]:
+        return [info.key for info in self.list_info(prefix)]
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
         prefix = _check_prefix(prefix)
         base = f"{self._root}/{prefix}".rstrip("/")
         with _translated(prefix, "list"):
             try:
-                paths = self._fs.find(base)
+                found = self._fs.find(base, detail=True)
             except FileNotFoundError:
                 return []
         start = len(self._root.lstrip("/")) + 1
-        keys = (p.lstrip("/")[start:] for p in paths)
         under = prefix + "/" if prefix else ""  # find() of an object's own path returns it
-        return sorted(k for k in keys if _KEY_RE.fullmatch(k) and k.startswith(under))
+        out = []
+        for path, info in found.items():
+            key = path.lstrip("/")[start:]
+            if _KEY_RE.fullmatch(key) and key.startswith(under) and info.get("type", "file") == "file":
+                out.append(ObjectInfo(key, int(info["size"]), _modified_s(info)))
+        return sorted(out, key=lambda info: info.key)
+
+
+def _modified_s(info: Mapping[str, Any]) -> float:
+    """An fsspec listing entry's modification time (S3: ``LastModified``; memory: ``created``)."""
+    stamp = info.get("LastModified", info.get("created", info.get("mtime")))
+    if stamp is None:
+        return time.time()
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
 
 class MemoryObjectStore(_FsspecObjectStore):
@@ -549,6 +624,13 @@ class S3ObjectStore(_FsspecObjectStore):
         except PreconditionFailed:
             return False
         return True
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        paths = [self._path(key) for key in keys]
+        for start in range(0, len(paths), 1000):
+            batch = paths[start : start + 1000]
+            with contextlib.suppress(ObjectNotFound), _translated(batch[0][len(self._root) + 1 :], "delete"):
+                self._fs.rm(batch)  # s3fs sends one DeleteObjects request per 1,000 keys
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         from fsspec.asyn import sync

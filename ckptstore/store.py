@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -30,6 +30,7 @@ from .codec import Kind, decode_object, encode_object_bytes
 from .commit import Commit, CommitStats, check_metrics, decode_commit, encode_commit
 from .errors import (
     AmbiguousRef,
+    ComponentsUnavailable,
     IntegrityError,
     InvalidRefName,
     ObjectNotFound,
@@ -39,11 +40,42 @@ from .errors import (
     UnknownRef,
     UnsupportedFormat,
 )
-from .ids import HASH_ALGORITHM, check_hash_algorithm, check_ref_name, content_id, is_full_id, is_id_prefix, parse_revision
-from .manifest import Manifest, TensorEntry, TensorKind, build_tensor, encode_state, unpack_value
+from .fsck import FsckReport
+from .fsck import check as check_store
+from .gc import (
+    DEFAULT_GRACE_PERIOD_S,
+    GcPlan,
+    Progress,
+    collect,
+    commit_key,
+    dropped_components,
+    is_shallow,
+    manifest_key,
+)
+from .ids import (
+    HASH_ALGORITHM,
+    check_hash_algorithm,
+    check_ref_name,
+    content_id,
+    is_full_id,
+    is_id_prefix,
+    parse_revision,
+)
+from .lease import writing
+from .manifest import (
+    KeySelection,
+    Manifest,
+    TensorEntry,
+    TensorKind,
+    build_tensor,
+    encode_state,
+    path_under,
+    unpack_value,
+)
 from .objectstore import ObjectStore, open_object_store
 from .pipeline import Pipeline, default_threads
 from .refs import RefKind, RefStore
+from .retention import Retention, greater_is_better_for
 
 log = logging.getLogger("ckptstore")
 
@@ -56,14 +88,6 @@ RESERVED_TAGS = (LATEST, BEST)
 #: Caps on what a header may declare for these objects before they are decompressed.
 MAX_MANIFEST_BYTES = 1 << 32
 MAX_COMMIT_BYTES = 1 << 26
-
-
-def manifest_key(manifest_id: str) -> str:
-    return f"manifests/{manifest_id[:2]}/{manifest_id}"
-
-
-def commit_key(commit_id: str) -> str:
-    return f"commits/{commit_id[:2]}/{commit_id}"
 
 
 @dataclass(frozen=True)
@@ -203,6 +227,11 @@ class Store:
         raw = self.catalog.commit_object(commit_id)
         if raw is not None:
             return decode_commit(commit_id, raw, key=commit_key(commit_id))
+        return self.read_commit(commit_id)
+
+    def read_commit(self, commit_id: str) -> Commit:
+        """The commit with this full id, read from the object store and verified (the
+        catalog is updated from it)."""
         key = commit_key(commit_id)
         raw = bytes(self._get_object(Kind.COMMIT, key, commit_id, MAX_COMMIT_BYTES))
         commit = decode_commit(commit_id, raw, key=key)
@@ -267,7 +296,7 @@ class Store:
         commit_id = self._resolve_base(revision.base, rev)
         for step in range(revision.ancestors):
             parents = self.get_commit(commit_id).parents
-            if not parents:
+            if not parents or self._parent_collected(commit_id, parents[0]):
                 raise UnknownRef(rev, suggestions=[f"{revision.base}~{step}"] if step else [])
             commit_id = parents[0]
         return commit_id
@@ -300,6 +329,12 @@ class Store:
                 raise AmbiguousRef(rev, matches)
         names = list(self.catalog.refs(RefKind.BRANCH.value)) + list(self.catalog.refs(RefKind.TAG.value))
         raise UnknownRef(rev, suggestions=difflib.get_close_matches(base, names, n=3, cutoff=0.6))
+
+    def _parent_collected(self, commit_id: str, parent_id: str) -> bool:
+        """Whether GC removed ``parent_id`` (the history of ``commit_id`` is shallow there)."""
+        if self.catalog.commit_object(parent_id) is not None or self.objects.exists(commit_key(parent_id)):
+            return False
+        return is_shallow(self.objects, commit_id)
 
     def commit_of(self, rev: str) -> Commit:
         """The :class:`Commit` a revision names."""
@@ -336,6 +371,16 @@ class Store:
         metrics_f = check_metrics(dict(metrics or {}))
         metadata = dict(metadata or {})
         manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
+        with writing(self.objects):  # a collector deletes nothing until the branch has moved
+            commit = self._write_commit(manifest, sources, branch=branch, message=message, metadata=metadata, metrics=metrics_f)
+        self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
+        for tag in tags:
+            self._advance_tag(tag, commit, newer=lambda current: False)
+        self._maybe_move_best(commit, best_metric, greater_is_better)
+        return commit
+
+    def _write_commit(self, manifest: Manifest, sources: dict, *, branch: str, message: str, metadata: dict, metrics: dict[str, float]) -> Commit:
+        """Chunks → manifest → commit object → branch ref."""
         written = self.pipeline.write_blobs(
             manifest, sources, chunk_size_bytes=self.config.chunk_size_bytes, compression_level=self.config.compression_level
         )
@@ -351,12 +396,8 @@ class Store:
             reused_chunks=written.reused_chunks,
             reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
         )
-        commit = self._commit_onto_branch(branch, manifest_id, message, metadata, metrics_f, stats)
-        self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
-        for tag in tags:
-            self._advance_tag(tag, commit, newer=lambda current: False)
-        self._maybe_move_best(commit, best_metric, greater_is_better)
-        return commit
+        self.catalog.add_manifest_chunks(manifest_id, {c.id: c.size for b in manifest.blobs for c in b.chunks})
+        return self._commit_onto_branch(branch, manifest_id, message, metadata, metrics, stats)
 
     def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
         """Branches and tags share one namespace: refuse a name the other kind holds."""
@@ -398,8 +439,7 @@ class Store:
             return
         if greater_is_better is None:
             greater_is_better = self.config.greater_is_better
-        if greater_is_better is None:
-            greater_is_better = not metric.endswith("loss")
+        greater_is_better = greater_is_better_for(metric, greater_is_better)
 
         def at_least_as_good(current: Commit) -> bool:
             best = current.metrics.get(metric)
@@ -428,33 +468,70 @@ class Store:
 
     # -- checkout --------------------------------------------------------------------------
 
-    def checkout(self, rev: str = LATEST, *, map_location: str | torch.device | None = None) -> Any:
+    def checkout(
+        self,
+        rev: str = LATEST,
+        *,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        map_location: str | torch.device | None = None,
+    ) -> Any:
         """Return the state committed at ``rev``, with tensors on ``map_location`` (default:
         CPU). Every byte is verified against its hash; corruption raises
-        :class:`IntegrityError` naming the object and the key path."""
+        :class:`IntegrityError` naming the object and the key path.
+
+        ``include`` / ``exclude``: key patterns (``"model"``, ``"optimizer/state"``,
+        ``"*.bias"``); a pattern selects a key path equal to it, below it, or matching it as a
+        glob. Only the chunks of the selected tensors are read. Asking for components that a
+        demoted commit no longer holds raises :class:`ComponentsUnavailable`.
+        """
         commit = self.commit_of(rev)
+        selection = KeySelection.of(include, exclude)
         key = manifest_key(commit.manifest)
         manifest = self.get_manifest(commit.manifest)
-        buffers = self.pipeline.read_blobs(manifest, range(len(manifest.blobs)), manifest_key=key)
+        dropped = dropped_components(self.objects, commit.id)
+        wanted = [e for e in manifest.tensors if selection.selected(e.path)]
+        lost = sorted({p for p in dropped for e in wanted if path_under(e.path, p)})
+        if lost:
+            raise ComponentsUnavailable(commit.id, dropped=lost)
+        if selection.include is not None:
+            shape = unpack_value(manifest.tree, key=key, tensors=[None] * len(manifest.tensors))
+            missing = selection.unmatched(_key_paths(shape))
+            if missing:
+                available = sorted(map(str, shape)) if isinstance(shape, dict) else []
+                raise ComponentsUnavailable(commit.id, missing=missing, available=available)
+        blob_indices = sorted({e.blob for e in wanted})
+        buffers = self.pipeline.read_blobs(manifest, blob_indices, manifest_key=key)
         device = torch.device(map_location) if map_location is not None else None
-        tensors = []
+        tensors: list[Any] = []
         moved: dict[int, torch.Tensor] = {}
         for entry in manifest.tensors:
+            if entry.blob not in buffers or not selection.selected(entry.path):
+                tensors.append(None)
+                continue
             buffer = buffers[entry.blob]
             if device is not None and device.type != "cpu" and entry.kind is not TensorKind.NDARRAY:
                 if entry.blob not in moved:
                     moved[entry.blob] = buffer.to(device)
                 buffer = moved[entry.blob]
             tensors.append(build_tensor(entry, buffer))
-        return unpack_value(manifest.tree, key=key, tensors=tensors)
+        state = unpack_value(manifest.tree, key=key, tensors=tensors)
+        return state if selection.everything else selection.prune(state)
 
     def restore(self, rev: str, targets: Mapping[str, Any], *, map_location: str | torch.device | None = None) -> Any:
-        """Check out ``rev`` and load each component into ``targets[name]`` in place with its
-        ``load_state_dict``. Returns the whole checked-out state."""
-        state = self.checkout(rev, map_location=map_location)
-        missing = [name for name in targets if name not in state]
+        """Load each component of ``rev`` into ``targets[name]`` in place with its
+        ``load_state_dict``, and return the checked-out state: those components plus every
+        top-level value that holds no tensors (step counters, RNG states); the tensors of other
+        components are not read. A component the commit lacks raises
+        :class:`ComponentsUnavailable`."""
+        commit = self.commit_of(rev)
+        manifest = self.get_manifest(commit.manifest)
+        others = sorted({e.path.split("/", 1)[0] for e in manifest.tensors} - set(targets))
+        state = self.checkout(commit.id, exclude=others, map_location=map_location)
+        missing = [name for name in targets if not isinstance(state, dict) or name not in state]
         if missing:
-            raise KeyError(f"commit {self.resolve(rev)[:12]} has no component {', '.join(map(repr, missing))}; it has {', '.join(map(repr, state))}")
+            available = sorted({*map(str, state), *others}) if isinstance(state, dict) else []
+            raise ComponentsUnavailable(commit.id, missing=missing, available=available)
         for name, target in targets.items():
             target.load_state_dict(state[name])
         return state
@@ -497,13 +574,15 @@ class Store:
         """Create (or with ``force`` move) a ref by compare-and-swap; a concurrent change
         raises :class:`RefConflict`."""
         self._check_namespace(kind, [name])
-        target = self.resolve(at)
-        current = self.refs.get(kind, name)
-        if current is not None and not force:
-            raise RefExists(f"{kind.noun} {name!r} already exists (at {current[:12]}); use force=True to move it")
-        self.refs.set_ref_if_equals(kind, name, target, expected=current)
+        with writing(self.objects):  # a collector must not delete the commit as it gains a ref
+            target = self.resolve(at)
+            commit = self.read_commit(target)  # it must still be in the store
+            current = self.refs.get(kind, name)
+            if current is not None and not force:
+                raise RefExists(f"{kind.noun} {name!r} already exists (at {current[:12]}); use force=True to move it")
+            self.refs.set_ref_if_equals(kind, name, target, expected=current)
         self.catalog.set_ref(kind.value, name, target)
-        return self.get_commit(target)
+        return commit
 
     def _delete_ref(self, kind: RefKind, name: str) -> None:
         current = self.refs.get(kind, name)
@@ -523,6 +602,8 @@ class Store:
             commit = self.get_commit(commit_id)
             out.append(commit)
             commit_id = commit.parents[0] if commit.parents else None
+            if commit_id is not None and self._parent_collected(commit.id, commit_id):
+                break  # GC removed the rest: the history is shallow here
         return out
 
     def diff(self, a: str, b: str) -> Diff:
@@ -548,6 +629,60 @@ class Store:
         values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=placeholder_b)
         object.__setattr__(result, "values_changed", _values_differ(values_a, values_b))
         return result
+
+    # -- garbage collection and checks -----------------------------------------------------
+
+    def gc(
+        self,
+        retention: Retention = None,
+        *,
+        dry_run: bool = False,
+        grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
+        lease_ttl_s: float = 300.0,
+        progress: Progress | None = None,
+    ) -> GcPlan:
+        """Apply ``retention`` (a :class:`~ckptstore.retention.Policy` or rule for every
+        branch, a mapping of branch patterns to policies, or ``None`` to keep every commit a
+        branch or tag reaches) and delete what no kept commit needs.
+
+        Branch heads and tagged commits are always kept whole. Nothing younger than
+        ``grace_period_s`` is deleted. ``dry_run`` returns the plan and changes nothing.
+        Safe while other processes commit: deletions wait until no commit is mid-write, and
+        what a commit made meanwhile needs is spared. Raises :class:`CollectorBusy` if another
+        collector holds the lease. A killed collector leaves every kept commit whole; run it
+        again to finish.
+        """
+        return collect(self, retention, dry_run=dry_run, grace_period_s=grace_period_s, lease_ttl_s=lease_ttl_s, progress=progress)
+
+    def fsck(
+        self,
+        *,
+        read_data: bool = False,
+        read_data_subset: float | None = None,
+        repair: bool = False,
+        progress: Progress | None = None,
+    ) -> FsckReport:
+        """Check the store; ``report.ok`` says whether it is healthy. ``read_data`` re-hashes
+        every chunk (``read_data_subset``: a random fraction of them); ``repair`` rebuilds the
+        catalog. Writes nothing to the object store."""
+        return check_store(
+            self, read_data=read_data, read_data_subset=read_data_subset, repair=repair,
+            threads=self.pipeline.threads, progress=progress,
+        )  # fmt: skip
+
+
+def _key_paths(tree: Any, path: str = "") -> Iterable[str]:
+    """Every key path in a decoded tree (containers and leaves)."""
+    if isinstance(tree, dict):
+        items: Iterable[tuple[Any, Any]] = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return
+    for k, v in items:
+        child = f"{path}/{k}" if path else str(k)
+        yield child
+        yield from _key_paths(v, child)
 
 
 def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:

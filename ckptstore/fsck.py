@@ -1,0 +1,259 @@
+"""fsck: check that a store is whole, and say exactly what is not.
+
+Checks, in order: every ref points at a readable commit; every commit object decodes and
+hashes to its id, and its parents exist or GC marked it shallow; every manifest decodes and
+hashes to its id; every chunk a commit needs (less what a demotion dropped) exists, with a
+header that declares the size the manifest expects and a stored size that matches the
+header. With ``read_data`` every chunk (or a random ``read_data_subset`` of them) is read,
+decompressed and re-hashed. The catalog is compared with the store; ``repair`` rebuilds it.
+
+Objects nothing needs (left by crashed writers, or by commits no ref reaches) are reported
+as orphans: they are GC's business, not damage.
+"""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .codec import HEADER_SIZE, Kind, decode_object, read_header
+from .commit import Commit
+from .errors import CkptStoreError, IntegrityError, UnsupportedFormat
+from .gc import (
+    DELETION_ORDER,
+    Progress,
+    Repository,
+    chunk_key,
+    commit_key,
+    demotion_key,
+    dropped_components,
+    manifest_key,
+    shallow_key,
+)
+from .ids import content_id
+from .manifest import Manifest, path_under
+from .refs import RefKind
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: what kind (``ref``, ``commit``, ``parent``, ``manifest``, ``chunk``,
+    ``record``, ``catalog``), the object, and the commit and key path that need it."""
+
+    kind: str
+    message: str
+    key: str | None = None
+    commit: str | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        where = [f"object {self.key}"] if self.key else []
+        if self.commit:
+            where.append(f"commit {self.commit[:12]}")
+        if self.path:
+            where.append(f"key path {self.path}")
+        return f"{self.kind}: {self.message}" + (f" ({', '.join(where)})" if where else "")
+
+
+@dataclass
+class FsckReport:
+    """The result of :meth:`Store.fsck`. ``ok`` is whether the store is healthy."""
+
+    problems: list[Problem] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    commits: int = 0
+    manifests: int = 0
+    chunks: int = 0
+    chunks_read: int = 0
+    bytes_read: int = 0
+    catalog_repaired: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        state = "healthy" if self.ok else f"{len(self.problems)} problem(s)"
+        read = f", read and re-hashed {self.chunks_read} chunks ({self.bytes_read:,} bytes)" if self.chunks_read else ""
+        repaired = "; catalog rebuilt" if self.catalog_repaired else ""
+        return (
+            f"{state}: checked {self.commits} commits, {self.manifests} manifests, {self.chunks} chunks{read}; "
+            f"{len(self.orphans)} orphan objects{repaired}"
+        )
+
+
+def check(
+    repo: Repository,
+    *,
+    read_data: bool = False,
+    read_data_subset: float | None = None,
+    repair: bool = False,
+    threads: int = 8,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> FsckReport:
+    """Check ``repo``; see the module docstring. Never writes to the object store; with
+    ``repair`` it rebuilds the catalog."""
+    if read_data_subset is not None and not 0 < read_data_subset <= 1:
+        raise ValueError(f"read_data_subset must be a fraction in (0, 1], not {read_data_subset!r}")
+    objects = repo.objects
+    report = FsckReport()
+    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
+
+    # Refs.
+    targets: dict[str, str] = {}
+    for kind in RefKind:
+        for name in repo.refs.names(kind):
+            try:
+                target = repo.refs.get(kind, name)
+            except CkptStoreError as exc:
+                report.problems.append(Problem("ref", f"{kind.noun} {name!r} is unreadable: {exc}", key=f"refs/{kind.value}/{name}"))
+                continue
+            if target is not None:
+                targets[f"{kind.noun} {name}"] = target
+
+    # Commits, read from the store (not the catalog) and verified.
+    commits: dict[str, Commit] = {}
+    for key in sorted(k for k in listing if k.startswith("commits/")):
+        cid = key.rsplit("/", 1)[-1]
+        try:
+            commits[cid] = repo.read_commit(cid)
+        except (IntegrityError, UnsupportedFormat) as exc:
+            report.problems.append(Problem("commit", str(exc), key=key, commit=cid))
+    report.commits = len(commits)
+    for name, target in targets.items():
+        if target not in commits and commit_key(target) not in listing:
+            report.problems.append(Problem("ref", f"{name} points at a missing commit", key=commit_key(target), commit=target))
+    for cid, commit in commits.items():
+        for parent in commit.parents:
+            if parent not in commits and commit_key(parent) not in listing and shallow_key(cid) not in listing:
+                report.problems.append(Problem("parent", f"parent {parent} is missing and the commit is not marked shallow", key=commit_key(parent), commit=cid))
+
+    # Manifests and the chunks each commit needs.
+    needed_chunks: dict[str, tuple[int, str, str | None]] = {}  # chunk id → (size, commit, path)
+    manifests: dict[str, Manifest | None] = {}
+    referenced: set[str] = {commit_key(c) for c in commits}
+    for cid, commit in sorted(commits.items()):
+        mkey = manifest_key(commit.manifest)
+        referenced.add(mkey)
+        if commit.manifest not in manifests:
+            try:
+                manifests[commit.manifest] = repo.get_manifest(commit.manifest)
+            except (IntegrityError, UnsupportedFormat) as exc:
+                manifests[commit.manifest] = None
+                report.problems.append(Problem("manifest", str(exc), key=mkey, commit=cid))
+        manifest = manifests[commit.manifest]
+        if manifest is None:
+            continue
+        try:
+            dropped = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
+        except IntegrityError as exc:
+            report.problems.append(Problem("record", str(exc), key=demotion_key(cid), commit=cid))
+            dropped = ()
+        if dropped:
+            referenced.add(demotion_key(cid))
+        first_path = {}
+        for entry in manifest.tensors:
+            if not any(path_under(entry.path, p) for p in dropped):
+                first_path.setdefault(entry.blob, entry.path)
+        for index, path in first_path.items():
+            for ref in manifest.blobs[index].chunks:
+                needed_chunks.setdefault(ref.id, (ref.size, cid, path))
+    for cid in commits:
+        if shallow_key(cid) in listing:
+            referenced.add(shallow_key(cid))
+    report.manifests = sum(1 for m in manifests.values() if m is not None)
+    report.chunks = len(needed_chunks)
+
+    # Chunks: existence, header and size; with read_data, every byte.
+    to_read: set[str] = set()
+    if read_data:
+        ids = sorted(needed_chunks)
+        if read_data_subset is not None and read_data_subset < 1:
+            rng = random.Random(seed)
+            ids = rng.sample(ids, max(1, round(len(ids) * read_data_subset))) if ids else []
+        to_read = set(ids)
+
+    def check_chunk(chunk_id: str) -> tuple[Problem | None, int]:
+        size, cid, path = needed_chunks[chunk_id]
+        key = chunk_key(chunk_id)
+        referenced.add(key)
+        info = listing.get(key)
+        if info is None:
+            return Problem("chunk", "chunk is missing", key=key, commit=cid, path=path), 0
+        try:
+            if chunk_id in to_read:
+                raw = decode_object(objects.get(key), key=key, kind=Kind.CHUNK, max_raw_size=size, path=path)
+                if len(raw) != size or content_id(raw) != chunk_id:
+                    raise IntegrityError("chunk content does not match its id", key=key, path=path)
+                return None, size
+            _, raw_size, body_size = read_header(objects.get_range(key, 0, HEADER_SIZE), key=key, kind=Kind.CHUNK)
+            if raw_size != size:
+                raise IntegrityError(f"chunk header declares {raw_size} bytes, the manifest {size}", key=key, path=path)
+            if info.size_bytes != HEADER_SIZE + body_size:
+                raise IntegrityError(f"chunk is {info.size_bytes} bytes stored, its header says {HEADER_SIZE + body_size}", key=key, path=path)
+        except (CkptStoreError, ValueError) as exc:
+            return Problem("chunk", str(exc), key=key, commit=cid, path=path), 0
+        return None, 0
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptstore-fsck") as pool:
+        for problem, nread in pool.map(check_chunk, sorted(needed_chunks)):
+            done += 1
+            if problem is not None:
+                report.problems.append(problem)
+            if nread:
+                report.chunks_read += 1
+                report.bytes_read += nread
+            if progress is not None and (done % 64 == 0 or done == len(needed_chunks)):
+                progress("check chunks", done, len(needed_chunks))
+
+    # Orphans: objects nothing refers to, and commits no ref reaches.
+    reachable = _reachable(set(targets.values()), commits)
+    report.orphans = sorted(
+        key for key in listing if key not in referenced or (key.startswith("commits/") and key.rsplit("/", 1)[-1] not in reachable)
+    )
+
+    # The catalog against the store.
+    stored = {key.rsplit("/", 1)[-1] for key in listing if key.startswith("commits/")}
+    catalog_problems = _catalog_problems(repo, commits, stored, targets)
+    if catalog_problems and repair:
+        repo.catalog.clear()
+        repo.sync_catalog()
+        report.catalog_repaired = True
+        catalog_problems = _catalog_problems(repo, commits, stored, targets)
+    report.problems.extend(catalog_problems)
+    return report
+
+
+def _reachable(heads: set[str], commits: dict[str, Commit]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(heads)
+    while stack:
+        cid = stack.pop()
+        if cid in seen or cid not in commits:
+            continue
+        seen.add(cid)
+        stack.extend(commits[cid].parents)
+    return seen
+
+
+def _catalog_problems(repo: Repository, commits: dict[str, Commit], stored: set[str], targets: dict[str, str]) -> list[Problem]:
+    problems = []
+    indexed = repo.catalog.commit_ids()
+    for cid in sorted(set(commits) - indexed):
+        problems.append(Problem("catalog", "commit is in the store but not in the catalog", commit=cid))
+    for cid in sorted(indexed - stored):
+        problems.append(Problem("catalog", "commit is in the catalog but not in the store", commit=cid))
+    for cid in sorted(indexed & set(commits)):
+        raw = repo.catalog.commit_object(cid)
+        if raw is None or content_id(raw) != cid:
+            problems.append(Problem("catalog", "the catalog's copy of the commit does not match its id", commit=cid))
+    for kind in RefKind:
+        catalog_refs = repo.catalog.refs(kind.value)
+        store_refs = {name.split(" ", 1)[1]: t for name, t in targets.items() if name.startswith(kind.noun + " ")}
+        if catalog_refs != store_refs:
+            differing = sorted(n for n in set(catalog_refs) | set(store_refs) if catalog_refs.get(n) != store_refs.get(n))
+            problems.append(Problem("catalog", f"{kind.noun} refs differ from the store: {', '.join(differing)}"))
+    return problems

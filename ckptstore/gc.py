@@ -1,0 +1,487 @@
+"""Garbage collection: apply a retention policy, then delete what nothing kept needs.
+
+Plan, then execute (as restic's prune). Planning reads and never writes: it lists the store,
+evaluates the policy on every branch's history and works out which commits go, which are
+demoted (keep their id, lose some components), and which objects nothing kept needs.
+Execution then, holding the collector lease (:mod:`ckptstore.lease`):
+
+1. writes a ``shallow/ID`` mark for every kept commit whose parent goes, and a
+   ``demotions/ID`` record for every demoted commit (what it no longer holds);
+2. deletes in the reverse of write order, commits → records → manifests → chunks, in
+   batches. Before each batch it marks the lease *sweeping*, waits until no writer is live,
+   and re-reads the refs and the commit list: a commit made, or a ref set, since planning
+   protects everything it needs.
+
+Never deleted: anything younger than ``grace_period_s`` (by the store's modification time),
+the config, refs and the lease. A kill at any moment leaves every kept commit whole (records
+are written before anything they describe is deleted); a rerun finishes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgpack
+
+from .catalog import Catalog
+from .codec import Kind, decode_object, encode_object_bytes
+from .commit import Commit
+from .errors import (
+    CkptStoreError,
+    CollectorBusy,
+    IntegrityError,
+    ObjectNotFound,
+    PreconditionFailed,
+    UnsupportedFormat,
+)
+from .lease import CollectorLease, writers
+from .manifest import Manifest, path_under
+from .objectstore import ObjectInfo, ObjectStore
+from .refs import RefKind, RefStore
+from .retention import CommitInfo, Retention, policy_for
+
+log = logging.getLogger("ckptstore.gc")
+
+DEFAULT_GRACE_PERIOD_S = 3600.0
+
+#: Prefixes of the objects GC may delete, in deletion order (the reverse of write order).
+DELETION_ORDER = ("commits/", "shallow/", "demotions/", "manifests/", "chunks/")
+
+#: ``progress(phase, done, total)``: called as long work advances.
+Progress = Callable[[str, int, int], None]
+
+
+def commit_key(commit_id: str) -> str:
+    return f"commits/{commit_id[:2]}/{commit_id}"
+
+
+def manifest_key(manifest_id: str) -> str:
+    return f"manifests/{manifest_id[:2]}/{manifest_id}"
+
+
+def chunk_key(chunk_id: str) -> str:
+    return f"chunks/{chunk_id[:2]}/{chunk_id}"
+
+
+def demotion_key(commit_id: str) -> str:
+    return f"demotions/{commit_id}"
+
+
+def shallow_key(commit_id: str) -> str:
+    return f"shallow/{commit_id}"
+
+
+def _record(doc: dict) -> bytes:
+    return encode_object_bytes(Kind.RECORD, msgpack.packb(doc, use_bin_type=True), compression_level=None)
+
+
+def _read_record(objects: ObjectStore, key: str) -> tuple[dict, str] | None:
+    try:
+        data, version = objects.get_versioned(key)
+    except ObjectNotFound:
+        return None
+    try:
+        doc = msgpack.unpackb(decode_object(data, key=key, kind=Kind.RECORD, max_raw_size=1 << 20), raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        if isinstance(exc, CkptStoreError):
+            raise
+        raise IntegrityError(f"malformed record: {exc}", key=key) from exc
+    if not isinstance(doc, dict):
+        raise IntegrityError("malformed record: not a map", key=key)
+    return doc, version
+
+
+def dropped_components(objects: ObjectStore, commit_id: str) -> tuple[str, ...]:
+    """The key-path prefixes GC dropped from a demoted commit (empty if it is whole)."""
+    found = _read_record(objects, demotion_key(commit_id))
+    if found is None:
+        return ()
+    prefixes = found[0].get("dropped")
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) and p for p in prefixes):
+        raise IntegrityError("malformed demotion record", key=demotion_key(commit_id))
+    return tuple(prefixes)
+
+
+def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str]) -> tuple[str, ...]:
+    """Add ``prefixes`` to what commit ``commit_id`` no longer holds (compare-and-swap,
+    retried). Idempotent. Returns the whole set."""
+    key = demotion_key(commit_id)
+    for _ in range(100):
+        found = _read_record(objects, key)
+        current = () if found is None else dropped_components(objects, commit_id)
+        merged = tuple(sorted(set(current) | set(prefixes)))
+        if merged == tuple(sorted(current)) and found is not None:
+            return merged
+        try:
+            objects.put_if_version(key, _record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
+            return merged
+        except PreconditionFailed:
+            continue
+    raise CollectorBusy(f"demotion record {key} kept changing under the collector")
+
+
+def is_shallow(objects: ObjectStore, commit_id: str) -> bool:
+    """Whether GC removed parents of this commit (its history ends there, as in a shallow
+    clone)."""
+    return objects.exists(shallow_key(commit_id))
+
+
+class Repository(Protocol):
+    """What the collector and fsck need of a store."""
+
+    objects: ObjectStore
+    refs: RefStore
+    catalog: Catalog
+
+    def get_commit(self, commit_id: str) -> Commit: ...
+
+    def read_commit(self, commit_id: str) -> Commit: ...
+
+    def get_manifest(self, manifest_id: str) -> Manifest: ...
+
+    def sync_catalog(self) -> None: ...
+
+
+def manifest_chunks(repo: Repository, manifest_id: str) -> dict[str, int]:
+    """Chunk id → raw size for every chunk a manifest uses (from the catalog's chunk-usage
+    index, filled from the manifest on first use)."""
+    cached = repo.catalog.manifest_chunks(manifest_id)
+    if cached is not None:
+        return cached
+    chunks = {c.id: c.size for b in repo.get_manifest(manifest_id).blobs for c in b.chunks}
+    repo.catalog.add_manifest_chunks(manifest_id, chunks)
+    return chunks
+
+
+def kept_chunks(manifest: Manifest, dropped: Iterable[str]) -> set[str]:
+    """The chunks a manifest still needs once the components under ``dropped`` are gone: a
+    blob stays if any tensor outside them uses it."""
+    dropped = tuple(dropped)
+    needed_blobs = {e.blob for e in manifest.tensors if not any(path_under(e.path, p) for p in dropped)}
+    return {c.id for i in needed_blobs for c in manifest.blobs[i].chunks}
+
+
+@dataclass
+class GcPlan:
+    """What a collection removes (``dry_run=True`` returns it unexecuted) and, once executed,
+    what it did."""
+
+    grace_period_s: float
+    kept_commits: list[str] = field(default_factory=list)
+    removed_commits: list[str] = field(default_factory=list)
+    #: Commit id → every key-path prefix it no longer holds (earlier demotions included).
+    demoted_commits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Kept commits whose parents are removed: their history ends there.
+    shallow_commits: list[str] = field(default_factory=list)
+    #: Objects to delete, in deletion order.
+    deletions: list[ObjectInfo] = field(default_factory=list)
+    #: Unneeded objects left alone because they are younger than the grace period.
+    young_objects: int = 0
+    #: Commit objects that could not be read; never deleted (see ``fsck``).
+    unreadable_commits: list[str] = field(default_factory=list)
+    executed: bool = False
+    deleted_objects: int = 0
+    freed_bytes: int = 0
+    #: Objects spared at execution because a commit or ref made meanwhile needs them.
+    spared_objects: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(info.size_bytes for info in self.deletions)
+
+    def counts(self) -> dict[str, int]:
+        """Objects to delete per kind (``commits``, ``manifests``, ``chunks``…)."""
+        out: dict[str, int] = {}
+        for info in self.deletions:
+            kind = info.key.split("/", 1)[0]
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {kind}" for kind, n in self.counts().items()) or "nothing"
+        head = (
+            f"removed {len(self.removed_commits)} commits, demoted {len(self.demoted_commits)}, kept {len(self.kept_commits)}; "
+            f"deleted {self.deleted_objects} objects ({self.freed_bytes:,} bytes)"
+            if self.executed
+            else f"would remove {len(self.removed_commits)} commits, demote {len(self.demoted_commits)}, keep {len(self.kept_commits)}; "
+            f"would delete {counts} ({self.planned_bytes:,} bytes)"
+        )
+        if self.young_objects:
+            head += f"; {self.young_objects} unneeded objects are younger than the grace period ({self.grace_period_s:g} s)"
+        return head
+
+
+@dataclass
+class _Snapshot:
+    """What planning saw, kept for execution."""
+
+    listing: dict[str, ObjectInfo]
+    commits: dict[str, Commit]
+    needed: set[str]
+
+
+def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s: float | None = None) -> tuple[GcPlan, _Snapshot]:
+    """Work out a collection without writing anything."""
+    objects = repo.objects
+    now_s = time.time() if now_s is None else now_s
+    cutoff_s = now_s - grace_period_s
+    result = GcPlan(grace_period_s=grace_period_s)
+    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
+    branches = repo.refs.list(RefKind.BRANCH)
+    tags = repo.refs.list(RefKind.TAG)
+    ref_targets = set(branches.values()) | set(tags.values())
+
+    commits: dict[str, Commit] = {}
+    for key in listing:
+        if key.startswith("commits/"):
+            commit_id = key.rsplit("/", 1)[-1]
+            try:
+                commits[commit_id] = repo.get_commit(commit_id)
+            except (IntegrityError, UnsupportedFormat) as exc:
+                log.warning("not collecting unreadable commit %s: %s", commit_id, exc)
+                result.unreadable_commits.append(commit_id)
+    for name, target in {**{f"branch {b}": c for b, c in branches.items()}, **{f"tag {t}": c for t, c in tags.items()}}.items():
+        if target not in commits:
+            raise IntegrityError(f"{name} points at commit {target}, which cannot be read; run fsck before collecting", key=commit_key(target))
+
+    # Evaluate the policy on every branch's history.
+    young = {cid for cid in commits if listing[commit_key(cid)].modified_s >= cutoff_s}
+    kept: set[str] = set()
+    whole: set[str] = set()
+    demote: dict[str, set[str]] = {}
+    for branch, head in branches.items():
+        history = _history(head, commits)
+        policy = policy_for(retention, branch)
+        if policy is None:
+            kept.update(c.id for c in history)
+            whole.update(c.id for c in history)
+            continue
+        branch_kept, branch_whole = policy.select(history, now_s=now_s)
+        for c in history:
+            if c.id in branch_kept and c.id not in branch_whole:
+                demote.setdefault(c.id, set()).update(policy.demote)
+        if policy.max_total_bytes is not None:
+            branch_kept = _fit_budget(repo, history, branch_kept, policy.max_total_bytes, protected=ref_targets | young, commits=commits, listing=listing)
+        kept |= branch_kept
+        whole |= branch_whole & branch_kept
+    kept |= ref_targets | young
+    whole |= ref_targets | young
+
+    # Demotions: earlier ones stand; new ones only where no policy keeps the commit whole.
+    demoted: dict[str, tuple[str, ...]] = {}
+    for cid in sorted(kept):
+        earlier = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
+        new = demote.get(cid, set()) if cid not in whole else set()
+        if earlier or new:
+            demoted[cid] = tuple(sorted(set(earlier) | new))
+
+    # What the kept commits need.
+    needed: set[str] = set()
+    manifests: dict[str, set[str]] = {}
+    for cid in kept:
+        commit = commits[cid]
+        needed.add(commit_key(cid))
+        chunks = manifests.setdefault(commit.manifest, set())
+        if cid in demoted:
+            chunks |= kept_chunks(repo.get_manifest(commit.manifest), demoted[cid])
+            needed.add(demotion_key(cid))
+        else:
+            chunks |= set(manifest_chunks(repo, commit.manifest))
+    for manifest_id, chunks in manifests.items():
+        needed.add(manifest_key(manifest_id))
+        needed.update(chunk_key(c) for c in chunks)
+    for cid in kept:
+        if shallow_key(cid) in listing:
+            needed.add(shallow_key(cid))
+        elif any(p in commits and p not in kept for p in commits[cid].parents):
+            result.shallow_commits.append(cid)
+            needed.add(shallow_key(cid))
+    needed.update(commit_key(cid) for cid in result.unreadable_commits)
+
+    result.kept_commits = sorted(kept)
+    result.removed_commits = sorted(set(commits) - kept)
+    result.demoted_commits = demoted
+    order = {prefix: i for i, prefix in enumerate(DELETION_ORDER)}
+    for key, info in listing.items():
+        if key in needed:
+            continue
+        if info.modified_s >= cutoff_s:
+            result.young_objects += 1
+        else:
+            result.deletions.append(info)
+    result.deletions.sort(key=lambda info: (order[info.key.split("/", 1)[0] + "/"], info.key))
+    return result, _Snapshot(listing, commits, needed)
+
+
+def _history(head: str, commits: dict[str, Commit]) -> list[CommitInfo]:
+    """Every readable ancestor of ``head`` (itself included), newest first."""
+    seen: set[str] = set()
+    stack = [head]
+    out = []
+    while stack:
+        cid = stack.pop()
+        if cid in seen or cid not in commits:
+            continue
+        seen.add(cid)
+        commit = commits[cid]
+        step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
+        out.append(CommitInfo(cid, commit.created_at.timestamp(), step if type(step) is int else None, commit.metrics))
+        stack.extend(commit.parents)
+    out.sort(key=lambda c: c.created_at_s, reverse=True)
+    return out
+
+
+def _fit_budget(repo: Repository, history: list[CommitInfo], kept: set[str], budget_bytes: int, *, protected: set[str], commits: dict[str, Commit], listing: dict[str, ObjectInfo]) -> set[str]:
+    """Drop the oldest unprotected commits of ``kept`` until the objects they need (chunks,
+    manifest, commit object: stored bytes) add up to at most ``budget_bytes``."""
+    need: dict[str, dict[str, int]] = {}
+    refcount: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for c in history:
+        if c.id not in kept:
+            continue
+        manifest_id = commits[c.id].manifest
+        keys = [chunk_key(k) for k in manifest_chunks(repo, manifest_id)] + [manifest_key(manifest_id), commit_key(c.id)]
+        objects = {key: listing[key].size_bytes for key in keys if key in listing}
+        need[c.id] = objects
+        for key, n in objects.items():
+            refcount[key] = refcount.get(key, 0) + 1
+            sizes[key] = n
+    total = sum(sizes.values())
+    out = set(kept)
+    for c in reversed(history):  # oldest first
+        if total <= budget_bytes:
+            break
+        if c.id not in out or c.id in protected:
+            continue
+        out.discard(c.id)
+        for key in need[c.id]:
+            refcount[key] -= 1
+            if refcount[key] == 0:
+                total -= sizes[key]
+    return out
+
+
+def execute(
+    repo: Repository,
+    result: GcPlan,
+    snapshot: _Snapshot,
+    lease: CollectorLease,
+    *,
+    batch_size: int = 1000,
+    max_writer_wait_s: float = 600.0,
+    progress: Progress | None = None,
+) -> None:
+    """Carry out a plan under ``lease``: records first, then deletions in batches, each
+    taken only while no writer is live and after re-reading what writers did meanwhile."""
+    objects = repo.objects
+    started = time.monotonic()
+    for cid in result.shallow_commits:
+        removed = [p for p in snapshot.commits[cid].parents]
+        objects.put_if_absent(shallow_key(cid), _record({"removed_parents": removed, "at_s": time.time()}))
+    for cid, prefixes in result.demoted_commits.items():
+        record_demotion(objects, cid, prefixes)
+    protected = set(snapshot.needed)
+    known_commits = set(snapshot.commits) | set(result.unreadable_commits)
+    pending = list(result.deletions)
+    total = len(pending)
+    done = 0
+    waited_since: float | None = None
+    while pending:
+        lease.renew(sweeping=True)
+        live, _ = writers(objects, timeout_s=result.grace_period_s)
+        if live:
+            lease.renew(sweeping=False)
+            waited_since = waited_since or time.monotonic()
+            if time.monotonic() - waited_since > max_writer_wait_s:
+                raise CollectorBusy(f"writers kept the store busy for {max_writer_wait_s:g} s; {len(pending)} deletions left, rerun gc to finish")
+            time.sleep(0.05)
+            continue
+        waited_since = None
+        _protect_new_work(repo, result, snapshot, protected, known_commits)
+        batch, pending = pending[:batch_size], pending[batch_size:]
+        batch = [info for info in batch if info.key not in protected]
+        objects.delete_many(info.key for info in batch)
+        lease.renew(sweeping=False)
+        result.deleted_objects += len(batch)
+        result.freed_bytes += sum(info.size_bytes for info in batch)
+        done = total - len(pending)
+        if progress is not None:
+            progress("delete", done, total)
+    result.spared_objects = total - result.deleted_objects
+    with contextlib.suppress(CkptStoreError):
+        objects.remove_abandoned_uploads(older_than_s=result.grace_period_s)
+    _, abandoned = writers(objects, timeout_s=result.grace_period_s)
+    objects.delete_many(m.key for m in abandoned)
+    repo.sync_catalog()
+    result.executed = True
+    result.elapsed_s = time.monotonic() - started
+
+
+def _protect_new_work(repo: Repository, result: GcPlan, snapshot: _Snapshot, protected: set[str], known_commits: set[str]) -> None:
+    """Protect what commits made since planning need, and commits a ref now points at."""
+    objects = repo.objects
+    removed = set(result.removed_commits)
+    targets = set(repo.refs.list(RefKind.BRANCH).values()) | set(repo.refs.list(RefKind.TAG).values())
+    rescued = []
+    for cid in sorted(targets & removed):
+        if objects.exists(commit_key(cid)):
+            rescued.append(cid)
+        else:
+            log.warning("a ref was set to commit %s after the collector deleted it", cid)
+    fresh = []
+    for key in objects.list("commits/"):
+        cid = key.rsplit("/", 1)[-1]
+        if cid not in known_commits:
+            known_commits.add(cid)
+            fresh.append(cid)
+    for cid in fresh + rescued:
+        try:
+            commit = repo.get_commit(cid)
+        except (IntegrityError, UnsupportedFormat):
+            protected.add(commit_key(cid))
+            continue
+        protected.add(commit_key(cid))
+        protected.add(manifest_key(commit.manifest))
+        protected.update(chunk_key(c) for c in manifest_chunks(repo, commit.manifest))
+        if cid in removed:
+            removed.discard(cid)
+            result.removed_commits.remove(cid)
+            result.kept_commits.append(cid)
+            if objects.exists(demotion_key(cid)):
+                protected.add(demotion_key(cid))
+        if any(p in removed for p in commit.parents):  # its parent goes: its history ends here
+            objects.put_if_absent(shallow_key(cid), _record({"removed_parents": list(commit.parents), "at_s": time.time()}))
+            protected.add(shallow_key(cid))
+
+
+def collect(
+    repo: Repository,
+    retention: Retention = None,
+    *,
+    dry_run: bool = False,
+    grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
+    lease_ttl_s: float = 300.0,
+    batch_size: int = 1000,
+    progress: Progress | None = None,
+) -> GcPlan:
+    """Plan a collection and, unless ``dry_run``, execute it. See :meth:`Store.gc`."""
+    if grace_period_s < 0:
+        raise ValueError(f"grace_period_s must be non-negative, not {grace_period_s!r}")
+    if dry_run:
+        return plan(repo, retention, grace_period_s=grace_period_s)[0]
+    lease = CollectorLease(repo.objects, ttl_s=lease_ttl_s)
+    lease.acquire()
+    try:
+        result, snapshot = plan(repo, retention, grace_period_s=grace_period_s)
+        lease.renew(sweeping=False)
+        execute(repo, result, snapshot, lease, batch_size=batch_size, progress=progress)
+        return result
+    finally:
+        lease.release()
