@@ -391,7 +391,6 @@ def execute(
     known_commits = set(snapshot.commits) | set(result.unreadable_commits)
     pending = list(result.deletions)
     total = len(pending)
-    done = 0
     waited_since: float | None = None
     while pending:
         lease.renew(sweeping=True)
@@ -405,15 +404,17 @@ def execute(
             continue
         waited_since = None
         _protect_new_work(repo, result, snapshot, protected, known_commits)
-        batch, pending = pending[:batch_size], pending[batch_size:]
+        # One kind per batch, so a batch never deletes a manifest while its commit stays.
+        kind = pending[0].key.split("/", 1)[0]
+        size = next((i for i, info in enumerate(pending[:batch_size]) if info.key.split("/", 1)[0] != kind), min(batch_size, len(pending)))
+        batch, pending = pending[:size], pending[size:]
         batch = [info for info in batch if info.key not in protected]
         objects.delete_many(info.key for info in batch)
         lease.renew(sweeping=False)
         result.deleted_objects += len(batch)
         result.freed_bytes += sum(info.size_bytes for info in batch)
-        done = total - len(pending)
         if progress is not None:
-            progress("delete", done, total)
+            progress("delete", total - len(pending), total)
     result.spared_objects = total - result.deleted_objects
     with contextlib.suppress(CkptStoreError):
         objects.remove_abandoned_uploads(older_than_s=result.grace_period_s)

@@ -343,6 +343,21 @@ class LocalObjectStore(ObjectStore):
                     continue
                 yield (name if rel == "." else f"{rel}/{name}"), os.path.join(dirpath, name)
 
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Unlink every key, then fsync each directory once."""
+        directories = set()
+        for key in keys:
+            path = self._path(key)
+            with contextlib.suppress(FileNotFoundError), _translated(key, "delete"):
+                try:
+                    os.unlink(path)
+                except (IsADirectoryError, NotADirectoryError) as exc:
+                    raise FileNotFoundError(path) from exc
+                directories.add(os.path.dirname(path))
+        for directory in directories:
+            with _translated(directory, "sync"):
+                _fsync_dir(directory)
+
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)
         with _translated(prefix, "list"):
