@@ -26,6 +26,7 @@ import msgpack
 import torch
 
 from .catalog import Catalog
+from .codec import DTYPES as DTYPES_BY_NAME
 from .codec import Kind, decode_object, encode_object_bytes
 from .commit import Commit, CommitStats, check_metrics, decode_commit, encode_commit
 from .errors import (
@@ -39,6 +40,14 @@ from .errors import (
     StoreNotFound,
     UnknownRef,
     UnsupportedFormat,
+)
+from .formats import (
+    DEFAULT_MAX_SHARD_SIZE_BYTES,
+    ExportedTensor,
+    check_exportable,
+    plan_shards,
+    read_checkpoint,
+    write_directory,
 )
 from .fsck import FsckReport
 from .fsck import check as check_store
@@ -75,6 +84,8 @@ from .manifest import (
 from .objectstore import ObjectStore, open_object_store
 from .pipeline import Pipeline, default_threads
 from .refs import RefKind, RefStore
+from .usage import Usage
+from .usage import measure as measure_usage
 from .retention import Retention, greater_is_better_for
 
 log = logging.getLogger("ckptstore")
@@ -133,6 +144,10 @@ class TensorChange:
     dtype: tuple[str | None, str | None]
     shape: tuple[tuple[int, ...] | None, tuple[int, ...] | None]
     nbytes: tuple[int, int]
+    #: With ``diff(..., values=True)``, for a changed tensor of unchanged dtype and shape: the
+    #: largest absolute change, and the norm of the change over the norm of the old tensor.
+    max_abs_change: float | None = None
+    relative_change: float | None = None
 
 
 @dataclass(frozen=True)
@@ -606,9 +621,11 @@ class Store:
                 break  # GC removed the rest: the history is shallow here
         return out
 
-    def diff(self, a: str, b: str) -> Diff:
+    def diff(self, a: str, b: str, *, values: bool = False) -> Diff:
         """Tensors added, removed and changed from revision ``a`` to ``b``, compared by the
-        hashes of their bytes (no tensor data is read)."""
+        hashes of their bytes (no tensor data is read). With ``values``, each changed tensor
+        of the same dtype and shape is read (one pair at a time) for its largest absolute and
+        its relative change."""
         ca, cb = self.commit_of(a), self.commit_of(b)
         ma, mb = self.get_manifest(ca.manifest), self.get_manifest(cb.manifest)
         ta, tb = _fingerprints(ma), _fingerprints(mb)
@@ -628,7 +645,90 @@ class Store:
         values_a = unpack_value(ma.tree, key=manifest_key(ca.manifest), tensors=placeholder_a)
         values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=placeholder_b)
         object.__setattr__(result, "values_changed", _values_differ(values_a, values_b))
+        if values:
+            for i, change in enumerate(result.changed):
+                if change.dtype[0] == change.dtype[1] and change.shape[0] == change.shape[1]:
+                    old = self._read_tensor(ma, ta[change.path][0], ca.manifest)
+                    new = self._read_tensor(mb, tb[change.path][0], cb.manifest)
+                    result.changed[i] = _with_change_stats(change, old, new)
         return result
+
+    def _read_tensor(self, manifest: Manifest, entry: TensorEntry, manifest_id: str) -> Any:
+        buffers = self.pipeline.read_blobs(manifest, [entry.blob], manifest_key=manifest_key(manifest_id))
+        return build_tensor(entry, buffers[entry.blob])
+
+    def du(self) -> Usage:
+        """Logical and physical bytes of the store, its branches and commits, with the dedup
+        and compression ratios (see :mod:`ckptstore.usage`)."""
+        return measure_usage(self)
+
+    # -- import and export -----------------------------------------------------------------
+
+    def import_checkpoint(self, path: str, *, message: str | None = None, **commit_options: Any) -> Commit:
+        """Commit a checkpoint from disk: a ``.safetensors`` file, a Hugging Face style
+        directory of safetensors shards (with ``model.safetensors.index.json``), a Trainer
+        ``checkpoint-N`` folder, or a ``.pt`` file (read with ``weights_only=True``).
+        Safetensors files are memory-mapped and stream through the pipeline. Other options
+        are :meth:`commit`'s; a ``step`` found in the checkpoint goes into the metadata."""
+        state, found = read_checkpoint(path)
+        metadata = {**found, **dict(commit_options.pop("metadata", None) or {})}
+        return self.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, **commit_options)
+
+    def export(
+        self,
+        rev: str,
+        path: str,
+        *,
+        component: str | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+        progress: Progress | None = None,
+    ) -> list[str]:
+        """Write the tensors of ``rev`` under ``component`` (default: ``model`` if the commit
+        has one, else the whole state) as a Hugging Face style directory at ``path``: one
+        ``model.safetensors``, or shards of at most ``max_shard_size_bytes`` plus
+        ``model.safetensors.index.json``. Tensor names are key paths below the component with
+        ``/`` turned into ``.``. One shard's chunks are read at a time. A ``path`` ending in
+        ``.pt`` gets the selected state as one ``torch.save`` file instead. Returns the files
+        written (names inside ``path``, or ``path`` itself)."""
+        commit = self.commit_of(rev)
+        manifest = self.get_manifest(commit.manifest)
+        if component is None and any(e.path.split("/", 1)[0] == "model" for e in manifest.tensors):
+            component = "model"
+        selection = KeySelection.of(include, exclude)
+        if path.endswith(".pt"):
+            state = self.checkout(commit.id, include=include if component is None else [component], exclude=exclude)
+            if component is not None:
+                state = state[component]
+            tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+            return [path]
+        prefix = "" if component is None else component.strip("/") + "/"
+        entries = {}
+        for entry in manifest.tensors:
+            if not entry.path.startswith(prefix) or not selection.selected(entry.path) or entry.kind is TensorKind.NDARRAY:
+                continue
+            entries[entry.path] = entry
+        dropped = dropped_components(self.objects, commit.id)
+        lost = sorted({p for p in dropped for path_ in entries if path_under(path_, p)})
+        if lost:
+            raise ComponentsUnavailable(commit.id, dropped=lost)
+        tensors = [
+            ExportedTensor(path_[len(prefix) :].replace("/", "."), DTYPES_BY_NAME[e.dtype], e.shape, e.nbytes, path_)
+            for path_, e in entries.items()
+        ]
+        check_exportable(tensors)
+        key = manifest_key(commit.manifest)
+
+        def read_shard(shard: list[ExportedTensor]) -> dict[str, torch.Tensor]:
+            wanted = [entries[t.key_path] for t in shard]
+            buffers = self.pipeline.read_blobs(manifest, sorted({e.blob for e in wanted}), manifest_key=key)
+            return {t.name: build_tensor(e, buffers[e.blob]) for t, e in zip(shard, wanted)}
+
+        shards = plan_shards(tensors, max_shard_size_bytes=max_shard_size_bytes)
+        return write_directory(path, shards, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress)
 
     # -- garbage collection and checks -----------------------------------------------------
 
@@ -695,6 +795,21 @@ def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
     return {
         e.path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}") for e in manifest.tensors
     }
+
+
+def _with_change_stats(change: TensorChange, old: Any, new: Any) -> TensorChange:
+    if not isinstance(old, torch.Tensor):
+        old, new = torch.from_numpy(old), torch.from_numpy(new)
+    if old.is_complex() or old.dtype == torch.bool or not old.numel():
+        return change
+    delta = new.double() - old.double()
+    norm = float(torch.linalg.vector_norm(old.double()))
+    change_norm = float(torch.linalg.vector_norm(delta))
+    return TensorChange(
+        change.path, change.dtype, change.shape, change.nbytes,
+        max_abs_change=float(delta.abs().max()),
+        relative_change=change_norm / norm if norm else (0.0 if change_norm == 0 else math.inf),
+    )  # fmt: skip
 
 
 def _change(a: TensorEntry | None, b: TensorEntry | None) -> TensorChange:
