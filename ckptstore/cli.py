@@ -20,10 +20,11 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import CkptStoreError, UnknownRef
+from .commit import Commit
+from .errors import CkptStoreError, StoreNotFound, UnknownRef
 from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
-from .store import Store, open_store
+from .store import LATEST, Diff, Store, open_store
 
 _DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -139,6 +140,56 @@ def _echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
+def _human(n: float) -> str:
+    """Bytes in decimal units: 1.49 GB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _short(commit_id: str) -> str:
+    return click.style(commit_id[:12], fg="yellow")
+
+
+def _decorations(store: Store) -> dict[str, list[str]]:
+    """Commit id → the branch and tag names pointing at it."""
+    out: dict[str, list[str]] = {}
+    for name, cid in store.branches().items():
+        out.setdefault(cid, []).append(click.style(name, fg="green", bold=True))
+    for name, cid in store.tags().items():
+        out.setdefault(cid, []).append(click.style(f"tag: {name}", fg="cyan"))
+    return out
+
+
+def _step(commit: Commit) -> Any:
+    return commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
+
+
+def _commit_json(commit: Commit) -> dict[str, Any]:
+    return {
+        "id": commit.id, "parents": list(commit.parents), "branch": commit.branch, "message": commit.message,
+        "created_at": commit.created_at.isoformat(), "step": _step(commit), "metadata": commit.metadata,
+        "metrics": commit.metrics, "logical_bytes": commit.stats.logical_bytes, "new_bytes": commit.stats.new_bytes,
+        "reused_bytes": commit.stats.reused_bytes, "new_chunks": commit.stats.new_chunks, "reused_chunks": commit.stats.reused_chunks,
+    }  # fmt: skip
+
+
+def _oneline(commit: Commit, decorations: dict[str, list[str]]) -> str:
+    parts = [_short(commit.id)]
+    if decorations.get(commit.id):
+        parts.append("(" + ", ".join(decorations[commit.id]) + ")")
+    step = _step(commit)
+    if step is not None:
+        parts.append(f"step {step}")
+    if commit.metrics:
+        parts.append(" ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
+    if commit.message:
+        parts.append(commit.message)
+    return " ".join(parts)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--store", "url", envvar="CKPTSTORE_URL", default="ckpts", show_default=True, help="Store URL: a directory, s3://BUCKET/PREFIX or memory://NAME (env CKPTSTORE_URL).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
@@ -149,6 +200,417 @@ def cli(ctx: click.Context, url: str, debug: bool) -> None:
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = _Context(url, debug)
+
+
+@cli.command()
+@click.option("--chunk-size", "chunk_size_bytes", type=ByteSize(), help="Chunk size for new writes (default 16MiB).")
+@click.option("--default-branch", help="Branch that commits go to by default (default main).")
+@click.option("--best-metric", help="Metric that moves the best tag (default eval_loss).")
+@click.option("--greater-is-better/--lower-is-better", default=None, help="Direction of --best-metric.")
+@pass_ctx
+def init(ctx: _Context, chunk_size_bytes: int | None, default_branch: str | None, best_metric: str | None, greater_is_better: bool | None) -> None:
+    """Create a store (nothing changes if one exists).
+
+    \b
+    Example:
+      ckpt --store ckpts init
+    """
+    try:
+        existing = open_store(ctx.url, storage_options=_storage_options() or None, create=False)
+    except StoreNotFound:
+        existing = None
+    if existing is not None:
+        click.echo(f"store already exists at {existing.url}")
+        existing.close()
+        return
+    store = open_store(
+        ctx.url, storage_options=_storage_options() or None, create=True, chunk_size_bytes=chunk_size_bytes,
+        default_branch=default_branch, best_metric=best_metric, greater_is_better=greater_is_better,
+    )  # fmt: skip
+    click.echo(f"created store at {store.url}")
+
+
+@cli.command()
+@click.argument("rev", required=False)
+@click.option("-n", "--max-count", type=click.IntRange(min=1), help="Show at most N commits.")
+@click.option("--oneline", is_flag=True, help="One line per commit.")
+@click.option("--graph", is_flag=True, help="Draw every branch's history as a graph (one line per commit).")
+@click.option("--json", "as_json", is_flag=True, help="Print commits as JSON.")
+@pass_ctx
+def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, graph: bool, as_json: bool) -> None:
+    """Show the history of REV (default: the default branch), newest first.
+
+    \b
+    Examples:
+      ckpt log --oneline
+      ckpt log --graph
+      ckpt log lr-sweep -n 5 --json
+    """
+    store = ctx.store()
+    if graph:
+        commits = _all_commits(store, max_count)
+        if as_json:
+            _echo_json([_commit_json(c) for c in commits])
+            return
+        for line in draw_graph(commits, _decorations(store), _oneline):
+            click.echo(line)
+        return
+    commits = store.log(rev, limit=max_count)
+    if as_json:
+        _echo_json([_commit_json(c) for c in commits])
+        return
+    decorations = _decorations(store)
+    for commit in commits:
+        if oneline:
+            click.echo(_oneline(commit, decorations))
+            continue
+        names = f" ({', '.join(decorations[commit.id])})" if decorations.get(commit.id) else ""
+        click.echo(f"commit {click.style(commit.id, fg='yellow')}{names}")
+        click.echo(f"Date:    {commit.created_at.astimezone().isoformat(timespec='seconds')}")
+        click.echo(f"Branch:  {commit.branch}")
+        if _step(commit) is not None:
+            click.echo(f"Step:    {_step(commit)}")
+        if commit.metrics:
+            click.echo("Metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
+        click.echo(f"Size:    {_human(commit.stats.logical_bytes)} logical, {_human(commit.stats.new_bytes)} new")
+        if commit.message:
+            click.echo(f"\n    {commit.message}")
+        click.echo()
+
+
+def _all_commits(store: Store, limit: int | None) -> list[Commit]:
+    """Every commit reachable from a branch or tag, children before parents, newest first."""
+    heads = set(store.branches().values()) | set(store.tags().values())
+    seen: dict[str, Commit] = {}
+    stack = list(heads)
+    while stack:
+        cid = stack.pop()
+        if cid in seen:
+            continue
+        try:
+            commit = store.get_commit(cid)
+        except CkptStoreError:
+            continue  # collected (shallow history)
+        seen[cid] = commit
+        stack.extend(commit.parents)
+    # Newest first, but never a parent before its child.
+    ordered: list[Commit] = []
+    children: dict[str, int] = {cid: 0 for cid in seen}
+    for commit in seen.values():
+        for p in commit.parents:
+            if p in children:
+                children[p] += 1
+    ready = sorted((c for c in seen.values() if children[c.id] == 0), key=lambda c: c.created_at)
+    while ready:
+        commit = ready.pop()
+        ordered.append(commit)
+        for p in commit.parents:
+            if p in children:
+                children[p] -= 1
+                if children[p] == 0:
+                    ready.append(seen[p])
+                    ready.sort(key=lambda c: c.created_at)
+    return ordered[:limit] if limit else ordered
+
+
+def draw_graph(commits: list[Commit], decorations: dict[str, list[str]], describe: Callable[[Commit, dict[str, list[str]]], str]) -> list[str]:
+    """Lines of a ``git log --graph``-style drawing: one column per line of history, ``*``
+    for a commit, ``|/`` where a fork joins its parent's column (``|_|/`` across columns in
+    between). ``commits`` must list children before parents."""
+    known = {c.id for c in commits}
+    lanes: list[str | None] = []
+    out = []
+    for commit in commits:
+        mine = [i for i, lane in enumerate(lanes) if lane == commit.id]
+        if not mine:
+            lanes.append(commit.id)
+            mine = [len(lanes) - 1]
+        col, joining = mine[0], mine[1:]
+        if joining:
+            row = [" "] * (2 * len(lanes))
+            for i, lane in enumerate(lanes):
+                if lane is not None and i not in joining:
+                    row[2 * i] = "|"
+            for i in joining:
+                row[2 * i - 1] = "/"  # between this column and the one before it
+                for gap in range(2 * col + 1, 2 * i - 1, 2):
+                    row[gap] = "_"  # crossing the columns in between, as git draws it
+            out.append("".join(row).rstrip())
+            for i in joining:
+                lanes[i] = None
+        cells = ["*" if i == col else "|" if lane is not None else " " for i, lane in enumerate(lanes)]
+        out.append(" ".join(cells).rstrip() + " " + describe(commit, decorations))
+        parents = [p for p in commit.parents if p in known]
+        lanes[col] = parents[0] if parents else None
+        for p in parents[1:]:
+            lanes.append(p)
+        while lanes and lanes[-1] is None:
+            lanes.pop()
+    return out
+
+
+@cli.command()
+@click.argument("rev", default=LATEST)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@pass_ctx
+def show(ctx: _Context, rev: str, as_json: bool) -> None:
+    """Show a commit: metadata, metrics, sizes and every tensor.
+
+    \b
+    Example:
+      ckpt show best
+    """
+    store = ctx.store()
+    commit = store.commit_of(rev)
+    manifest = store.get_manifest(commit.manifest)
+    usage = {c.id: c for c in store.du().commits}.get(commit.id)
+    dropped = store.dropped_components(commit.id)
+    tensors = [{"path": e.path, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes} for e in manifest.tensors]
+    doc = _commit_json(commit) | {
+        "manifest": commit.manifest, "exclusive_bytes": usage.exclusive_bytes if usage else None,
+        "dropped_components": list(dropped), "tensors": tensors,
+    }  # fmt: skip
+    if as_json:
+        _echo_json(doc)
+        return
+    click.echo(f"commit   {click.style(commit.id, fg='yellow')}")
+    click.echo(f"parents  {' '.join(commit.parents) or '(none)'}")
+    click.echo(f"branch   {commit.branch}")
+    click.echo(f"date     {commit.created_at.astimezone().isoformat(timespec='seconds')}")
+    if commit.message:
+        click.echo(f"message  {commit.message}")
+    if commit.metadata:
+        click.echo(f"metadata {json.dumps(commit.metadata, default=str, sort_keys=True)}")
+    if commit.metrics:
+        click.echo("metrics  " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
+    exclusive = f", {_human(usage.exclusive_bytes)} stored for this commit alone" if usage else ""
+    click.echo(f"size     {_human(commit.stats.logical_bytes)} logical, {_human(commit.stats.new_bytes)} newly stored{exclusive}")
+    if dropped:
+        click.echo(f"demoted  no longer holds {', '.join(dropped)}")
+    click.echo(f"tensors  {len(tensors)}")
+    width = max((len(t["path"]) for t in tensors), default=0)
+    for t in tensors:
+        click.echo(f"  {t['path']:<{width}}  {t['dtype']:<9} {str(tuple(t['shape'])):<20} {_human(t['bytes'])}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("start", required=False)
+@click.option("-d", "--delete", "delete", is_flag=True, help="Delete branch NAME.")
+@click.option("-m", "--move", "rename", is_flag=True, help="Rename branch NAME to START.")
+@click.option("-f", "--force", is_flag=True, help="Move NAME to START if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="List as JSON.")
+@pass_ctx
+def branch(ctx: _Context, name: str | None, start: str | None, delete: bool, rename: bool, force: bool, as_json: bool) -> None:
+    """List branches, or create NAME at START (default: latest), delete one (-d NAME) or
+    rename one (-m OLD NEW).
+
+    \b
+    Examples:
+      ckpt branch
+      ckpt branch lr-sweep best
+      ckpt branch -m lr-sweep sweep/lr
+      ckpt branch -d sweep/lr
+    """
+    store = ctx.store()
+    if name is None:
+        if delete or rename or force or start:
+            raise click.UsageError("name a branch")
+        _list_refs(store.branches(), store, as_json, current=store.config.default_branch)
+        return
+    if delete:
+        store.delete_branch(name)
+        click.echo(f"deleted branch {name}")
+    elif rename:
+        if start is None:
+            raise click.UsageError("ckpt branch -m OLD NEW: name the new branch")
+        commit = store.rename_branch(name, start)
+        click.echo(f"renamed branch {name} to {start} ({_short(commit.id)})")
+    else:
+        commit = store.branch(name, at=start or LATEST, force=force)
+        click.echo(f"branch {name} at {_short(commit.id)}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("at", required=False)
+@click.option("-d", "--delete", "delete", is_flag=True, help="Delete tag NAME.")
+@click.option("-f", "--force", is_flag=True, help="Move NAME to AT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="List as JSON.")
+@pass_ctx
+def tag(ctx: _Context, name: str | None, at: str | None, delete: bool, force: bool, as_json: bool) -> None:
+    """List tags, or create NAME at AT (default: latest), move (--force) or delete one.
+
+    \b
+    Examples:
+      ckpt tag
+      ckpt tag release best
+      ckpt tag release main --force
+      ckpt tag -d release
+    """
+    store = ctx.store()
+    if name is None:
+        if delete or force or at:
+            raise click.UsageError("name a tag")
+        _list_refs(store.tags(), store, as_json)
+        return
+    if delete:
+        store.delete_tag(name)
+        click.echo(f"deleted tag {name}")
+    else:
+        commit = store.tag(name, at=at or LATEST, force=force)
+        click.echo(f"tag {name} at {_short(commit.id)}")
+
+
+def _list_refs(refs: dict[str, str], store: Store, as_json: bool, current: str | None = None) -> None:
+    if as_json:
+        _echo_json({name: _commit_json(store.get_commit(cid)) for name, cid in refs.items()})
+        return
+    width = max((len(n) for n in refs), default=0)
+    for name, cid in refs.items():
+        commit = store.get_commit(cid)
+        mark = "*" if name == current else " "
+        step = f" step {_step(commit)}" if _step(commit) is not None else ""
+        click.echo(f"{mark} {click.style(f'{name:<{width}}', fg='green')} {_short(cid)}{step} {commit.message}".rstrip())
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--no-values", is_flag=True, help="Compare by hash only; do not read tensors for change statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@pass_ctx
+def diff(ctx: _Context, a: str, b: str, no_values: bool, as_json: bool) -> None:
+    """Tensors added, removed and changed from A to B, with each change's size.
+
+    \b
+    Example:
+      ckpt diff main~1 main
+    """
+    d: Diff = ctx.store().diff(a, b, values=not no_values)
+    if as_json:
+        _echo_json({
+            "a": d.a, "b": d.b, "unchanged": d.unchanged, "values_changed": d.values_changed,
+            "added": [c.__dict__ for c in d.added], "removed": [c.__dict__ for c in d.removed], "changed": [c.__dict__ for c in d.changed],
+            "added_bytes": d.added_bytes, "removed_bytes": d.removed_bytes, "changed_bytes": d.changed_bytes,
+        })  # fmt: skip
+        return
+    for c in d.added:
+        click.echo(click.style(f"+ {c.path}  {c.dtype[1]} {tuple(c.shape[1] or ())}  {_human(c.nbytes[1])}", fg="green"))
+    for c in d.removed:
+        click.echo(click.style(f"- {c.path}  {c.dtype[0]} {tuple(c.shape[0] or ())}  {_human(c.nbytes[0])}", fg="red"))
+    for c in d.changed:
+        if c.dtype[0] != c.dtype[1] or c.shape[0] != c.shape[1]:
+            what = f"{c.dtype[0]} {tuple(c.shape[0] or ())} -> {c.dtype[1]} {tuple(c.shape[1] or ())}"
+        elif c.max_abs_change is not None:
+            what = f"max |Δ| {c.max_abs_change:.3g}, relative {c.relative_change:.3g}"
+        else:
+            what = "changed"
+        click.echo(click.style(f"~ {c.path}  {what}  {_human(c.nbytes[1])}", fg="yellow"))
+    click.echo(
+        f"{len(d.added)} added ({_human(d.added_bytes)}), {len(d.removed)} removed ({_human(d.removed_bytes)}), "
+        f"{len(d.changed)} changed ({_human(d.changed_bytes)}), {d.unchanged} unchanged"
+        + ("; non-tensor values differ" if d.values_changed else "")
+    )
+
+
+@cli.command()
+@click.option("--commits", "per_commit", is_flag=True, help="Also list every commit.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@pass_ctx
+def du(ctx: _Context, per_commit: bool, as_json: bool) -> None:
+    """Logical against physical bytes, dedup and compression ratios, per branch and commit.
+
+    \b
+    Example:
+      ckpt du --commits
+    """
+    usage = ctx.store().du()
+    if as_json:
+        _echo_json({
+            "physical_bytes": usage.physical_bytes, "logical_bytes": usage.logical_bytes,
+            "unique_raw_bytes": usage.unique_raw_bytes, "chunk_stored_bytes": usage.chunk_stored_bytes,
+            "dedup_ratio": usage.dedup_ratio, "compression_ratio": usage.compression_ratio,
+            "objects": {k: {"count": n, "bytes": b} for k, (n, b) in usage.objects.items()},
+            "branches": [b.__dict__ for b in usage.branches], "commits": [c.__dict__ for c in usage.commits],
+        })  # fmt: skip
+        return
+    click.echo(f"physical  {_human(usage.physical_bytes)} in {sum(n for n, _ in usage.objects.values())} objects")
+    for kind, (n, b) in sorted(usage.objects.items()):
+        click.echo(f"  {kind:<10} {n:>8}  {_human(b)}")
+    click.echo(f"logical   {_human(usage.logical_bytes)} in {len(usage.commits)} commits")
+    click.echo(f"dedup     {usage.dedup_ratio:.2f}x   compression {usage.compression_ratio:.2f}x")
+    if usage.branches:
+        click.echo("branches")
+        width = max(len(b.name) for b in usage.branches)
+        for b in usage.branches:
+            click.echo(f"  {click.style(f'{b.name:<{width}}', fg='green')}  {b.commits:>5} commits  {_human(b.logical_bytes):>10} logical  {_human(b.physical_bytes):>10} stored")
+    if per_commit:
+        click.echo("commits")
+        for c in usage.commits:
+            click.echo(f"  {_short(c.id)}  {_human(c.logical_bytes):>10} logical  {_human(c.new_bytes):>10} added  {_human(c.exclusive_bytes):>10} its own")
+
+
+@cli.command(name="export")
+@click.argument("rev")
+@click.argument("path")
+@click.option("--component", help="Export the tensors under this key (default: model, if the commit has it).")
+@click.option("--include", multiple=True, metavar="PATTERN", help="Only these key paths (glob or prefix). Repeatable.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Not these key paths. Repeatable.")
+@click.option("--max-shard-size", "max_shard_size_bytes", type=ByteSize(), default="5GB", show_default=True, help="Largest shard.")
+@pass_ctx
+def export_(ctx: _Context, rev: str, path: str, component: str | None, include: tuple[str, ...], exclude: tuple[str, ...], max_shard_size_bytes: int) -> None:
+    """Write REV as a Hugging Face style safetensors directory PATH (or one PATH.pt file).
+
+    \b
+    Examples:
+      ckpt export best ./release
+      ckpt export main model.pt
+    """
+    with _progress(True) as progress:
+        files = ctx.store().export(
+            rev, path, component=component, include=list(include) or None, exclude=list(exclude) or None,
+            max_shard_size_bytes=max_shard_size_bytes, progress=progress,
+        )  # fmt: skip
+    for name in files:
+        click.echo(os.path.join(path, name) if not name.startswith(path) else name)
+
+
+@cli.command(name="import")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--branch", help="Branch to commit on (default: the store's default branch).")
+@click.option("-m", "--message", help="Commit message (default: import NAME).")
+@click.option("--tag", "tags", multiple=True, help="Tag the commit. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the commit as JSON.")
+@pass_ctx
+def import_(ctx: _Context, path: str, branch: str | None, message: str | None, tags: tuple[str, ...], as_json: bool) -> None:
+    """Commit a checkpoint from disk: a .safetensors file, a sharded safetensors directory,
+    a Trainer checkpoint-N folder, or a .pt file (loaded with weights_only=True).
+
+    \b
+    Example:
+      ckpt import ./gpt2-finetuned --branch main --tag imported
+    """
+    store = ctx.store(create=True)
+    with _progress(not as_json) as progress:
+        commit = store.import_checkpoint(path, branch=branch, message=message, tags=tags, progress=progress)
+    if as_json:
+        _echo_json(_commit_json(commit))
+    else:
+        click.echo(f"{_short(commit.id)} on {commit.branch}: {_human(commit.stats.logical_bytes)}, {_human(commit.stats.new_bytes)} newly stored")
+
+
+@cli.command(name="rev-parse")
+@click.argument("rev")
+@pass_ctx
+def rev_parse(ctx: _Context, rev: str) -> None:
+    """Print the full commit id that REV names.
+
+    \b
+    Example:
+      ckpt rev-parse main~2
+    """
+    click.echo(ctx.store().resolve(rev))
 
 
 def _policy(

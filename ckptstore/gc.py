@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,7 @@ from .errors import (
 from .lease import CollectorLease, writers
 from .manifest import Manifest, path_under
 from .objectstore import ObjectInfo, ObjectStore
+from .pipeline import Progress
 from .refs import RefKind, RefStore
 from .retention import CommitInfo, Retention, policy_for
 
@@ -52,8 +53,6 @@ DEFAULT_GRACE_PERIOD_S = 3600.0
 #: Prefixes of the objects GC may delete, in deletion order (the reverse of write order).
 DELETION_ORDER = ("commits/", "shallow/", "demotions/", "manifests/", "chunks/")
 
-#: ``progress(phase, done, total)``: called as long work advances.
-Progress = Callable[[str, int, int], None]
 
 
 def commit_key(commit_id: str) -> str:

@@ -24,6 +24,10 @@ from .ids import content_id
 from .manifest import BlobSource, ChunkRef, Manifest
 from .objectstore import ObjectStore
 
+#: ``progress(phase, done, total)``: called as long work advances (bytes, for commit and
+#: checkout), from worker threads but never concurrently.
+Progress = Callable[[str, int, int], None]
+
 
 def chunk_key(chunk_id: str) -> str:
     return f"chunks/{chunk_id[:2]}/{chunk_id}"
@@ -70,18 +74,27 @@ class Pipeline:
         self.threads = threads
         self.max_inflight_bytes = max_inflight_bytes
 
-    def _run(self, tasks: Iterable[tuple[int, Callable[[], object]]]) -> list[object]:
+    def _run(self, tasks: Iterable[tuple[int, Callable[[], object]]], *, progress: Progress | None = None, phase: str = "", total_bytes: int = 0) -> list[object]:
         """Run ``(staged_bytes, fn)`` tasks in the pool under the byte budget; return their
-        results in order. The first failure cancels what has not started and is raised."""
+        results in order. The first failure cancels what has not started and is raised.
+        ``progress(phase, bytes_done, total_bytes)`` is called as tasks finish (serialised)."""
         budget = ByteBudget(self.max_inflight_bytes)
         failed = threading.Event()
         futures: list[Future] = []
+        done_bytes = 0
+        progress_lock = threading.Lock()
 
         def guarded(size: int, fn: Callable[[], object]) -> object:
+            nonlocal done_bytes
             try:
                 if failed.is_set():
                     return None
-                return fn()
+                out = fn()
+                if progress is not None:
+                    with progress_lock:
+                        done_bytes += size
+                        progress(phase, done_bytes, total_bytes)
+                return out
             except BaseException:
                 failed.set()
                 raise
@@ -99,7 +112,9 @@ class Pipeline:
             raise errors[0]
         return [f.result() for f in futures]
 
-    def write_blobs(self, manifest: Manifest, sources: dict[int, BlobSource], *, chunk_size_bytes: int, compression_level: int | None) -> WriteResult:
+    def write_blobs(
+        self, manifest: Manifest, sources: dict[int, BlobSource], *, chunk_size_bytes: int, compression_level: int | None, progress: Progress | None = None
+    ) -> WriteResult:
         """Store the chunks of every blob in ``sources`` and fill in the manifest's chunk
         lists. Idempotent; every chunk is durable when this returns."""
 
@@ -122,7 +137,8 @@ class Pipeline:
                     order.append(index)
                     yield len(view), (lambda v=view: store_chunk(v))
 
-        results = self._run(tasks())
+        total = sum(len(source.data) for source in sources.values())
+        results = self._run(tasks(), progress=progress, phase="commit", total_bytes=total)
         out = WriteResult()
         for index in sources:
             manifest.blobs[index].chunks = []
@@ -136,8 +152,9 @@ class Pipeline:
                 out.reused_bytes += ref.size
         return out
 
-    def read_blobs(self, manifest: Manifest, blob_indices: Iterable[int], *, manifest_key: str) -> dict[int, torch.Tensor]:
+    def read_blobs(self, manifest: Manifest, blob_indices: Iterable[int], *, manifest_key: str, progress: Progress | None = None) -> dict[int, torch.Tensor]:
         """Read and verify the given blobs into new uint8 CPU tensors."""
+        blob_indices = list(blob_indices)
         first_path: dict[int, str] = {}
         for entry in manifest.tensors:
             first_path.setdefault(entry.blob, entry.path)
@@ -177,7 +194,8 @@ class Pipeline:
                     offset += ref.size
                     yield ref.size, (lambda r=ref, t=target, p=first_path.get(index): fetch(r, t, p))
 
-        self._run(tasks())
+        total = sum(sum(c.size for c in manifest.blobs[i].chunks) for i in blob_indices if manifest.blobs[i].inline is None)
+        self._run(tasks(), progress=progress, phase="checkout", total_bytes=total)
         return buffers
 
 

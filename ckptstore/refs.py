@@ -10,7 +10,13 @@ from __future__ import annotations
 from enum import Enum
 
 from .codec import Kind, decode_object, encode_object_bytes
-from .errors import IntegrityError, InvalidRefName, ObjectNotFound, PreconditionFailed, RefConflict
+from .errors import (
+    IntegrityError,
+    InvalidRefName,
+    ObjectNotFound,
+    PreconditionFailed,
+    RefConflict,
+)
 from .ids import check_ref_name, is_full_id
 from .objectstore import ObjectStore
 

@@ -54,7 +54,6 @@ from .fsck import check as check_store
 from .gc import (
     DEFAULT_GRACE_PERIOD_S,
     GcPlan,
-    Progress,
     collect,
     commit_key,
     dropped_components,
@@ -82,11 +81,11 @@ from .manifest import (
     unpack_value,
 )
 from .objectstore import ObjectStore, open_object_store
-from .pipeline import Pipeline, default_threads
+from .pipeline import Pipeline, Progress, default_threads
 from .refs import RefKind, RefStore
+from .retention import Retention, greater_is_better_for
 from .usage import Usage
 from .usage import measure as measure_usage
-from .retention import Retention, greater_is_better_for
 
 log = logging.getLogger("ckptstore")
 
@@ -368,6 +367,7 @@ class Store:
         tags: Iterable[str] = (),
         best_metric: str | None = None,
         greater_is_better: bool | None = None,
+        progress: Progress | None = None,
     ) -> Commit:
         """Store ``state`` as a new commit on ``branch`` (default: the store's default branch,
         created if missing) and return it.
@@ -378,6 +378,7 @@ class Store:
         written again). Then ``latest`` moves, each of ``tags`` is created or moved, and
         ``best`` moves if ``metrics[best_metric]`` beats the current best. An unsupported
         value raises :class:`UnsupportedValue` naming its key path before anything is written.
+        ``progress(phase, bytes_done, bytes_total)`` follows the chunk writes.
         """
         branch = check_ref_name(branch or self.config.default_branch, kind="branch")
         tags = [self._check_tag_name(t) for t in tags]
@@ -387,17 +388,17 @@ class Store:
         metadata = dict(metadata or {})
         manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
         with writing(self.objects):  # a collector deletes nothing until the branch has moved
-            commit = self._write_commit(manifest, sources, branch=branch, message=message, metadata=metadata, metrics=metrics_f)
+            commit = self._write_commit(manifest, sources, branch=branch, message=message, metadata=metadata, metrics=metrics_f, progress=progress)
         self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
         for tag in tags:
             self._advance_tag(tag, commit, newer=lambda current: False)
         self._maybe_move_best(commit, best_metric, greater_is_better)
         return commit
 
-    def _write_commit(self, manifest: Manifest, sources: dict, *, branch: str, message: str, metadata: dict, metrics: dict[str, float]) -> Commit:
+    def _write_commit(self, manifest: Manifest, sources: dict, *, branch: str, message: str, metadata: dict, metrics: dict[str, float], progress: Progress | None) -> Commit:
         """Chunks → manifest → commit object → branch ref."""
         written = self.pipeline.write_blobs(
-            manifest, sources, chunk_size_bytes=self.config.chunk_size_bytes, compression_level=self.config.compression_level
+            manifest, sources, chunk_size_bytes=self.config.chunk_size_bytes, compression_level=self.config.compression_level, progress=progress
         )
         manifest_raw = manifest.to_bytes()
         manifest_id = content_id(manifest_raw)
@@ -490,6 +491,7 @@ class Store:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         map_location: str | torch.device | None = None,
+        progress: Progress | None = None,
     ) -> Any:
         """Return the state committed at ``rev``, with tensors on ``map_location`` (default:
         CPU). Every byte is verified against its hash; corruption raises
@@ -516,7 +518,7 @@ class Store:
                 available = sorted(map(str, shape)) if isinstance(shape, dict) else []
                 raise ComponentsUnavailable(commit.id, missing=missing, available=available)
         blob_indices = sorted({e.blob for e in wanted})
-        buffers = self.pipeline.read_blobs(manifest, blob_indices, manifest_key=key)
+        buffers = self.pipeline.read_blobs(manifest, blob_indices, manifest_key=key, progress=progress)
         device = torch.device(map_location) if map_location is not None else None
         tensors: list[Any] = []
         moved: dict[int, torch.Tensor] = {}
@@ -579,6 +581,20 @@ class Store:
     def delete_branch(self, name: str) -> None:
         """Delete branch ``name`` (its commits stay until garbage collection)."""
         self._delete_ref(RefKind.BRANCH, name)
+
+    def rename_branch(self, old: str, new: str) -> Commit:
+        """Rename branch ``old`` to ``new`` (create ``new`` at its head, then delete ``old`` if
+        it still points there; a concurrent move of ``old`` raises :class:`RefConflict` and
+        leaves both)."""
+        head = self.refs.get(RefKind.BRANCH, check_ref_name(old, kind="branch"))
+        if head is None:
+            raise UnknownRef(old, suggestions=difflib.get_close_matches(old, self.refs.names(RefKind.BRANCH), n=3))
+        commit = self.branch(new, at=head)
+        self.refs.delete_ref_if_equals(RefKind.BRANCH, old, expected=head)
+        self.catalog.set_ref(RefKind.BRANCH.value, old, None)
+        if self.config.default_branch == old:
+            log.warning("renamed the default branch %r; commits without branch= will recreate it", old)
+        return commit
 
     def delete_tag(self, name: str) -> None:
         """Delete tag ``name``."""
@@ -656,6 +672,10 @@ class Store:
     def _read_tensor(self, manifest: Manifest, entry: TensorEntry, manifest_id: str) -> Any:
         buffers = self.pipeline.read_blobs(manifest, [entry.blob], manifest_key=manifest_key(manifest_id))
         return build_tensor(entry, buffers[entry.blob])
+
+    def dropped_components(self, rev: str) -> tuple[str, ...]:
+        """The key-path prefixes GC dropped from a demoted commit (empty if it is whole)."""
+        return dropped_components(self.objects, self.resolve(rev))
 
     def du(self) -> Usage:
         """Logical and physical bytes of the store, its branches and commits, with the dedup

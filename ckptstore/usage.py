@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .gc import Repository, chunk_key, commit_key, manifest_key, manifest_chunks
+from .gc import Repository, chunk_key, commit_key, manifest_chunks, manifest_key
 from .objectstore import ObjectInfo
 from .refs import RefKind
 
