@@ -10,6 +10,8 @@ from .commit import Commit, CommitStats
 from .errors import (
     AmbiguousRef,
     CkptStoreError,
+    CollectorBusy,
+    ComponentsUnavailable,
     IntegrityError,
     InvalidRefName,
     ObjectNotFound,
@@ -23,7 +25,11 @@ from .errors import (
     UnsupportedFormat,
     UnsupportedValue,
 )
+from .fsck import FsckReport, Problem
+from .gc import GcPlan
+from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from .store import Diff, Store, StoreConfig, TensorChange
+from .usage import Usage
 from .store import open_store as open
 
 __version__ = "0.1.0"
@@ -31,6 +37,18 @@ __version__ = "0.1.0"
 __all__ = [
     "AmbiguousRef",
     "CkptStoreError",
+    "CollectorBusy",
+    "ComponentsUnavailable",
+    "FsckReport",
+    "GcPlan",
+    "KeepBest",
+    "KeepEveryNSteps",
+    "KeepLast",
+    "KeepNewerThan",
+    "Policy",
+    "Problem",
+    "Rule",
+    "Usage",
     "Commit",
     "CommitStats",
     "Diff",

@@ -133,6 +133,7 @@ class IntegrityError(CkptStoreError, ValueError):
     def __init__(self, message: str, *, key: str | None = None, path: str | None = None) -> None:
         self.key = key
         self.path = path
+        self.reason = message
         where = []
         if key:
             where.append(f"object {key}")

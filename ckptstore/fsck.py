@@ -28,6 +28,7 @@ from .gc import (
     commit_key,
     demotion_key,
     dropped_components,
+    grafted_parents,
     manifest_key,
     shallow_key,
 )
@@ -97,6 +98,7 @@ def check(
     ``repair`` it rebuilds the catalog."""
     if read_data_subset is not None and not 0 < read_data_subset <= 1:
         raise ValueError(f"read_data_subset must be a fraction in (0, 1], not {read_data_subset!r}")
+    read_data = read_data or read_data_subset is not None
     objects = repo.objects
     report = FsckReport()
     listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
@@ -120,15 +122,28 @@ def check(
         try:
             commits[cid] = repo.read_commit(cid)
         except (IntegrityError, UnsupportedFormat) as exc:
-            report.problems.append(Problem("commit", str(exc), key=key, commit=cid))
-    report.commits = len(commits)
+            report.problems.append(Problem("commit", _reason(exc), key=key, commit=cid))
     for name, target in targets.items():
-        if target not in commits and commit_key(target) not in listing:
+        if commit_key(target) not in listing:
             report.problems.append(Problem("ref", f"{name} points at a missing commit", key=commit_key(target), commit=target))
+
+    # History: what the refs reach, across what GC removed (its shallow records).
+    parents: dict[str, list[str]] = {}
     for cid, commit in commits.items():
-        for parent in commit.parents:
-            if parent not in commits and commit_key(parent) not in listing and shallow_key(cid) not in listing:
-                report.problems.append(Problem("parent", f"parent {parent} is missing and the commit is not marked shallow", key=commit_key(parent), commit=cid))
+        parents[cid] = list(commit.parents)
+        if shallow_key(cid) in listing:
+            try:
+                grafted = grafted_parents(objects, cid)
+                parents[cid] = grafted[0] if grafted is not None else parents[cid]
+            except IntegrityError as exc:
+                report.problems.append(Problem("record", _reason(exc), key=shallow_key(cid), commit=cid))
+    reachable = _reachable(set(targets.values()), parents)
+    for cid in sorted(reachable):
+        for parent in parents.get(cid, []):
+            if commit_key(parent) not in listing:
+                report.problems.append(Problem("parent", f"parent {parent} is missing (and GC recorded no removal)", key=commit_key(parent), commit=cid))
+    commits = {cid: c for cid, c in commits.items() if cid in reachable}  # the rest are orphans
+    report.commits = len(commits)
 
     # Manifests and the chunks each commit needs.
     needed_chunks: dict[str, tuple[int, str, str | None]] = {}  # chunk id → (size, commit, path)
@@ -142,14 +157,14 @@ def check(
                 manifests[commit.manifest] = repo.get_manifest(commit.manifest)
             except (IntegrityError, UnsupportedFormat) as exc:
                 manifests[commit.manifest] = None
-                report.problems.append(Problem("manifest", str(exc), key=mkey, commit=cid))
+                report.problems.append(Problem("manifest", _reason(exc), key=mkey, commit=cid))
         manifest = manifests[commit.manifest]
         if manifest is None:
             continue
         try:
             dropped = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
         except IntegrityError as exc:
-            report.problems.append(Problem("record", str(exc), key=demotion_key(cid), commit=cid))
+            report.problems.append(Problem("record", _reason(exc), key=demotion_key(cid), commit=cid))
             dropped = ()
         if dropped:
             referenced.add(demotion_key(cid))
@@ -194,7 +209,7 @@ def check(
             if info.size_bytes != HEADER_SIZE + body_size:
                 raise IntegrityError(f"chunk is {info.size_bytes} bytes stored, its header says {HEADER_SIZE + body_size}", key=key, path=path)
         except (CkptStoreError, ValueError) as exc:
-            return Problem("chunk", str(exc), key=key, commit=cid, path=path), 0
+            return Problem("chunk", _reason(exc), key=key, commit=cid, path=path), 0
         return None, 0
 
     done = 0
@@ -209,11 +224,8 @@ def check(
             if progress is not None and (done % 64 == 0 or done == len(needed_chunks)):
                 progress("check chunks", done, len(needed_chunks))
 
-    # Orphans: objects nothing refers to, and commits no ref reaches.
-    reachable = _reachable(set(targets.values()), commits)
-    report.orphans = sorted(
-        key for key in listing if key not in referenced or (key.startswith("commits/") and key.rsplit("/", 1)[-1] not in reachable)
-    )
+    # Orphans: objects no commit that a ref reaches needs.
+    report.orphans = sorted(key for key in listing if key not in referenced)
 
     # The catalog against the store.
     stored = {key.rsplit("/", 1)[-1] for key in listing if key.startswith("commits/")}
@@ -227,16 +239,21 @@ def check(
     return report
 
 
-def _reachable(heads: set[str], commits: dict[str, Commit]) -> set[str]:
+def _reachable(heads: set[str], parents: dict[str, list[str]]) -> set[str]:
     seen: set[str] = set()
     stack = list(heads)
     while stack:
         cid = stack.pop()
-        if cid in seen or cid not in commits:
+        if cid in seen or cid not in parents:
             continue
         seen.add(cid)
-        stack.extend(commits[cid].parents)
+        stack.extend(parents[cid])
     return seen
+
+
+def _reason(exc: Exception) -> str:
+    """An error's message without the location suffix (the problem names the location)."""
+    return getattr(exc, "reason", None) or str(exc)
 
 
 def _catalog_problems(repo: Repository, commits: dict[str, Commit], stored: set[str], targets: dict[str, str]) -> list[Problem]:

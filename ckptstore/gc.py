@@ -5,15 +5,18 @@ evaluates the policy on every branch's history and works out which commits go, w
 demoted (keep their id, lose some components), and which objects nothing kept needs.
 Execution then, holding the collector lease (:mod:`ckptstore.lease`):
 
-1. writes a ``shallow/ID`` mark for every kept commit whose parent goes, and a
-   ``demotions/ID`` record for every demoted commit (what it no longer holds);
+1. writes a ``shallow/ID`` record for every kept commit whose parent goes, naming its
+   nearest kept ancestors (its parents from now on, so the history of what is kept stays
+   connected across the gap, as grafts in git), and a ``demotions/ID`` record for every
+   demoted commit (what it no longer holds);
 2. deletes in the reverse of write order, commits → records → manifests → chunks, in
    batches. Before each batch it marks the lease *sweeping*, waits until no writer is live,
    and re-reads the refs and the commit list: a commit made, or a ref set, since planning
    protects everything it needs.
 
 Never deleted: anything younger than ``grace_period_s`` (by the store's modification time),
-the config, refs and the lease. A kill at any moment leaves every kept commit whole (records
+the config, refs and the lease. A writer's marker protects its commit for
+``writer_timeout_s`` (default one hour), whatever the grace period. A kill at any moment leaves every kept commit whole (records
 are written before anything they describe is deleted); a rerun finishes the job.
 """
 
@@ -39,6 +42,7 @@ from .errors import (
     PreconditionFailed,
     UnsupportedFormat,
 )
+from .ids import is_full_id
 from .lease import CollectorLease, writers
 from .manifest import Manifest, path_under
 from .objectstore import ObjectInfo, ObjectStore
@@ -49,6 +53,8 @@ from .retention import CommitInfo, Retention, policy_for
 log = logging.getLogger("ckptstore.gc")
 
 DEFAULT_GRACE_PERIOD_S = 3600.0
+#: How long a writer's marker protects a commit in progress (a commit must finish within it).
+DEFAULT_WRITER_TIMEOUT_S = 3600.0
 
 #: Prefixes of the objects GC may delete, in deletion order (the reverse of write order).
 DELETION_ORDER = ("commits/", "shallow/", "demotions/", "manifests/", "chunks/")
@@ -124,10 +130,44 @@ def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str
     raise CollectorBusy(f"demotion record {key} kept changing under the collector")
 
 
-def is_shallow(objects: ObjectStore, commit_id: str) -> bool:
-    """Whether GC removed parents of this commit (its history ends there, as in a shallow
-    clone)."""
-    return objects.exists(shallow_key(commit_id))
+def grafted_parents(objects: ObjectStore, commit_id: str) -> tuple[list[str], str] | None:
+    """The parents GC gave this commit when it removed some of its own (its nearest kept
+    ancestors; empty where the history ends) and the record's version; ``None`` if GC never
+    removed a parent of it."""
+    found = _read_record(objects, shallow_key(commit_id))
+    if found is None:
+        return None
+    parents = found[0].get("parents")
+    if not isinstance(parents, list) or not all(isinstance(p, str) and is_full_id(p) for p in parents):
+        raise IntegrityError("malformed shallow record", key=shallow_key(commit_id))
+    return parents, found[1]
+
+
+def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> None:
+    """Set the parents of a commit whose own parents GC removes (compare-and-swap, retried).
+    Idempotent."""
+    key = shallow_key(commit_id)
+    for _ in range(100):
+        current = grafted_parents(objects, commit_id)
+        if current is not None and current[0] == parents:
+            return
+        try:
+            objects.put_if_version(key, _record({"parents": parents, "at_s": time.time()}), version=None if current is None else current[1])
+            return
+        except PreconditionFailed:
+            continue
+    raise CollectorBusy(f"shallow record {key} kept changing under the collector")
+
+
+def effective_parents(objects: ObjectStore, commit: Commit, exists: Callable[[str], bool]) -> list[str]:
+    """A commit's parents as history should follow them: its own, or, where GC removed some,
+    the nearest kept ancestors GC recorded."""
+    if all(exists(p) for p in commit.parents):
+        return list(commit.parents)
+    grafted = grafted_parents(objects, commit.id)
+    if grafted is None:
+        return [p for p in commit.parents if exists(p)]
+    return grafted[0]
 
 
 class Repository(Protocol):
@@ -175,8 +215,9 @@ class GcPlan:
     removed_commits: list[str] = field(default_factory=list)
     #: Commit id → every key-path prefix it no longer holds (earlier demotions included).
     demoted_commits: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: Kept commits whose parents are removed: their history ends there.
-    shallow_commits: list[str] = field(default_factory=list)
+    #: Kept commits whose parents are removed → their nearest kept ancestors (their parents
+    #: from now on; empty where the history ends).
+    shallow_commits: dict[str, list[str]] = field(default_factory=dict)
     #: Objects to delete, in deletion order.
     deletions: list[ObjectInfo] = field(default_factory=list)
     #: Unneeded objects left alone because they are younger than the grace period.
@@ -223,10 +264,13 @@ class _Snapshot:
     listing: dict[str, ObjectInfo]
     commits: dict[str, Commit]
     needed: set[str]
+    parents: dict[str, list[str]]
+    kept: set[str]
 
 
 def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s: float | None = None) -> tuple[GcPlan, _Snapshot]:
-    """Work out a collection without writing anything."""
+    """Work out a collection without writing anything. Without a retention policy every
+    commit a branch or tag reaches is kept; with one, a tag keeps its own commit only."""
     objects = repo.objects
     now_s = time.time() if now_s is None else now_s
     cutoff_s = now_s - grace_period_s
@@ -249,13 +293,20 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         if target not in commits:
             raise IntegrityError(f"{name} points at commit {target}, which cannot be read; run fsck before collecting", key=commit_key(target))
 
+    # History follows parents, or the grafts of commits whose parents GC removed before.
+    parents = {cid: effective_parents(objects, c, lambda p: p in commits) if shallow_key(cid) in listing else list(c.parents) for cid, c in commits.items()}
+
     # Evaluate the policy on every branch's history.
     young = {cid for cid in commits if listing[commit_key(cid)].modified_s >= cutoff_s}
     kept: set[str] = set()
     whole: set[str] = set()
     demote: dict[str, set[str]] = {}
+    if retention is None:
+        for target in ref_targets:
+            kept.update(c.id for c in _history(target, commits, parents))
+        whole |= kept
     for branch, head in branches.items():
-        history = _history(head, commits)
+        history = _history(head, commits, parents)
         policy = policy_for(retention, branch)
         if policy is None:
             kept.update(c.id for c in history)
@@ -296,10 +347,10 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         needed.add(manifest_key(manifest_id))
         needed.update(chunk_key(c) for c in chunks)
     for cid in kept:
-        if shallow_key(cid) in listing:
-            needed.add(shallow_key(cid))
-        elif any(p in commits and p not in kept for p in commits[cid].parents):
-            result.shallow_commits.append(cid)
+        grafts = _nearest_kept(parents[cid], kept, parents)
+        if grafts != parents[cid]:
+            result.shallow_commits[cid] = grafts
+        if shallow_key(cid) in listing or cid in result.shallow_commits:
             needed.add(shallow_key(cid))
     needed.update(commit_key(cid) for cid in result.unreadable_commits)
 
@@ -315,10 +366,27 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         else:
             result.deletions.append(info)
     result.deletions.sort(key=lambda info: (order[info.key.split("/", 1)[0] + "/"], info.key))
-    return result, _Snapshot(listing, commits, needed)
+    return result, _Snapshot(listing, commits, needed, parents, kept)
 
 
-def _history(head: str, commits: dict[str, Commit]) -> list[CommitInfo]:
+def _nearest_kept(start: list[str], kept: set[str], parents: dict[str, list[str]]) -> list[str]:
+    """For each of ``start`` in order: itself if kept, else its nearest kept ancestors."""
+    out: list[str] = []
+    seen: set[str] = set()
+    stack = list(reversed(start))
+    while stack:
+        cid = stack.pop()
+        if cid in seen:
+            continue
+        seen.add(cid)
+        if cid in kept or cid not in parents:  # kept, or unknown (missing: fsck's business)
+            out.append(cid)
+        else:
+            stack.extend(reversed(parents[cid]))
+    return out
+
+
+def _history(head: str, commits: dict[str, Commit], parents: dict[str, list[str]]) -> list[CommitInfo]:
     """Every readable ancestor of ``head`` (itself included), newest first."""
     seen: set[str] = set()
     stack = [head]
@@ -331,7 +399,7 @@ def _history(head: str, commits: dict[str, Commit]) -> list[CommitInfo]:
         commit = commits[cid]
         step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
         out.append(CommitInfo(cid, commit.created_at.timestamp(), step if type(step) is int else None, commit.metrics))
-        stack.extend(commit.parents)
+        stack.extend(parents[cid])
     out.sort(key=lambda c: c.created_at_s, reverse=True)
     return out
 
@@ -374,6 +442,7 @@ def execute(
     lease: CollectorLease,
     *,
     batch_size: int = 1000,
+    writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
     max_writer_wait_s: float = 600.0,
     progress: Progress | None = None,
 ) -> None:
@@ -381,9 +450,8 @@ def execute(
     taken only while no writer is live and after re-reading what writers did meanwhile."""
     objects = repo.objects
     started = time.monotonic()
-    for cid in result.shallow_commits:
-        removed = [p for p in snapshot.commits[cid].parents]
-        objects.put_if_absent(shallow_key(cid), _record({"removed_parents": removed, "at_s": time.time()}))
+    for cid, grafts in result.shallow_commits.items():
+        record_grafts(objects, cid, grafts)
     for cid, prefixes in result.demoted_commits.items():
         record_demotion(objects, cid, prefixes)
     protected = set(snapshot.needed)
@@ -391,17 +459,19 @@ def execute(
     pending = list(result.deletions)
     total = len(pending)
     waited_since: float | None = None
+    pause_s = 0.02
     while pending:
         lease.renew(sweeping=True)
-        live, _ = writers(objects, timeout_s=result.grace_period_s)
+        live, _ = writers(objects, timeout_s=writer_timeout_s)
         if live:
             lease.renew(sweeping=False)
             waited_since = waited_since or time.monotonic()
             if time.monotonic() - waited_since > max_writer_wait_s:
                 raise CollectorBusy(f"writers kept the store busy for {max_writer_wait_s:g} s; {len(pending)} deletions left, rerun gc to finish")
-            time.sleep(0.05)
+            time.sleep(pause_s)
+            pause_s = min(1.0, pause_s * 1.5)
             continue
-        waited_since = None
+        waited_since, pause_s = None, 0.02
         _protect_new_work(repo, result, snapshot, protected, known_commits)
         # One kind per batch, so a batch never deletes a manifest while its commit stays.
         kind = pending[0].key.split("/", 1)[0]
@@ -416,8 +486,8 @@ def execute(
             progress("delete", total - len(pending), total)
     result.spared_objects = total - result.deleted_objects
     with contextlib.suppress(CkptStoreError):
-        objects.remove_abandoned_uploads(older_than_s=result.grace_period_s)
-    _, abandoned = writers(objects, timeout_s=result.grace_period_s)
+        objects.remove_abandoned_uploads(older_than_s=max(result.grace_period_s, writer_timeout_s))
+    _, abandoned = writers(objects, timeout_s=writer_timeout_s)
     objects.delete_many(m.key for m in abandoned)
     repo.sync_catalog()
     result.executed = True
@@ -454,10 +524,12 @@ def _protect_new_work(repo: Repository, result: GcPlan, snapshot: _Snapshot, pro
             removed.discard(cid)
             result.removed_commits.remove(cid)
             result.kept_commits.append(cid)
+            snapshot.kept.add(cid)
             if objects.exists(demotion_key(cid)):
                 protected.add(demotion_key(cid))
-        if any(p in removed for p in commit.parents):  # its parent goes: its history ends here
-            objects.put_if_absent(shallow_key(cid), _record({"removed_parents": list(commit.parents), "at_s": time.time()}))
+        own = snapshot.parents.get(cid, list(commit.parents))
+        if any(p in removed for p in own):  # a parent goes: graft its nearest kept ancestors
+            record_grafts(objects, cid, _nearest_kept(own, snapshot.kept, snapshot.parents))
             protected.add(shallow_key(cid))
 
 
@@ -468,6 +540,7 @@ def collect(
     dry_run: bool = False,
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
     lease_ttl_s: float = 300.0,
+    writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
     batch_size: int = 1000,
     progress: Progress | None = None,
 ) -> GcPlan:
@@ -481,7 +554,7 @@ def collect(
     try:
         result, snapshot = plan(repo, retention, grace_period_s=grace_period_s)
         lease.renew(sweeping=False)
-        execute(repo, result, snapshot, lease, batch_size=batch_size, progress=progress)
+        execute(repo, result, snapshot, lease, batch_size=batch_size, writer_timeout_s=writer_timeout_s, progress=progress)
         return result
     finally:
         lease.release()

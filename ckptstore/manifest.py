@@ -153,11 +153,25 @@ class Manifest:
 
 @dataclass
 class BlobSource:
-    """Bytes to store for one blob; ``owner`` keeps the tensor that backs ``data`` alive."""
+    """Bytes to store for one blob; ``owner`` keeps the tensor that backs ``data`` alive.
+    ``private``: ``data`` is a copy made while encoding (from a GPU, or of a non-contiguous
+    tensor), not the caller's memory, so later changes to the state cannot reach it."""
 
     data: memoryview
     path: str
     owner: Any = None
+    private: bool = False
+
+    def staged(self, spare: dict[int, list[torch.Tensor]] | None = None) -> BlobSource:
+        """This source with ``data`` copied into memory of its own (unless it already is),
+        so the caller may change the state right away. ``spare``: buffers by size to reuse
+        (a fresh buffer costs a page fault per 4 KiB, several times the copy itself)."""
+        if self.private or not len(self.data):
+            return self
+        free = (spare or {}).get(len(self.data))
+        copy = free.pop() if free else torch.empty(len(self.data), dtype=torch.uint8)
+        copy.copy_(torch.frombuffer(self.data, dtype=torch.uint8))
+        return BlobSource(tensor_bytes(copy), self.path, copy, True)
 
 
 def _join(path: str, key: object) -> str:
@@ -299,13 +313,13 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
     blobs: list[Blob] = []
     sources: dict[int, BlobSource] = {}
 
-    def add_blob(data: memoryview, path: str, owner: Any) -> int:
+    def add_blob(data: memoryview, path: str, owner: Any, *, private: bool) -> int:
         index = len(blobs)
         if len(data) <= inline_threshold_bytes:
             blobs.append(Blob(size=len(data), inline=data.tobytes()))
         else:
             blobs.append(Blob(size=len(data)))
-            sources[index] = BlobSource(data, path, owner)
+            sources[index] = BlobSource(data, path, owner, private)
         return index
 
     for members in groups.values():
@@ -313,12 +327,13 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
         if isinstance(first, np.ndarray):
             arr = np.ascontiguousarray(first)
             data = memoryview(arr.reshape(-1).view(np.uint8)).cast("B") if arr.size else memoryview(b"")
-            blob = add_blob(data, first_path, arr)
+            blob = add_blob(data, first_path, arr, private=not np.shares_memory(arr, first))
             entries[members[0]] = TensorEntry(first_path, arr.dtype.str, tuple(arr.shape), None, blob, 0, TensorKind.NDARRAY)
             continue
         if len(members) == 1:
             c = first.detach().resolve_conj().resolve_neg().contiguous().cpu()
-            blob = add_blob(tensor_bytes(c), first_path, c)
+            private = c.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or first.device.type != "cpu"
+            blob = add_blob(tensor_bytes(c), first_path, c, private=private)
             entries[members[0]] = _torch_entry(first_path, first, None, blob, 0)
             continue
         spans = [_storage_span(tensors[i][1]) for i in members]
@@ -326,7 +341,7 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
         region = torch.empty(0, dtype=torch.uint8, device=first.device)
         region.set_(first.untyped_storage(), lo, (hi - lo,), (1,))
         region = region.cpu()
-        blob = add_blob(tensor_bytes(region), first_path, region)
+        blob = add_blob(tensor_bytes(region), first_path, region, private=first.device.type != "cpu")
         for i, (start, _) in zip(members, spans):
             path, t = tensors[i]
             entries[i] = _torch_entry(path, t, tuple(t.stride()), blob, start - lo)

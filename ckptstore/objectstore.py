@@ -50,7 +50,7 @@ from typing import Any, BinaryIO, Union
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .errors import CkptStoreError, ObjectNotFound, PreconditionFailed, StorageError
+from .errors import CkptStoreError, ObjectNotFound, PreconditionFailed, StorageError, StoreNotFound
 from .ids import content_id
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -676,10 +676,11 @@ class S3ObjectStore(_FsspecObjectStore):
             self._fs.call_s3("delete_object", Bucket=bucket, Key=object_key, IfMatch=version)
 
 
-def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ObjectStore:
+def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = None, create: bool = True) -> ObjectStore:
     """Open the object store at ``url``: a local path (or ``file://``), ``memory://name`` or
     ``s3://bucket/prefix``. ``storage_options`` go to the backend (s3fs) and are never
-    logged or shown."""
+    logged or shown. Without ``create``, a missing local directory is :class:`StoreNotFound`
+    (and is not created)."""
     options = dict(storage_options or {})
     protocol, separator, rest = url.partition("://")
     if not separator:
@@ -687,6 +688,8 @@ def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = N
     if protocol in ("file", "local"):
         if options:
             raise ValueError("storage_options are not used by a local store")
+        if not create and not os.path.isdir(os.path.expanduser(rest)):
+            raise StoreNotFound(f"no ckptstore store at {os.path.abspath(os.path.expanduser(rest))}")
         return LocalObjectStore(rest)
     if protocol == "memory":
         return MemoryObjectStore(rest or "default")

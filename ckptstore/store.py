@@ -16,8 +16,11 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -53,11 +56,12 @@ from .fsck import FsckReport
 from .fsck import check as check_store
 from .gc import (
     DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_WRITER_TIMEOUT_S,
     GcPlan,
     collect,
     commit_key,
     dropped_components,
-    is_shallow,
+    effective_parents,
     manifest_key,
 )
 from .ids import (
@@ -77,6 +81,7 @@ from .manifest import (
     TensorKind,
     build_tensor,
     encode_state,
+    pack_value,
     path_under,
     unpack_value,
 )
@@ -89,7 +94,10 @@ from .usage import measure as measure_usage
 
 log = logging.getLogger("ckptstore")
 
-STORE_FORMAT_VERSION = 1
+#: Version 2 added GC's records (``locks/``, ``demotions/``, ``shallow/``); a version-1
+#: store (made before) is read the same way.
+STORE_FORMAT_VERSION = 2
+READABLE_STORE_FORMATS = (1, 2)
 CONFIG_KEY = "config"
 LATEST = "latest"
 BEST = "best"
@@ -123,10 +131,10 @@ class StoreConfig:
             version = doc["format"]
         except Exception as exc:
             raise IntegrityError(f"malformed store config: {exc}", key=CONFIG_KEY) from exc
-        if version != STORE_FORMAT_VERSION:
+        if version not in READABLE_STORE_FORMATS:
             raise UnsupportedFormat(
                 f"store has format version {version!r}; this version of ckptstore reads "
-                f"version {STORE_FORMAT_VERSION}"
+                f"versions {', '.join(map(str, READABLE_STORE_FORMATS))}"
             )
         known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
         config = cls(**known)
@@ -202,6 +210,10 @@ class Store:
         self.catalog = Catalog(catalog_path)
         self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes)
         self.max_ref_retries = max_ref_retries
+        self._async_lock = threading.Lock()
+        self._async_pending: Future[Commit] | None = None
+        self._async_executor: ThreadPoolExecutor | None = None
+        self._staging_spare: dict[int, list[torch.Tensor]] = {}  # buffers of the last async snapshot
         self.sync_catalog()
 
     @property
@@ -212,6 +224,12 @@ class Store:
         return f"<ckptstore.Store {self.url!r}>"
 
     def close(self) -> None:
+        """Wait for asynchronous commits to finish, then close the catalog."""
+        with self._async_lock:
+            if self._async_executor is not None:
+                self._async_executor.shutdown(wait=True)
+                self._async_executor = None
+            self._staging_spare.clear()
         self.catalog.close()
 
     def __enter__(self) -> Store:
@@ -241,16 +259,19 @@ class Store:
         raw = self.catalog.commit_object(commit_id)
         if raw is not None:
             return decode_commit(commit_id, raw, key=commit_key(commit_id))
-        return self.read_commit(commit_id)
-
-    def read_commit(self, commit_id: str) -> Commit:
-        """The commit with this full id, read from the object store and verified (the
-        catalog is updated from it)."""
-        key = commit_key(commit_id)
-        raw = bytes(self._get_object(Kind.COMMIT, key, commit_id, MAX_COMMIT_BYTES))
-        commit = decode_commit(commit_id, raw, key=key)
+        commit, raw = self._read_commit_object(commit_id)
         self._index_commit(commit, raw)
         return commit
+
+    def read_commit(self, commit_id: str) -> Commit:
+        """The commit with this full id, read from the object store and verified; the
+        catalog is neither used nor changed."""
+        return self._read_commit_object(commit_id)[0]
+
+    def _read_commit_object(self, commit_id: str) -> tuple[Commit, bytes]:
+        key = commit_key(commit_id)
+        raw = bytes(self._get_object(Kind.COMMIT, key, commit_id, MAX_COMMIT_BYTES))
+        return decode_commit(commit_id, raw, key=key), raw
 
     def _index_commit(self, commit: Commit, raw: bytes) -> None:
         step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
@@ -309,8 +330,8 @@ class Store:
         revision = parse_revision(rev)
         commit_id = self._resolve_base(revision.base, rev)
         for step in range(revision.ancestors):
-            parents = self.get_commit(commit_id).parents
-            if not parents or self._parent_collected(commit_id, parents[0]):
+            parents = self.parents_of(self.get_commit(commit_id))
+            if not parents:
                 raise UnknownRef(rev, suggestions=[f"{revision.base}~{step}"] if step else [])
             commit_id = parents[0]
         return commit_id
@@ -344,11 +365,13 @@ class Store:
         names = list(self.catalog.refs(RefKind.BRANCH.value)) + list(self.catalog.refs(RefKind.TAG.value))
         raise UnknownRef(rev, suggestions=difflib.get_close_matches(base, names, n=3, cutoff=0.6))
 
-    def _parent_collected(self, commit_id: str, parent_id: str) -> bool:
-        """Whether GC removed ``parent_id`` (the history of ``commit_id`` is shallow there)."""
-        if self.catalog.commit_object(parent_id) is not None or self.objects.exists(commit_key(parent_id)):
-            return False
-        return is_shallow(self.objects, commit_id)
+    def parents_of(self, commit: Commit) -> list[str]:
+        """The parents history follows from ``commit``: its own, or where GC removed some,
+        the nearest kept ancestors it recorded (empty where the history ends)."""
+        return effective_parents(self.objects, commit, self._has_commit)
+
+    def _has_commit(self, commit_id: str) -> bool:
+        return self.catalog.commit_object(commit_id) is not None or self.objects.exists(commit_key(commit_id))
 
     def commit_of(self, rev: str) -> Commit:
         """The :class:`Commit` a revision names."""
@@ -368,7 +391,8 @@ class Store:
         best_metric: str | None = None,
         greater_is_better: bool | None = None,
         progress: Progress | None = None,
-    ) -> Commit:
+        blocking: bool = True,
+    ) -> Commit | Future[Commit]:
         """Store ``state`` as a new commit on ``branch`` (default: the store's default branch,
         created if missing) and return it.
 
@@ -379,6 +403,13 @@ class Store:
         ``best`` moves if ``metrics[best_metric]`` beats the current best. An unsupported
         value raises :class:`UnsupportedValue` naming its key path before anything is written.
         ``progress(phase, bytes_done, bytes_total)`` follows the chunk writes.
+
+        With ``blocking=False`` the call returns a :class:`~concurrent.futures.Future` as
+        soon as a snapshot of ``state`` is copied into memory of its own (tensors from a GPU
+        are copied to the host either way); the caller may change every tensor right away.
+        ``future.result()`` returns the :class:`Commit` or raises its error. A second
+        asynchronous commit first waits for the one before it, so at most one snapshot is held.
+        Unsupported values still raise from the call itself.
         """
         branch = check_ref_name(branch or self.config.default_branch, kind="branch")
         tags = [self._check_tag_name(t) for t in tags]
@@ -386,14 +417,40 @@ class Store:
         self._check_namespace(RefKind.TAG, tags)
         metrics_f = check_metrics(dict(metrics or {}))
         metadata = dict(metadata or {})
-        manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
-        with writing(self.objects):  # a collector deletes nothing until the branch has moved
-            commit = self._write_commit(manifest, sources, branch=branch, message=message, metadata=metadata, metrics=metrics_f, progress=progress)
-        self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
-        for tag in tags:
-            self._advance_tag(tag, commit, newer=lambda current: False)
-        self._maybe_move_best(commit, best_metric, greater_is_better)
-        return commit
+        pack_value(metadata, path="metadata")  # refuse bad metadata before anything is written
+
+        def finish(manifest: Manifest, sources: dict) -> Commit:
+            with writing(self.objects):  # a collector deletes nothing until the branch has moved
+                commit = self._write_commit(manifest, sources, branch=branch, message=message, metadata=metadata, metrics=metrics_f, progress=progress)
+            self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
+            for tag in tags:
+                self._advance_tag(tag, commit, newer=lambda current: False)
+            self._maybe_move_best(commit, best_metric, greater_is_better)
+            return commit
+
+        if blocking:
+            manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
+            return finish(manifest, sources)
+        with self._async_lock:
+            if self._async_pending is not None:
+                wait_for([self._async_pending])  # back-pressure: one snapshot in memory at a time
+            manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
+            spare, self._staging_spare = self._staging_spare, {}
+            staged = {index: source.staged(spare) for index, source in sources.items()}
+            copies = [staged[i].owner for i in staged if staged[i] is not sources[i]]
+
+            def finish_and_recycle() -> Commit:
+                try:
+                    return finish(manifest, staged)
+                finally:  # the next snapshot of the same shapes reuses these (already paged in)
+                    for buffer in copies:
+                        self._staging_spare.setdefault(buffer.numel(), []).append(buffer)
+
+            if self._async_executor is None:
+                self._async_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-commit")
+            future = self._async_executor.submit(finish_and_recycle)
+            self._async_pending = future
+        return future
 
     def _write_commit(self, manifest: Manifest, sources: dict, *, branch: str, message: str, metadata: dict, metrics: dict[str, float], progress: Progress | None) -> Commit:
         """Chunks → manifest → commit object → branch ref."""
@@ -626,15 +683,15 @@ class Store:
 
     def log(self, rev: str | None = None, *, limit: int | None = None) -> list[Commit]:
         """Commits reachable from ``rev`` (default: the default branch) along first parents,
-        newest first."""
+        newest first. Where GC removed commits, the log goes on at the nearest kept ancestor
+        (and ends where none is left)."""
         commit_id: str | None = self.resolve(rev or self.config.default_branch)
         out: list[Commit] = []
         while commit_id is not None and (limit is None or len(out) < limit):
             commit = self.get_commit(commit_id)
             out.append(commit)
-            commit_id = commit.parents[0] if commit.parents else None
-            if commit_id is not None and self._parent_collected(commit.id, commit_id):
-                break  # GC removed the rest: the history is shallow here
+            parents = self.parents_of(commit)  # across what GC removed, or the end of history
+            commit_id = parents[0] if parents else None
         return out
 
     def diff(self, a: str, b: str, *, values: bool = False) -> Diff:
@@ -759,6 +816,7 @@ class Store:
         dry_run: bool = False,
         grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
         lease_ttl_s: float = 300.0,
+        writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
         progress: Progress | None = None,
     ) -> GcPlan:
         """Apply ``retention`` (a :class:`~ckptstore.retention.Policy` or rule for every
@@ -766,13 +824,17 @@ class Store:
         branch or tag reaches) and delete what no kept commit needs.
 
         Branch heads and tagged commits are always kept whole. Nothing younger than
-        ``grace_period_s`` is deleted. ``dry_run`` returns the plan and changes nothing.
+        ``grace_period_s`` is deleted, and nothing a commit in progress may use (for up to
+        ``writer_timeout_s``). ``dry_run`` returns the plan and changes nothing.
         Safe while other processes commit: deletions wait until no commit is mid-write, and
         what a commit made meanwhile needs is spared. Raises :class:`CollectorBusy` if another
         collector holds the lease. A killed collector leaves every kept commit whole; run it
         again to finish.
         """
-        return collect(self, retention, dry_run=dry_run, grace_period_s=grace_period_s, lease_ttl_s=lease_ttl_s, progress=progress)
+        return collect(
+            self, retention, dry_run=dry_run, grace_period_s=grace_period_s, lease_ttl_s=lease_ttl_s,
+            writer_timeout_s=writer_timeout_s, progress=progress,
+        )  # fmt: skip
 
     def fsck(
         self,
@@ -879,7 +941,7 @@ def open_store(
     into a new store's config; for an existing store they override the stored ones for this
     session (``chunk_size_bytes`` then only affects new writes).
     """
-    objects = open_object_store(url, storage_options=storage_options)
+    objects = open_object_store(url, storage_options=storage_options, create=create)
     overrides: dict[str, Any] = {
         k: v
         for k, v in {

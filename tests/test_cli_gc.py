@@ -81,7 +81,7 @@ def test_gc_dry_run_json_lists_removed_commits_and_changes_nothing(history):
     assert plan["executed"] is False
     assert plan["removed_commits"] == sorted(ids[:3])
     assert plan["kept_commits"] == [ids[3]]
-    assert plan["shallow_commits"] == [ids[3]]
+    assert plan["shallow_commits"] == {ids[3]: []}  # its history ends there: no kept ancestor
     assert plan["objects"]["commits"] == 3 and plan["objects"]["manifests"] == 3 and plan["objects"]["chunks"] > 0
     assert plan["planned_bytes"] > 0 and plan["deleted_objects"] == 0 and plan["freed_bytes"] == 0
     # The default grace period (1 h) keeps every commit made just now.
