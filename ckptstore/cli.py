@@ -252,7 +252,8 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
         if as_json:
             _echo_json([_commit_json(c) for c in commits])
             return
-        for line in draw_graph(commits, _decorations(store), _oneline):
+        parents = {c.id: store.parents_of(c) for c in commits}
+        for line in draw_graph(commits, parents, _decorations(store), _oneline):
             click.echo(line)
         return
     commits = store.log(rev, limit=max_count)
@@ -292,19 +293,20 @@ def _all_commits(store: Store, limit: int | None) -> list[Commit]:
         except CkptStoreError:
             continue  # collected (shallow history)
         seen[cid] = commit
-        stack.extend(commit.parents)
+        stack.extend(store.parents_of(commit))
     # Newest first, but never a parent before its child.
     ordered: list[Commit] = []
     children: dict[str, int] = {cid: 0 for cid in seen}
-    for commit in seen.values():
-        for p in commit.parents:
+    parents = {cid: store.parents_of(c) for cid, c in seen.items()}
+    for cid in seen:
+        for p in parents[cid]:
             if p in children:
                 children[p] += 1
     ready = sorted((c for c in seen.values() if children[c.id] == 0), key=lambda c: c.created_at)
     while ready:
         commit = ready.pop()
         ordered.append(commit)
-        for p in commit.parents:
+        for p in parents[commit.id]:
             if p in children:
                 children[p] -= 1
                 if children[p] == 0:
@@ -313,7 +315,9 @@ def _all_commits(store: Store, limit: int | None) -> list[Commit]:
     return ordered[:limit] if limit else ordered
 
 
-def draw_graph(commits: list[Commit], decorations: dict[str, list[str]], describe: Callable[[Commit, dict[str, list[str]]], str]) -> list[str]:
+def draw_graph(
+    commits: list[Commit], parents_of: dict[str, list[str]], decorations: dict[str, list[str]], describe: Callable[[Commit, dict[str, list[str]]], str]
+) -> list[str]:
     """Lines of a ``git log --graph``-style drawing: one column per line of history, ``*``
     for a commit, ``|/`` where a fork joins its parent's column (``|_|/`` across columns in
     between). ``commits`` must list children before parents."""
@@ -340,7 +344,7 @@ def draw_graph(commits: list[Commit], decorations: dict[str, list[str]], describ
                 lanes[i] = None
         cells = ["*" if i == col else "|" if lane is not None else " " for i, lane in enumerate(lanes)]
         out.append(" ".join(cells).rstrip() + " " + describe(commit, decorations))
-        parents = [p for p in commit.parents if p in known]
+        parents = [p for p in parents_of[commit.id] if p in known]
         lanes[col] = parents[0] if parents else None
         for p in parents[1:]:
             lanes.append(p)

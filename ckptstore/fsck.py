@@ -1,14 +1,14 @@
 """fsck: check that a store is whole, and say exactly what is not.
 
 Checks, in order: every ref points at a readable commit; every commit object decodes and
-hashes to its id, and its parents exist or GC marked it shallow; every manifest decodes and
-hashes to its id; every chunk a commit needs (less what a demotion dropped) exists, with a
-header that declares the size the manifest expects and a stored size that matches the
-header. With ``read_data`` every chunk (or a random ``read_data_subset`` of them) is read,
+hashes to its id; every commit the refs reach (following the parents GC grafted where it
+removed commits) has its parents; every manifest of those decodes and hashes to its id; every
+chunk they need (less what a demotion dropped) exists, with a header that declares the size
+the manifest expects and a stored size that matches the header. With ``read_data`` every chunk (or a random ``read_data_subset`` of them) is read,
 decompressed and re-hashed. The catalog is compared with the store; ``repair`` rebuilds it.
 
-Objects nothing needs (left by crashed writers, or by commits no ref reaches) are reported
-as orphans: they are GC's business, not damage.
+Objects that no commit the refs reach needs (left by crashed writers or a killed collector,
+or commits no ref reaches) are reported as orphans: they are GC's business, not damage.
 """
 
 from __future__ import annotations
@@ -134,9 +134,10 @@ def check(
         if shallow_key(cid) in listing:
             try:
                 grafted = grafted_parents(objects, cid)
-                parents[cid] = grafted[0] if grafted is not None else parents[cid]
             except IntegrityError as exc:
                 report.problems.append(Problem("record", _reason(exc), key=shallow_key(cid), commit=cid))
+            else:
+                parents[cid] = grafted[0] if grafted is not None else parents[cid]
     reachable = _reachable(set(targets.values()), parents)
     for cid in sorted(reachable):
         for parent in parents.get(cid, []):

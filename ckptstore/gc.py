@@ -159,15 +159,16 @@ def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> N
     raise CollectorBusy(f"shallow record {key} kept changing under the collector")
 
 
-def effective_parents(objects: ObjectStore, commit: Commit, exists: Callable[[str], bool]) -> list[str]:
-    """A commit's parents as history should follow them: its own, or, where GC removed some,
-    the nearest kept ancestors GC recorded."""
-    if all(exists(p) for p in commit.parents):
-        return list(commit.parents)
-    grafted = grafted_parents(objects, commit.id)
-    if grafted is None:
-        return [p for p in commit.parents if exists(p)]
-    return grafted[0]
+def effective_parents(objects: ObjectStore, commit: Commit, *, exists: Callable[[str], bool], grafted: Callable[[str], bool]) -> list[str]:
+    """A commit's parents as history follows them: the nearest kept ancestors GC recorded
+    for it, if it has a ``shallow/`` record (``grafted``: whether it is known to), else its
+    own parents that exist. A commit with a missing parent is looked up for a record anyway,
+    in case a collector wrote one since ``grafted`` was known."""
+    if grafted(commit.id) or not all(exists(p) for p in commit.parents):
+        found = grafted_parents(objects, commit.id)
+        if found is not None:
+            return found[0]
+    return [p for p in commit.parents if exists(p)]
 
 
 class Repository(Protocol):
@@ -184,6 +185,8 @@ class Repository(Protocol):
     def get_manifest(self, manifest_id: str) -> Manifest: ...
 
     def sync_catalog(self) -> None: ...
+
+    def parents_of(self, commit: Commit) -> list[str]: ...
 
 
 def manifest_chunks(repo: Repository, manifest_id: str) -> dict[str, int]:
@@ -294,7 +297,8 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
             raise IntegrityError(f"{name} points at commit {target}, which cannot be read; run fsck before collecting", key=commit_key(target))
 
     # History follows parents, or the grafts of commits whose parents GC removed before.
-    parents = {cid: effective_parents(objects, c, lambda p: p in commits) if shallow_key(cid) in listing else list(c.parents) for cid, c in commits.items()}
+    has_record = lambda cid: shallow_key(cid) in listing  # noqa: E731
+    parents = {cid: effective_parents(objects, c, exists=lambda p: p in commits, grafted=has_record) for cid, c in commits.items()}
 
     # Evaluate the policy on every branch's history.
     young = {cid for cid in commits if listing[commit_key(cid)].modified_s >= cutoff_s}

@@ -214,6 +214,7 @@ class Store:
         self._async_pending: Future[Commit] | None = None
         self._async_executor: ThreadPoolExecutor | None = None
         self._staging_spare: dict[int, list[torch.Tensor]] = {}  # buffers of the last async snapshot
+        self._grafted: set[str] = set()  # commits with a shallow/ record, as of the last sync
         self.sync_catalog()
 
     @property
@@ -302,6 +303,7 @@ class Store:
         :class:`IntegrityError`), so one bad object never makes a store unopenable.
         """
         stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
+        self._grafted = {key.rsplit("/", 1)[-1] for key in self.objects.list("shallow/")}
         known = self.catalog.commit_ids()
         for commit_id in sorted(stored - known):
             if is_full_id(commit_id):
@@ -368,7 +370,7 @@ class Store:
     def parents_of(self, commit: Commit) -> list[str]:
         """The parents history follows from ``commit``: its own, or where GC removed some,
         the nearest kept ancestors it recorded (empty where the history ends)."""
-        return effective_parents(self.objects, commit, self._has_commit)
+        return effective_parents(self.objects, commit, exists=self._has_commit, grafted=self._grafted.__contains__)
 
     def _has_commit(self, commit_id: str) -> bool:
         return self.catalog.commit_object(commit_id) is not None or self.objects.exists(commit_key(commit_id))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .gc import Repository, chunk_key, commit_key, effective_parents, manifest_chunks, manifest_key
+from .gc import Repository, chunk_key, commit_key, manifest_chunks, manifest_key
 from .objectstore import ObjectInfo
 from .refs import RefKind
 
@@ -116,5 +116,5 @@ def _ancestors(repo: Repository, head: str, present: dict[str, set[str]]) -> lis
             continue
         visited.add(cid)
         seen.append(cid)
-        stack.extend(effective_parents(repo.objects, repo.get_commit(cid), lambda p: p in present))
+        stack.extend(repo.parents_of(repo.get_commit(cid)))
     return seen
