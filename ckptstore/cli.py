@@ -88,9 +88,9 @@ def _storage_options() -> dict[str, Any]:
     try:
         options = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise click.UsageError(f"CKPTSTORE_STORAGE_OPTIONS is not valid JSON (at position {exc.pos})") from None
+        raise ValueError(f"CKPTSTORE_STORAGE_OPTIONS is not valid JSON (at position {exc.pos})") from None
     if not isinstance(options, dict):
-        raise click.UsageError("CKPTSTORE_STORAGE_OPTIONS must be a JSON object")
+        raise ValueError("CKPTSTORE_STORAGE_OPTIONS must be a JSON object")
     return options
 
 
@@ -149,6 +149,12 @@ def _human(n: float) -> str:
     raise AssertionError
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so a name cannot break a line or drive a
+    terminal."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _short(commit_id: str) -> str:
     return click.style(commit_id[:12], fg="yellow")
 
@@ -186,7 +192,7 @@ def _oneline(commit: Commit, decorations: dict[str, list[str]]) -> str:
     if commit.metrics:
         parts.append(" ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
     if commit.message:
-        parts.append(commit.message)
+        parts.append(_printable(commit.message))
     return " ".join(parts)
 
 
@@ -197,8 +203,9 @@ def _oneline(commit: Commit, decorations: dict[str, list[str]]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, url: str, debug: bool) -> None:
     """Content-addressed checkpoint storage: history, branches, tags, retention and checks."""
-    if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    if debug:  # ckptstore's own logging only: botocore's debug output carries credentials
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("ckptstore").setLevel(logging.DEBUG)
     ctx.obj = _Context(url, debug)
 
 
@@ -256,6 +263,12 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
         for line in draw_graph(commits, parents, _decorations(store), _oneline):
             click.echo(line)
         return
+    if rev is None and store.config.default_branch not in store.branches():
+        if as_json:
+            _echo_json([])
+        else:
+            click.echo(f"no commits yet on {store.config.default_branch}", err=True)
+        return
     commits = store.log(rev, limit=max_count)
     if as_json:
         _echo_json([_commit_json(c) for c in commits])
@@ -275,7 +288,7 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
             click.echo("Metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
         click.echo(f"Size:    {_human(commit.stats.logical_bytes)} logical, {_human(commit.stats.new_bytes)} new")
         if commit.message:
-            click.echo(f"\n    {commit.message}")
+            click.echo(f"\n    {_printable(commit.message)}")
         click.echo()
 
 
@@ -382,7 +395,7 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
     click.echo(f"branch   {commit.branch}")
     click.echo(f"date     {commit.created_at.astimezone().isoformat(timespec='seconds')}")
     if commit.message:
-        click.echo(f"message  {commit.message}")
+        click.echo(f"message  {_printable(commit.message)}")
     if commit.metadata:
         click.echo(f"metadata {json.dumps(commit.metadata, default=str, sort_keys=True)}")
     if commit.metrics:
@@ -394,7 +407,7 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
     click.echo(f"tensors  {len(tensors)}")
     width = max((len(t["path"]) for t in tensors), default=0)
     for t in tensors:
-        click.echo(f"  {t['path']:<{width}}  {t['dtype']:<9} {str(tuple(t['shape'])):<20} {_human(t['bytes'])}")
+        click.echo(f"  {_printable(t['path']):<{width}}  {t['dtype']:<9} {str(tuple(t['shape'])):<20} {_human(t['bytes'])}")
 
 
 @cli.command()
@@ -475,7 +488,7 @@ def _list_refs(refs: dict[str, str], store: Store, as_json: bool, current: str |
         commit = store.get_commit(cid)
         mark = "*" if name == current else " "
         step = f" step {_step(commit)}" if _step(commit) is not None else ""
-        click.echo(f"{mark} {click.style(f'{name:<{width}}', fg='green')} {_short(cid)}{step} {commit.message}".rstrip())
+        click.echo(f"{mark} {click.style(f'{name:<{width}}', fg='green')} {_short(cid)}{step} {_printable(commit.message)}".rstrip())
 
 
 @cli.command()
@@ -500,9 +513,9 @@ def diff(ctx: _Context, a: str, b: str, no_values: bool, as_json: bool) -> None:
         })  # fmt: skip
         return
     for c in d.added:
-        click.echo(click.style(f"+ {c.path}  {c.dtype[1]} {tuple(c.shape[1] or ())}  {_human(c.nbytes[1])}", fg="green"))
+        click.echo(click.style(f"+ {_printable(c.path)}  {c.dtype[1]} {tuple(c.shape[1] or ())}  {_human(c.nbytes[1])}", fg="green"))
     for c in d.removed:
-        click.echo(click.style(f"- {c.path}  {c.dtype[0]} {tuple(c.shape[0] or ())}  {_human(c.nbytes[0])}", fg="red"))
+        click.echo(click.style(f"- {_printable(c.path)}  {c.dtype[0]} {tuple(c.shape[0] or ())}  {_human(c.nbytes[0])}", fg="red"))
     for c in d.changed:
         if c.dtype[0] != c.dtype[1] or c.shape[0] != c.shape[1]:
             what = f"{c.dtype[0]} {tuple(c.shape[0] or ())} -> {c.dtype[1]} {tuple(c.shape[1] or ())}"
@@ -510,7 +523,7 @@ def diff(ctx: _Context, a: str, b: str, no_values: bool, as_json: bool) -> None:
             what = f"max |Δ| {c.max_abs_change:.3g}, relative {c.relative_change:.3g}"
         else:
             what = "changed"
-        click.echo(click.style(f"~ {c.path}  {what}  {_human(c.nbytes[1])}", fg="yellow"))
+        click.echo(click.style(f"~ {_printable(c.path)}  {what}  {_human(c.nbytes[1])}", fg="yellow"))
     click.echo(
         f"{len(d.added)} added ({_human(d.added_bytes)}), {len(d.removed)} removed ({_human(d.removed_bytes)}), "
         f"{len(d.changed)} changed ({_human(d.changed_bytes)}), {d.unchanged} unchanged"
@@ -741,9 +754,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (CkptStoreError, OSError, ValueError) as exc:
+    except Exception as exc:
         if debug:
             raise
-        message = str(exc) if not isinstance(exc, UnknownRef) else exc.args[0]
-        click.echo(f"ckpt: error: {message}", err=True)
+        if isinstance(exc, (CkptStoreError, OSError, ValueError)):
+            message = str(exc)
+        else:  # not one of ours: say what it is, in one line
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        click.echo(f"ckpt: error: {_printable(message)}", err=True)
         sys.exit(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -223,16 +224,8 @@ def write_directory(
     total = sum(t.nbytes for shard in shards for t in shard)
     done = 0
     for name, shard in zip(names, shards):
-        tensors = read_shard(shard)
-        header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-        offset = 0
-        for t in shard:
-            header[t.name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-            weight_map[t.name] = name
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        _write_atomically(os.path.join(directory, name), _safetensors_parts(encoded, shard, tensors))
+        _write_safetensors(os.path.join(directory, name), shard, read_shard(shard), metadata)
+        weight_map.update((t.name, name) for t in shard)
         done += sum(t.nbytes for t in shard)
         if progress is not None:
             progress("export", done, total)
@@ -240,7 +233,40 @@ def write_directory(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_atomically(os.path.join(directory, INDEX_NAME), [json.dumps(index, indent=2).encode()])
         names.append(INDEX_NAME)
+    for stale in os.listdir(directory):  # shards and index of an earlier export
+        if stale not in names and (stale in (SINGLE_NAME, INDEX_NAME) or _SHARD_NAME.fullmatch(stale)):
+            os.unlink(os.path.join(directory, stale))
     return names
+
+
+def write_file(
+    path: str,
+    tensors: list[ExportedTensor],
+    read_tensors: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[str]:
+    """Write ``tensors`` as one safetensors file at ``path`` (appears whole or not at all)."""
+    _write_safetensors(path, tensors, read_tensors(tensors), metadata)
+    if progress is not None:
+        total = sum(t.nbytes for t in tensors)
+        progress("export", total, total)
+    return [path]
+
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    _write_atomically(path, _safetensors_parts(encoded, shard, tensors))
 
 
 def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor]) -> Iterable[bytes | memoryview]:
@@ -253,7 +279,7 @@ def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapp
 
 
 def _write_atomically(path: str, parts: Iterable[bytes | memoryview]) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "xb") as f:
             for part in parts:

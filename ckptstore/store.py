@@ -51,6 +51,7 @@ from .formats import (
     plan_shards,
     read_checkpoint,
     write_directory,
+    write_file,
 )
 from .fsck import FsckReport
 from .fsck import check as check_store
@@ -715,10 +716,8 @@ class Store:
         for path, (entry, _) in ta.items():
             if path not in tb:
                 result.removed.append(_change(entry, None))
-        placeholder_a = [e.path for e in ma.tensors]
-        placeholder_b = [e.path for e in mb.tensors]
-        values_a = unpack_value(ma.tree, key=manifest_key(ca.manifest), tensors=placeholder_a)
-        values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=placeholder_b)
+        values_a = unpack_value(ma.tree, key=manifest_key(ca.manifest), tensors=[_TENSOR] * len(ma.tensors))
+        values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=[_TENSOR] * len(mb.tensors))
         object.__setattr__(result, "values_changed", _values_differ(values_a, values_b))
         if values:
             for i, change in enumerate(result.changed):
@@ -768,9 +767,11 @@ class Store:
         has one, else the whole state) as a Hugging Face style directory at ``path``: one
         ``model.safetensors``, or shards of at most ``max_shard_size_bytes`` plus
         ``model.safetensors.index.json``. Tensor names are key paths below the component with
-        ``/`` turned into ``.``. One shard's chunks are read at a time. A ``path`` ending in
-        ``.pt`` gets the selected state as one ``torch.save`` file instead. Returns the files
-        written (names inside ``path``, or ``path`` itself)."""
+        ``/`` turned into ``.``. One shard's chunks are read at a time. Earlier shards and
+        index left in ``path`` by another export are removed. A ``path`` ending in
+        ``.safetensors`` gets one safetensors file, and one ending in ``.pt`` the selected
+        state as one ``torch.save`` file. Returns the files written (names inside ``path``,
+        or ``path`` itself). Selecting no tensor raises :class:`ComponentsUnavailable`."""
         commit = self.commit_of(rev)
         manifest = self.get_manifest(commit.manifest)
         if component is None and any(e.path.split("/", 1)[0] == "model" for e in manifest.tensors):
@@ -798,6 +799,9 @@ class Store:
             ExportedTensor(path_[len(prefix) :].replace("/", "."), DTYPES_BY_NAME[e.dtype], e.shape, e.nbytes, path_)
             for path_, e in entries.items()
         ]
+        if not tensors:
+            tops = sorted({e.path.split("/", 1)[0] for e in manifest.tensors})
+            raise ComponentsUnavailable(commit.id, missing=[component or "(selected tensors)"] if component else list(include or ["(selected tensors)"]), available=tops)
         check_exportable(tensors)
         key = manifest_key(commit.manifest)
 
@@ -806,6 +810,8 @@ class Store:
             buffers = self.pipeline.read_blobs(manifest, sorted({e.blob for e in wanted}), manifest_key=key)
             return {t.name: build_tensor(e, buffers[e.blob]) for t, e in zip(shard, wanted)}
 
+        if path.endswith(".safetensors"):  # one file, whatever its size
+            return write_file(path, tensors, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress)
         shards = plan_shards(tensors, max_shard_size_bytes=max_shard_size_bytes)
         return write_directory(path, shards, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress)
 
@@ -905,12 +911,19 @@ def _change(a: TensorEntry | None, b: TensorEntry | None) -> TensorChange:
     )
 
 
+_TENSOR = object()  # stands for a tensor in trees compared by _values_differ
+
+
 def _values_differ(a: Any, b: Any) -> bool:
-    """Whether two decoded trees (tensors replaced by their key paths) differ, NaN-aware."""
+    """Whether the non-tensor values of two decoded trees differ (tensors, compared
+    separately, are ``_TENSOR`` and ignored; dict order is not a difference). NaN-aware."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        a = {k: v for k, v in a.items() if v is not _TENSOR}
+        b = {k: v for k, v in b.items() if v is not _TENSOR}
     if type(a) is not type(b):
         return True
     if isinstance(a, dict):
-        return list(a) != list(b) or any(_values_differ(a[k], b[k]) for k in a)
+        return a.keys() != b.keys() or any(_values_differ(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return len(a) != len(b) or any(_values_differ(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and a != a and b != b:
