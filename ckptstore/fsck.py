@@ -101,7 +101,6 @@ def check(
     read_data = read_data or read_data_subset is not None
     objects = repo.objects
     report = FsckReport()
-    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
 
     # Refs.
     targets: dict[str, str] = {}
@@ -114,6 +113,8 @@ def check(
                 continue
             if target is not None:
                 targets[f"{kind.noun} {name}"] = target
+    # Listed after the refs: a ref moves only after its commit is stored.
+    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
 
     # Commits, read from the store (not the catalog) and verified.
     commits: dict[str, Commit] = {}
@@ -263,6 +264,8 @@ def _catalog_problems(repo: Repository, commits: dict[str, Commit], stored: set[
     for cid in sorted(set(commits) - indexed):
         problems.append(Problem("catalog", "commit is in the store but not in the catalog", commit=cid))
     for cid in sorted(indexed - stored):
+        if repo.objects.exists(commit_key(cid)):
+            continue  # committed while fsck ran
         problems.append(Problem("catalog", "commit is in the catalog but not in the store", commit=cid))
     for cid in sorted(indexed & set(commits)):
         raw = repo.catalog.commit_object(cid)

@@ -116,7 +116,9 @@ def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str
     """Add ``prefixes`` to what commit ``commit_id`` no longer holds (compare-and-swap,
     retried). Idempotent. Returns the whole set."""
     key = demotion_key(commit_id)
-    for _ in range(100):
+    for attempt in range(100):
+        if attempt:
+            time.sleep(min(0.5, 0.01 * 2**attempt))  # a writer (or a dead one's lock) holds it
         found = _read_record(objects, key)
         current = () if found is None else dropped_components(objects, commit_id)
         merged = tuple(sorted(set(current) | set(prefixes)))
@@ -147,7 +149,9 @@ def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> N
     """Set the parents of a commit whose own parents GC removes (compare-and-swap, retried).
     Idempotent."""
     key = shallow_key(commit_id)
-    for _ in range(100):
+    for attempt in range(100):
+        if attempt:
+            time.sleep(min(0.5, 0.01 * 2**attempt))
         current = grafted_parents(objects, commit_id)
         if current is not None and current[0] == parents:
             return
@@ -278,9 +282,10 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     now_s = time.time() if now_s is None else now_s
     cutoff_s = now_s - grace_period_s
     result = GcPlan(grace_period_s=grace_period_s)
-    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
+    # Refs first: a ref moves only after its commit is stored, so the listing holds every target.
     branches = repo.refs.list(RefKind.BRANCH)
     tags = repo.refs.list(RefKind.TAG)
+    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
     ref_targets = set(branches.values()) | set(tags.values())
 
     commits: dict[str, Commit] = {}

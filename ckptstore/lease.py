@@ -120,16 +120,23 @@ class CollectorLease:
     def acquire(self) -> None:
         """Take the lease; raise :class:`CollectorBusy` if a live collector holds it. An
         expired lease, or one whose holder died on this host, is taken over."""
-        current, version = read_lease(self._objects)
-        if current is not None and current.live:
-            raise CollectorBusy(
-                f"another garbage collector (pid {current.pid} on {current.host}) holds the lease "
-                f"{LEASE_KEY} for {max(0.0, current.expires_at_s - time.time()):.0f} s more"
-            )
-        try:
-            self._write(sweeping=False, expected=version)
-        except PreconditionFailed:
-            raise CollectorBusy(f"another garbage collector took the lease {LEASE_KEY} first") from None
+        deadline = time.monotonic() + 3.0
+        while True:
+            current, version = read_lease(self._objects)
+            if current is not None and current.live:
+                raise CollectorBusy(
+                    f"another garbage collector (pid {current.pid} on {current.host}) holds the lease "
+                    f"{LEASE_KEY} for {max(0.0, current.expires_at_s - time.time()):.0f} s more"
+                )
+            try:
+                self._write(sweeping=False, expected=version)
+                return
+            except PreconditionFailed:
+                # Another collector won, or the lease's lock file is held (or was left by a
+                # process killed mid-update, which the store breaks after a moment): look again.
+                if time.monotonic() > deadline:
+                    raise CollectorBusy(f"another garbage collector took the lease {LEASE_KEY} first") from None
+                time.sleep(0.1)
 
     def renew(self, *, sweeping: bool) -> None:
         """Extend the lease and set whether this collector is deleting. Raises
