@@ -496,6 +496,10 @@ class LocalObjectStore(ObjectStore):
 class _FsspecObjectStore(ObjectStore):
     """Reads, listing and deletes through an fsspec filesystem rooted at ``root``."""
 
+    #: Attempts at a read whose body fails midway (the request itself is retried below us,
+    #: by botocore, so this never multiplies its retries: it covers what comes after).
+    read_attempts = 1
+
     def __init__(self, fs: Any, root: str, url: str) -> None:
         self._fs = fs
         self._root = root.rstrip("/")
@@ -504,19 +508,31 @@ class _FsspecObjectStore(ObjectStore):
     def _path(self, key: str) -> str:
         return f"{self._root}/{check_key(key)}"
 
-    def get(self, key: str) -> bytes:
+    def _read(self, key: str, **kwargs: Any) -> bytes:
+        """``cat_file``, retried with backoff on a failure that is not an answer (a missing
+        object or a refused precondition is)."""
         path = self._path(key)
-        with _translated(key, "read"):
-            return self._fs.cat_file(path)
+        for attempt in range(self.read_attempts):
+            try:
+                with _translated(key, "read"):
+                    return self._fs.cat_file(path, **kwargs)
+            except (ObjectNotFound, PreconditionFailed):
+                raise
+            except StorageError:
+                if attempt + 1 == self.read_attempts:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def get(self, key: str) -> bytes:
+        return self._read(key)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        path = self._path(key)
         if end <= start:
             self.size(key)  # still report a missing object
             return b""
         try:
-            with _translated(key, "read"):
-                return self._fs.cat_file(path, start=start, end=end)
+            return self._read(key, start=start, end=end)
         except ObjectNotFound:
             raise
         except StorageError:
@@ -623,19 +639,47 @@ class S3ObjectStore(_FsspecObjectStore):
     machines are safe.
     """
 
-    def __init__(self, bucket_and_prefix: str, storage_options: Mapping[str, Any]) -> None:
+    read_attempts = 3
+
+    #: Requests in flight at once (the connection pool; botocore's default is 10).
+    max_connections = 64
+
+    def __init__(self, bucket_and_prefix: str, storage_options: Mapping[str, Any], *, part_size_bytes: int = 8 << 20) -> None:
         import s3fs  # imported here so that local use never pays for botocore
 
-        options = {"use_listings_cache": False, **storage_options}
+        # Retries happen once, in botocore ("standard" mode: 5xx, throttling and connection
+        # errors, with backoff and jitter); s3fs's own retry loop is turned off so the two do
+        # not multiply. A retried create-only write that finds its own first attempt answers
+        # 412, which put_if_absent reads as "already stored": the outcome is the same.
+        config = dict(storage_options.get("config_kwargs") or {})
+        config.setdefault("retries", {"mode": "standard", "total_max_attempts": 5})
+        config.setdefault("max_pool_connections", self.max_connections)
+        options = {"use_listings_cache": False, "skip_instance_cache": True, **storage_options, "config_kwargs": config}
         fs = s3fs.S3FileSystem(**options)
+        fs.retries = 1  # this instance only (skip_instance_cache): botocore retries instead
         root = bucket_and_prefix.strip("/")
+        self.part_size_bytes = part_size_bytes
         super().__init__(fs, root, f"s3://{root}")
+
+    def remove_abandoned_uploads(self, *, older_than_s: float) -> int:
+        """Abort multipart uploads under the prefix started more than ``older_than_s`` ago
+        (left by writers that died mid-upload; S3 keeps and bills their parts)."""
+        bucket, prefix, _ = self._fs.split_path(self._root + "/")
+        cutoff = time.time() - older_than_s
+        removed = 0
+        with _translated("", "list the multipart uploads of"):
+            response = self._fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+            for upload in response.get("Uploads", []):
+                if _modified_s({"LastModified": upload["Initiated"]}) < cutoff:
+                    self._fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    removed += 1
+        return removed
 
     def put_if_absent(self, key: str, data: Data) -> bool:
         path = self._path(key)
         try:
-            with _translated(key, "write"):
-                self._fs.pipe_file(path, _joined(data), mode="create")
+            with _translated(key, "write"):  # multipart above 2 parts, completed create-only
+                self._fs.pipe_file(path, _joined(data), mode="create", chunksize=self.part_size_bytes)
         except PreconditionFailed:
             return False
         return True
