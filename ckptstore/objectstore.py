@@ -643,6 +643,9 @@ class S3ObjectStore(_FsspecObjectStore):
 
     #: Requests in flight at once (the connection pool; botocore's default is 10).
     max_connections = 64
+    #: Pipeline threads by default: S3 answers each request after a round trip of tens of
+    #: milliseconds, so throughput comes from many requests at once, not from cores.
+    requests_in_flight = 32
 
     def __init__(self, bucket_and_prefix: str, storage_options: Mapping[str, Any], *, part_size_bytes: int = 8 << 20) -> None:
         import s3fs  # imported here so that local use never pays for botocore

@@ -33,8 +33,12 @@ def chunk_key(chunk_id: str) -> str:
     return f"chunks/{chunk_id[:2]}/{chunk_id}"
 
 
-def default_threads() -> int:
-    return min(16, 2 * (os.cpu_count() or 1))
+def default_threads(objects: ObjectStore | None = None) -> int:
+    """Threads for a store: twice the cores (at most 16) where the work is CPU and disk
+    bound, or the backend's ``requests_in_flight`` where each request waits on a network
+    round trip (S3)."""
+    cpu = min(16, 2 * (os.cpu_count() or 1))
+    return max(cpu, getattr(objects, "requests_in_flight", 0) or 0)
 
 
 class ByteBudget:

@@ -987,7 +987,7 @@ def open_store(
         objects,
         config=config,
         catalog_path=catalog_path,
-        threads=threads or default_threads(),
+        threads=threads or default_threads(objects),
         max_inflight_bytes=max_inflight_bytes,
     )
 
