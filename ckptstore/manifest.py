@@ -312,10 +312,14 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
     entries: list[TensorEntry | None] = [None] * len(tensors)
     blobs: list[Blob] = []
     sources: dict[int, BlobSource] = {}
+    copies: list[torch.Tensor] = []  # device → host copies still in flight
 
     def add_blob(data: memoryview, path: str, owner: Any, *, private: bool) -> int:
         index = len(blobs)
         if len(data) <= inline_threshold_bytes:
+            if copies:  # the bytes are read now: let pending device copies land first
+                torch.cuda.synchronize()
+                copies.clear()
             blobs.append(Blob(size=len(data), inline=data.tobytes()))
         else:
             blobs.append(Blob(size=len(data)))
@@ -331,7 +335,7 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
             entries[members[0]] = TensorEntry(first_path, arr.dtype.str, tuple(arr.shape), None, blob, 0, TensorKind.NDARRAY)
             continue
         if len(members) == 1:
-            c = first.detach().resolve_conj().resolve_neg().contiguous().cpu()
+            c = _to_host(first.detach().resolve_conj().resolve_neg().contiguous(), copies)
             private = c.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or first.device.type != "cpu"
             blob = add_blob(tensor_bytes(c), first_path, c, private=private)
             entries[members[0]] = _torch_entry(first_path, first, None, blob, 0)
@@ -340,12 +344,27 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
         lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
         region = torch.empty(0, dtype=torch.uint8, device=first.device)
         region.set_(first.untyped_storage(), lo, (hi - lo,), (1,))
-        region = region.cpu()
+        region = _to_host(region, copies)
         blob = add_blob(tensor_bytes(region), first_path, region, private=first.device.type != "cpu")
         for i, (start, _) in zip(members, spans):
             path, t = tensors[i]
             entries[i] = _torch_entry(path, t, tuple(t.stride()), blob, start - lo)
+    if copies:
+        torch.cuda.synchronize()  # every device-to-host copy has landed
     return [e for e in entries if e is not None], blobs, sources
+
+
+def _to_host(t: torch.Tensor, copies: list[torch.Tensor]) -> torch.Tensor:
+    """``t`` on the CPU. A CUDA tensor is copied into pinned memory without blocking (the
+    caller synchronises once for all of them); other devices copy as ``.cpu()`` does."""
+    if t.device.type == "cpu":
+        return t
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        copies.append(host)
+        return host
+    return t.cpu()
 
 
 def _torch_entry(path: str, t: torch.Tensor, stride: tuple[int, ...] | None, blob: int, offset: int) -> TensorEntry:
