@@ -1,0 +1,157 @@
+"""Training loops: save everything a bit-exact resume needs, and resume after a crash.
+
+    store = ckptstore.open(os.environ.get("CKPTSTORE_URL", "ckpts"))
+    sampler = ResumableRandomSampler(dataset, seed=0)
+    run = Checkpointer(store, model=model, optimizer=opt, scheduler=sched, sampler=sampler)
+    start = run.resume()            # restores in place from `latest` (or $CKPTSTORE_REF); 0 if fresh
+    for step in range(start, total_steps):
+        ...
+        if step % 100 == 0:
+            run.save(step + 1, metrics={"eval_loss": loss})
+
+What a checkpoint holds: each named component's ``state_dict()``, every RNG state (Python,
+NumPy, torch CPU and CUDA), the step, and a user dict. Restoring puts the RNGs back exactly,
+so dropout masks and shuffles after a resume are the ones an uninterrupted run would draw.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UnknownRef
+from .store import LATEST, Store
+
+log = logging.getLogger("ckptstore.training")
+
+#: Environment variables a relaunched job reads, so it resumes without code changes.
+URL_ENV = "CKPTSTORE_URL"
+REF_ENV = "CKPTSTORE_REF"
+BRANCH_ENV = "CKPTSTORE_BRANCH"
+
+RNG_KEY = "rng"
+STEP_KEY = "step"
+USER_KEY = "user"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global RNG state: Python's ``random``, NumPy's legacy global generator, torch's
+    CPU generator and, if CUDA is initialised, every CUDA device's generator."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back RNG states captured by :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+class ResumableRandomSampler(torch.utils.data.Sampler[int]):
+    """A shuffling sampler that can resume mid-epoch: the order of epoch ``e`` is a
+    permutation drawn from ``seed + e``, and ``state_dict()`` records the epoch and how many
+    indices were handed out. Pass it to ``DataLoader(sampler=...)``; call nothing else."""
+
+    def __init__(self, data_source: Sized, *, seed: int = 0) -> None:
+        self.data_source = data_source
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        while self.position < len(order):
+            index = order[self.position]
+            self.position += 1
+            yield index
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+
+
+class Checkpointer:
+    """Saves and restores named components (anything with ``state_dict()`` /
+    ``load_state_dict()``: model, optimizer, scheduler, grad scaler, sampler) with the RNG
+    states, the step and a user dict.
+
+    ``ref`` (default ``$CKPTSTORE_REF``, else ``latest``) is what :meth:`resume` restores
+    from; ``branch`` (default ``$CKPTSTORE_BRANCH``, else the store's default branch) is
+    where :meth:`save` commits.
+
+    For a bit-exact resume, give the DataLoader ``generator=torch.Generator()``: creating a
+    loader iterator otherwise draws a seed from the global RNG, and a resumed run creates
+    one at another step than an uninterrupted run. With worker processes, a prefetching
+    loader has asked the sampler for indices it has not yet yielded: use ``num_workers=0``
+    or save where nothing is prefetched.
+    """
+
+    def __init__(self, store: Store, *, ref: str | None = None, branch: str | None = None, **components: Any) -> None:
+        for name, component in components.items():
+            if not (hasattr(component, "state_dict") and hasattr(component, "load_state_dict")):
+                raise TypeError(f"component {name!r} ({type(component).__name__}) has no state_dict()/load_state_dict()")
+            if name in (RNG_KEY, STEP_KEY, USER_KEY):
+                raise ValueError(f"component name {name!r} is reserved")
+        self.store = store
+        self.components = components
+        self.ref = ref or os.environ.get(REF_ENV) or LATEST
+        self.branch = branch or os.environ.get(BRANCH_ENV) or None
+        self.user: dict[str, Any] = {}
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What :meth:`save` commits."""
+        return {**self.components, RNG_KEY: capture_rng_state(), STEP_KEY: step, USER_KEY: self.user}
+
+    def save(self, step: int, *, metrics: Mapping[str, float] | None = None, message: str = "", blocking: bool = True, **commit_options: Any) -> Any:
+        """Commit every component, the RNG states, ``step`` and :attr:`user` (``step`` also
+        goes into the metadata). Returns the :class:`Commit` (or, with ``blocking=False``,
+        its future)."""
+        metadata = {STEP_KEY: step, **dict(commit_options.pop("metadata", None) or {})}
+        return self.store.commit(
+            self.state(step), branch=self.branch, message=message or f"step {step}", metadata=metadata,
+            metrics=metrics, blocking=blocking, **commit_options,
+        )  # fmt: skip
+
+    def resume(self) -> int:
+        """Restore every component in place, the RNG states and :attr:`user` from
+        :attr:`ref` and return the saved step; if the store has no such ref, change nothing
+        and return 0 (a fresh start)."""
+        try:
+            commit_id = self.store.resolve(self.ref)
+        except UnknownRef:
+            log.info("no %r in %s: starting fresh", self.ref, self.store.url)
+            return 0
+        state = self.store.checkout(commit_id, include=[*self.components, RNG_KEY, STEP_KEY, USER_KEY])
+        for name, component in self.components.items():
+            component.load_state_dict(state[name])
+        if RNG_KEY in state:
+            restore_rng_state(state[RNG_KEY])
+        self.user = dict(state.get(USER_KEY) or {})
+        step = int(state.get(STEP_KEY, 0))
+        log.info("resumed from %s (%s) at step %d", self.ref, commit_id[:12], step)
+        return step
