@@ -73,7 +73,10 @@ class Catalog:
             raise
 
     def _create_schema(self) -> None:
+        """Create the tables, or rebuild a catalog of another schema version. One exclusive
+        transaction, so processes opening a new store at once never see half a schema."""
         with self._lock, self.db.conn:
+            self.db.conn.execute("BEGIN EXCLUSIVE")
             meta = self.db["meta"]
             if meta.exists():
                 row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()

@@ -23,7 +23,7 @@ import contextlib
 import fnmatch
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -182,6 +182,14 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+@dataclass(frozen=True)
+class TensorRef:
+    """Stands in a tree for tensor ``index`` of a manifest that is being assembled from
+    parts already stored (see :func:`merge_manifests`)."""
+
+    index: int
+
+
 class _TreeEncoder:
     """Walks a state, turning it into msgpack-native values and collecting its tensors."""
 
@@ -221,6 +229,8 @@ class _TreeEncoder:
             return self._encode_dict(value, path, depth)
         if t is torch.Tensor or t is torch.nn.Parameter or t is np.ndarray:
             return self._encode_array(value, path)
+        if t is TensorRef:
+            return msgpack.ExtType(Ext.TENSOR, _pack(value.index))
         if isinstance(value, np.generic):
             if value.dtype.kind not in _NUMPY_KINDS:
                 raise UnsupportedValue(path, f"numpy scalar of dtype {value.dtype} is not supported")
@@ -380,6 +390,25 @@ def encode_state(state: Any, *, inline_threshold_bytes: int) -> tuple[Manifest, 
     tree = _pack(encoder.encode(state))
     entries, blobs, sources = _plan_tensors(encoder.tensors, inline_threshold_bytes=inline_threshold_bytes)
     return Manifest(tree=tree, tensors=entries, blobs=blobs), sources
+
+
+def merge_manifests(parts: Mapping[str | int, Manifest], *, extra: Mapping[str, Any] | None = None) -> Manifest:
+    """One manifest whose tree maps each key of ``parts`` to that part's tree (tensors and
+    blobs renumbered, key paths prefixed), plus the values of ``extra`` (which may hold
+    :class:`TensorRef` s to the merged tensors). Chunks are shared, not copied: this is how
+    the manifests that several processes wrote become one commit."""
+    tensors: list[TensorEntry] = []
+    blobs: list[Blob] = []
+    tree: dict[Any, Any] = {}
+    for name, part in parts.items():
+        first_tensor, first_blob = len(tensors), len(blobs)
+        refs = [TensorRef(first_tensor + i) for i in range(len(part.tensors))]
+        tree[name] = unpack_value(part.tree, key=f"(part {name})", tensors=refs)
+        for e in part.tensors:
+            tensors.append(TensorEntry(_join(str(name), e.path), e.dtype, e.shape, e.stride, e.blob + first_blob, e.offset, e.kind, e.requires_grad))
+        blobs.extend(part.blobs)
+    tree.update(extra or {})
+    return Manifest(tree=_pack(_TreeEncoder(allow_tensors=True).encode(tree)), tensors=tensors, blobs=blobs)
 
 
 def pack_value(value: Any, *, path: str) -> bytes:

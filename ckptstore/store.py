@@ -76,6 +76,7 @@ from .ids import (
 )
 from .lease import writing
 from .manifest import (
+    BlobSource,
     KeySelection,
     Manifest,
     TensorEntry,
@@ -87,7 +88,7 @@ from .manifest import (
     unpack_value,
 )
 from .objectstore import ObjectStore, open_object_store
-from .pipeline import Pipeline, Progress, default_threads
+from .pipeline import Pipeline, Progress, WriteResult, default_threads
 from .refs import RefKind, RefStore
 from .retention import Retention, greater_is_better_for
 from .usage import Usage
@@ -414,22 +415,15 @@ class Store:
         asynchronous commit first waits for the one before it, so at most one snapshot is held.
         Unsupported values still raise from the call itself.
         """
-        branch = check_ref_name(branch or self.config.default_branch, kind="branch")
-        tags = [self._check_tag_name(t) for t in tags]
-        self._check_namespace(RefKind.BRANCH, [branch])
-        self._check_namespace(RefKind.TAG, tags)
-        metrics_f = check_metrics(dict(metrics or {}))
-        metadata = dict(metadata or {})
-        pack_value(metadata, path="metadata")  # refuse bad metadata before anything is written
+        publish = self.publisher(
+            message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
+            best_metric=best_metric, greater_is_better=greater_is_better,
+        )  # fmt: skip
 
         def finish(manifest: Manifest, sources: dict) -> Commit:
             with writing(self.objects):  # a collector deletes nothing until the branch has moved
-                commit = self._write_commit(manifest, sources, branch=branch, message=message, metadata=metadata, metrics=metrics_f, progress=progress)
-            self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
-            for tag in tags:
-                self._advance_tag(tag, commit, newer=lambda current: False)
-            self._maybe_move_best(commit, best_metric, greater_is_better)
-            return commit
+                written = self.write_chunks(manifest, sources, progress=progress)
+                return publish(manifest, written)
 
         if blocking:
             manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
@@ -455,11 +449,49 @@ class Store:
             self._async_pending = future
         return future
 
-    def _write_commit(self, manifest: Manifest, sources: dict, *, branch: str, message: str, metadata: dict, metrics: dict[str, float], progress: Progress | None) -> Commit:
-        """Chunks → manifest → commit object → branch ref."""
-        written = self.pipeline.write_blobs(
+    def write_chunks(self, manifest: Manifest, sources: dict[int, BlobSource], *, progress: Progress | None = None) -> WriteResult:
+        """Store the chunks of ``sources`` (from :func:`~ckptstore.manifest.encode_state`) and
+        fill in the manifest's chunk lists. Idempotent. Call it inside
+        :func:`ckptstore.lease.writing` and publish before leaving it."""
+        return self.pipeline.write_blobs(
             manifest, sources, chunk_size_bytes=self.config.chunk_size_bytes, compression_level=self.config.compression_level, progress=progress
         )
+
+    def publisher(
+        self,
+        *,
+        message: str = "",
+        branch: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+        best_metric: str | None = None,
+        greater_is_better: bool | None = None,
+    ) -> Callable[[Manifest, WriteResult], Commit]:
+        """Check the options of a commit now (nothing is written), and return the function
+        that publishes a manifest whose chunks are stored: manifest → commit object → branch
+        ref (the commit point) → ``latest``, ``tags``, ``best``. :meth:`commit` and the
+        multi-process writers of :mod:`ckptstore.distributed` use it."""
+        branch = check_ref_name(branch or self.config.default_branch, kind="branch")
+        tags = [self._check_tag_name(t) for t in tags]
+        self._check_namespace(RefKind.BRANCH, [branch])
+        self._check_namespace(RefKind.TAG, tags)
+        metrics_f = check_metrics(dict(metrics or {}))
+        metadata = dict(metadata or {})
+        pack_value(metadata, path="metadata")  # refuse bad metadata before anything is written
+
+        def publish(manifest: Manifest, written: WriteResult) -> Commit:
+            commit = self._write_commit(manifest, written, branch=branch, message=message, metadata=metadata, metrics=metrics_f)
+            self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
+            for tag in tags:
+                self._advance_tag(tag, commit, newer=lambda current: False)
+            self._maybe_move_best(commit, best_metric, greater_is_better)
+            return commit
+
+        return publish
+
+    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict, metrics: dict[str, float]) -> Commit:
+        """Manifest → commit object → branch ref, for chunks already stored."""
         manifest_raw = manifest.to_bytes()
         manifest_id = content_id(manifest_raw)
         manifest_is_new = self._put_object(Kind.MANIFEST, manifest_key(manifest_id), manifest_raw)
