@@ -348,10 +348,14 @@ def draw_graph(
             for i, lane in enumerate(lanes):
                 if lane is not None and i not in joining:
                     row[2 * i] = "|"
+            for i in joining:  # "_" across what lies between (as git draws it), then "/"
+                for gap in range(2 * col + 1, 2 * i - 1):
+                    if row[gap] == " " and gap % 2:
+                        row[gap] = "_"
             for i in joining:
                 row[2 * i - 1] = "/"  # between this column and the one before it
-                for gap in range(2 * col + 1, 2 * i - 1, 2):
-                    row[gap] = "_"  # crossing the columns in between, as git draws it
+                if 2 * i - 2 > 2 * col and row[2 * i - 2] == " ":
+                    row[2 * i - 2] = "_"
             out.append("".join(row).rstrip())
             for i in joining:
                 lanes[i] = None
