@@ -12,6 +12,7 @@ name can make an export write outside its directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -127,10 +128,21 @@ TRAINER_FILES = {"optimizer.pt": "optimizer", "scheduler.pt": "scheduler", "scal
 WEIGHT_FILES = ("pytorch_model.bin",)
 
 
+#: NumPy arrays (a Trainer's ``rng_state.pth`` holds ``np.random.get_state()``), allowed in
+#: ``weights_only`` loads as transformers allows them: they rebuild arrays, never run code.
+NUMPY_SAFE_GLOBALS = [
+    (np._core if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+    *(type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)),
+]  # fmt: skip
+
+
 def load_weights_only(path: str) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, no code."""
+    """``torch.load(path, weights_only=True)``: tensors, plain containers and NumPy arrays
+    only, no code."""
+    allow_numpy = torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS) if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with allow_numpy:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
         raise IntegrityError(f"{path} cannot be loaded with weights_only=True: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
