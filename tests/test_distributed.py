@@ -14,6 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import ckptstore
+import ckptstore.distributed
 from ckptstore.distributed import StoreReader
 from tests.dist_worker import reference
 
@@ -78,3 +79,18 @@ def test_replicated_tensors_are_stored_once(saved):
     chunk_raw = usage.unique_raw_bytes
     assert chunk_raw <= data_bytes + 4 * 2048  # every distinct byte once
     assert store.fsck(read_data=True).ok
+
+
+def test_dcp_async_save_into_a_store(tmp_path):
+    """dcp.async_save stages the state, then writes through the StoreWriter in the background."""
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=1024, inline_threshold_bytes=128)
+    state = {"w": torch.randn(100, 10), "n": 3}
+    before = state["w"].clone()
+    writer = ckptstore.distributed.StoreWriter(store, message="async")
+    future = dcp.async_save(state, storage_writer=writer)
+    state["w"].add_(1)  # training goes on
+    future.result()
+    out = {"w": torch.zeros(100, 10), "n": 0}
+    dcp.load(out, storage_reader=StoreReader(store, "latest"))
+    assert torch.equal(out["w"], before) and out["n"] == 3
+    assert writer.commit is not None and store.tags()["latest"] == writer.commit.id
