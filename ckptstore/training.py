@@ -123,6 +123,15 @@ class Checkpointer:
         self.branch = branch or os.environ.get(BRANCH_ENV) or None
         self.user: dict[str, Any] = {}
 
+    @classmethod
+    def from_env(cls, url: str | None = None, *, ref: str | None = None, branch: str | None = None, **components: Any) -> Checkpointer:
+        """A checkpointer on the store at ``url``, else ``$CKPTSTORE_URL``, else ``./ckpts``
+        (created if missing): a relaunched job resumes on a new machine without code
+        changes, from S3 say, given the same environment."""
+        from .store import open_store
+
+        return cls(open_store(url or os.environ.get(URL_ENV) or "ckpts"), ref=ref, branch=branch, **components)
+
     def state(self, step: int) -> dict[str, Any]:
         """What :meth:`save` commits."""
         return {**self.components, RNG_KEY: capture_rng_state(), STEP_KEY: step, USER_KEY: self.user}

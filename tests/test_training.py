@@ -100,3 +100,12 @@ def test_sampler_resumes_mid_epoch():
     rest_a, rest_b = list(it), list(iter(b))
     assert rest_a == rest_b and sorted(head + rest_a) == data
     assert list(iter(a)) == list(iter(b)) != head + rest_a  # the next epoch: same, reshuffled
+
+
+def test_from_env_opens_the_store_named_by_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CKPTSTORE_URL", str(tmp_path / "from-env"))
+    model = torch.nn.Linear(2, 2)
+    run = Checkpointer.from_env(model=model)
+    run.save(3)
+    again = Checkpointer.from_env(model=torch.nn.Linear(2, 2))
+    assert again.store.url == str(tmp_path / "from-env") and again.resume() == 3
