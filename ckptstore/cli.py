@@ -21,7 +21,7 @@ import click
 
 from . import __version__
 from .commit import Commit
-from .errors import CkptStoreError, StoreNotFound, UnknownRef
+from .errors import CkptStoreError, StoreNotFound
 from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from .store import LATEST, Diff, Store, open_store

@@ -381,7 +381,7 @@ class LocalObjectStore(ObjectStore):
         removed = 0
         cutoff = time.time() - older_than_s
         with _translated("", "clean up temp files of"):
-            for key, path in self._walk("", hidden=True):
+            for _key, path in self._walk("", hidden=True):
                 if not os.path.basename(path).startswith(".tmp-"):
                     continue
                 with contextlib.suppress(FileNotFoundError):
