@@ -822,7 +822,7 @@ def run_memory(args, report: dict) -> None:
         os.sync()
         c = child(args, "mem_commit", store, extra=extra)
         _log(f"memory: commit {c['seconds']:.1f}s, extra peak RSS {c['extra_peak_rss'] / MiB:,.0f} MiB")
-        os.sync()
+        evict(store)  # cold: the store's files out of the page cache
         co = child(args, "mem_checkout", store, extra=extra)
         _log(f"memory: checkout {co['seconds']:.1f}s, extra peak RSS {co['extra_peak_rss'] / MiB:,.0f} MiB")
         out.append({"commit": c, "checkout": co})
@@ -977,7 +977,7 @@ def summarize(report: dict, args) -> str:
             lim_c = c["budget"] + 256 * MiB
             lim_co = state + c["budget"] + 256 * MiB
             extra.append(f"| commit (state already in RSS) | {c['seconds']:.1f} | {state / GB / c['seconds']:.2f} | {c['rss_before'] / MiB:,.0f} | {c['peak_rss'] / MiB:,.0f} | {c['extra_peak_rss'] / MiB:,.0f} | {lim_c / MiB:,.0f} |")
-            extra.append(f"| checkout (into an empty process) | {co['seconds']:.1f} | {state / GB / co['seconds']:.2f} | {co['rss_before'] / MiB:,.0f} | {co['peak_rss'] / MiB:,.0f} | {co['extra_peak_rss'] / MiB:,.0f} | {lim_co / MiB:,.0f} |")
+            extra.append(f"| checkout, cold (into an empty process) | {co['seconds']:.1f} | {state / GB / co['seconds']:.2f} | {co['rss_before'] / MiB:,.0f} | {co['peak_rss'] / MiB:,.0f} | {co['extra_peak_rss'] / MiB:,.0f} | {lim_co / MiB:,.0f} |")
             check("(5) commit: peak RSS ≤ state + budget + 256 MiB", c["peak_rss"] - c["rss_interp"] <= state + lim_c,
                   f"peak − interpreter = {(c['peak_rss'] - c['rss_interp']) / MiB:,.0f} MiB ≤ {(state + lim_c) / MiB:,.0f} MiB; growth over the state {c['extra_peak_rss'] / MiB:,.0f} MiB")  # fmt: skip
             check("(5) checkout: peak RSS ≤ state + budget + 256 MiB", co["extra_peak_rss"] <= lim_co,
@@ -1048,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="ckptbench-io-", dir="/tmp")
     os.makedirs(args.workdir, exist_ok=True)
     os.environ["CKPTSTORE_CACHE_DIR"] = os.path.join(args.workdir, "cache")  # S3 catalogs
-    report: dict[str, Any] = {"load_start": os.getloadavg()}
+    report: dict[str, Any] = {"load_start": os.getloadavg(), "machine": machine_info("/tmp")}  # the commit measured: HEAD at the start
     t0 = time.perf_counter()
     try:
         report["load_start_wait"] = wait_for_quiet(args.max_load, args.max_wait_s)
@@ -1067,7 +1067,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.workdir, ignore_errors=True)
     report["total_s"] = time.perf_counter() - t0
     report["load_end"] = os.getloadavg()
-    report["machine"] = machine_info("/tmp")
+    head_end = machine_info("/tmp").get("ckptstore_commit")
+    if head_end != report["machine"].get("ckptstore_commit"):
+        report["machine"]["ckptstore_commit_at_end"] = head_end
     if args.json:  # the raw runs first, so that they survive a failure in the summary
         report["args"] = {k: v for k, v in vars(args).items() if k not in ("op", "target", "result", "verify")}
         with open(args.json, "w") as f:
@@ -1076,7 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
     m = report["machine"]
     cmd = "python bench/io.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (
-        f"Command: `{cmd.strip()}`; ckptstore at {m.get('ckptstore_commit', 'unknown commit')}; "
+        f"Command: `{cmd.strip()}`; ckptstore at {m.get('ckptstore_commit', 'unknown commit')}"
+        + (f" (HEAD was {m['ckptstore_commit_at_end']} at the end)" if m.get("ckptstore_commit_at_end") else "") + "; "
         f"{m.get('nproc')} CPUs ({m.get('cpu')}), {m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM, {(m.get('filesystem') or {}).get('type')} on "
         f"{(m.get('filesystem') or {}).get('device')}, Python {m.get('python')}, torch {m.get('torch')}, safetensors {m.get('safetensors')}; "
         f"load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in report['load_start'])}, at end {'/'.join(f'{x:.2f}' for x in report['load_end'])}; "
