@@ -21,7 +21,7 @@ Every measured operation runs in its own subprocess (this script re-invoked with
 that prepares its input, resets the kernel's RSS high-water mark and then times the one
 operation, as bench/commit_checkout.py does.
 
-    python bench/io.py                    # everything but --memory (about 15 minutes)
+    python bench/io.py                    # everything but --memory (about 11 minutes here)
     python bench/io.py --memory           # the 6 GiB peak-RSS check
     python bench/io.py --quick            # small states, 1 repeat: checks the script works
 
@@ -44,7 +44,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from commit_checkout import (  # noqa: E402  (shared helpers: the GPT-2 state, RSS, fsync)
+from commit_checkout import (
     _reset_peak_rss,
     _ru_maxrss,
     _status_kb,
@@ -100,7 +100,7 @@ def resident_bytes(path: str) -> int | None:
         return None
     total = 0
     for start in range(0, len(files), 200):
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files[start : start + 200]], capture_output=True, text=True)
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files[start : start + 200]], capture_output=True, text=True, check=False)
         if out.returncode != 0:
             return None
         total += sum(int(x) for x in out.stdout.split())
@@ -227,8 +227,8 @@ def _store_kwargs(args, threads: int | None = None) -> dict:
 
 def _commit_stats(c) -> dict:
     s = c.stats
-    return dict(logical_bytes=s.logical_bytes, new_bytes=s.new_bytes, new_chunks=s.new_chunks,
-                reused_chunks=s.reused_chunks, reused_bytes=s.reused_bytes)  # fmt: skip
+    return {"logical_bytes": s.logical_bytes, "new_bytes": s.new_bytes, "new_chunks": s.new_chunks,
+            "reused_chunks": s.reused_chunks, "reused_bytes": s.reused_bytes}  # fmt: skip
 
 
 def _minflt() -> int:
@@ -281,8 +281,9 @@ class Measure:
         return False
 
     def result(self) -> dict:
-        return dict(seconds=self.seconds, cpu_s=self.cpu_s, minor_faults=self.minflt, steal_s=self.steal, others_cpu_s=self.others, wall=[self.wall0, self.wall1], rss_before=self.rss_before, peak_rss=self.peak,
-                    extra_peak_rss=self.peak - self.rss_before, peak_exact=self.exact)  # fmt: skip
+        return {"seconds": self.seconds, "cpu_s": self.cpu_s, "minor_faults": self.minflt, "steal_s": self.steal,
+                "others_cpu_s": self.others, "wall": [self.wall0, self.wall1], "rss_before": self.rss_before,
+                "peak_rss": self.peak, "extra_peak_rss": self.peak - self.rss_before, "peak_exact": self.exact}  # fmt: skip
 
 
 def run_child(args) -> dict:
@@ -300,21 +301,22 @@ def run_child(args) -> dict:
         for dtype, st in (("fp32", state), ("bf16", to_bf16(state))):
             torch.save(st, os.path.join(work, f"source-{dtype}.pt"))
             changed, n_candidates = pick_changed(st)
-            result[dtype] = dict(
-                logical_bytes=unique_storage_bytes(st),
-                n_tensors=sum(1 for _ in iter_tensors(st)),
-                n_candidates=n_candidates,
-                changed=[list(p) for p in changed],
-                changed_bytes=sum(get_path(st, p).nbytes for p in changed),
-            )
+            result[dtype] = {
+                "logical_bytes": unique_storage_bytes(st),
+                "n_tensors": sum(1 for _ in iter_tensors(st)),
+                "n_candidates": n_candidates,
+                "changed": [list(p) for p in changed],
+                "changed_bytes": sum(get_path(st, p).nbytes for p in changed),
+            }
         return result
 
     if args.op in ("moto_server", "latency_proxy"):
         return run_server(args)
 
-    import ckptstore
     import safetensors.torch as sft
     import torch.distributed.checkpoint as dcp
+
+    import ckptstore
 
     source = os.path.join(work, f"source-{args.dtype}.pt")
     if args.op.startswith("s3_"):
@@ -379,7 +381,7 @@ def run_child(args) -> dict:
     if args.op in ("ckpt_commit", "ckpt_recommit_1pct"):
         result["stats"] = _commit_stats(out)
         result["store_threads"] = store.pipeline.threads
-        result["store_config"] = dict(chunk_size_bytes=store.config.chunk_size_bytes, compression_level=store.config.compression_level)
+        result["store_config"] = {"chunk_size_bytes": store.config.chunk_size_bytes, "compression_level": store.config.compression_level}
     if args.verify and args.op in ("torch_load", "st_load", "dcp_load", "ckpt_checkout"):
         ref = torch.load(source, weights_only=True)
         if args.op == "st_load":
@@ -496,6 +498,12 @@ def run_memory_child(args, ckptstore) -> dict:
 # Moto server and the latency proxy (long-running children)
 
 
+def _write_port(path: str, port: int) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump({"port": port}, f)
+    os.replace(path + ".tmp", path)  # the parent never reads a half-written file
+
+
 def run_server(args) -> dict:
     """Start moto's S3 server or the latency proxy, write ``{"port": N}`` to ``--result``,
     and serve until killed."""
@@ -507,9 +515,7 @@ def run_server(args) -> dict:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
-        port = server.get_host_and_port()[1]
-        with open(args.result, "w") as f:
-            json.dump({"port": port}, f)
+        _write_port(args.result, server.get_host_and_port()[1])
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
         server.stop()
         raise SystemExit(0)
@@ -519,7 +525,7 @@ def run_server(args) -> dict:
     upstream_port = int(args.endpoint.rsplit(":", 1)[1])
     delay = args.latency_ms / 1000
     methods = (b"GET ", b"PUT ", b"HEAD ", b"POST ", b"DELETE ", b"OPTIONS ", b"PATCH ")
-    trace = open(args.trace, "a", buffering=1) if args.trace else None  # one line per request
+    trace = open(args.trace, "a", buffering=1) if args.trace else None  # noqa: SIM115  one line per request, open until killed
 
     async def handle(client_r, client_w):
         try:
@@ -565,9 +571,7 @@ def run_server(args) -> dict:
 
     async def main():
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        with open(args.result, "w") as f:
-            json.dump({"port": port}, f)
+        _write_port(args.result, server.sockets[0].getsockname()[1])
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -610,7 +614,7 @@ def child(args, op: str, target: str = "", **kw) -> dict:
     _counter[0] += 1
     result_path = os.path.join(args.workdir, f".result-{_counter[0]}.json")
     load = load1()
-    proc = subprocess.run(_child_cmd(args, op, target, result_path, **kw), env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(_child_cmd(args, op, target, result_path, **kw), env=_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"child {op} failed with exit status {proc.returncode}")
@@ -628,8 +632,7 @@ def start_server(args, op: str, extra: list[str] | None = None) -> tuple[subproc
         os.unlink(result_path)
     p = subprocess.Popen(_child_cmd(args, op, "", result_path, extra=extra), env=_env())
     for _ in range(600):
-        if os.path.exists(result_path) and os.path.getsize(result_path):
-            time.sleep(0.05)
+        if os.path.exists(result_path):
             with open(result_path) as f:
                 return p, json.load(f)["port"]
         if p.poll() is not None:
@@ -743,7 +746,6 @@ def run_async(args, report: dict) -> None:
 
 def run_s3(args, report: dict) -> None:
     import boto3
-
     import psutil
 
     moto, moto_port = start_server(args, "moto_server")
