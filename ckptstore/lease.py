@@ -33,7 +33,7 @@ import msgpack
 
 from .codec import Kind, decode_object, encode_object_bytes
 from .errors import CkptStoreError, CollectorBusy, ObjectNotFound, PreconditionFailed
-from .objectstore import ObjectStore
+from .objectstore import ObjectStore, pid_alive
 
 log = logging.getLogger("ckptstore.lease")
 
@@ -52,19 +52,9 @@ def _decode(data: bytes, key: str) -> dict:
     return doc
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _holder_dead(record: dict) -> bool:
     """Whether the process named by a record is known to be dead (only knowable on this host)."""
-    return record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) and not _pid_alive(record["pid"])
+    return record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) and not pid_alive(record["pid"])
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,8 @@ def _open_for_read(path: str) -> Any:
         raise FileNotFoundError(path) from exc
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -439,7 +440,7 @@ class LocalObjectStore(ObjectStore):
             age_s = time.time() - os.fstat(fd).st_mtime
             try:
                 pid_text, host, _ = content.decode().split()
-                dead = host == self._host and not _pid_alive(int(pid_text))
+                dead = host == self._host and not pid_alive(int(pid_text))
             except ValueError:  # its writer died before writing the stamp
                 dead = age_s > 1.0
             if not (dead or age_s > self.stale_lock_s):
