@@ -1,4 +1,4 @@
-"""Object frames (a versioned header + a raw or zstd body) and tensor ↔ bytes.
+"""Object frames (a versioned header + a body) and tensor ↔ bytes.
 
 Every stored object is a frame::
 
@@ -6,23 +6,52 @@ Every stored object is a frame::
     0       4     magic  b"CKPT"
     4       1     format version (1)
     5       1     kind: 1 chunk, 2 manifest, 3 commit, 4 ref, 5 config, 6 record
-    6       1     codec: 0 raw, 1 zstd
+    6       1     codec: 0 raw, 1 zstd, 2 grouped, 3 delta
     7       1     reserved (0)
     8       8     raw size in bytes (little endian)
     16      8     body size in bytes (little endian)
     24      ...   body
 
-Decoding distrusts its input: the header is checked (magic, version, kind, sizes) and the raw
-size is checked against what the caller expects *before* anything is decompressed, and
-decompression never produces more than the raw size.
+The body by codec:
+
+``raw``
+    The raw bytes.
+``zstd``
+    One zstd frame that declares its content size.
+``grouped``
+    The bytes of fixed-size values regrouped by position ("byte planes"): plane ``j`` holds
+    byte ``j`` of every value, so the sign and exponent bytes of floats, which vary little,
+    sit together and compress well, while mantissa bytes, which do not, are stored as they
+    are::
+
+        1 byte   group size k (2, 4 or 8: the bytes of one value)
+        k × 9    per plane: codec (0 raw, 1 zstd) and body size (u64, little endian)
+        ...      the plane bodies, then the last raw_size % k bytes as they are
+``delta``
+    The XOR of the raw bytes with those of a *base* chunk (the same tensor's chunk in the
+    parent commit), encoded as raw, zstd or grouped. For weights that a small learning rate
+    moves a little, the sign, exponent and high mantissa bits mostly cancel::
+
+        1 byte   chain length n (1 to MAX_DELTA_CHAIN)
+        n × 16   the base's id, then the base's own bases (nearest first), as digests
+        1 byte   codec of the residual (0 raw, 1 zstd, 2 grouped)
+        ...      the residual's body
+
+Chunk ids are the hash of the raw bytes whatever the codec, so the choice of codec never
+changes an id. Decoding distrusts its input: the header is checked (magic, version, kind,
+sizes) and the raw size against what the caller expects *before* anything is decompressed;
+no zstd frame may produce more than the size its place in the body allows.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from enum import IntEnum
+from typing import Literal
 
+import numpy as np
 import torch
 import zstandard
 
@@ -32,14 +61,29 @@ MAGIC = b"CKPT"
 OBJECT_FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sBBBBQQ")
 HEADER_SIZE = HEADER.size
+#: Longest chain of bases a delta may declare (a store's keyframe interval is far shorter).
+MAX_DELTA_CHAIN = 64
+GROUP_SIZES = (2, 4, 8)
+#: Bytes to read from the start of an object to learn its codec and, for a delta, its chain.
+CHAIN_PREFIX_BYTES = HEADER_SIZE + 1 + 16 * MAX_DELTA_CHAIN
 
+_PLANE = struct.Struct("<BQ")
+_ID_BYTES = 16
 #: Chunks smaller than this are never worth compressing.
 _MIN_COMPRESS_BYTES = 256
-#: Bytes of a chunk compressed first to decide whether the whole chunk is worth it.
+#: Bytes of a chunk (taken from four places) compressed first to choose its encoding.
 _SAMPLE_BYTES = 64 * 1024
-#: Keep zstd only if it saves at least this fraction. fp32 weights and Adam moments save
-#: about 8% at best, not worth the CPU on a commit's critical path; bf16 saves about 20-25%.
+#: Plain zstd is kept only if it saves at least this fraction: fp32 weights and Adam moments
+#: save about 8% at best, not worth the CPU on a commit's critical path.
 _MIN_SAVING = 0.15
+#: A byte plane is compressed only if that saves this fraction of it; grouping is kept only
+#: if the whole saves this much. The exponent plane of fp32 saves about 60% (a sixth of the
+#: chunk) for the cost of compressing a quarter of it.
+_MIN_PLANE_SAVING = 0.10
+_MIN_GROUPED_SAVING = 0.05
+#: With ``delta="auto"``, a delta is kept only if it is at most this fraction of the
+#: self-contained encoding: a delta costs a read of its chain on every checkout.
+_DELTA_MAX_FRACTION = 0.9
 
 
 class Kind(IntEnum):
@@ -54,18 +98,30 @@ class Kind(IntEnum):
 class Codec(IntEnum):
     RAW = 0
     ZSTD = 1
+    GROUPED = 2
+    DELTA = 3
 
 
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def _compressor(level: int, *, planes: bool = False) -> zstandard.ZstdCompressor:
+    """A per-thread zstd compressor. For byte planes at the usual levels (up to 3), zstd is
+    tuned to rely on entropy coding with a small match table: exponent planes have few long
+    repeats, and this is about 2.5× faster than level 1 and a little smaller."""
     cache = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    return cache[level]
+    if (level, planes) not in cache:
+        if planes and level <= 3:
+            params = zstandard.ZstdCompressionParameters(
+                window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7,
+                strategy=zstandard.STRATEGY_FAST, write_content_size=True,
+            )  # fmt: skip
+            cache[level, planes] = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            cache[level, planes] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level, planes]
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -75,34 +131,164 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def encode_object(kind: Kind, raw: bytes | memoryview, *, compression_level: int | None) -> list[bytes | memoryview]:
-    """Frame ``raw`` as an object of ``kind``; returns the parts to write in order.
+# --------------------------------------------------------------------------------------------
+# Encoding
 
-    With a ``compression_level``, zstd is used only where it pays: a sample is compressed
-    first, and the whole result is kept only if it is smaller by a useful margin. The raw
-    body is returned as a view, not copied.
+
+@dataclass(frozen=True)
+class DeltaBase:
+    """A chunk that another may be stored as a delta against: its raw bytes and its chain
+    (its own id first, then its bases, nearest first)."""
+
+    data: bytes | memoryview | np.ndarray
+    chain: tuple[str, ...]
+
+
+@dataclass
+class Encoded:
+    """A framed object: the ``parts`` to write in order, the codec chosen, and for a delta
+    the chunks it needs (its base first)."""
+
+    parts: list[bytes | memoryview]
+    codec: Codec
+    bases: tuple[str, ...] = ()
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """An encoding chosen on a sample: its codec, for ``grouped`` which planes to compress,
+    and the sample's estimated stored size."""
+
+    codec: Codec
+    compress_planes: tuple[bool, ...] = ()
+    estimate_bytes: int = 0
+
+
+def _planes(values: np.ndarray, group: int, scratch: np.ndarray | None = None) -> np.ndarray:
+    """``values`` (uint8) as ``group`` rows of byte planes, in ``scratch`` if it is given and
+    large enough (a fresh buffer costs a page fault per 4 KiB, more than the copy itself);
+    trailing bytes are left out."""
+    count = len(values) // group
+    if scratch is None or len(scratch) < count * group:
+        scratch = np.empty(count * group, dtype=np.uint8)
+    out = scratch[: count * group].reshape(group, count)
+    grid = values[: count * group].reshape(count, group)
+    for j in range(group):
+        out[j] = grid[:, j]
+    return out
+
+
+def _sample(values: np.ndarray, group: int) -> np.ndarray:
+    """About ``_SAMPLE_BYTES`` of ``values`` from four places, each a whole number of values."""
+    if len(values) <= 2 * _SAMPLE_BYTES:
+        return values
+    piece = (_SAMPLE_BYTES // 4) // group * group
+    starts = [(len(values) - piece) * i // 3 // group * group for i in range(4)]
+    return np.concatenate([values[s : s + piece] for s in starts])
+
+
+def _plan(sample: np.ndarray, *, group: int, level: int) -> _Plan:
+    """The encoding that stores ``sample`` smallest, among raw, zstd and (for ``group`` > 1)
+    grouped, each kept only where it saves enough to pay for its CPU."""
+    compressor = _compressor(level)
+    best = _Plan(Codec.RAW, estimate_bytes=len(sample))
+    plain = len(compressor.compress(sample))
+    if plain < (1 - _MIN_SAVING) * len(sample):
+        best = _Plan(Codec.ZSTD, estimate_bytes=plain)
+    if group > 1 and len(sample) >= group:
+        planes = _planes(sample, group)
+        chosen, total = [], len(sample) - planes.size
+        plane_compressor = _compressor(level, planes=True)
+        for plane in planes:
+            size = len(plane_compressor.compress(plane))
+            chosen.append(size < (1 - _MIN_PLANE_SAVING) * len(plane))
+            total += size if chosen[-1] else len(plane)
+        if any(chosen) and total < best.estimate_bytes and total < (1 - _MIN_GROUPED_SAVING) * len(sample):
+            best = _Plan(Codec.GROUPED, tuple(chosen), total)
+    return best
+
+
+def _encode_body(values: np.ndarray, plan: _Plan, *, group: int, level: int, scratch: np.ndarray | None) -> tuple[Codec, list[bytes | memoryview]]:
+    """Encode ``values`` as ``plan`` says; falls back to raw where that is not smaller."""
+    raw = [memoryview(values)]
+    if plan.codec is Codec.ZSTD:
+        body = _compressor(level).compress(values)
+        return (Codec.ZSTD, [body]) if len(body) < len(values) else (Codec.RAW, raw)
+    if plan.codec is Codec.GROUPED:
+        planes = _planes(values, group, scratch)
+        table, bodies = [bytes([group])], []
+        for plane, compress in zip(planes, plan.compress_planes):
+            body: bytes | memoryview = memoryview(plane)
+            codec = Codec.RAW
+            if compress:
+                packed = _compressor(level, planes=True).compress(plane)
+                if len(packed) < len(plane):
+                    body, codec = packed, Codec.ZSTD
+            table.append(_PLANE.pack(codec, len(body)))
+            bodies.append(body)
+        parts = [b"".join(table), *bodies, memoryview(values[planes.size :])]
+        if sum(len(p) for p in parts) < len(values):
+            return Codec.GROUPED, parts
+    return Codec.RAW, raw
+
+
+def encode_object(
+    kind: Kind,
+    raw: bytes | memoryview,
+    *,
+    compression_level: int | None,
+    group_bytes: int = 1,
+    base: DeltaBase | None = None,
+    delta: Literal["on", "auto"] = "auto",
+    scratch: np.ndarray | None = None,
+) -> Encoded:
+    """Frame ``raw`` as an object of ``kind``.
+
+    With a ``compression_level``, the encoding is chosen on a sample: raw, zstd, or (for
+    values of ``group_bytes`` 2, 4 or 8 bytes, i.e. floats) byte planes with zstd where they
+    compress. With a ``base`` of the same size, the XOR against it is stored instead when
+    ``delta="on"``, or when it is clearly smaller with ``delta="auto"``. A raw body is
+    returned as a view of ``raw``, not copied. Deterministic: the same arguments give the
+    same bytes. ``scratch``: a uint8 buffer (of ``2 * len(raw)`` bytes for deltas) that the
+    returned parts may view, so it must not be reused until they are written.
     """
     view = memoryview(raw).cast("B")
-    raw_size = len(view)
-    body: bytes | memoryview = view
-    codec = Codec.RAW
-    if compression_level is not None and raw_size >= _MIN_COMPRESS_BYTES:
-        compressor = _compressor(compression_level)
-        worth_trying = True
-        if raw_size > 2 * _SAMPLE_BYTES:
-            sample = view[:_SAMPLE_BYTES]
-            worth_trying = len(compressor.compress(sample)) < (1 - _MIN_SAVING) * len(sample)
-        if worth_trying:
-            compressed = compressor.compress(view)
-            if len(compressed) < (1 - _MIN_SAVING) * raw_size:
-                body, codec = compressed, Codec.ZSTD
-    header = HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, kind, codec, 0, raw_size, len(body))
-    return [header, body]
+    values = np.frombuffer(view, dtype=np.uint8)
+    group = group_bytes if group_bytes in GROUP_SIZES else 1
+    if compression_level is None or len(values) < _MIN_COMPRESS_BYTES:
+        return Encoded(_frame(kind, Codec.RAW, len(values), [view]), Codec.RAW)
+    sample = _sample(values, group)
+    plan = _plan(sample, group=group, level=compression_level)
+    if base is not None and len(base.data) == len(values) and 1 <= len(base.chain) <= MAX_DELTA_CHAIN:
+        base_values = np.frombuffer(base.data, dtype=np.uint8)
+        residual_plan = _plan(sample ^ _sample(base_values, group), group=group, level=compression_level)
+        if delta == "on" or residual_plan.estimate_bytes <= _DELTA_MAX_FRACTION * plan.estimate_bytes:
+            n = len(values)
+            room = scratch is not None and len(scratch) >= 2 * n
+            residual = np.bitwise_xor(values, base_values, out=scratch[n : 2 * n] if room else None)
+            codec, body = _encode_body(residual, residual_plan, group=group, level=compression_level, scratch=scratch)
+            prefix = bytes([len(base.chain)]) + b"".join(bytes.fromhex(c) for c in base.chain) + bytes([codec])
+            return Encoded(_frame(kind, Codec.DELTA, len(values), [prefix, *body]), Codec.DELTA, base.chain)
+    codec, body = _encode_body(values, plan, group=group, level=compression_level, scratch=scratch)
+    return Encoded(_frame(kind, codec, len(values), body), codec)
+
+
+def _frame(kind: Kind, codec: Codec, raw_size: int, body: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    body_size = sum(len(p) for p in body)
+    return [HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, kind, codec, 0, raw_size, body_size), *body]
 
 
 def encode_object_bytes(kind: Kind, raw: bytes, *, compression_level: int | None) -> bytes:
     """:func:`encode_object` joined into one ``bytes`` (for small objects)."""
-    return b"".join(encode_object(kind, raw, compression_level=compression_level))
+    return b"".join(encode_object(kind, raw, compression_level=compression_level).parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
 
 
 def read_header(data: bytes | memoryview, *, key: str, kind: Kind) -> tuple[Codec, int, int]:
@@ -121,37 +307,143 @@ def read_header(data: bytes | memoryview, *, key: str, kind: Kind) -> tuple[Code
         raise IntegrityError(f"object is of kind {found_kind}, expected {kind.name.lower()}", key=key)
     if _reserved != 0:
         raise IntegrityError("object header has a nonzero reserved byte", key=key)
-    if codec not in (Codec.RAW, Codec.ZSTD):
+    if codec not in Codec.__members__.values():
         raise UnsupportedFormat(f"object {key} uses unknown codec {codec}")
+    if codec == Codec.DELTA and kind != Kind.CHUNK:
+        raise IntegrityError("only chunks may be stored as deltas", key=key)
     return Codec(codec), raw_size, body_size
 
 
-def decode_object(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_size: int, path: str | None = None) -> bytes | memoryview:
-    """Check and unframe an object; return its raw bytes.
+@dataclass(frozen=True)
+class Frame:
+    """A checked frame: the raw size, the body's codec and body, and for a delta its bases
+    (``codec`` is then the residual's codec and ``body`` the residual's body)."""
+
+    codec: Codec
+    raw_size: int
+    body: memoryview
+    bases: tuple[str, ...] = ()
+
+
+def delta_chain(body_prefix: bytes | memoryview, *, key: str, path: str | None = None) -> tuple[tuple[str, ...], Codec, int]:
+    """Parse the start of a delta's body: ``(bases, residual codec, prefix length)``."""
+    if not len(body_prefix):
+        raise IntegrityError("delta body is empty", key=key, path=path)
+    n = body_prefix[0]
+    end = 1 + n * _ID_BYTES
+    if not 1 <= n <= MAX_DELTA_CHAIN:
+        raise IntegrityError(f"delta declares a chain of {n} bases (1 to {MAX_DELTA_CHAIN} allowed)", key=key, path=path)
+    if len(body_prefix) < end + 1:
+        raise IntegrityError("delta body is truncated in its chain", key=key, path=path)
+    bases = tuple(bytes(body_prefix[1 + i * _ID_BYTES : 1 + (i + 1) * _ID_BYTES]).hex() for i in range(n))
+    inner = body_prefix[end]
+    if inner not in (Codec.RAW, Codec.ZSTD, Codec.GROUPED):
+        raise IntegrityError(f"delta residual has codec {inner}", key=key, path=path)
+    if len(set(bases)) != n:
+        raise IntegrityError("delta chain repeats a base", key=key, path=path)
+    return bases, Codec(inner), end + 1
+
+
+def parse_frame(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_size: int, path: str | None = None) -> Frame:
+    """Check a whole object's header and sizes (nothing is decompressed).
 
     ``max_raw_size`` bounds what the header may declare (the expected size of a chunk, or a
-    cap for manifests and commits); a larger declaration is refused before decompressing.
+    cap for manifests and commits); a larger declaration is refused.
     """
     codec, raw_size, body_size = read_header(data, key=key, kind=kind)
     if raw_size > max_raw_size:
         raise IntegrityError(f"object declares {raw_size} bytes, at most {max_raw_size} expected", key=key, path=path)
-    body = memoryview(data)[HEADER_SIZE:]
+    body = memoryview(data).cast("B")[HEADER_SIZE:]
     if len(body) != body_size:
         raise IntegrityError(f"object body is {len(body)} bytes, header says {body_size}", key=key, path=path)
-    if codec is Codec.RAW:
-        if body_size != raw_size:
-            raise IntegrityError("raw object size does not match its header", key=key, path=path)
-        return body
+    if codec is Codec.DELTA:
+        bases, inner, prefix = delta_chain(body, key=key, path=path)
+        return Frame(inner, raw_size, body[prefix:], bases)
+    return Frame(codec, raw_size, body)
+
+
+def _decompress(body: memoryview, size: int, *, key: str, path: str | None) -> bytes:
+    """One zstd frame that must declare and produce exactly ``size`` bytes."""
     try:
         declared = zstandard.frame_content_size(body)
-        if declared != raw_size:
-            raise IntegrityError(f"zstd frame declares {declared} bytes, header says {raw_size}", key=key, path=path)
-        out = _decompressor().decompress(body, max_output_size=raw_size)
+        if declared != size:
+            raise IntegrityError(f"zstd frame declares {declared} bytes, {size} expected", key=key, path=path)
+        out = _decompressor().decompress(body, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"zstd frame is corrupt: {exc}", key=key, path=path) from exc
-    if len(out) != raw_size:
-        raise IntegrityError(f"decompressed {len(out)} bytes, header says {raw_size}", key=key, path=path)
+    if len(out) != size:
+        raise IntegrityError(f"decompressed {len(out)} bytes, {size} expected", key=key, path=path)
     return out
+
+
+def _put(target: np.ndarray, data: bytes | memoryview | np.ndarray, *, xor: bool) -> None:
+    source = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    if xor:
+        np.bitwise_xor(target, source, out=target)
+    else:
+        target[:] = source
+
+
+def decode_into(frame: Frame, target: np.ndarray, *, xor: bool = False, key: str, path: str | None = None) -> None:
+    """Write the frame's decoded body into ``target`` (uint8, ``frame.raw_size`` long), or
+    XOR it into ``target`` (which holds the base, for a delta's residual)."""
+    size, body = frame.raw_size, frame.body
+    if len(target) != size:
+        raise ValueError(f"target is {len(target)} bytes, the object {size}")
+    if frame.codec is Codec.RAW:
+        if len(body) != size:
+            raise IntegrityError(f"raw body is {len(body)} bytes, {size} expected", key=key, path=path)
+        _put(target, body, xor=xor)
+    elif frame.codec is Codec.ZSTD:
+        _put(target, _decompress(body, size, key=key, path=path), xor=xor)
+    elif frame.codec is Codec.GROUPED:
+        _decode_grouped(body, target, xor=xor, key=key, path=path)
+    else:
+        raise IntegrityError(f"codec {frame.codec.name.lower()} cannot hold a body", key=key, path=path)
+
+
+def _decode_grouped(body: memoryview, target: np.ndarray, *, xor: bool, key: str, path: str | None) -> None:
+    if not len(body) or body[0] not in GROUP_SIZES:
+        raise IntegrityError(f"grouped body has group size {body[0] if len(body) else None}", key=key, path=path)
+    group = body[0]
+    table_end = 1 + group * _PLANE.size
+    if len(body) < table_end:
+        raise IntegrityError("grouped body is truncated in its plane table", key=key, path=path)
+    planes = [_PLANE.unpack_from(body, 1 + j * _PLANE.size) for j in range(group)]
+    count, tail = divmod(len(target), group)
+    if table_end + sum(n for _, n in planes) + tail != len(body):
+        raise IntegrityError("grouped body sizes do not add up", key=key, path=path)
+    grid = target[: count * group].reshape(count, group)
+    offset = table_end
+    for j, (codec, n) in enumerate(planes):
+        data = body[offset : offset + n]
+        offset += n
+        if codec == Codec.ZSTD:
+            plane: bytes | memoryview = _decompress(data, count, key=key, path=path)
+        elif codec == Codec.RAW and n == count:
+            plane = data
+        else:
+            raise IntegrityError(f"byte plane {j} has codec {codec} and {n} bytes", key=key, path=path)
+        _put(grid[:, j], plane, xor=xor)
+    if tail:
+        _put(target[count * group :], body[offset:], xor=xor)
+
+
+def decode_object(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_size: int, path: str | None = None) -> bytes | memoryview:
+    """Check and unframe a self-contained object; return its raw bytes (a delta chunk needs
+    its bases: read it with :class:`ckptstore.pipeline.ChunkReader`)."""
+    frame = parse_frame(data, key=key, kind=kind, max_raw_size=max_raw_size, path=path)
+    if frame.bases:
+        raise IntegrityError("object is a delta; it is read through its bases", key=key, path=path)
+    if frame.codec is Codec.RAW:
+        if len(frame.body) != frame.raw_size:
+            raise IntegrityError("raw object size does not match its header", key=key, path=path)
+        return frame.body
+    if frame.codec is Codec.ZSTD:
+        return _decompress(frame.body, frame.raw_size, key=key, path=path)
+    out = np.empty(frame.raw_size, dtype=np.uint8)
+    decode_into(frame, out, key=key, path=path)
+    return memoryview(out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class CommitStats:
     ``logical_bytes``: bytes of the checkpoint (tensor data, each shared storage once, plus
     the encoded tree). ``new_bytes``: bytes this commit added to the store (new chunks as
     stored, compressed or not, plus a new manifest). ``reused_bytes``: raw bytes of chunks
-    that were already stored.
+    that were already stored. ``delta_chunks``: new chunks stored as deltas against the
+    parent's.
     """
 
     logical_bytes: int = 0
@@ -35,6 +36,7 @@ class CommitStats:
     new_chunks: int = 0
     reused_chunks: int = 0
     reused_bytes: int = 0
+    delta_chunks: int = 0
 
     @property
     def dedup_ratio(self) -> float:
@@ -44,7 +46,8 @@ class CommitStats:
         return math.inf if fresh <= 0 else self.logical_bytes / fresh
 
     def to_list(self) -> list[int]:
-        return [self.logical_bytes, self.new_bytes, self.new_chunks, self.reused_chunks, self.reused_bytes]
+        fields = [self.logical_bytes, self.new_bytes, self.new_chunks, self.reused_chunks, self.reused_bytes]
+        return fields + [self.delta_chunks] if self.delta_chunks else fields  # as before deltas, where none
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
             and isinstance(doc["metadata"], bytes)
             and isinstance(metrics, dict)
             and all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items())
-            and isinstance(stats, list) and len(stats) == 5 and all(type(s) is int for s in stats)
+            and isinstance(stats, list) and len(stats) in (5, 6) and all(type(s) is int for s in stats)
         )  # fmt: skip
         if not ok:
             raise ValueError("a field has the wrong type")

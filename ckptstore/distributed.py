@@ -17,6 +17,7 @@ stored as plain values in the commit's tree, never pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Mapping
 from typing import Any
@@ -65,13 +66,7 @@ DCP_FORMAT = 1
 
 
 def _sum_writes(parts: list[ChunkWrites]) -> ChunkWrites:
-    out = ChunkWrites()
-    for w in parts:
-        out.new_chunks += w.new_chunks
-        out.new_bytes += w.new_bytes
-        out.reused_chunks += w.reused_chunks
-        out.reused_bytes += w.reused_bytes
-    return out
+    return ChunkWrites(*(sum(getattr(w, f.name) for w in parts) for f in dataclasses.fields(ChunkWrites)))
 
 
 def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup | None = None, coordinator: int = 0, **commit_options: Any) -> Commit:

@@ -17,7 +17,16 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .codec import HEADER_SIZE, Kind, decode_object, read_header
+import numpy as np
+
+from .codec import (
+    CHAIN_PREFIX_BYTES,
+    HEADER_SIZE,
+    Codec,
+    Kind,
+    delta_chain,
+    read_header,
+)
 from .commit import Commit
 from .errors import CkptStoreError, IntegrityError, UnsupportedFormat
 from .gc import (
@@ -33,7 +42,8 @@ from .gc import (
     shallow_key,
 )
 from .ids import content_id
-from .manifest import Manifest, path_under
+from .manifest import ChunkRef, Manifest, path_under
+from .pipeline import ChunkReader
 from .refs import RefKind
 
 
@@ -148,7 +158,7 @@ def check(
     report.commits = len(commits)
 
     # Manifests and the chunks each commit needs.
-    needed_chunks: dict[str, tuple[int, str, str | None]] = {}  # chunk id → (size, commit, path)
+    needed_chunks: dict[str, tuple[ChunkRef, str, str | None]] = {}  # chunk id → (ref, commit, path)
     manifests: dict[str, Manifest | None] = {}
     referenced: set[str] = {commit_key(c) for c in commits}
     for cid, commit in sorted(commits.items()):
@@ -176,7 +186,9 @@ def check(
                 first_path.setdefault(entry.blob, entry.path)
         for index, path in first_path.items():
             for ref in manifest.blobs[index].chunks:
-                needed_chunks.setdefault(ref.id, (ref.size, cid, path))
+                needed_chunks.setdefault(ref.id, (ref, cid, path))
+                for depth, base in enumerate(ref.bases):
+                    needed_chunks.setdefault(base, (ChunkRef(base, ref.size, ref.bases[depth + 1 :]), cid, path))
     for cid in commits:
         if shallow_key(cid) in listing:
             referenced.add(shallow_key(cid))
@@ -192,26 +204,33 @@ def check(
             ids = rng.sample(ids, max(1, round(len(ids) * read_data_subset))) if ids else []
         to_read = set(ids)
 
+    reader = ChunkReader(objects)
+
     def check_chunk(chunk_id: str) -> tuple[Problem | None, int]:
-        size, cid, path = needed_chunks[chunk_id]
+        ref, cid, path = needed_chunks[chunk_id]
         key = chunk_key(chunk_id)
         referenced.add(key)
         info = listing.get(key)
         if info is None:
             return Problem("chunk", "chunk is missing", key=key, commit=cid, path=path), 0
         try:
-            if chunk_id in to_read:
-                raw = decode_object(objects.get(key), key=key, kind=Kind.CHUNK, max_raw_size=size, path=path)
-                if len(raw) != size or content_id(raw) != chunk_id:
-                    raise IntegrityError("chunk content does not match its id", key=key, path=path)
-                return None, size
-            _, raw_size, body_size = read_header(objects.get_range(key, 0, HEADER_SIZE), key=key, kind=Kind.CHUNK)
-            if raw_size != size:
-                raise IntegrityError(f"chunk header declares {raw_size} bytes, the manifest {size}", key=key, path=path)
+            if chunk_id in to_read:  # every byte, through the delta chain
+                reader.read_into(ref, np.empty(ref.size, dtype=np.uint8), path=path)
+                return None, ref.size
+            prefix = objects.get_range(key, 0, CHAIN_PREFIX_BYTES)
+            codec, raw_size, body_size = read_header(prefix, key=key, kind=Kind.CHUNK)
+            if raw_size != ref.size:
+                raise IntegrityError(f"chunk header declares {raw_size} bytes, the manifest {ref.size}", key=key, path=path)
             if info.size_bytes != HEADER_SIZE + body_size:
                 raise IntegrityError(f"chunk is {info.size_bytes} bytes stored, its header says {HEADER_SIZE + body_size}", key=key, path=path)
+            bases = delta_chain(memoryview(prefix)[HEADER_SIZE:], key=key, path=path)[0] if codec is Codec.DELTA else ()
+            if bases != ref.bases:
+                raise IntegrityError(f"chunk is read through {list(bases)}, its manifest records {list(ref.bases)}", key=key, path=path)
         except (CkptStoreError, ValueError) as exc:
-            return Problem("chunk", _reason(exc), key=key, commit=cid, path=path), 0
+            reason, failed = _reason(exc), getattr(exc, "key", None)
+            if failed and failed != key:  # the delta is sound, one of its bases is not
+                reason = f"its delta base {failed} is damaged: {reason}"
+            return Problem("chunk", reason, key=key, commit=cid, path=path), 0
         return None, 0
 
     done = 0

@@ -46,7 +46,7 @@ from .ids import is_full_id
 from .lease import CollectorLease, writers
 from .manifest import Manifest, path_under
 from .objectstore import ObjectInfo, ObjectStore
-from .pipeline import Progress
+from .pipeline import Progress, chunk_key
 from .refs import RefKind, RefStore
 from .retention import CommitInfo, Retention, policy_for
 
@@ -67,10 +67,6 @@ def commit_key(commit_id: str) -> str:
 
 def manifest_key(manifest_id: str) -> str:
     return f"manifests/{manifest_id[:2]}/{manifest_id}"
-
-
-def chunk_key(chunk_id: str) -> str:
-    return f"chunks/{chunk_id[:2]}/{chunk_id}"
 
 
 def demotion_key(commit_id: str) -> str:
@@ -194,22 +190,22 @@ class Repository(Protocol):
 
 
 def manifest_chunks(repo: Repository, manifest_id: str) -> dict[str, int]:
-    """Chunk id → raw size for every chunk a manifest uses (from the catalog's chunk-usage
-    index, filled from the manifest on first use)."""
+    """Chunk id → raw size for every chunk a manifest uses, delta bases included (from the
+    catalog's chunk-usage index, filled from the manifest on first use)."""
     cached = repo.catalog.manifest_chunks(manifest_id)
     if cached is not None:
         return cached
-    chunks = {c.id: c.size for b in repo.get_manifest(manifest_id).blobs for c in b.chunks}
+    chunks = repo.get_manifest(manifest_id).chunk_sizes()
     repo.catalog.add_manifest_chunks(manifest_id, chunks)
     return chunks
 
 
 def kept_chunks(manifest: Manifest, dropped: Iterable[str]) -> set[str]:
-    """The chunks a manifest still needs once the components under ``dropped`` are gone: a
-    blob stays if any tensor outside them uses it."""
+    """The chunks a manifest still needs once the components under ``dropped`` are gone (a
+    blob stays if any tensor outside them uses it), delta bases included."""
     dropped = tuple(dropped)
     needed_blobs = {e.blob for e in manifest.tensors if not any(path_under(e.path, p) for p in dropped)}
-    return {c.id for i in needed_blobs for c in manifest.blobs[i].chunks}
+    return set(manifest.chunk_sizes(needed_blobs))
 
 
 @dataclass

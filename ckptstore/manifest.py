@@ -11,7 +11,10 @@ A state (nested dicts, lists, tuples, scalars, tensors, numpy arrays) is encoded
 ``blobs``
     Byte buffers: a tensor's bytes, or one storage shared by several tensors (tied weights,
     views), stored once. A blob is either inlined (small) or a list of chunks
-    ``[chunk id, raw size]`` of at most ``chunk_size_bytes`` each.
+    ``[chunk id, raw size]`` of at most ``chunk_size_bytes`` each; a chunk stored as a delta
+    is ``[chunk id, raw size, [base ids, nearest first]]``, so that what a manifest needs is
+    known without reading its chunks (format version 2; a manifest without deltas is
+    written as version 1).
 
 Decoding distrusts its input: every field is type- and range-checked against the others
 before any tensor is built.
@@ -32,11 +35,12 @@ import msgpack
 import numpy as np
 import torch
 
-from .codec import DTYPE_NAMES, DTYPES, tensor_bytes
+from .codec import DTYPE_NAMES, DTYPES, MAX_DELTA_CHAIN, tensor_bytes
 from .errors import CkptStoreError, IntegrityError, UnsupportedFormat, UnsupportedValue
 from .ids import is_full_id
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2
+READABLE_MANIFEST_FORMATS = (1, 2)
 MAX_DEPTH = 200
 #: Tuples, OrderedDicts and dicts with int keys nest as msgpack extensions, which the C
 #: decoder recurses into with a large stack frame each; their nesting is capped lower.
@@ -67,8 +71,15 @@ class TensorKind(IntEnum):
 
 @dataclass(frozen=True)
 class ChunkRef:
+    """A chunk of a blob: its id and raw size, and if it is stored as a delta, the chunks it
+    is read through (its base first)."""
+
     id: str
     size: int
+    bases: tuple[str, ...] = ()
+
+    def _doc(self) -> list:
+        return [self.id, self.size, list(self.bases)] if self.bases else [self.id, self.size]
 
 
 @dataclass
@@ -125,11 +136,24 @@ class Manifest:
         return sum(b.size for b in self.blobs) + len(self.tree)
 
     def chunk_ids(self) -> set[str]:
-        return {c.id for b in self.blobs for c in b.chunks}
+        """Every chunk this manifest needs, delta bases included."""
+        return set(self.chunk_sizes())
+
+    def chunk_sizes(self, blobs: Iterable[int] | None = None) -> dict[str, int]:
+        """Chunk id → raw size for every chunk the given blobs (default: all) need, delta
+        bases included (a base has the size of the chunk it is a base of)."""
+        out: dict[str, int] = {}
+        for index in range(len(self.blobs)) if blobs is None else blobs:
+            for c in self.blobs[index].chunks:
+                out[c.id] = c.size
+                for base in c.bases:
+                    out.setdefault(base, c.size)
+        return out
 
     def to_bytes(self) -> bytes:
+        deltas = any(c.bases for b in self.blobs for c in b.chunks)
         doc = {
-            "format": MANIFEST_FORMAT_VERSION,
+            "format": MANIFEST_FORMAT_VERSION if deltas else 1,
             "tree": self.tree,
             "tensors": [
                 [t.path, t.dtype, list(t.shape), None if t.stride is None else list(t.stride),
@@ -137,7 +161,7 @@ class Manifest:
                 for t in self.tensors
             ],
             "blobs": [
-                [b.size, [[c.id, c.size] for c in b.chunks], b.inline] for b in self.blobs
+                [b.size, [c._doc() for c in b.chunks], b.inline] for b in self.blobs
             ],
         }  # fmt: skip
         return msgpack.packb(doc, use_bin_type=True)
@@ -490,6 +514,7 @@ class _ManifestReader:
 
     def __init__(self, key: str) -> None:
         self.key = key
+        self.version = MANIFEST_FORMAT_VERSION
 
     def fail(self, what: str) -> IntegrityError:
         return IntegrityError(f"malformed manifest: {what}", key=self.key)
@@ -502,11 +527,12 @@ class _ManifestReader:
         if not isinstance(doc, dict):
             raise self.fail("not a map")
         version = doc.get("format")
-        if version != MANIFEST_FORMAT_VERSION:
+        if version not in READABLE_MANIFEST_FORMATS:
             raise UnsupportedFormat(
                 f"manifest {self.key} has format version {version!r}; this version of "
-                f"ckptstore reads version {MANIFEST_FORMAT_VERSION}"
+                f"ckptstore reads versions {', '.join(map(str, READABLE_MANIFEST_FORMATS))}"
             )
+        self.version = version
         tree, raw_tensors, raw_blobs = doc.get("tree"), doc.get("tensors"), doc.get("blobs")
         if not isinstance(tree, bytes) or not isinstance(raw_tensors, list) or not isinstance(raw_blobs, list):
             raise self.fail("missing tree, tensors or blobs")
@@ -522,9 +548,16 @@ class _ManifestReader:
             raise self.fail("blob size or chunk list")
         refs = []
         for c in chunks:
-            if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and is_full_id(c[0]) and _is_count(c[1])):
+            if not (isinstance(c, list) and len(c) in (2, 3) and isinstance(c[0], str) and is_full_id(c[0]) and _is_count(c[1])):
                 raise self.fail("chunk reference")
-            refs.append(ChunkRef(c[0], c[1]))
+            bases: tuple[str, ...] = ()
+            if len(c) == 3:
+                if self.version < 2 or not isinstance(c[2], list) or not 1 <= len(c[2]) <= MAX_DELTA_CHAIN:
+                    raise self.fail("delta bases of a chunk")
+                bases = tuple(c[2])
+                if not all(isinstance(b, str) and is_full_id(b) for b in bases) or len({c[0], *bases}) != len(bases) + 1:
+                    raise self.fail("delta bases of a chunk")
+            refs.append(ChunkRef(c[0], c[1], bases))
         if inline is not None:
             if not isinstance(inline, bytes) or len(inline) != size or refs:
                 raise self.fail("inline blob size")

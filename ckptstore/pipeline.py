@@ -1,28 +1,54 @@
 """Parallel chunk I/O under a byte budget.
 
 Writing: each blob is cut into fixed-size chunks; a thread pool hashes each chunk, skips it if
-the store has it, else compresses it and writes it create-only. Reading: chunks are fetched,
-unframed, re-hashed against their id and copied into a preallocated buffer. xxhash, zstd and
-file I/O release the GIL, so the pool uses every core. At most ``max_inflight_bytes`` of raw
-chunk data is staged at once, so memory stays bounded whatever the checkpoint's size.
+the store has it, else encodes it (see :mod:`ckptstore.codec`: raw, zstd, byte planes, or a
+delta against the same chunk of the parent commit) and writes it create-only. Reading: chunks
+are fetched, unframed (a delta through its chain of bases), re-hashed against their id and
+written into a preallocated buffer. xxhash, zstd, numpy and file I/O release the GIL, so the
+pool uses every core. At most ``max_inflight_bytes`` of raw chunk data is staged at once, so
+memory stays bounded whatever the checkpoint's size.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
-from .codec import HEADER_SIZE, Codec, Kind, decode_object, encode_object, read_header
+from .codec import (
+    CHAIN_PREFIX_BYTES,
+    DTYPES,
+    HEADER_SIZE,
+    MAX_DELTA_CHAIN,
+    Codec,
+    DeltaBase,
+    Frame,
+    Kind,
+    decode_into,
+    delta_chain,
+    encode_object,
+    parse_frame,
+    read_header,
+)  # fmt: skip
 from .errors import IntegrityError, ObjectNotFound
 from .ids import content_id
-from .manifest import BlobSource, ChunkRef, Manifest
+from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
 from .objectstore import ObjectStore
+
+log = logging.getLogger("ckptstore")
+
+#: When to store a chunk as a delta against the parent commit's: never, whenever there is a
+#: base, or where it is clearly smaller.
+DeltaMode = Literal["off", "on", "auto"]
+DELTA_MODES = ("off", "on", "auto")
 
 #: ``progress(phase, done, total)``: called as long work advances (bytes, for commit and
 #: checkout), from worker threads but never concurrently.
@@ -68,15 +94,138 @@ class WriteResult:
     new_bytes: int = 0
     reused_chunks: int = 0
     reused_bytes: int = 0
+    delta_chunks: int = 0
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers, reused from chunk to chunk (a fresh buffer costs a page fault per
+    4 KiB, more than the work done in it)."""
+
+    def get(self, name: str, size: int) -> np.ndarray:
+        buffer = self.__dict__.get(name)
+        if buffer is None or len(buffer) < size:
+            buffer = self.__dict__[name] = np.empty(size, dtype=np.uint8)
+        return buffer[:size]
+
+
+class RecentChunks:
+    """The raw bytes of recently written chunks that may serve as delta bases, least recently
+    used first out, at most ``limit_bytes`` in all; so a commit's deltas need not read the
+    parent's chunks back. Thread-safe."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._chunks: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, chunk_id: str) -> np.ndarray | None:
+        with self._lock:
+            data = self._chunks.get(chunk_id)
+            if data is not None:
+                self._chunks.move_to_end(chunk_id)
+            return data
+
+    def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray) -> None:
+        """Keep a copy of ``data`` (the caller's buffer may change afterwards)."""
+        if len(data) > self.limit_bytes:
+            return
+        copy = np.array(np.frombuffer(data, dtype=np.uint8))
+        with self._lock:
+            if chunk_id in self._chunks:
+                self._chunks.move_to_end(chunk_id)
+                return
+            self._chunks[chunk_id] = copy
+            self._bytes += len(copy)
+            while self._bytes > self.limit_bytes:
+                _, old = self._chunks.popitem(last=False)
+                self._bytes -= len(old)
+
+
+class ChunkReader:
+    """Reads chunks verified against their ids, following delta chains."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self._objects = objects
+
+    def bases_of(self, chunk_id: str) -> tuple[str, ...] | None:
+        """The chain a stored chunk is read through (``()`` if self-contained), or ``None``
+        if the store lacks it. One small ranged read."""
+        key = chunk_key(chunk_id)
+        try:
+            prefix = self._objects.get_range(key, 0, CHAIN_PREFIX_BYTES)
+        except ObjectNotFound:
+            return None
+        codec, _, _ = read_header(prefix, key=key, kind=Kind.CHUNK)
+        if codec is not Codec.DELTA:
+            return ()
+        return delta_chain(memoryview(prefix)[HEADER_SIZE:], key=key)[0]
+
+    def read_into(self, ref: ChunkRef, target: np.ndarray, *, path: str | None = None, needed_by: str | None = None) -> None:
+        """Fill ``target`` (uint8, ``ref.size`` long) with the chunk's bytes, checked against
+        its id. A delta's bases are read first, one object body in memory at a time, and
+        must be the chain ``ref.bases`` records. Corruption raises :class:`IntegrityError`
+        naming the object and ``path``."""
+        key = chunk_key(ref.id)
+        try:
+            f = self._objects.reader(key)
+        except ObjectNotFound:
+            where = f" (needed by {needed_by})" if needed_by else ""
+            raise IntegrityError(f"chunk is missing{where}", key=key, path=path) from None
+        with f:
+            codec, raw_size, body_size = read_header(f.read(HEADER_SIZE), key=key, kind=Kind.CHUNK)
+            if raw_size != ref.size:
+                raise IntegrityError(f"chunk declares {raw_size} bytes, {ref.size} expected", key=key, path=path)
+            if codec is Codec.DELTA:
+                first = f.read(1)
+                prefix = first + f.read(first[0] * 16 + 1) if first else first
+                bases, inner, prefix_size = delta_chain(prefix, key=key, path=path)
+                if bases != ref.bases:
+                    raise IntegrityError(f"chunk is a delta against {bases[0]}, its manifest records {ref.bases or 'none'}", key=key, path=path)
+                self.read_into(ChunkRef(bases[0], ref.size, bases[1:]), target, path=path, needed_by=key)
+                body = f.read()
+                if len(body) != body_size - prefix_size:
+                    raise IntegrityError(f"object body is {len(body) + prefix_size} bytes, header says {body_size}", key=key, path=path)
+                decode_into(Frame(inner, raw_size, memoryview(body), bases), target, xor=True, key=key, path=path)
+            else:
+                if ref.bases:
+                    raise IntegrityError(f"chunk is self-contained, its manifest records it as a delta against {ref.bases[0]}", key=key, path=path)
+                if not (codec is Codec.RAW and body_size == raw_size and _read_exactly(f, memoryview(target)) and not f.read(1)):
+                    f.seek(0)  # compressed, or malformed: parse_frame checks it and names the fault
+                    frame = parse_frame(f.read(), key=key, kind=Kind.CHUNK, max_raw_size=ref.size, path=path)
+                    decode_into(frame, target, key=key, path=path)
+        if content_id(target) != ref.id:
+            raise IntegrityError("chunk content does not match its id", key=key, path=path)
+
+
+def value_bytes(manifest: Manifest) -> dict[int, int]:
+    """Blob index → the size of the floating-point values it holds (2 for bf16, 4 for fp32;
+    a complex number's parts), for blobs of floats: what byte grouping groups by."""
+    out: dict[int, int] = {}
+    for entry in manifest.tensors:
+        if entry.blob in out:
+            continue
+        if entry.kind is TensorKind.NDARRAY:
+            dtype = np.dtype(entry.dtype)
+            floats, size = dtype.kind in "fc", dtype.itemsize // (2 if dtype.kind == "c" else 1)
+        else:
+            torch_dtype = DTYPES[entry.dtype]
+            floats = torch_dtype.is_floating_point or torch_dtype.is_complex
+            size = torch_dtype.itemsize // (2 if torch_dtype.is_complex else 1)
+        out[entry.blob] = size if floats else 1
+    return out
 
 
 class Pipeline:
     """Writes and reads the chunks of manifests with a pool of ``threads``."""
 
-    def __init__(self, objects: ObjectStore, *, threads: int, max_inflight_bytes: int) -> None:
+    def __init__(self, objects: ObjectStore, *, threads: int, max_inflight_bytes: int, recent_chunks_bytes: int = 1 << 30) -> None:
         self._objects = objects
         self.threads = threads
         self.max_inflight_bytes = max_inflight_bytes
+        self.reader = ChunkReader(objects)
+        self.recent = RecentChunks(recent_chunks_bytes)
+        self._scratch = _Scratch()
 
     def _run(self, tasks: Iterable[tuple[int, Callable[[], object]]], *, progress: Progress | None = None, phase: str = "", total_bytes: int = 0) -> list[object]:
         """Run ``(staged_bytes, fn)`` tasks in the pool under the byte budget; return their
@@ -117,29 +266,86 @@ class Pipeline:
         return [f.result() for f in futures]
 
     def write_blobs(
-        self, manifest: Manifest, sources: dict[int, BlobSource], *, chunk_size_bytes: int, compression_level: int | None, progress: Progress | None = None
+        self,
+        manifest: Manifest,
+        sources: dict[int, BlobSource],
+        *,
+        chunk_size_bytes: int,
+        compression_level: int | None,
+        parent_chunks: Mapping[int, list[ChunkRef]] | None = None,
+        delta: DeltaMode = "off",
+        max_delta_chain: int = 7,
+        progress: Progress | None = None,
     ) -> WriteResult:
         """Store the chunks of every blob in ``sources`` and fill in the manifest's chunk
-        lists. Idempotent; every chunk is durable when this returns."""
+        lists. Idempotent; every chunk is durable when this returns.
 
-        def store_chunk(view: memoryview) -> tuple[ChunkRef, bool, int]:
+        ``parent_chunks``: blob index → the chunks of the same tensor in the parent commit.
+        A chunk equal to the parent's is reused without a read; with ``delta`` on or auto, a
+        changed one may be stored as the XOR against the parent's chunk at the same place,
+        as long as that makes a chain of at most ``max_delta_chain`` bases (else it is stored
+        whole: a keyframe). A chunk the store already holds is reused as it is stored."""
+        if delta not in DELTA_MODES:
+            raise ValueError(f"delta must be one of {', '.join(DELTA_MODES)}, not {delta!r}")
+        if not 0 <= max_delta_chain <= MAX_DELTA_CHAIN:
+            raise ValueError(f"max_delta_chain must be between 0 and {MAX_DELTA_CHAIN}")
+        parent_chunks = parent_chunks or {}
+        groups = value_bytes(manifest)
+
+        def base_for(parent: ChunkRef | None, size: int, group: int) -> DeltaBase | None:
+            if delta == "off" or parent is None or group == 1 or compression_level is None:
+                return None
+            if parent.size != size or len(parent.bases) + 1 > max_delta_chain:
+                return None
+            data = self.recent.get(parent.id)
+            if data is not None and not self._objects.exists(chunk_key(parent.id)):
+                data = None  # removed since (GC): never write a delta against a missing base
+            if data is None:
+                data = self._scratch.get("base", size)
+                try:
+                    self.reader.read_into(parent, data)
+                except IntegrityError as exc:  # the commit goes on, with a keyframe
+                    log.warning("chunk %s cannot serve as a delta base: %s", parent.id, exc)
+                    return None
+            return DeltaBase(data, (parent.id, *parent.bases))
+
+        def store_chunk(view: memoryview, parent: ChunkRef | None, group: int) -> tuple[ChunkRef, bool, int]:
             chunk_id = content_id(view)
-            key = chunk_key(chunk_id)
-            if self._objects.exists(key):
-                return ChunkRef(chunk_id, len(view)), False, 0
-            parts = encode_object(Kind.CHUNK, view, compression_level=compression_level)
-            written = self._objects.put_if_absent(key, parts)
-            return ChunkRef(chunk_id, len(view)), written, sum(len(p) for p in parts) if written else 0
+            size = len(view)
+            keep_recent = delta != "off" and group > 1
+            if parent is not None and parent.id == chunk_id and self._objects.exists(chunk_key(chunk_id)):
+                known: tuple[str, ...] | None = parent.bases
+            else:
+                known = self.reader.bases_of(chunk_id)
+            if known is None:
+                encoded = encode_object(
+                    Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
+                    base=base_for(parent, size, group), delta="on" if delta == "on" else "auto",
+                    scratch=self._scratch.get("encode", 2 * size),
+                )  # fmt: skip
+                if self._objects.put_if_absent(chunk_key(chunk_id), encoded.parts):
+                    if keep_recent:
+                        self.recent.put(chunk_id, view)
+                    return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
+                known = self.reader.bases_of(chunk_id)  # another writer stored it first
+                if known is None:
+                    raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
+            if keep_recent:
+                self.recent.put(chunk_id, view)
+            return ChunkRef(chunk_id, size, known), False, 0
 
         order: list[int] = []
 
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index, source in sources.items():
                 data = source.data
-                for start in range(0, len(data), chunk_size_bytes):
+                parents = parent_chunks.get(index, [])
+                group = groups.get(index, 1)
+                for position, start in enumerate(range(0, len(data), chunk_size_bytes)):
                     view = data[start : start + chunk_size_bytes]
+                    parent = parents[position] if position < len(parents) else None
                     order.append(index)
-                    yield len(view), (lambda v=view: store_chunk(v))
+                    yield len(view), (lambda v=view, p=parent, g=group: store_chunk(v, p, g))
 
         total = sum(len(source.data) for source in sources.values())
         results = self._run(tasks(), progress=progress, phase="commit", total_bytes=total)
@@ -151,6 +357,7 @@ class Pipeline:
             if written:
                 out.new_chunks += 1
                 out.new_bytes += stored
+                out.delta_chunks += bool(ref.bases)
             else:
                 out.reused_chunks += 1
                 out.reused_bytes += ref.size
@@ -164,24 +371,6 @@ class Pipeline:
             first_path.setdefault(entry.blob, entry.path)
         buffers: dict[int, torch.Tensor] = {}
 
-        def fetch(ref: ChunkRef, target: memoryview, path: str | None) -> None:
-            key = chunk_key(ref.id)
-            try:
-                f = self._objects.reader(key)
-            except ObjectNotFound:
-                raise IntegrityError(f"chunk is missing (needed by manifest {manifest_key})", key=key, path=path) from None
-            with f:
-                codec, raw_size, body_size = read_header(f.read(HEADER_SIZE), key=key, kind=Kind.CHUNK)
-                if codec is Codec.RAW and raw_size == body_size == ref.size and _read_exactly(f, target) and not f.read(1):
-                    raw: bytes | memoryview = target  # read straight into place: no staging copy
-                else:  # compressed, or malformed: decode_object checks it and names the fault
-                    f.seek(0)
-                    raw = decode_object(f.read(), key=key, kind=Kind.CHUNK, max_raw_size=ref.size, path=path)
-            if len(raw) != ref.size or content_id(raw) != ref.id:
-                raise IntegrityError("chunk content does not match its id", key=key, path=path)
-            if raw is not target:
-                target[:] = raw
-
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index in blob_indices:
                 blob = manifest.blobs[index]
@@ -191,12 +380,13 @@ class Pipeline:
                     if blob.size:
                         buffer.numpy()[:] = memoryview(blob.inline)
                     continue
-                view = memoryview(buffer.numpy()).cast("B") if blob.size else memoryview(b"")
+                values = buffer.numpy()
+                path = first_path.get(index)
                 offset = 0
                 for ref in blob.chunks:
-                    target = view[offset : offset + ref.size]
+                    target = values[offset : offset + ref.size]
                     offset += ref.size
-                    yield ref.size, (lambda r=ref, t=target, p=first_path.get(index): fetch(r, t, p))
+                    yield ref.size, (lambda r=ref, t=target, p=path: self.reader.read_into(r, t, path=p, needed_by=manifest_key))
 
         total = sum(sum(c.size for c in manifest.blobs[i].chunks) for i in blob_indices if manifest.blobs[i].inline is None)
         self._run(tasks(), progress=progress, phase="checkout", total_bytes=total)

@@ -30,10 +30,11 @@ import torch
 
 from .catalog import Catalog
 from .codec import DTYPES as DTYPES_BY_NAME
-from .codec import Kind, decode_object, encode_object_bytes
+from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
 from .commit import Commit, CommitStats, check_metrics, decode_commit, encode_commit
 from .errors import (
     AmbiguousRef,
+    CkptStoreError,
     ComponentsUnavailable,
     IntegrityError,
     InvalidRefName,
@@ -77,6 +78,7 @@ from .ids import (
 from .lease import writing
 from .manifest import (
     BlobSource,
+    ChunkRef,
     KeySelection,
     Manifest,
     TensorEntry,
@@ -88,7 +90,14 @@ from .manifest import (
     unpack_value,
 )
 from .objectstore import ObjectStore, open_object_store
-from .pipeline import Pipeline, Progress, WriteResult, default_threads
+from .pipeline import (
+    DELTA_MODES,
+    DeltaMode,
+    Pipeline,
+    Progress,
+    WriteResult,
+    default_threads,
+)
 from .refs import RefKind, RefStore
 from .retention import Retention, greater_is_better_for
 from .usage import Usage
@@ -119,6 +128,11 @@ class StoreConfig:
     chunk_size_bytes: int = 16 << 20
     inline_threshold_bytes: int = 64 << 10
     compression_level: int | None = 3
+    #: Store changed float chunks as deltas against the parent commit's: "off", "on" or
+    #: "auto" (where clearly smaller); a keyframe at least every ``delta_keyframe_interval``
+    #: commits bounds a checkout to that many objects per chunk.
+    delta: str = "off"
+    delta_keyframe_interval: int = 8
     default_branch: str = "main"
     best_metric: str = "eval_loss"
     greater_is_better: bool | None = None
@@ -141,6 +155,8 @@ class StoreConfig:
         known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
         config = cls(**known)
         check_hash_algorithm(config.hash)
+        if config.delta not in DELTA_MODES or not isinstance(config.delta_keyframe_interval, int) or config.delta_keyframe_interval < 1:
+            raise IntegrityError(f"malformed store config: delta {config.delta!r}, keyframe interval {config.delta_keyframe_interval!r}", key=CONFIG_KEY)
         return config
 
 
@@ -204,13 +220,14 @@ class Store:
         catalog_path: str | None,
         threads: int,
         max_inflight_bytes: int,
+        delta_base_cache_bytes: int = 1 << 30,
         max_ref_retries: int = 100,
     ) -> None:
         self.objects = objects
         self.config = config
         self.refs = RefStore(objects)
         self.catalog = Catalog(catalog_path)
-        self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes)
+        self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes, recent_chunks_bytes=delta_base_cache_bytes)
         self.max_ref_retries = max_ref_retries
         self._async_lock = threading.Lock()
         self._async_pending: Future[Commit] | None = None
@@ -396,6 +413,7 @@ class Store:
         greater_is_better: bool | None = None,
         progress: Progress | None = None,
         blocking: bool = True,
+        delta: DeltaMode | None = None,
     ) -> Commit | Future[Commit]:
         """Store ``state`` as a new commit on ``branch`` (default: the store's default branch,
         created if missing) and return it.
@@ -414,7 +432,11 @@ class Store:
         ``future.result()`` returns the :class:`Commit` or raises its error. A second
         asynchronous commit first waits for the one before it, so at most one snapshot is held.
         Unsupported values still raise from the call itself.
+
+        ``delta`` ("off", "on", "auto"; default: the store's setting) stores changed float
+        chunks as deltas against the branch head's (see :mod:`ckptstore.codec`).
         """
+        _check_delta_mode(delta)
         publish = self.publisher(
             message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
             best_metric=best_metric, greater_is_better=greater_is_better,
@@ -422,7 +444,8 @@ class Store:
 
         def finish(manifest: Manifest, sources: dict) -> Commit:
             with writing(self.objects):  # a collector deletes nothing until the branch has moved
-                written = self.write_chunks(manifest, sources, progress=progress)
+                head = self.refs.get(RefKind.BRANCH, branch or self.config.default_branch)
+                written = self.write_chunks(manifest, sources, progress=progress, parent=head, delta=delta)
                 return publish(manifest, written)
 
         if blocking:
@@ -449,13 +472,54 @@ class Store:
             self._async_pending = future
         return future
 
-    def write_chunks(self, manifest: Manifest, sources: dict[int, BlobSource], *, progress: Progress | None = None) -> WriteResult:
+    def write_chunks(
+        self,
+        manifest: Manifest,
+        sources: dict[int, BlobSource],
+        *,
+        progress: Progress | None = None,
+        parent: str | None = None,
+        delta: DeltaMode | None = None,
+    ) -> WriteResult:
         """Store the chunks of ``sources`` (from :func:`~ckptstore.manifest.encode_state`) and
         fill in the manifest's chunk lists. Idempotent. Call it inside
-        :func:`ckptstore.lease.writing` and publish before leaving it."""
+        :func:`ckptstore.lease.writing` and publish before leaving it.
+
+        ``parent``: a commit whose tensors of the same key path, dtype and shape are the
+        bases of deltas (with ``delta``, default the store's setting) and whose unchanged
+        chunks are reused without reading them."""
+        _check_delta_mode(delta)
         return self.pipeline.write_blobs(
-            manifest, sources, chunk_size_bytes=self.config.chunk_size_bytes, compression_level=self.config.compression_level, progress=progress
+            manifest,
+            sources,
+            chunk_size_bytes=self.config.chunk_size_bytes,
+            compression_level=self.config.compression_level,
+            parent_chunks=self._parent_chunks(manifest, parent) if parent else None,
+            delta=delta or self.config.delta,  # type: ignore[arg-type]
+            max_delta_chain=max(0, self.config.delta_keyframe_interval - 1),
+            progress=progress,
         )
+
+    def _parent_chunks(self, manifest: Manifest, parent: str) -> dict[int, list[ChunkRef]]:
+        """Blob index → the chunks of the same tensor (key path, dtype, shape, layout) in the
+        commit ``parent``, for blobs whose parent holds all its components."""
+        try:
+            commit = self.get_commit(parent)
+            old = self.get_manifest(commit.manifest)
+            dropped = dropped_components(self.objects, commit.id)
+        except CkptStoreError as exc:  # no bases then: the commit itself must not fail
+            log.warning("commit %s cannot serve as a delta base: %s", parent, exc)
+            return {}
+        by_path = {e.path: e for e in old.tensors if not any(path_under(e.path, d) for d in dropped)}
+        out: dict[int, list[ChunkRef]] = {}
+        for entry in manifest.tensors:
+            match = by_path.get(entry.path)
+            if entry.blob in out or match is None or old.blobs[match.blob].inline is not None:
+                continue
+            same = (match.dtype, match.shape, match.stride, match.offset, match.kind) == (entry.dtype, entry.shape, entry.stride, entry.offset, entry.kind)
+            if same and old.blobs[match.blob].size == manifest.blobs[entry.blob].size:
+                out[entry.blob] = old.blobs[match.blob].chunks
+        return out
 
     def publisher(
         self,
@@ -503,8 +567,9 @@ class Store:
             new_chunks=written.new_chunks,
             reused_chunks=written.reused_chunks,
             reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
+            delta_chunks=written.delta_chunks,
         )
-        self.catalog.add_manifest_chunks(manifest_id, {c.id: c.size for b in manifest.blobs for c in b.chunks})
+        self.catalog.add_manifest_chunks(manifest_id, manifest.chunk_sizes())
         return self._commit_onto_branch(branch, manifest_id, message, metadata, metrics, stats)
 
     def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
@@ -966,6 +1031,11 @@ def _values_differ(a: Any, b: Any) -> bool:
         return repr(a) != repr(b)
 
 
+def _check_delta_mode(delta: str | None) -> None:
+    if delta is not None and delta not in DELTA_MODES:
+        raise ValueError(f"delta must be one of {', '.join(DELTA_MODES)}, not {delta!r}")
+
+
 def open_store(
     url: str = "ckpts",
     *,
@@ -974,11 +1044,14 @@ def open_store(
     chunk_size_bytes: int | None = None,
     inline_threshold_bytes: int | None = None,
     compression_level: int | None | object = ...,
+    delta: DeltaMode | None = None,
+    delta_keyframe_interval: int | None = None,
     default_branch: str | None = None,
     best_metric: str | None = None,
     greater_is_better: bool | None = None,
     threads: int | None = None,
     max_inflight_bytes: int = 512 << 20,
+    delta_base_cache_bytes: int = 1 << 30,
     cache_dir: str | None = None,
 ) -> Store:
     """Open (and with ``create``, create if missing) the store at ``url``.
@@ -987,6 +1060,11 @@ def open_store(
     ``storage_options`` go to s3fs and are never logged. Settings given here are written
     into a new store's config; for an existing store they override the stored ones for this
     session (``chunk_size_bytes`` then only affects new writes).
+
+    ``delta`` ("off", the default; "on"; "auto") stores changed float chunks as XOR deltas
+    against the parent commit's, with a keyframe at least every ``delta_keyframe_interval``
+    commits; ``delta_base_cache_bytes`` of recently written chunks are kept in memory so that
+    the next commit need not read its bases back.
     """
     objects = open_object_store(url, storage_options=storage_options, create=create)
     overrides: dict[str, Any] = {
@@ -994,6 +1072,8 @@ def open_store(
         for k, v in {
             "chunk_size_bytes": chunk_size_bytes,
             "inline_threshold_bytes": inline_threshold_bytes,
+            "delta": delta,
+            "delta_keyframe_interval": delta_keyframe_interval,
             "default_branch": default_branch,
             "best_metric": best_metric,
             "greater_is_better": greater_is_better,
@@ -1004,6 +1084,9 @@ def open_store(
         overrides["compression_level"] = compression_level
     if "chunk_size_bytes" in overrides and overrides["chunk_size_bytes"] < 1:
         raise ValueError("chunk_size_bytes must be positive")
+    _check_delta_mode(delta)
+    if delta_keyframe_interval is not None and not 1 <= delta_keyframe_interval <= MAX_DELTA_CHAIN + 1:
+        raise ValueError(f"delta_keyframe_interval must be between 1 and {MAX_DELTA_CHAIN + 1}")
     if "default_branch" in overrides:
         check_ref_name(overrides["default_branch"], kind="branch")
     config = _load_or_create_config(objects, overrides, create=create)
@@ -1021,6 +1104,7 @@ def open_store(
         catalog_path=catalog_path,
         threads=threads or default_threads(objects),
         max_inflight_bytes=max_inflight_bytes,
+        delta_base_cache_bytes=delta_base_cache_bytes,
     )
 
 

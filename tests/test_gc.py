@@ -24,13 +24,34 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from states import TinyNet, assert_same, trained
 
 import ckptstore
 from ckptstore.codec import HEADER_SIZE
 from ckptstore.errors import CollectorBusy, ComponentsUnavailable, UnknownRef
-from ckptstore.gc import chunk_key, collect, commit_key, demotion_key, grafted_parents, manifest_key, shallow_key
-from ckptstore.lease import LEASE_KEY, WRITERS_PREFIX, CollectorLease, read_lease, writing
+from ckptstore.gc import (
+    chunk_key,
+    collect,
+    commit_key,
+    demotion_key,
+    grafted_parents,
+    manifest_key,
+    shallow_key,
+)
+from ckptstore.lease import (
+    LEASE_KEY,
+    WRITERS_PREFIX,
+    CollectorLease,
+    read_lease,
+    writing,
+)
 from ckptstore.retention import (
     AnyOf,
     CommitInfo,
@@ -41,8 +62,6 @@ from ckptstore.retention import (
     Policy,
     policy_for,
 )
-
-from states import TinyNet, assert_same, trained
 
 CHUNK = 4096
 INLINE = 256  # small tensors take the chunked path, as in test_store.py
@@ -92,7 +111,8 @@ def _under(path: str, prefix: str) -> bool:
 
 def needed_objects(store, kept, demoted, shallow=None) -> set[str]:
     """Every object the kept commits need, worked out from their manifests: commit,
-    manifest, the chunks of every blob some non-dropped tensor uses, demotion records, and a
+    manifest, the chunks of every blob some non-dropped tensor uses and the delta bases of
+    those chunks, demotion records, and a
     shallow record for each kept commit whose own parent is gone (or each of ``shallow``)."""
     kept = set(kept)
     out: set[str] = set()
@@ -103,6 +123,7 @@ def needed_objects(store, kept, demoted, shallow=None) -> set[str]:
         dropped = tuple(demoted.get(cid, ()))
         blobs = {e.blob for e in manifest.tensors if not any(_under(e.path, p) for p in dropped)}
         out |= {chunk_key(c.id) for i in blobs for c in manifest.blobs[i].chunks}
+        out |= {chunk_key(b) for i in blobs for c in manifest.blobs[i].chunks for b in c.bases}  # what deltas need
         if dropped:
             out.add(demotion_key(cid))
         if (cid in shallow) if shallow is not None else any(p not in kept for p in commit.parents):
@@ -207,10 +228,12 @@ class GcMachine(RuleBasedStateMachine):
     history follows them once GC removed some: the nearest kept ancestors), creation time,
     step and metrics; which commits are stored, and what GC dropped from each."""
 
+    store_options: dict = {}
+
     def __init__(self) -> None:
         super().__init__()
         self.url = memory_url("gc-machine")
-        self.store = open_store(self.url)
+        self.store = open_store(self.url, **self.store_options)
         self.order: list[str] = []  # every commit ever made, in creation order
         self.states: dict[str, dict] = {}
         self.info: dict[str, CommitInfo] = {}
@@ -267,6 +290,8 @@ class GcMachine(RuleBasedStateMachine):
         loss = params["loss"]
         metrics = {} if loss is None else {"eval_loss": loss}
         commit = self.store.commit(state, branch=branch, metadata={"step": params["step"]}, metrics=metrics)
+        if commit.stats.delta_chunks:
+            event("commit stored deltas")
         assert commit.parents == ((self.branches[branch],) if branch in self.branches else ())
         self.order.append(commit.id)
         self.states[commit.id] = state
@@ -515,14 +540,24 @@ class GcMachine(RuleBasedStateMachine):
                 fs.rm(root, recursive=True)
 
 
-TestGcMachine = GcMachine.TestCase
-TestGcMachine.settings = settings(
+class DeltaGcMachine(GcMachine):
+    """The same machine with every changed float chunk stored as a delta against the
+    parent's (a keyframe every 3 commits): GC must keep every base a kept delta needs."""
+
+    store_options = {"delta": "on", "delta_keyframe_interval": 3}
+
+
+_MACHINE_SETTINGS = settings(
     max_examples=25,
     stateful_step_count=15,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+TestGcMachine = GcMachine.TestCase
+TestGcMachine.settings = _MACHINE_SETTINGS
+TestDeltaGcMachine = DeltaGcMachine.TestCase
+TestDeltaGcMachine.settings = _MACHINE_SETTINGS
 
 
 # ============================================================================================

@@ -1,0 +1,323 @@
+"""Byte-grouped and delta encodings: bit-exact round trips for every dtype and codec, bounded
+delta chains, bases that survive, damaged bases that are detected."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from states import assert_same, every_dtype
+
+import ckptstore
+from ckptstore.codec import (
+    GROUP_SIZES,
+    HEADER_SIZE,
+    Codec,
+    DeltaBase,
+    Kind,
+    _encode_body,
+    _frame,
+    _Plan,
+    decode_into,
+    decode_object,
+    encode_object,
+    parse_frame,
+)
+from ckptstore.ids import content_id
+from ckptstore.pipeline import chunk_key
+
+SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
+EXAMPLES = 2000 if SOAK else 150
+
+
+def _join(parts) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+def _decode(framed: bytes, size: int, base: bytes | None = None) -> bytes:
+    frame = parse_frame(framed, key="k", kind=Kind.CHUNK, max_raw_size=size)
+    target = np.frombuffer(bytearray(base), dtype=np.uint8) if base is not None else np.empty(size, dtype=np.uint8)
+    decode_into(frame, target, xor=base is not None, key="k")
+    return target.tobytes()
+
+
+def _special_floats(dtype: torch.dtype, n: int, seed: int) -> bytes:
+    """Values with NaN payloads, both zeros, infinities and subnormals among normal ones."""
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(n, generator=g, dtype=torch.float64) * 10 ** torch.randint(-8, 8, (n,), generator=g)).to(dtype)
+    raw = bytearray(t.view(torch.uint8).numpy().tobytes())
+    size = t.element_size()
+    specials = {
+        2: [b"\x00\x80", b"\x01\x00", b"\x81\x7f", b"\xc1\xff", b"\x80\x7f", b"\x01\x7c", b"\x01\xfe"],
+        4: [struct.pack("<f", -0.0), struct.pack("<I", 1), struct.pack("<I", 0x7FC12345), struct.pack("<I", 0xFF812345), struct.pack("<f", float("inf"))],
+        8: [struct.pack("<d", -0.0), struct.pack("<Q", 1), struct.pack("<Q", 0x7FF8DEADBEEF0001), struct.pack("<d", float("-inf"))],
+    }.get(size, [])
+    for i, value in enumerate(specials * 3):
+        at = (i * 7919 % n) * size
+        raw[at : at + size] = value
+    return bytes(raw)
+
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("codec", [Codec.RAW, Codec.ZSTD, Codec.GROUPED])
+@pytest.mark.parametrize("n", [1, 3, 1000, 70_001])
+def test_every_codec_round_trips_special_floats_bit_exact(dtype, codec, n):
+    raw = _special_floats(dtype, n, seed=n)
+    group = torch.empty(0, dtype=dtype).element_size()
+    values = np.frombuffer(raw, dtype=np.uint8)
+    plan = _Plan(codec, (True,) * group)
+    chosen, body = _encode_body(values, plan, group=group, level=3, scratch=None)
+    framed = _join(_frame(Kind.CHUNK, chosen, len(raw), body))
+    assert _decode(framed, len(raw)) == raw
+    # The same values, encoded the way the codec chooses, and as a delta against others.
+    assert _decode(_join(encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=group).parts), len(raw)) == raw
+    base = _special_floats(dtype, n, seed=n + 1)
+    delta = encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=group, base=DeltaBase(base, (content_id(base),)), delta="on")
+    if len(raw) < 256:  # too small to be worth encoding at all
+        assert delta.codec is Codec.RAW and _decode(_join(delta.parts), len(raw)) == raw
+        return
+    assert delta.codec is Codec.DELTA and delta.bases == (content_id(base),)
+    assert _decode(_join(delta.parts), len(raw), base=base) == raw
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    raw=st.binary(min_size=0, max_size=5000),
+    group=st.sampled_from([1, *GROUP_SIZES, 3]),
+    level=st.sampled_from([None, 1, 3]),
+    codec=st.sampled_from([Codec.RAW, Codec.ZSTD, Codec.GROUPED]),
+    planes=st.lists(st.booleans(), min_size=8, max_size=8),
+    base=st.one_of(st.none(), st.binary(min_size=0, max_size=5000)),
+)
+def test_any_bytes_round_trip_through_any_codec_choice(raw, group, level, codec, planes, base):
+    """Any bit pattern (every NaN payload, negative zero, subnormals) of any value size comes
+    back bit-exact, whichever encoding is forced or chosen, as a delta or not."""
+    values = np.frombuffer(raw, dtype=np.uint8)
+    forced_group = group if group in GROUP_SIZES else 2
+    chosen, body = _encode_body(values, _Plan(codec, tuple(planes[:forced_group])), group=forced_group, level=level or 1, scratch=None)
+    assert _decode(_join(_frame(Kind.CHUNK, chosen, len(raw), body)), len(raw)) == raw
+    base_ok = base is not None and len(base) == len(raw)
+    delta_base = DeltaBase(base, (content_id(base),)) if base_ok else None
+    encoded = encode_object(Kind.CHUNK, raw, compression_level=level, group_bytes=group, base=delta_base, delta="on")
+    framed = _join(encoded.parts)
+    if encoded.codec is Codec.DELTA:
+        assert level is not None and base_ok and len(raw) >= 256
+        assert _decode(framed, len(raw), base=base) == raw
+    else:
+        assert bytes(decode_object(framed, key="k", kind=Kind.CHUNK, max_raw_size=len(raw))) == raw
+
+
+def test_byte_grouping_is_chosen_for_floats_and_beats_plain_zstd():
+    g = torch.Generator().manual_seed(0)
+    weights = (torch.randn(1 << 20, generator=g) * 0.02).to(torch.bfloat16)
+    raw = weights.view(torch.uint8).numpy()
+    grouped = encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=2)
+    plain = encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=1)
+    assert grouped.codec is Codec.GROUPED
+    assert grouped.stored_bytes < 0.9 * plain.stored_bytes
+    noise = os.urandom(1 << 20)  # incompressible: stored raw whatever the value size
+    assert encode_object(Kind.CHUNK, noise, compression_level=3, group_bytes=4).codec is Codec.RAW
+
+
+def test_auto_delta_is_kept_only_where_it_pays():
+    g = torch.Generator().manual_seed(0)
+    before = torch.randn(1 << 18, generator=g) * 0.02
+    nearby = before + torch.randn(1 << 18, generator=g) * 1e-6  # a small optimizer step
+    unrelated = torch.randn(1 << 18, generator=g) * 0.02
+    base = DeltaBase(before.view(torch.uint8).numpy(), ("0" * 32,))
+    small = encode_object(Kind.CHUNK, nearby.view(torch.uint8).numpy(), compression_level=3, group_bytes=4, base=base, delta="auto")
+    assert small.codec is Codec.DELTA
+    other = encode_object(Kind.CHUNK, unrelated.view(torch.uint8).numpy(), compression_level=3, group_bytes=4, base=base, delta="auto")
+    assert other.codec is not Codec.DELTA and other.bases == ()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda body: body[:5], "truncated"),
+        (lambda body: bytes([3]) + body[1:], "group size"),
+        (lambda body: body + b"x", "add up"),
+        (lambda body: body[:1] + bytes([7]) + body[2:], "codec"),
+    ],
+)
+def test_malformed_grouped_bodies_are_refused(mutate, match):
+    raw = (torch.randn(4096) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    encoded = encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=2)
+    assert encoded.codec is Codec.GROUPED
+    body = _join(encoded.parts)[HEADER_SIZE:]
+    bad = mutate(body)
+    framed = _join(_frame(Kind.CHUNK, Codec.GROUPED, len(raw), [bad]))
+    with pytest.raises(ckptstore.IntegrityError, match=match):
+        _decode(framed, len(raw))
+
+
+def test_delta_chains_are_refused_when_malformed():
+    raw = bytes(1000)
+    for prefix, match in [(b"", "empty"), (bytes([0]), "chain of 0"), (bytes([65]), "chain of 65"), (bytes([2]) + bytes(16), "truncated"),
+                          (bytes([2]) + bytes(32) + bytes([0]), "repeats"), (bytes([1]) + bytes(16) + bytes([3]), "residual")]:  # fmt: skip
+        framed = _join(_frame(Kind.CHUNK, Codec.DELTA, len(raw), [prefix]))
+        with pytest.raises(ckptstore.IntegrityError, match=match):
+            parse_frame(framed, key="k", kind=Kind.CHUNK, max_raw_size=len(raw))
+    with pytest.raises(ckptstore.IntegrityError, match="delta"):  # only chunks may be deltas
+        parse_frame(_join(_frame(Kind.MANIFEST, Codec.DELTA, 0, [bytes([1]) + bytes(17)])), key="k", kind=Kind.MANIFEST, max_raw_size=10)
+
+
+# --------------------------------------------------------------------------------------------
+# Through a store
+
+
+def fine_tuning(steps: int, *, dtype=torch.bfloat16, lr: float = 1e-5, seed: int = 0):
+    """States of a small run: weights moved by small steps, a step counter, every dtype once."""
+    g = torch.Generator().manual_seed(seed)
+    w = {"a": torch.randn(64, 256, generator=g) * 0.02, "b": torch.randn(3000, generator=g), "frozen": torch.randn(2048, generator=g)}
+    extra = {"ids": torch.arange(5000), "mask": torch.rand(5000, generator=g) > 0.5}
+    for step in range(steps):
+        if step:
+            w = {k: (v if k == "frozen" else v - lr * torch.sign(torch.randn(v.shape, generator=g))) for k, v in w.items()}
+        yield {"model": {k: v.to(dtype) for k, v in w.items()}, "extra": extra, "step": step}
+
+
+def _chain_lengths(store, commit) -> list[int]:
+    manifest = store.get_manifest(commit.manifest)
+    return [len(c.bases) for b in manifest.blobs for c in b.chunks]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_deltas_round_trip_with_chains_bounded_by_the_keyframe_interval(tmp_path, dtype):
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", delta_keyframe_interval=4)
+    states, commits = [], []
+    for state in fine_tuning(10, dtype=dtype):
+        commits.append(store.commit(state))
+        states.append(state)
+    chains = [_chain_lengths(store, c) for c in commits]
+    assert max(map(max, chains)) == 3  # delta, delta, delta, then a keyframe: 4 objects at most
+    assert chains[0] == [0] * len(chains[0]) and any(chains[1])
+    assert any(c.stats.delta_chunks for c in commits[1:])
+    reopened = ckptstore.open(str(tmp_path / "s"))  # no cache: every base is read back
+    for state, commit in zip(states, commits):
+        assert_same(state, reopened.checkout(commit.id))
+    assert reopened.fsck(read_data=True).ok
+
+
+def test_a_checkout_reads_at_most_keyframe_interval_objects_per_chunk(tmp_path):
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", delta_keyframe_interval=3)
+    for state in fine_tuning(6):  # chains of 0, 1, 2, then 0 (a keyframe), 1, 2
+        last = store.commit(state)
+    manifest = store.get_manifest(last.manifest)
+    chunks = sum(len(b.chunks) for b in manifest.blobs)
+    opened: list[str] = []
+    reader = store.objects.reader
+    store.objects.reader = lambda key: (opened.append(key), reader(key))[1]  # type: ignore[method-assign]
+    store.checkout(last.id)
+    per_chunk = {c.id: 1 + len(c.bases) for b in manifest.blobs for c in b.chunks}
+    assert len(opened) == sum(per_chunk.values()) <= 3 * chunks
+    assert max(per_chunk.values()) == 3
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["bases-read-back", "bases-cached"])
+def test_the_delta_base_cache_changes_nothing_stored(tmp_path, cache_bytes):
+    stores = {}
+    for name in ("a", "b"):
+        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", delta_base_cache_bytes=cache_bytes if name == "a" else 1 << 30)
+        stores[name] = [store.commit(s).manifest for s in fine_tuning(5)]
+    assert stores["a"] == stores["b"]
+
+
+def test_delta_mode_per_commit_overrides_the_store(tmp_path):
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024)
+    states = list(fine_tuning(3))
+    store.commit(states[0])
+    off = store.commit(states[1])
+    on = store.commit(states[2], delta="on")
+    assert not any(_chain_lengths(store, off)) and any(_chain_lengths(store, on))
+    with pytest.raises(ValueError, match="delta"):
+        store.commit(states[2], delta="sometimes")
+    with pytest.raises(ValueError, match="delta"):
+        ckptstore.open(str(tmp_path / "t"), delta="yes")
+
+
+def test_a_chunk_already_stored_as_a_delta_is_reused_with_its_chain(tmp_path):
+    """A writer with deltas off that meets a chunk another writer stored as a delta records
+    that chunk's chain, so GC keeps its bases."""
+    url = str(tmp_path / "s")
+    states = list(fine_tuning(2))
+    writer = ckptstore.open(url, chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on")
+    writer.commit(states[0])
+    first = writer.commit(states[1])
+    other = ckptstore.open(url, chunk_size_bytes=8192, inline_threshold_bytes=1024)
+    again = other.commit(states[1], branch="other")
+    assert again.manifest == first.manifest  # the same chunks, with the same chains
+    other.delete_branch("main")
+    other.delete_tag("best") if "best" in other.tags() else None
+    other.gc(grace_period_s=0)
+    assert_same(states[1], other.checkout("other"))
+    assert other.fsck(read_data=True).ok
+
+
+def test_a_damaged_base_is_detected_in_every_delta_that_needs_it(tmp_path):
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on")
+    states = list(fine_tuning(3))
+    commits = [store.commit(s) for s in states]
+    last = store.get_manifest(commits[-1].manifest)
+    ref = next(c for b in last.blobs for c in b.chunks if len(c.bases) == 2)
+    base_key = chunk_key(ref.bases[-1])  # the keyframe under a chain of two
+    data = bytearray(store.objects.get(base_key))
+    data[-1] ^= 1
+    path = os.path.join(str(tmp_path / "s"), base_key)
+    os.chmod(path, 0o644)
+    with open(path, "wb") as f:
+        f.write(data)
+    report = store.fsck(read_data=True)
+    keys = {p.key for p in report.problems}
+    assert base_key in keys and chunk_key(ref.id) in keys and chunk_key(ref.bases[0]) in keys
+    dependent = next(p for p in report.problems if p.key == chunk_key(ref.id))
+    assert base_key in dependent.message and dependent.commit and dependent.path
+    with pytest.raises(ckptstore.IntegrityError) as excinfo:
+        ckptstore.open(str(tmp_path / "s")).checkout(commits[-1].id)
+    assert excinfo.value.key == base_key
+
+
+def test_a_commit_goes_on_with_keyframes_when_its_parent_is_damaged(tmp_path):
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", delta_base_cache_bytes=0)
+    states = list(fine_tuning(2))
+    first = store.commit(states[0])
+    manifest = store.get_manifest(first.manifest)
+    victim = manifest.blobs[next(e.blob for e in manifest.tensors if e.path == "model/a")].chunks[0]
+    os.remove(os.path.join(str(tmp_path / "s"), chunk_key(victim.id)))
+    second = store.commit(states[1])
+    assert_same(states[1], store.checkout(second.id))
+    refs = {c.id: c for b in store.get_manifest(second.manifest).blobs for c in b.chunks}
+    assert all(victim.id not in c.bases for c in refs.values())
+
+
+def test_manifests_without_deltas_keep_the_first_format(tmp_path):
+    import msgpack
+
+    from ckptstore.codec import decode_object as unframe
+    from ckptstore.gc import manifest_key
+
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on")
+    states = list(fine_tuning(2))
+    formats = []
+    for state in states:
+        commit = store.commit(state)
+        key = manifest_key(commit.manifest)
+        raw = unframe(store.objects.get(key), key=key, kind=Kind.MANIFEST, max_raw_size=1 << 30)
+        formats.append(msgpack.unpackb(raw)["format"])
+    assert formats == [1, 2]
+
+
+def test_every_dtype_round_trips_with_deltas(tmp_path):
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=4096, inline_threshold_bytes=64, delta="on")
+    for seed in range(3):
+        state = every_dtype(seed=seed)
+        commit = store.commit(state)
+        assert_same(state, store.checkout(commit.id))
