@@ -214,8 +214,13 @@ def cli(ctx: click.Context, url: str, debug: bool) -> None:
 @click.option("--default-branch", help="Branch that commits go to by default (default main).")
 @click.option("--best-metric", help="Metric that moves the best tag (default eval_loss).")
 @click.option("--greater-is-better/--lower-is-better", default=None, help="Direction of --best-metric.")
+@click.option("--delta", type=click.Choice(["off", "on", "auto"]), help="Store changed float tensors as XOR deltas against the previous commit's (default off).")
+@click.option("--delta-keyframe-interval", type=click.IntRange(1, 65), help="A full copy at least every N commits (default 8).")
 @pass_ctx
-def init(ctx: _Context, chunk_size_bytes: int | None, default_branch: str | None, best_metric: str | None, greater_is_better: bool | None) -> None:
+def init(
+    ctx: _Context, chunk_size_bytes: int | None, default_branch: str | None, best_metric: str | None, greater_is_better: bool | None,
+    delta: str | None, delta_keyframe_interval: int | None,
+) -> None:
     """Create a store (nothing changes if one exists).
 
     \b
@@ -233,6 +238,7 @@ def init(ctx: _Context, chunk_size_bytes: int | None, default_branch: str | None
     store = open_store(
         ctx.url, storage_options=_storage_options() or None, create=True, chunk_size_bytes=chunk_size_bytes,
         default_branch=default_branch, best_metric=best_metric, greater_is_better=greater_is_better,
+        delta=delta, delta_keyframe_interval=delta_keyframe_interval,
     )  # fmt: skip
     click.echo(f"created store at {store.url}")
 

@@ -321,3 +321,19 @@ def test_every_dtype_round_trips_with_deltas(tmp_path):
         state = every_dtype(seed=seed)
         commit = store.commit(state)
         assert_same(state, store.checkout(commit.id))
+
+
+def test_ckpt_init_records_the_delta_settings(tmp_path):
+    from click.testing import CliRunner
+
+    from ckptstore.cli import cli
+
+    url = str(tmp_path / "s")
+    result = CliRunner().invoke(cli, ["--store", url, "init", "--delta", "on", "--delta-keyframe-interval", "2"])
+    assert result.exit_code == 0, result.output
+    store = ckptstore.open(url, chunk_size_bytes=8192, inline_threshold_bytes=1024)
+    assert (store.config.delta, store.config.delta_keyframe_interval) == ("on", 2)
+    commits = [store.commit(s) for s in fine_tuning(3)]
+    assert [max(_chain_lengths(store, c)) for c in commits] == [0, 1, 0]
+    bad = CliRunner().invoke(cli, ["--store", str(tmp_path / "t"), "init", "--delta", "maybe"])
+    assert bad.exit_code != 0 and "maybe" in bad.output
