@@ -110,12 +110,15 @@ class _Scratch(threading.local):
 
 class RecentChunks:
     """The raw bytes of recently written chunks that may serve as delta bases, least recently
-    used first out, at most ``limit_bytes`` in all; so a commit's deltas need not read the
-    parent's chunks back. Thread-safe."""
+    used first out, at most ``limit_bytes`` in all (spare buffers included); so a commit's
+    deltas need not read the parent's chunks back. Thread-safe. A chunk's buffer is never
+    changed while it is cached; :meth:`retire` frees buffers for reuse once no task can be
+    reading them (a fresh buffer costs a page fault per 4 KiB)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self._chunks: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._spare: dict[int, list[np.ndarray]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -126,30 +129,47 @@ class RecentChunks:
                 self._chunks.move_to_end(chunk_id)
             return data
 
-    def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray, *, replaces: str | None = None) -> None:
-        """Keep a copy of ``data`` (the caller's buffer may change afterwards). ``replaces``:
-        a chunk that is no longer needed (the base this one supersedes), whose buffer is
-        reused if it has the size (a fresh one costs a page fault per 4 KiB)."""
-        if len(data) > self.limit_bytes:
+    def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray) -> None:
+        """Keep a copy of ``data`` (the caller's buffer may change afterwards)."""
+        size = len(data)
+        if size > self.limit_bytes:
             return
         with self._lock:
             if chunk_id in self._chunks:
                 self._chunks.move_to_end(chunk_id)
                 return
-            spare = self._chunks.get(replaces) if replaces is not None else None
-            if spare is not None and len(spare) == len(data):
-                del self._chunks[replaces]
-                self._bytes -= len(spare)
-            else:
-                spare = None
-        copy = spare if spare is not None else np.empty(len(data), dtype=np.uint8)
+            spares = self._spare.get(size)
+            copy = spares.pop() if spares else None
+            if copy is None:
+                self._bytes += size
+        if copy is None:
+            copy = np.empty(size, dtype=np.uint8)
         copy[:] = np.frombuffer(data, dtype=np.uint8)
         with self._lock:
-            self._chunks[chunk_id] = copy
-            self._bytes += len(copy)
-            while self._bytes > self.limit_bytes:
-                _, old = self._chunks.popitem(last=False)
-                self._bytes -= len(old)
+            if chunk_id in self._chunks:  # another thread put it meanwhile
+                self._spare.setdefault(size, []).append(copy)
+            else:
+                self._chunks[chunk_id] = copy
+            self._shrink()
+
+    def retire(self, chunk_ids: Iterable[str]) -> None:
+        """Drop these chunks (superseded bases) and keep their buffers for reuse. Call it only
+        when no task still reads them."""
+        with self._lock:
+            for chunk_id in chunk_ids:
+                data = self._chunks.pop(chunk_id, None)
+                if data is not None:
+                    self._spare.setdefault(len(data), []).append(data)
+            self._shrink()
+
+    def _shrink(self) -> None:
+        while self._bytes > self.limit_bytes and any(self._spare.values()):
+            size = next(n for n, spares in self._spare.items() if spares)
+            self._spare[size].pop()
+            self._bytes -= size
+        while self._bytes > self.limit_bytes and self._chunks:
+            _, old = self._chunks.popitem(last=False)
+            self._bytes -= len(old)
 
 
 class ChunkReader:
@@ -323,6 +343,8 @@ class Pipeline:
             chunk_id = content_id(view)
             size = len(view)
             keep_recent = delta != "off" and group > 1
+            if parent is not None and parent.id != chunk_id:
+                superseded.add(parent.id)
             if parent is not None and parent.id == chunk_id and self._objects.exists(chunk_key(chunk_id)):
                 known: tuple[str, ...] | None = parent.bases
             else:
@@ -335,16 +357,17 @@ class Pipeline:
                 )  # fmt: skip
                 if self._objects.put_if_absent(chunk_key(chunk_id), encoded.parts):
                     if keep_recent:
-                        self.recent.put(chunk_id, view, replaces=parent.id if parent else None)
+                        self.recent.put(chunk_id, view)
                     return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
                 known = self.reader.bases_of(chunk_id)  # another writer stored it first
                 if known is None:
                     raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
             if keep_recent:
-                self.recent.put(chunk_id, view, replaces=parent.id if parent else None)
+                self.recent.put(chunk_id, view)
             return ChunkRef(chunk_id, size, known), False, 0
 
         order: list[int] = []
+        superseded: set[str] = set()
 
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index, source in sources.items():
@@ -358,7 +381,11 @@ class Pipeline:
                     yield len(view), (lambda v=view, p=parent, g=group: store_chunk(v, p, g))
 
         total = sum(len(source.data) for source in sources.values())
-        results = self._run(tasks(), progress=progress, phase="commit", total_bytes=total)
+        try:
+            results = self._run(tasks(), progress=progress, phase="commit", total_bytes=total)
+        finally:  # once no task reads them: the parent's chunks that changed are no base now
+            if delta != "off":
+                self.recent.retire(superseded)
         out = WriteResult()
         for index in sources:
             manifest.blobs[index].chunks = []

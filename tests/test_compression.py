@@ -337,3 +337,19 @@ def test_ckpt_init_records_the_delta_settings(tmp_path):
     assert [max(_chain_lengths(store, c)) for c in commits] == [0, 1, 0]
     bad = CliRunner().invoke(cli, ["--store", str(tmp_path / "t"), "init", "--delta", "maybe"])
     assert bad.exit_code != 0 and "maybe" in bad.output
+
+
+def test_tensors_sharing_a_base_chunk_are_encoded_against_intact_bytes(tmp_path):
+    """Many chunks whose parent chunk is the same (zero-initialised tensors) are encoded in
+    parallel against one cached base, which must stay intact while any of them reads it."""
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", threads=8)
+    g = torch.Generator().manual_seed(0)
+    state = {f"b{i}": torch.zeros(20_000, dtype=torch.bfloat16) for i in range(16)}
+    commits, states = [store.commit(state)], [state]
+    for _ in range(4):
+        state = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in state.items()}
+        commits.append(store.commit(state))
+        states.append(state)
+    assert sum(c.stats.delta_chunks for c in commits) > 16
+    for state, commit in zip(states, commits):
+        assert_same(state, store.checkout(commit.id))
