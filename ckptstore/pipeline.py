@@ -177,6 +177,7 @@ class ChunkReader:
 
     def __init__(self, objects: ObjectStore) -> None:
         self._objects = objects
+        self._scratch = _Scratch()
 
     def bases_of(self, chunk_id: str) -> tuple[str, ...] | None:
         """The chain a stored chunk is read through (``()`` if self-contained), or ``None``
@@ -206,24 +207,23 @@ class ChunkReader:
             codec, raw_size, body_size = read_header(f.read(HEADER_SIZE), key=key, kind=Kind.CHUNK)
             if raw_size != ref.size:
                 raise IntegrityError(f"chunk declares {raw_size} bytes, {ref.size} expected", key=key, path=path)
+            bases: tuple[str, ...] = ()
             if codec is Codec.DELTA:
                 first = f.read(1)
                 prefix = first + f.read(first[0] * 16 + 1) if first else first
-                bases, inner, prefix_size = delta_chain(prefix, key=key, path=path)
-                if bases != ref.bases:
-                    raise IntegrityError(f"chunk is a delta against {bases[0]}, its manifest records {ref.bases or 'none'}", key=key, path=path)
+                bases, codec, prefix_size = delta_chain(prefix, key=key, path=path)
+                body_size -= prefix_size
+            if bases != ref.bases:
+                found = f"a delta against {bases[0]}" if bases else "self-contained"
+                raise IntegrityError(f"chunk is {found}, its manifest records {ref.bases[0] if ref.bases else 'no base'}", key=key, path=path)
+            if bases:
                 self.read_into(ChunkRef(bases[0], ref.size, bases[1:]), target, path=path, needed_by=key)
-                body = f.read()
-                if len(body) != body_size - prefix_size:
-                    raise IntegrityError(f"object body is {len(body) + prefix_size} bytes, header says {body_size}", key=key, path=path)
-                decode_into(Frame(inner, raw_size, memoryview(body), bases), target, xor=True, key=key, path=path)
-            else:
-                if ref.bases:
-                    raise IntegrityError(f"chunk is self-contained, its manifest records it as a delta against {ref.bases[0]}", key=key, path=path)
-                if not (codec is Codec.RAW and body_size == raw_size and _read_exactly(f, memoryview(target)) and not f.read(1)):
-                    f.seek(0)  # compressed, or malformed: parse_frame checks it and names the fault
-                    frame = parse_frame(f.read(), key=key, kind=Kind.CHUNK, max_raw_size=ref.size, path=path)
-                    decode_into(frame, target, key=key, path=path)
+            raw_in_place = codec is Codec.RAW and not bases and body_size == raw_size
+            body = target if raw_in_place else self._scratch.get("body", body_size)  # no staging copy for raw
+            if not _read_exactly(f, memoryview(body)) or f.read(1):
+                raise IntegrityError(f"object body is not the {body_size} bytes its header says", key=key, path=path)
+            if not raw_in_place:
+                decode_into(Frame(codec, raw_size, memoryview(body), bases), target, xor=bool(bases), key=key, path=path)
         if content_id(target) != ref.id:
             raise IntegrityError("chunk content does not match its id", key=key, path=path)
 
