@@ -296,6 +296,10 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     for name, target in {**{f"branch {b}": c for b, c in branches.items()}, **{f"tag {t}": c for t, c in tags.items()}}.items():
         if target not in commits:
             raise IntegrityError(f"{name} points at commit {target}, which cannot be read; run fsck before collecting", key=commit_key(target))
+    unreadable = set(result.unreadable_commits)
+    for commit in commits.values():  # history past it is unknown: its ancestors may be needed
+        for parent in unreadable.intersection(commit.parents):
+            raise IntegrityError(f"commit {commit.id} has a parent that cannot be read; run fsck before collecting", key=commit_key(parent))
 
     # History follows parents, or the grafts of commits whose parents GC removed before.
     has_record = lambda cid: shallow_key(cid) in listing  # noqa: E731

@@ -137,10 +137,16 @@ class CollectorLease:
             raise CollectorBusy(f"the garbage collector lease {LEASE_KEY} was lost (expired and taken over)") from None
 
     def release(self) -> None:
-        """Give the lease up. Idempotent."""
+        """Give the lease up. Idempotent; never raises: a lease that cannot be deleted (the
+        store failing) is left to expire after its TTL, and the error that ended the
+        collection, if any, is the one the caller sees."""
         if self._version is not None:
-            with contextlib.suppress(PreconditionFailed, ObjectNotFound):
+            try:
                 self._objects.delete_if_version(LEASE_KEY, version=self._version)
+            except (PreconditionFailed, ObjectNotFound):
+                pass
+            except CkptStoreError as exc:
+                log.warning("could not release the GC lease (it expires by itself): %s", exc)
             self._version = None
 
 

@@ -7,7 +7,8 @@ The contract (every backend passes one shared test suite, ``tests/test_objectsto
 
 ``put_if_absent(key, data) -> bool``
     Create-only write of a bytes-like object or a sequence of them (written in order). Atomic: a reader sees the whole object or nothing. Idempotent: if the
-    key exists, nothing is written and ``False`` is returned. Durable on return.
+    key exists, nothing is written and ``False`` is returned (``True`` if this very call's
+    own earlier attempt stored it, its answer lost). Durable on return.
 ``get(key)``, ``get_range(key, start, end)``, ``size(key)``, ``exists(key)``
     Reads. A missing key raises :class:`ObjectNotFound`.
 ``reader(key)``
@@ -26,33 +27,58 @@ The contract (every backend passes one shared test suite, ``tests/test_objectsto
 ``get_versioned(key) -> (data, version)``, ``put_if_version(key, data, version=...)``,
 ``delete_if_version(key, version=...)``
     Compare-and-swap for mutable objects (refs). ``version=None`` means "only if absent".
-    A mismatch raises :class:`PreconditionFailed` and writes nothing.
+    A mismatch raises :class:`PreconditionFailed` and writes nothing; a mismatch caused by
+    this very call's own earlier attempt (applied, its answer lost) is success.
 
 Keys are relative, ``/``-separated, and use a safe alphabet (letters, digits, ``. _ -``).
+
+Failures. Every backend error leaves as a :class:`StorageError` (an ``OSError`` whose
+``errno`` is the backend's where it had one, so a full disk reads ``errno.ENOSPC``), including
+errors from reading a :meth:`~ObjectStore.reader`. Transient failures are retried in one
+layer only, the lowest that can: S3 requests by botocore (a response body that fails midway,
+which botocore does not retry, by ``read_attempts`` here); a local system call that fails with
+a transient errno (:data:`TRANSIENT_ERRNOS`: a network or FUSE file system) by the local
+backend, which redoes the whole operation (a fresh temp file, never a second ``fsync`` of the
+same one). A listing is complete or raises, never silently partial.
+
+Lost answers. A conditional write that was applied but whose answer was lost is resent and
+then refused (S3: 412; local: the lock finds another version). It must count as done, once:
+on S3 each conditional write carries a unique token in its metadata and, refused or failed,
+looks for its own token on the object; locally a redone write that finds exactly its own
+bytes (or, for a compare-and-delete, the object gone) succeeds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, TypeVar, Union
 
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .errors import CkptStoreError, ObjectNotFound, PreconditionFailed, StorageError, StoreNotFound
+from .errors import (
+    CkptStoreError,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StoreNotFound,
+)
 from .ids import content_id
 
+T = TypeVar("T")
 Buffer = Union[bytes, bytearray, memoryview]
 #: What a write accepts: one buffer, or a sequence of buffers written in order.
 Data = Union[Buffer, Sequence[Buffer]]
@@ -171,7 +197,10 @@ def _translated(key: str, action: str) -> Iterator[None]:
     except Exception as exc:
         if _is_precondition_failure(exc):
             raise PreconditionFailed(f"object {key} changed concurrently", key=key) from exc
-        raise StorageError(f"could not {action} object {key}: {type(exc).__name__}: {exc}", key=key) from exc
+        error = StorageError(f"could not {action} object {key}: {type(exc).__name__}: {exc}", key=key)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            error.errno, error.strerror = exc.errno, exc.strerror  # ENOSPC stays ENOSPC
+        raise error from exc
 
 
 @contextlib.contextmanager
@@ -182,6 +211,25 @@ def _missing_is_mismatch(key: str) -> Iterator[None]:
         yield
     except ObjectNotFound as exc:
         raise PreconditionFailed(f"object {key} does not exist", key=key) from exc
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and its causes (and contexts), outermost first."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _was_retried(exc: BaseException) -> bool:
+    """Whether botocore sent the request that ``exc`` answers more than once (an earlier
+    attempt may have been applied, its answer lost)."""
+    for err in _chain(exc):
+        response = getattr(err, "response", None)
+        if isinstance(response, Mapping) and response.get("ResponseMetadata", {}).get("RetryAttempts", 0):
+            return True
+    return False
 
 
 def _is_precondition_failure(exc: BaseException) -> bool:
@@ -216,6 +264,96 @@ def _open_for_read(path: str) -> Any:
         raise FileNotFoundError(path) from exc
 
 
+#: Errnos a retry may cure: a network or FUSE file system timing out or losing a handle, an
+#: interrupted or would-block call. Not ENOSPC, EACCES, EROFS: they last.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EINTR})
+
+
+#: Lock files this process held and failed to remove, as (device, inode, stamp): nobody holds
+#: them, so this process may break them at once (the stamp tells a new lock on a reused inode).
+_ABANDONED_LOCKS: set[tuple[int, int, bytes]] = set()
+
+
+def _list_dir(path: str) -> list[tuple[str, bool | None]]:
+    """``(name, descend)`` of each entry of a directory: ``descend`` for a directory, None
+    for a symlink to one (neither descended into nor listed, as ``os.walk`` does)."""
+    with os.scandir(path) as entries:
+        return [(entry.name, None if entry.is_symlink() else True) if entry.is_dir() else (entry.name, False) for entry in entries]
+
+
+class _LocalReader(io.RawIOBase):
+    """A read-only raw file over one object of a :class:`LocalObjectStore`. A read or seek
+    that fails with a transient errno is redone on a fresh file at the same offset (objects
+    are immutable); every failure leaves as a :class:`StorageError`."""
+
+    def __init__(self, store: LocalObjectStore, key: str, path: str) -> None:
+        super().__init__()
+        self._store = store
+        self._key = key
+        self._path = path
+        self._pos = 0
+        self._file: Any = None
+        self._file = store._retrying(key, "read", lambda retry: self._open())
+
+    def _open(self) -> Any:
+        f = _open_for_read_raw(self._path)
+        f.seek(self._pos)
+        return f
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        def attempt(retry: bool) -> T:
+            if retry or self._file is None:
+                if self._file is not None:
+                    with contextlib.suppress(OSError):
+                        self._file.close()
+                    self._file = None
+                self._file = self._open()
+            return fn(self._file)
+
+        return self._store._retrying(self._key, "read", attempt)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._call(lambda f: f.seek(offset, whence) if whence != io.SEEK_CUR else f.seek(self._pos + offset))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._call(lambda f: f.readinto(buffer)) or 0
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        data = self._call(lambda f: f.readall())
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        super().close()
+
+
+def _open_for_read_raw(path: str) -> Any:
+    """:func:`_open_for_read`, unbuffered."""
+    try:
+        return open(path, "rb", buffering=0)
+    except (IsADirectoryError, NotADirectoryError) as exc:
+        raise FileNotFoundError(path) from exc
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host."""
     try:
@@ -233,11 +371,17 @@ class LocalObjectStore(ObjectStore):
     Writes go to a temp file in the destination directory, are fsync'd, then linked into
     place (create-only) or renamed over the old file under a lock (compare-and-swap); the
     directory is fsync'd after. Temp and lock files start with ``.`` and are never listed.
+    An operation that fails with a transient errno (:data:`TRANSIENT_ERRNOS`) is redone
+    whole, up to ``io_attempts`` times, with backoff.
     """
 
     #: A lock nobody holds a flock on, older than this, is abandoned even if its holder's
     #: liveness cannot be checked (another host).
     stale_lock_s = 30.0
+    #: Attempts at an operation whose system calls fail with a transient errno.
+    io_attempts = 5
+    #: The wait before the second attempt; it doubles for each one after.
+    retry_delay_s = 0.005
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
@@ -251,6 +395,29 @@ class LocalObjectStore(ObjectStore):
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
+
+    def _retrying(self, key: str, action: str, attempt: Callable[[bool], T]) -> T:
+        """``attempt(retry)`` with backend errors translated, redone while it fails with a
+        transient errno; ``retry`` says whether an earlier attempt ran (and may have been
+        applied before it failed)."""
+        for n in range(self.io_attempts):
+            try:
+                with _translated(key, action):
+                    return attempt(n > 0)
+            except StorageError as exc:
+                if exc.errno not in TRANSIENT_ERRNOS or n + 1 == self.io_attempts:
+                    raise
+            time.sleep(self.retry_delay_s * 2**n)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _holds(path: str, data: Data) -> bool:
+        """Whether the file at ``path`` holds exactly ``data``."""
+        try:
+            with _open_for_read(path) as f:
+                return f.read() == _joined(data)
+        except FileNotFoundError:
+            return False
 
     def _ensure_dir(self, path: str) -> None:
         if path in self._known_dirs:
@@ -282,114 +449,181 @@ class LocalObjectStore(ObjectStore):
         return tmp
 
     def put_if_absent(self, key: str, data: Data) -> bool:
+        """Create-only: write a temp file, fsync, ``link`` into place, fsync the directory.
+        Idempotent. A retry that finds the object holding exactly ``data`` (its earlier
+        attempt linked it, then failed) syncs the directory and returns True."""
         path = self._path(key)
-        if os.path.exists(path):
+        directory = os.path.dirname(path)
+
+        def attempt(retry: bool) -> bool:
+            if not os.path.exists(path):
+                self._ensure_dir(directory)
+                tmp = self._write_temp(directory, data)
+                try:
+                    os.link(tmp, path)
+                    linked = True
+                except FileExistsError:
+                    linked = False
+                finally:
+                    with contextlib.suppress(OSError):  # litter at worst: remove_abandoned_uploads
+                        os.unlink(tmp)
+                if linked:
+                    _fsync_dir(directory)
+                    return True
+            if retry and self._holds(path, data):
+                _fsync_dir(directory)
+                return True
             return False
-        with _translated(key, "write"):
-            directory = os.path.dirname(path)
-            self._ensure_dir(directory)
-            tmp = self._write_temp(directory, data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-            _fsync_dir(directory)
-            return True
+
+        return self._retrying(key, "write", attempt)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
-        with _translated(key, "read"), _open_for_read(path) as f:
-            return f.read()
+
+        def attempt(retry: bool) -> bytes:
+            with _open_for_read(path) as f:
+                return f.read()
+
+        return self._retrying(key, "read", attempt)
 
     def reader(self, key: str) -> BinaryIO:
-        path = self._path(key)
-        with _translated(key, "read"):
-            return _open_for_read(path)
+        """The file, read through a wrapper that redoes a read failing with a transient
+        errno (reopening the file at the same offset: objects are immutable) and raises any
+        other failure as a :class:`StorageError`."""
+        raw = _LocalReader(self, key, self._path(key))
+        return io.BufferedReader(raw)  # type: ignore[return-value]
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         path = self._path(key)
-        with _translated(key, "read"), _open_for_read(path) as f:
-            f.seek(start)
-            return f.read(max(0, end - start))
+
+        def attempt(retry: bool) -> bytes:
+            with _open_for_read(path) as f:
+                f.seek(start)
+                return f.read(max(0, end - start))
+
+        return self._retrying(key, "read", attempt)
 
     def exists(self, key: str) -> bool:
-        return os.path.isfile(self._path(key))
+        """Whether the object exists; a failure to tell raises (it never reads as absent)."""
+        path = self._path(key)
+
+        def attempt(retry: bool) -> bool:
+            try:
+                return stat.S_ISREG(os.stat(path).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+
+        return self._retrying(key, "stat", attempt)
 
     def size(self, key: str) -> int:
         path = self._path(key)
-        with _translated(key, "stat"), _open_for_read(path) as f:
-            return os.fstat(f.fileno()).st_size
+
+        def attempt(retry: bool) -> int:
+            with _open_for_read(path) as f:
+                return os.fstat(f.fileno()).st_size
+
+        return self._retrying(key, "stat", attempt)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        with contextlib.suppress(FileNotFoundError), _translated(key, "delete"):
+
+        def attempt(retry: bool) -> None:
             try:
                 os.unlink(path)
-            except (IsADirectoryError, NotADirectoryError) as exc:
-                raise FileNotFoundError(path) from exc  # no object there
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return  # no object there
             _fsync_dir(os.path.dirname(path))
+
+        self._retrying(key, "delete", attempt)
 
     def _walk(self, prefix: str, *, hidden: bool = False) -> Iterator[tuple[str, str]]:
         """``(key, path)`` of every file under ``prefix``; with ``hidden``, only the temp and
-        lock files (names starting with ``.``) instead."""
+        lock files (names starting with ``.``) instead. Each directory listing is retried on
+        its own (a listing of ``chunks/`` is hundreds of them); one that still fails fails the
+        walk, which is never silently partial (GC relies on it to see every writer)."""
         prefix = _check_prefix(prefix)
-        base = os.path.join(self.root, *prefix.split("/")) if prefix else self.root
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        pending = [os.path.join(self.root, *prefix.split("/")) if prefix else self.root]
+        while pending:
+            dirpath = pending.pop()
+            try:
+                entries = self._retry_call(lambda d=dirpath: _list_dir(d))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone, or an object (a prefix is no directory)
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
-            for name in filenames:
-                if hidden != name.startswith(".") or (not hidden and _KEY_RE.fullmatch(name) is None):
+            for name, descend in entries:
+                if descend is None:
                     continue
-                yield (name if rel == "." else f"{rel}/{name}"), os.path.join(dirpath, name)
+                if descend:
+                    if not name.startswith("."):
+                        pending.append(os.path.join(dirpath, name))
+                elif hidden == name.startswith(".") and (hidden or _KEY_RE.fullmatch(name)):
+                    yield (name if rel == "." else f"{rel}/{name}"), os.path.join(dirpath, name)
+
+    def _retry_call(self, call: Callable[[], T]) -> T:
+        """``call()``, one idempotent system call (or a few), redone while it fails with a
+        transient errno."""
+        for n in range(self.io_attempts):
+            try:
+                return call()
+            except OSError as exc:
+                if exc.errno not in TRANSIENT_ERRNOS or n + 1 == self.io_attempts:
+                    raise
+            time.sleep(self.retry_delay_s * 2**n)
+        raise AssertionError("unreachable")
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        """Unlink every key, then fsync each directory once."""
+        """Unlink every key, then fsync each directory once. Idempotent."""
         directories = set()
         for key in keys:
             path = self._path(key)
-            with contextlib.suppress(FileNotFoundError), _translated(key, "delete"):
+
+            def attempt(retry: bool, path: str = path) -> None:
                 try:
                     os.unlink(path)
-                except (IsADirectoryError, NotADirectoryError) as exc:
-                    raise FileNotFoundError(path) from exc
+                except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                    return
                 directories.add(os.path.dirname(path))
+
+            self._retrying(key, "delete", attempt)
         for directory in directories:
-            with _translated(directory, "sync"):
-                _fsync_dir(directory)
+            self._retrying(directory, "sync", lambda retry, d=directory: _fsync_dir(d))
 
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)
-        with _translated(prefix, "list"):
-            return sorted(key for key, _ in self._walk(prefix))
+        return self._retrying(prefix, "list", lambda retry: sorted(key for key, _ in self._walk(prefix)))
 
     def list_info(self, prefix: str = "") -> list[ObjectInfo]:
         _check_prefix(prefix)
-        out = []
-        with _translated(prefix, "list"):
+
+        def attempt(retry: bool) -> list[ObjectInfo]:
+            out = []
             for key, path in self._walk(prefix):
                 try:
-                    st = os.stat(path)
+                    st = self._retry_call(lambda p=path: os.stat(p))
                 except FileNotFoundError:
                     continue  # deleted while listing
                 out.append(ObjectInfo(key, st.st_size, st.st_mtime))
-        return sorted(out, key=lambda info: info.key)
+            return sorted(out, key=lambda info: info.key)
+
+        return self._retrying(prefix, "list", attempt)
 
     def remove_abandoned_uploads(self, *, older_than_s: float) -> int:
         """Remove ``.tmp-*`` files older than ``older_than_s`` (lock files are the lock
         protocol's business)."""
-        removed = 0
         cutoff = time.time() - older_than_s
-        with _translated("", "clean up temp files of"):
+
+        def attempt(retry: bool) -> int:
+            removed = 0
             for _key, path in self._walk("", hidden=True):
                 if not os.path.basename(path).startswith(".tmp-"):
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    if os.stat(path).st_mtime < cutoff:
-                        os.unlink(path)
+                    if self._retry_call(lambda p=path: os.stat(p)).st_mtime < cutoff:
+                        self._retry_call(lambda p=path: os.unlink(p))
                         removed += 1
-        return removed
+            return removed
+
+        return self._retrying("", "clean up temp files of", attempt)
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         data = self.get(key)
@@ -414,13 +648,33 @@ class LocalObjectStore(ObjectStore):
             break
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a breaker inspects it
-            os.write(fd, stamp)
+            view = memoryview(stamp)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
             yield
         finally:
+            try:
+                self._release(lock, fd, stamp)
+            finally:
+                os.close(fd)
+
+    def _release(self, lock: str, fd: int, stamp: bytes) -> None:
+        """Unlink the lock file, still flock-ed (so no breaker takes it for stale), retried.
+        If that fails, the lock is remembered as abandoned by this process, which then breaks
+        it at once rather than after ``stale_lock_s`` (others still wait that long)."""
+
+        def unlink() -> None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)  # while still flock-ed: no breaker can take it for stale
-            os.close(fd)
+                os.unlink(lock)
+
+        try:
+            self._retry_call(unlink)
+        except OSError:
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                _ABANDONED_LOCKS.add((st.st_dev, st.st_ino, stamp))
+            raise
 
     def _break_if_stale(self, lock: str) -> bool:
         """Remove ``lock`` if it is abandoned: nobody holds its flock, and its holder is a
@@ -437,20 +691,23 @@ class LocalObjectStore(ObjectStore):
             except BlockingIOError:
                 return False  # a live holder
             content = os.read(fd, 4096)
-            age_s = time.time() - os.fstat(fd).st_mtime
+            st = os.fstat(fd)
+            age_s = time.time() - st.st_mtime
+            abandoned = (st.st_dev, st.st_ino, content)
             try:
                 pid_text, host, _ = content.decode().split()
                 dead = host == self._host and not pid_alive(int(pid_text))
             except ValueError:  # its writer died before writing the stamp
                 dead = age_s > 1.0
-            if not (dead or age_s > self.stale_lock_s):
+            if not (dead or age_s > self.stale_lock_s or abandoned in _ABANDONED_LOCKS):
                 return False
             try:
-                if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                if os.stat(lock).st_ino != st.st_ino:
                     return False  # already replaced by a new lock
             except FileNotFoundError:
                 return True
             os.unlink(lock)
+            _ABANDONED_LOCKS.discard(abandoned)
             return True
         finally:
             os.close(fd)
@@ -464,30 +721,47 @@ class LocalObjectStore(ObjectStore):
             return None
 
     def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
+        """Compare-and-swap under the lock file: temp file, fsync, rename, fsync the
+        directory. A retry that finds ``data`` already in place (its earlier attempt renamed
+        it, then failed) syncs the directory and succeeds."""
         path = self._path(key)
-        with _translated(key, "update"):
-            directory = os.path.dirname(path)
+        directory = os.path.dirname(path)
+        new = content_id(data)
+
+        def attempt(retry: bool) -> str:
             self._ensure_dir(directory)
             with self._locked(key, path):
                 current = self._current_version(path)
-                if current != version:
+                if current != version and not (retry and current == new):
                     raise PreconditionFailed(
                         f"object {key} is at version {current or '(absent)'}, "
                         f"not {version or '(absent)'}",
                         key=key,
                     )
-                tmp = self._write_temp(directory, data)
-                os.replace(tmp, path)
+                if current == version:  # else a retry found its own earlier write
+                    tmp = self._write_temp(directory, data)
+                    os.replace(tmp, path)
                 _fsync_dir(directory)
-        return content_id(data)
+            return new
+
+        return self._retrying(key, "update", attempt)
 
     def delete_if_version(self, key: str, *, version: str) -> None:
+        """Compare-and-delete under the lock file. A retry that finds the object gone (its
+        earlier attempt unlinked it, then failed) succeeds."""
         path = self._path(key)
-        with _translated(key, "delete"), self._locked(key, path):
-            if self._current_version(path) != version:
-                raise PreconditionFailed(f"object {key} changed concurrently", key=key)
-            os.unlink(path)
-            _fsync_dir(os.path.dirname(path))
+
+        def attempt(retry: bool) -> None:
+            with self._locked(key, path):
+                current = self._current_version(path)
+                if current is None and retry:
+                    return
+                if current != version:
+                    raise PreconditionFailed(f"object {key} changed concurrently", key=key)
+                os.unlink(path)
+                _fsync_dir(os.path.dirname(path))
+
+        self._retrying(key, "delete", attempt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,8 +771,9 @@ class LocalObjectStore(ObjectStore):
 class _FsspecObjectStore(ObjectStore):
     """Reads, listing and deletes through an fsspec filesystem rooted at ``root``."""
 
-    #: Attempts at a read whose body fails midway (the request itself is retried below us,
-    #: by botocore, so this never multiplies its retries: it covers what comes after).
+    #: Attempts at a read whose response body fails midway (cut short, or failing its
+    #: checksum). The request itself is retried below us, by botocore, and a failure it
+    #: already retried is not retried again here, so the two never multiply.
     read_attempts = 1
 
     def __init__(self, fs: Any, root: str, url: str) -> None:
@@ -509,21 +784,25 @@ class _FsspecObjectStore(ObjectStore):
     def _path(self, key: str) -> str:
         return f"{self._root}/{check_key(key)}"
 
-    def _read(self, key: str, **kwargs: Any) -> bytes:
-        """``cat_file``, retried with backoff on a failure that is not an answer (a missing
-        object or a refused precondition is)."""
-        path = self._path(key)
+    def _attempts(self, key: str, action: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (a read) with backend errors translated, redone with backoff while it
+        fails in a way the layer below did not retry; an answer (a missing object, a refused
+        precondition) is never redone."""
         for attempt in range(self.read_attempts):
             try:
-                with _translated(key, "read"):
-                    return self._fs.cat_file(path, **kwargs)
+                with _translated(key, action):
+                    return fn()
             except (ObjectNotFound, PreconditionFailed):
                 raise
-            except StorageError:
-                if attempt + 1 == self.read_attempts:
+            except StorageError as exc:
+                if attempt + 1 == self.read_attempts or _retried_below(exc):
                     raise
-                time.sleep(0.1 * 2**attempt)
+            time.sleep(0.1 * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _read(self, key: str, **kwargs: Any) -> bytes:
+        path = self._path(key)
+        return self._attempts(key, "read", lambda: self._fs.cat_file(path, **kwargs))
 
     def get(self, key: str) -> bytes:
         return self._read(key)
@@ -550,11 +829,14 @@ class _FsspecObjectStore(ObjectStore):
 
     def size(self, key: str) -> int:
         path = self._path(key)
-        with _translated(key, "stat"):
+
+        def object_size() -> int:
             info = self._fs.info(path)
             if info["type"] != "file":  # a prefix of other keys is no object
                 raise FileNotFoundError(path)
             return int(info["size"])
+
+        return self._attempts(key, "stat", object_size)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -567,11 +849,14 @@ class _FsspecObjectStore(ObjectStore):
     def list_info(self, prefix: str = "") -> list[ObjectInfo]:
         prefix = _check_prefix(prefix)
         base = f"{self._root}/{prefix}".rstrip("/")
-        with _translated(prefix, "list"):
+
+        def find() -> dict[str, Any]:
             try:
-                found = self._fs.find(base, detail=True)
+                return self._fs.find(base, detail=True)
             except FileNotFoundError:
-                return []
+                return {}
+
+        found = self._attempts(prefix, "list", find)
         start = len(self._root.lstrip("/")) + 1
         under = prefix + "/" if prefix else ""  # find() of an object's own path returns it
         out = []
@@ -580,6 +865,21 @@ class _FsspecObjectStore(ObjectStore):
             if _KEY_RE.fullmatch(key) and key.startswith(under) and info.get("type", "file") == "file":
                 out.append(ObjectInfo(key, int(info["size"]), _modified_s(info)))
         return sorted(out, key=lambda info: info.key)
+
+
+def _retried_below(exc: BaseException) -> bool:
+    """Whether botocore's retries already covered this failure: an answer from S3
+    (``ClientError``: 5xx and throttling were retried), or a request that could not be sent
+    or whose answer did not arrive (its ``ConnectionError`` and ``HTTPClientError``). A
+    response body that fails while it is read (cut short, or failing its checksum) was not."""
+    for err in _chain(exc):
+        for cls in type(err).__mro__:
+            if cls.__module__ == "botocore.exceptions":
+                if cls.__name__ == "ResponseStreamingError":
+                    return False
+                if cls.__name__ in ("ClientError", "ConnectionError", "HTTPClientError"):
+                    return True
+    return False
 
 
 def _modified_s(info: Mapping[str, Any]) -> float:
@@ -632,12 +932,18 @@ class MemoryObjectStore(_FsspecObjectStore):
             self._fs.rm_file(path)
 
 
+#: S3 user metadata (``x-amz-meta-ckptstore-write``) naming the conditional write that
+#: stored an object, so that a resent write can tell its own first attempt from another's.
+WRITE_TOKEN = "ckptstore-write"
+
+
 class S3ObjectStore(_FsspecObjectStore):
     """Objects in an S3 bucket under a prefix, through s3fs.
 
     Create-only writes send ``If-None-Match: *``; compare-and-swap sends ``If-Match`` with the
     ETag read before. Both are answered by S3 itself, so concurrent writers on different
-    machines are safe.
+    machines are safe. Both carry a write token (:data:`WRITE_TOKEN`) that tells a resent
+    write its own applied first attempt from another writer's object.
     """
 
     read_attempts = 3
@@ -653,8 +959,8 @@ class S3ObjectStore(_FsspecObjectStore):
 
         # Retries happen once, in botocore ("standard" mode: 5xx, throttling and connection
         # errors, with backoff and jitter); s3fs's own retry loop is turned off so the two do
-        # not multiply. A retried create-only write that finds its own first attempt answers
-        # 412, which put_if_absent reads as "already stored": the outcome is the same.
+        # not multiply. A resent conditional write that finds its own first attempt is
+        # refused (412); the write token (see put_if_absent) turns that back into success.
         config = dict(storage_options.get("config_kwargs") or {})
         config.setdefault("retries", {"mode": "standard", "total_max_attempts": 5})
         config.setdefault("max_pool_connections", self.max_connections)
@@ -680,13 +986,34 @@ class S3ObjectStore(_FsspecObjectStore):
         return removed
 
     def put_if_absent(self, key: str, data: Data) -> bool:
+        """Create-only: ``If-None-Match: *`` (multipart above two parts, completed the same
+        way), tagged with a write token. A write that is refused or fails after a resend
+        (by botocore, or by aiohttp, which silently resends a PUT whose connection dropped)
+        looks at the object: carrying its own token, its first attempt was applied and only
+        the answer was lost, so it returns True."""
         path = self._path(key)
+        token = uuid.uuid4().hex
         try:
-            with _translated(key, "write"):  # multipart above 2 parts, completed create-only
-                self._fs.pipe_file(path, _joined(data), mode="create", chunksize=self.part_size_bytes)
-        except PreconditionFailed:
-            return False
+            with _translated(key, "write"):
+                self._fs.pipe_file(path, _joined(data), mode="create", chunksize=self.part_size_bytes, Metadata={WRITE_TOKEN: token})
+        except StorageError as exc:
+            if self._written_by(key, token) is not None:
+                return True
+            if isinstance(exc, PreconditionFailed):
+                return False
+            raise
         return True
+
+    def _written_by(self, key: str, token: str) -> str | None:
+        """The object's ETag if the write tagged ``token`` stored it; else (or if that
+        cannot be told) None."""
+        bucket, object_key, _ = self._fs.split_path(self._path(key))
+        try:
+            with _translated(key, "stat"):
+                head = self._fs.call_s3("head_object", Bucket=bucket, Key=object_key)
+        except StorageError:
+            return None
+        return head["ETag"] if (head.get("Metadata") or {}).get(WRITE_TOKEN) == token else None
 
     def delete_many(self, keys: Iterable[str]) -> None:
         paths = [self._path(key) for key in keys]
@@ -705,23 +1032,50 @@ class S3ObjectStore(_FsspecObjectStore):
             async with response["Body"] as body:
                 return await body.read(), response["ETag"]
 
-        with _translated(key, "read"):
-            return sync(self._fs.loop, fetch)
+        return self._attempts(key, "read", lambda: sync(self._fs.loop, fetch))
 
     def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
+        """``If-Match`` the ETag ``version`` (``If-None-Match: *`` for ``None``), tagged
+        with a write token; returns the new ETag. A write that is refused or fails after a
+        resend looks at the object: carrying its own token, its first attempt was applied
+        and only the answer was lost, so it returns that ETag. Neither a spurious failure
+        nor a second update."""
         path = self._path(key)
-        if version is None:
-            with _translated(key, "update"):
-                response = self._fs.pipe_file(path, data, mode="create")
-        else:
-            with _missing_is_mismatch(key), _translated(key, "update"):
-                response = self._fs.pipe_file(path, data, IfMatch=version)
+        token = uuid.uuid4().hex
+        try:
+            if version is None:
+                with _translated(key, "update"):
+                    response = self._fs.pipe_file(path, data, mode="create", Metadata={WRITE_TOKEN: token})
+            else:
+                with _missing_is_mismatch(key), _translated(key, "update"):
+                    response = self._fs.pipe_file(path, data, IfMatch=version, Metadata={WRITE_TOKEN: token})
+        except StorageError:
+            etag = self._written_by(key, token)
+            if etag is not None:
+                return etag
+            raise
         return response["ETag"]
 
     def delete_if_version(self, key: str, *, version: str) -> None:
+        """``DELETE`` with ``If-Match``. If botocore resent the request and it then failed
+        or was refused (404: already gone), an object now absent means the first attempt
+        was applied: success. (A resend by aiohttp is invisible here: its 404 is a
+        :class:`PreconditionFailed`, as for any object already gone.)"""
         bucket, object_key, _ = self._fs.split_path(self._path(key))
-        with _missing_is_mismatch(key), _translated(key, "delete"):
-            self._fs.call_s3("delete_object", Bucket=bucket, Key=object_key, IfMatch=version)
+        try:
+            with _missing_is_mismatch(key), _translated(key, "delete"):
+                self._fs.call_s3("delete_object", Bucket=bucket, Key=object_key, IfMatch=version)
+        except StorageError as exc:
+            if _was_retried(exc) and not self._exists_quietly(key):
+                return
+            raise
+
+    def _exists_quietly(self, key: str) -> bool:
+        """``exists``, True where it cannot tell."""
+        try:
+            return self.exists(key)
+        except StorageError:
+            return True
 
 
 def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = None, create: bool = True) -> ObjectStore:
