@@ -985,6 +985,20 @@ class S3ObjectStore(_FsspecObjectStore):
                     removed += 1
         return removed
 
+    def get(self, key: str) -> bytes:
+        """One GET (s3fs's ``cat_file`` would first HEAD the object to decide whether to
+        split the read into ranges)."""
+        return self._read(key, max_concurrency=1)
+
+    def exists(self, key: str) -> bool:
+        """One HEAD (s3fs's ``info`` also lists the prefix when the key is missing)."""
+        bucket, object_key, _ = self._fs.split_path(self._path(key))
+        try:
+            self._attempts(key, "stat", lambda: self._fs.call_s3("head_object", Bucket=bucket, Key=object_key))
+        except ObjectNotFound:
+            return False
+        return True
+
     def put_if_absent(self, key: str, data: Data) -> bool:
         """Create-only: ``If-None-Match: *`` (multipart above two parts, completed the same
         way), tagged with a write token. A write that is refused or fails after a resend
