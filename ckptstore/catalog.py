@@ -12,9 +12,9 @@ Tables::
     parents   (commit, position, parent)            PK (commit, position)
     metrics   (commit, name, value)                 PK (commit, name)
     refs      (kind, name, commit)                  PK (kind, name)
-    manifest_chunks (manifest, chunk, size)         PK (manifest, chunk): chunk usage, for GC and du
 
-A catalog file that SQLite cannot read is moved aside and rebuilt.
+A catalog file that SQLite cannot read, or that fails SQLite's integrity check, is moved
+aside and rebuilt. What GC deletes is never decided from the catalog.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sqlite_utils
 
 log = logging.getLogger("ckptstore.catalog")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Catalog:
@@ -61,7 +61,9 @@ class Catalog:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA quick_check").fetchall()
+                problems = conn.execute("PRAGMA integrity_check").fetchall()
+                if problems != [("ok",)]:
+                    raise sqlite3.DatabaseError(f"integrity check: {problems[0][0]}")
             except sqlite3.DatabaseError:
                 conn.close()
                 raise
@@ -95,12 +97,11 @@ class Catalog:
             self.db["parents"].create_index(["parent"])
             self.db["metrics"].create({"commit": str, "name": str, "value": float}, pk=("commit", "name"))
             self.db["refs"].create({"kind": str, "name": str, "commit": str}, pk=("kind", "name"))
-            self.db["manifest_chunks"].create({"manifest": str, "chunk": str, "size": int}, pk=("manifest", "chunk"))
 
     def clear(self) -> None:
         """Forget everything (the catalog is then rebuilt from the store)."""
         with self._lock, self.db.conn:
-            for table in ("commits", "parents", "metrics", "refs", "manifest_chunks"):
+            for table in ("commits", "parents", "metrics", "refs"):
                 self.db.execute(f"DELETE FROM {table}")
 
     def close(self) -> None:
@@ -137,21 +138,6 @@ class Catalog:
         for row in rows:
             row["metrics"] = metrics.get(row["id"], {})
         return rows
-
-    # -- chunk usage -----------------------------------------------------------------------
-
-    def manifest_chunks(self, manifest_id: str) -> dict[str, int] | None:
-        """The chunks (id → raw size) a manifest uses, if indexed."""
-        with self._lock:
-            rows = self.db.execute("SELECT chunk, size FROM manifest_chunks WHERE manifest = ?", [manifest_id]).fetchall()
-        return dict(rows) if rows else None
-
-    def add_manifest_chunks(self, manifest_id: str, chunks: dict[str, int]) -> None:
-        """Index the chunks of a manifest (immutable, so this never goes stale). Idempotent."""
-        with self._lock, self.db.conn:
-            self.db["manifest_chunks"].insert_all(
-                ({"manifest": manifest_id, "chunk": c, "size": n} for c, n in chunks.items()), replace=True
-            )
 
     def commit_object(self, commit_id: str) -> bytes | None:
         with self._lock:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -190,14 +192,24 @@ class Repository(Protocol):
 
 
 def manifest_chunks(repo: Repository, manifest_id: str) -> dict[str, int]:
-    """Chunk id → raw size for every chunk a manifest uses, delta bases included (from the
-    catalog's chunk-usage index, filled from the manifest on first use)."""
-    cached = repo.catalog.manifest_chunks(manifest_id)
-    if cached is not None:
-        return cached
+    """Chunk id → raw size for every chunk a manifest uses, delta bases included. From the
+    manifest itself (verified against its id), never from the catalog: a damaged catalog
+    must not make GC delete what a commit needs. A manifest is named by its content, so
+    the answer for an id never changes: recent answers are remembered (any store)."""
+    with _CHUNK_SIZES_LOCK:
+        if manifest_id in _CHUNK_SIZES:
+            _CHUNK_SIZES.move_to_end(manifest_id)
+            return _CHUNK_SIZES[manifest_id]
     chunks = repo.get_manifest(manifest_id).chunk_sizes()
-    repo.catalog.add_manifest_chunks(manifest_id, chunks)
+    with _CHUNK_SIZES_LOCK:
+        _CHUNK_SIZES[manifest_id] = chunks
+        while len(_CHUNK_SIZES) > 256:
+            _CHUNK_SIZES.popitem(last=False)
     return chunks
+
+
+_CHUNK_SIZES: OrderedDict[str, dict[str, int]] = OrderedDict()
+_CHUNK_SIZES_LOCK = threading.Lock()
 
 
 def kept_chunks(manifest: Manifest, dropped: Iterable[str]) -> set[str]:

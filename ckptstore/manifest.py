@@ -587,6 +587,8 @@ class _ManifestReader:
                 raise self.fail(f"numpy dtype {dtype!r} of {path}")
         elif dtype not in DTYPES:
             raise IntegrityError(f"unknown tensor dtype {dtype!r}", key=self.key, path=path)
+        if requires_grad and (kind is TensorKind.NDARRAY or not (DTYPES[dtype].is_floating_point or DTYPES[dtype].is_complex)):
+            raise self.fail(f"requires_grad on {path}, whose dtype {dtype} has no gradients")
         entry = TensorEntry(path, dtype, tuple(shape), None if stride is None else tuple(stride), blob, offset, kind, requires_grad)
         if entry.offset % entry.itemsize or entry.offset + entry.extent_bytes > blobs[blob].size:
             raise IntegrityError("tensor does not fit its blob", key=self.key, path=path)

@@ -1110,6 +1110,8 @@ def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = N
     if protocol == "memory":
         return MemoryObjectStore(rest or "default")
     if protocol in ("s3", "s3a"):
+        if "@" in rest.split("/", 1)[0]:  # the URL itself is not repeated: it holds a secret
+            raise ValueError("an S3 store URL cannot carry credentials (KEY:SECRET@bucket): pass them in storage_options")
         if not rest.strip("/"):
             raise ValueError(f"S3 store URL {url!r} names no bucket")
         return S3ObjectStore(rest, options)

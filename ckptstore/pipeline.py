@@ -218,6 +218,11 @@ class ChunkReader:
                 raise IntegrityError(f"chunk is {found}, its manifest records {ref.bases[0] if ref.bases else 'no base'}", key=key, path=path)
             if bases:
                 self.read_into(ChunkRef(bases[0], ref.size, bases[1:]), target, path=path, needed_by=key)
+            here = f.tell()
+            stored = f.seek(0, os.SEEK_END) - here
+            f.seek(here)
+            if stored != body_size:  # checked before a buffer of the declared size is taken
+                raise IntegrityError(f"object body is {stored} bytes, its header says {body_size}", key=key, path=path)
             raw_in_place = codec is Codec.RAW and not bases and body_size == raw_size
             body = target if raw_in_place else self._scratch.get("body", body_size)  # no staging copy for raw
             if not _read_exactly(f, memoryview(body)) or f.read(1):

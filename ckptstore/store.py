@@ -116,7 +116,7 @@ RESERVED_TAGS = (LATEST, BEST)
 
 #: Caps on what a header may declare for these objects before they are decompressed.
 MAX_MANIFEST_BYTES = 1 << 32
-MAX_COMMIT_BYTES = 1 << 26
+MAX_COMMIT_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,39 @@ class StoreConfig:
             )
         known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
         config = cls(**known)
+        if not isinstance(config.hash, str):
+            raise IntegrityError(f"malformed store config: hash {config.hash!r}", key=CONFIG_KEY)
         check_hash_algorithm(config.hash)
-        if config.delta not in DELTA_MODES or not isinstance(config.delta_keyframe_interval, int) or config.delta_keyframe_interval < 1:
-            raise IntegrityError(f"malformed store config: delta {config.delta!r}, keyframe interval {config.delta_keyframe_interval!r}", key=CONFIG_KEY)
+        for name, valid in _CONFIG_FIELDS.items():
+            value = getattr(config, name)
+            if not valid(value):
+                raise IntegrityError(f"malformed store config: {name} = {value!r}", key=CONFIG_KEY)
         return config
+
+
+def _is_int(value: Any, low: int, high: int = 2**62) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _is_branch_name(value: Any) -> bool:
+    try:
+        check_ref_name(value, kind="branch")
+    except (InvalidRefName, TypeError):
+        return False
+    return True
+
+
+#: What each config field may hold (a damaged or forged config is refused, not half-used).
+_CONFIG_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "chunk_size_bytes": lambda v: _is_int(v, 1),
+    "inline_threshold_bytes": lambda v: _is_int(v, 0),
+    "compression_level": lambda v: v is None or _is_int(v, -(1 << 17), 22),
+    "delta": lambda v: v in DELTA_MODES,
+    "delta_keyframe_interval": lambda v: _is_int(v, 1, MAX_DELTA_CHAIN + 1),
+    "default_branch": _is_branch_name,
+    "best_metric": lambda v: isinstance(v, str) and bool(v),
+    "greater_is_better": lambda v: v is None or type(v) is bool,
+}
 
 
 @dataclass(frozen=True)
@@ -277,8 +306,10 @@ class Store:
     def get_commit(self, commit_id: str) -> Commit:
         """The commit with this full id (from the catalog, else from the object store)."""
         raw = self.catalog.commit_object(commit_id)
-        if raw is not None:
+        if raw is not None and content_id(raw) == commit_id:  # the catalog is a cache: verify it
             return decode_commit(commit_id, raw, key=commit_key(commit_id))
+        if raw is not None:
+            log.warning("the catalog's copy of commit %s is damaged; reading it from the store", commit_id)
         commit, raw = self._read_commit_object(commit_id)
         self._index_commit(commit, raw)
         return commit
@@ -569,7 +600,6 @@ class Store:
             reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
             delta_chunks=written.delta_chunks,
         )
-        self.catalog.add_manifest_chunks(manifest_id, manifest.chunk_sizes())
         return self._commit_onto_branch(branch, manifest_id, message, metadata, metrics, stats)
 
     def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
@@ -787,7 +817,11 @@ class Store:
         (and ends where none is left)."""
         commit_id: str | None = self.resolve(rev or self.config.default_branch)
         out: list[Commit] = []
+        seen: set[str] = set()
         while commit_id is not None and (limit is None or len(out) < limit):
+            if commit_id in seen:
+                raise IntegrityError(f"history loops back to commit {commit_id}", key=commit_key(commit_id))
+            seen.add(commit_id)
             commit = self.get_commit(commit_id)
             out.append(commit)
             parents = self.parents_of(commit)  # across what GC removed, or the end of history

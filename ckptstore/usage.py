@@ -57,8 +57,8 @@ class Usage:
 
 
 def measure(repo: Repository) -> Usage:
-    """Measure the store (lists every object once; manifests come from the catalog's chunk
-    index where it has them)."""
+    """Measure the store (lists every object once; each commit and manifest is read and
+    verified, the catalog only says which commits there are)."""
     repo.sync_catalog()
     listing: dict[str, ObjectInfo] = {info.key: info for info in repo.objects.list_info("")}
     usage = Usage()
@@ -74,8 +74,9 @@ def measure(repo: Repository) -> Usage:
     for cid, row in rows.items():
         if commit_key(cid) not in listing:
             continue
-        keys = {commit_key(cid), manifest_key(row["manifest"])}
-        for chunk_id, size in manifest_chunks(repo, row["manifest"]).items():
+        manifest_id = repo.get_commit(cid).manifest  # verified: not the catalog's column
+        keys = {commit_key(cid), manifest_key(manifest_id)}
+        for chunk_id, size in manifest_chunks(repo, manifest_id).items():
             key = chunk_key(chunk_id)
             if key in listing:  # a demoted commit's dropped chunks are gone
                 keys.add(key)
