@@ -58,10 +58,23 @@ def test_a_store_seeded_with_a_pickle_payload_executes_nothing(tmp_path, monkeyp
 
     evil_id = content_id(evil_raw)
     store.objects.put_if_absent(f"manifests/{evil_id[:2]}/{evil_id}", encode_object_bytes(Kind.MANIFEST, evil_raw, compression_level=None))
-    commit_id, raw = encode_commit(manifest=evil_id, parents=(), message="", created_at=c.created_at, branch="evil", metadata={}, metrics={}, stats=c.stats)
+    payload = pickle.dumps(Boom())  # also as metadata and as a message: bytes and text, never unpickled
+    commit_id, raw = encode_commit(
+        manifest=evil_id, parents=(c.id,), message=payload.decode("latin-1"), created_at=c.created_at, branch="evil",
+        metadata={"blob": payload}, metrics={}, stats=c.stats,
+    )  # fmt: skip
     store.objects.put_if_absent(f"commits/{commit_id[:2]}/{commit_id}", encode_object_bytes(Kind.COMMIT, raw, compression_level=None))
+    store.objects.put_if_absent("refs/heads/evil", encode_object_bytes(Kind.REF, commit_id.encode(), compression_level=None))
+    reopened = ckptstore.open(str(tmp_path / "s"))  # the catalog indexes the forged commit
     with pytest.raises(ckptstore.IntegrityError):
-        store.checkout(commit_id)
+        reopened.checkout("evil")
+    assert reopened.log("evil")[0].metadata == {"blob": payload}
+    with pytest.raises(ckptstore.IntegrityError):
+        reopened.diff("main", "evil")
+    report = reopened.fsck(read_data=True)
+    assert not report.ok and any(p.key == f"manifests/{evil_id[:2]}/{evil_id}" for p in report.problems)
+    with pytest.raises(ckptstore.IntegrityError):  # what the forged commit needs is unknown: GC refuses
+        reopened.gc(grace_period_s=0)
     assert not (tmp_path / "pwned").exists()
 
 
