@@ -31,6 +31,18 @@ import sqlite_utils
 log = logging.getLogger("ckptstore.catalog")
 
 SCHEMA_VERSION = 3
+#: Table → (columns, primary key). Created from this, and checked against it on open.
+TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
+    "meta": ({"key": str, "value": str}, "key"),
+    "commits": (
+        {"id": str, "manifest": str, "message": str, "created_at": float, "branch": str,
+         "step": int, "logical_bytes": int, "new_bytes": int, "object": bytes},
+        "id",
+    ),  # fmt: skip
+    "parents": ({"commit": str, "position": int, "parent": str}, ("commit", "position")),
+    "metrics": ({"commit": str, "name": str, "value": float}, ("commit", "name")),
+    "refs": ({"kind": str, "name": str, "commit": str}, ("kind", "name")),
+}
 
 
 class Catalog:
@@ -82,21 +94,17 @@ class Catalog:
             meta = self.db["meta"]
             if meta.exists():
                 row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-                if row is not None and int(row[0]) == SCHEMA_VERSION:
+                if row is not None and row[0] == str(SCHEMA_VERSION):
+                    for name, (columns, _) in TABLES.items():
+                        if list(self.db[name].columns_dict) != list(columns):
+                            raise sqlite3.DatabaseError(f"catalog table {name} has columns {list(self.db[name].columns_dict)}")
                     return
                 for name in self.db.table_names():
                     self.db[name].drop()  # an older catalog: it is a cache, rebuild it
-            self.db["meta"].create({"key": str, "value": str}, pk="key")
+            for name, (columns, pk) in TABLES.items():
+                self.db[name].create(columns, pk=pk)
             self.db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
-            self.db["commits"].create(
-                {"id": str, "manifest": str, "message": str, "created_at": float, "branch": str,
-                 "step": int, "logical_bytes": int, "new_bytes": int, "object": bytes},
-                pk="id",
-            )  # fmt: skip
-            self.db["parents"].create({"commit": str, "position": int, "parent": str}, pk=("commit", "position"))
             self.db["parents"].create_index(["parent"])
-            self.db["metrics"].create({"commit": str, "name": str, "value": float}, pk=("commit", "name"))
-            self.db["refs"].create({"kind": str, "name": str, "commit": str}, pk=("kind", "name"))
 
     def clear(self) -> None:
         """Forget everything (the catalog is then rebuilt from the store)."""

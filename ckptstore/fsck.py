@@ -288,7 +288,7 @@ def _catalog_problems(repo: Repository, commits: dict[str, Commit], stored: set[
         problems.append(Problem("catalog", "commit is in the catalog but not in the store", commit=cid))
     for cid in sorted(indexed & set(commits)):
         raw = repo.catalog.commit_object(cid)
-        if raw is None or content_id(raw) != cid:
+        if not isinstance(raw, bytes) or content_id(raw) != cid:
             problems.append(Problem("catalog", "the catalog's copy of the commit does not match its id", commit=cid))
     for kind in RefKind:
         catalog_refs = repo.catalog.refs(kind.value)

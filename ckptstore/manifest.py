@@ -527,7 +527,7 @@ class _ManifestReader:
         if not isinstance(doc, dict):
             raise self.fail("not a map")
         version = doc.get("format")
-        if version not in READABLE_MANIFEST_FORMATS:
+        if type(version) is not int or version not in READABLE_MANIFEST_FORMATS:
             raise UnsupportedFormat(
                 f"manifest {self.key} has format version {version!r}; this version of "
                 f"ckptstore reads versions {', '.join(map(str, READABLE_MANIFEST_FORMATS))}"

@@ -147,7 +147,7 @@ class StoreConfig:
             version = doc["format"]
         except Exception as exc:
             raise IntegrityError(f"malformed store config: {exc}", key=CONFIG_KEY) from exc
-        if version not in READABLE_STORE_FORMATS:
+        if type(version) is not int or version not in READABLE_STORE_FORMATS:
             raise UnsupportedFormat(
                 f"store has format version {version!r}; this version of ckptstore reads "
                 f"versions {', '.join(map(str, READABLE_STORE_FORMATS))}"
@@ -306,7 +306,7 @@ class Store:
     def get_commit(self, commit_id: str) -> Commit:
         """The commit with this full id (from the catalog, else from the object store)."""
         raw = self.catalog.commit_object(commit_id)
-        if raw is not None and content_id(raw) == commit_id:  # the catalog is a cache: verify it
+        if isinstance(raw, bytes) and content_id(raw) == commit_id:  # the catalog is a cache: verify it
             return decode_commit(commit_id, raw, key=commit_key(commit_id))
         if raw is not None:
             log.warning("the catalog's copy of commit %s is damaged; reading it from the store", commit_id)
