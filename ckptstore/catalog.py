@@ -19,18 +19,19 @@ aside and rebuilt. What GC deletes is never decided from the catalog.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import sqlite_utils
 
 log = logging.getLogger("ckptstore.catalog")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Table → (columns, primary key). Created from this, and checked against it on open.
 TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "meta": ({"key": str, "value": str}, "key"),
@@ -47,7 +48,8 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
 
 class Catalog:
     """A SQLite catalog at ``path`` (``None``: in memory). Thread-safe; every method is
-    one transaction."""
+    one transaction (sqlite-utils would commit each insert on its own, and a process killed
+    between two would leave a commit without its parents)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -86,6 +88,19 @@ class Catalog:
             conn.close()
             raise
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, its lock taken at the start (``BEGIN IMMEDIATE``, waiting
+        for other processes' writers): a transaction that read first could not upgrade."""
+        with self._lock:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.conn.execute("ROLLBACK")
+                raise
+            self.db.conn.execute("COMMIT")
+
     def _create_schema(self) -> None:
         """Create the tables, or rebuild a catalog of another schema version. One exclusive
         transaction, so processes opening a new store at once never see half a schema."""
@@ -108,7 +123,7 @@ class Catalog:
 
     def clear(self) -> None:
         """Forget everything (the catalog is then rebuilt from the store)."""
-        with self._lock, self.db.conn:
+        with self._write():
             for table in ("commits", "parents", "metrics", "refs"):
                 self.db.execute(f"DELETE FROM {table}")
 
@@ -120,7 +135,7 @@ class Catalog:
 
     def add_commit(self, row: dict, parents: Iterable[str], metrics: dict[str, float]) -> None:
         """Index one commit. Idempotent."""
-        with self._lock, self.db.conn:
+        with self._write():
             self.db["commits"].insert(row, replace=True)
             self.db["parents"].insert_all(
                 ({"commit": row["id"], "position": i, "parent": p} for i, p in enumerate(parents)), replace=True
@@ -130,7 +145,7 @@ class Catalog:
             )
 
     def remove_commits(self, ids: Iterable[str]) -> None:
-        with self._lock, self.db.conn:
+        with self._write():
             for commit_id in ids:
                 for table in ("parents", "metrics"):
                     self.db.execute(f"DELETE FROM {table} WHERE [commit] = ?", [commit_id])
@@ -175,7 +190,7 @@ class Catalog:
             return dict(rows.fetchall())
 
     def set_ref(self, kind: str, name: str, commit_id: str | None) -> None:
-        with self._lock, self.db.conn:
+        with self._write():
             if commit_id is None:
                 self.db.execute("DELETE FROM refs WHERE kind = ? AND name = ?", [kind, name])
             else:
@@ -183,6 +198,6 @@ class Catalog:
 
     def replace_refs(self, kind: str, refs: dict[str, str]) -> None:
         """Make the catalog's refs of ``kind`` exactly ``refs``."""
-        with self._lock, self.db.conn:
+        with self._write():
             self.db.execute("DELETE FROM refs WHERE kind = ?", [kind])
             self.db["refs"].insert_all(({"kind": kind, "name": n, "commit": c} for n, c in refs.items()), replace=True)
