@@ -39,7 +39,7 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         {"id": str, "manifest": str, "message": str, "created_at": float, "branch": str,
          "step": int, "logical_bytes": int, "new_bytes": int, "object": bytes},
         "id",
-    ),  # fmt: skip
+    ),
     "parents": ({"commit": str, "position": int, "parent": str}, ("commit", "position")),
     "metrics": ({"commit": str, "name": str, "value": float}, ("commit", "name")),
     "refs": ({"kind": str, "name": str, "commit": str}, ("kind", "name")),

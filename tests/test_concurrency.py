@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-import ckptstore
-
 from crash_child import writer_loss, writer_state
 from states import assert_same
+
+import ckptstore
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"

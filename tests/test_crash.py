@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-import ckptstore
-
 from crash_child import OPEN, WIDE_CHUNK_BYTES, commit_state, eval_loss
 from states import assert_same
+
+import ckptstore
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
