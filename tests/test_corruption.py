@@ -49,6 +49,9 @@ import ckptstore
 import ckptstore.store
 from ckptstore.codec import Kind, decode_object
 from ckptstore.errors import CkptStoreError
+from ckptstore.gc import commit_key as _commit_key
+from ckptstore.gc import manifest_key as _manifest_key
+from ckptstore.pipeline import chunk_key as _chunk_key
 
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 OBJECT_CASES = 800 if SOAK else 40
@@ -205,18 +208,6 @@ def _build_template_now(root: Path) -> Template:
     assert {k for d in deps.values() for k in d if k.startswith("chunks/")} == set(keys["chunks"])
     assert len(keys["chunks"]) >= 20 and len(keys["manifests"]) == 3 and len(keys["commits"]) == 4
     return template
-
-
-def _commit_key(cid: str) -> str:
-    return f"commits/{cid[:2]}/{cid}"
-
-
-def _manifest_key(mid: str) -> str:
-    return f"manifests/{mid[:2]}/{mid}"
-
-
-def _chunk_key(cid: str) -> str:
-    return f"chunks/{cid[:2]}/{cid}"
 
 
 @pytest.fixture(scope="module")
