@@ -35,7 +35,6 @@ from .codec import (
     decode_into,
     delta_chain,
     encode_object,
-    parse_frame,
     read_header,
 )  # fmt: skip
 from .errors import IntegrityError, ObjectNotFound

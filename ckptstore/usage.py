@@ -71,7 +71,7 @@ def measure(repo: Repository) -> Usage:
     rows = {row["id"]: row for row in repo.catalog.commit_rows()}
     needs: dict[str, set[str]] = {}
     raw_sizes: dict[str, int] = {}
-    for cid, row in rows.items():
+    for cid in rows:
         if commit_key(cid) not in listing:
             continue
         manifest_id = repo.get_commit(cid).manifest  # verified: not the catalog's column
