@@ -77,6 +77,7 @@ from .errors import (
     StoreNotFound,
 )
 from .ids import content_id
+from .redaction import redact_credentials_in_logs
 
 T = TypeVar("T")
 Buffer = Union[bytes, bytearray, memoryview]
@@ -957,6 +958,8 @@ class S3ObjectStore(_FsspecObjectStore):
     def __init__(self, bucket_and_prefix: str, storage_options: Mapping[str, Any], *, part_size_bytes: int = 8 << 20) -> None:
         import s3fs  # imported here so that local use never pays for botocore
 
+        redact_credentials_in_logs(_credential_values(storage_options))
+
         # Retries happen once, in botocore ("standard" mode: 5xx, throttling and connection
         # errors, with backoff and jitter); s3fs's own retry loop is turned off so the two do
         # not multiply. A resent conditional write that finds its own first attempt is
@@ -1090,6 +1093,17 @@ class S3ObjectStore(_FsspecObjectStore):
             return self.exists(key)
         except StorageError:
             return True
+
+
+def _credential_values(storage_options: Mapping[str, Any]) -> list[object]:
+    """The credentials an S3 store may sign with that ckptstore can see: its options and
+    the ``AWS_*`` environment variables."""
+    client = storage_options.get("client_kwargs") or {}
+    return [
+        *(storage_options.get(name) for name in ("key", "secret", "token")),
+        *(client.get(name) for name in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")),
+        *(os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")),
+    ]
 
 
 def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = None, create: bool = True) -> ObjectStore:

@@ -12,8 +12,9 @@ credentials). Then:
   any logger outside botocore, in any exception (message, repr, chained causes, traceback) or
   in ``repr(store)`` / ``repr(store.objects)`` / ``store.url``. The secret keys may appear
   nowhere, botocore's records included (they are never sent, only signatures);
-* botocore's own DEBUG records print request headers: whether the key id and the session
-  token appear there is checked separately (a third-party leak, reported, not ckptstore's);
+* botocore's own DEBUG records print request headers and canonical requests: the key id and
+  the session token must not appear there either (a store on S3 puts a redacting filter on
+  those loggers, ``ckptstore.redaction``), checked separately;
 * through the CLI (a driver process calling ``ckptstore.cli.main`` per command, the way the
   ``ckpt`` script does, and one plain ``python -m ckptstore --debug`` process), with and
   without ``--debug`` and on error paths: no sentinel in stdout, stderr, tracebacks or any
@@ -198,11 +199,6 @@ def test_api_with_debug_logging_everywhere_shows_no_sentinel(s3_server: str, s3_
     assert not secrets, "a secret key in a log record:\n" + "\n".join(secrets[:5])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "third-party leak, not redacted by ckptstore: with botocore's loggers at DEBUG, botocore.endpoint "
-    "prints each request's headers (Authorization names the access key id, X-Amz-Security-Token is the "
-    "session token) and botocore.auth the canonical request (the token again). Secret keys never "
-    "appear. The CLI's --debug does not turn these loggers on (see the CLI tests)."))
 def test_botocore_debug_records_carry_no_key_id_or_token(s3_server: str, s3_url: tuple, sentinel_env: None, debug_everywhere: _Capture) -> None:
     url, _ = s3_url
     with ckptstore.open(url, storage_options=_options(s3_server)) as store:
@@ -210,6 +206,51 @@ def test_botocore_debug_records_carry_no_key_id_or_token(s3_server: str, s3_url:
         store.checkout("latest")
     leaks = sorted({(name, s) for name, text in debug_everywhere.records for s in _found(text)})
     assert not leaks, f"sentinels in botocore records: {leaks}"
+
+
+def test_botocore_records_carry_no_credentials_ckptstore_was_not_given(
+    s3_server: str, s3_url: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, debug_everywhere: _Capture
+) -> None:
+    """Credentials that botocore finds itself (a shared credentials file, a profile) are
+    unknown to ckptstore by value: the credential fields of botocore's records are redacted
+    by their shape."""
+    key_id, secret, token = "AKIAPROFILESENTINEL7", "profile-secret-sentinel-9a8b7c6d", "profile-token-sentinel-1d2c3b4a"
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[ckpt]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\naws_session_token = {token}\n")
+    for name in ENV_SENTINELS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    url, _ = s3_url
+    options = {"profile": "ckpt", "client_kwargs": {"endpoint_url": s3_server}}
+    with ckptstore.open(url, storage_options=options) as store:
+        store.commit({"w": torch.ones(10)})
+        store.checkout("latest")
+    records = debug_everywhere.records
+    assert any(name.startswith("botocore.endpoint") for name, _ in records), "botocore logged no request"
+    leaks = sorted({(name, s) for name, text in records for s in _found(text, [key_id, secret, token])})
+    assert not leaks, f"credentials in log records: {leaks}"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{'Authorization': b'AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE123/20261201/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=ab12'}",
+         "{'Authorization': b'AWS4-HMAC-SHA256 Credential=<redacted>/20261201/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=ab12'}"),
+        ("{'X-Amz-Security-Token': b'FwoGZXIvYXdzE+/token=='}", "{'X-Amz-Security-Token': b'<redacted>'}"),
+        ("{'X-Amz-Security-Token': 'FwoGZXIvYXdzE+/token=='}", "{'X-Amz-Security-Token': '<redacted>'}"),
+        ("host:127.0.0.1\nx-amz-security-token:FwoGZXIvYXdzE+/token==\n", "host:127.0.0.1\nx-amz-security-token:<redacted>\n"),
+        ("GET /b/k?X-Amz-Credential=AKIAEXAMPLE123%2F20261201&X-Amz-Security-Token=Fwo%2Btok&X-Amz-Signature=1",
+         "GET /b/k?X-Amz-Credential=<redacted>%2F20261201&X-Amz-Security-Token=<redacted>&X-Amz-Signature=1"),
+        ("Response headers: {'ETag': '\"abc\"'}", "Response headers: {'ETag': '\"abc\"'}"),
+    ],
+)  # fmt: skip
+def test_credential_fields_are_redacted_by_shape(text: str, expected: str) -> None:
+    from ckptstore.redaction import CredentialFilter
+
+    assert CredentialFilter().redact(text) == expected
+    record = logging.LogRecord("botocore.endpoint", logging.DEBUG, __file__, 1, "Making request: %s", (text,), None)
+    assert CredentialFilter().filter(record) and record.getMessage() == "Making request: " + expected
 
 
 # --------------------------------------------------------------------------------------------
