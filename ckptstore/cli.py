@@ -389,7 +389,7 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
     """
     store = ctx.store()
     commit = store.commit_of(rev)
-    manifest = store.get_manifest(commit.manifest)
+    manifest = store.manifest_of(commit)
     usage = {c.id: c for c in store.du().commits}.get(commit.id)
     dropped = store.dropped_components(commit.id)
     tensors = [{"path": e.path, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes} for e in manifest.tensors]

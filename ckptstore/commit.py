@@ -54,7 +54,9 @@ class CommitStats:
 class Commit:
     """A commit: ``id``, ``parents`` (newest history first), ``message``, ``metadata``,
     ``metrics``, ``created_at`` (UTC), the ``branch`` it was made on, the ``manifest`` id of
-    its checkpoint and its write ``stats``."""
+    its checkpoint and its write ``stats``. ``manifest_size_bytes``: the manifest's raw size,
+    so that reading it can refuse a forged object declaring another size before inflating
+    it (``None`` in commits written before it was recorded)."""
 
     id: str
     manifest: str
@@ -65,6 +67,7 @@ class Commit:
     metadata: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     stats: CommitStats = field(default_factory=CommitStats)
+    manifest_size_bytes: int | None = None
 
     @property
     def short_id(self) -> str:
@@ -87,7 +90,7 @@ def check_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
 
 
 def encode_commit(
-    *, manifest: str, parents: tuple[str, ...], message: str, created_at: datetime,
+    *, manifest: str, manifest_size_bytes: int, parents: tuple[str, ...], message: str, created_at: datetime,
     branch: str | None, metadata: dict[str, Any], metrics: dict[str, float], stats: CommitStats,
 ) -> tuple[str, bytes]:  # fmt: skip
     """Encode a commit object; returns ``(id, bytes)``."""
@@ -105,6 +108,7 @@ def encode_commit(
         "metadata": pack_value(metadata, path="metadata"),
         "metrics": metrics,
         "stats": stats.to_list(),
+        "manifest_size": manifest_size_bytes,  # a field older readers ignore
     }
     data = msgpack.packb(doc, use_bin_type=True)
     return content_id(data), data
@@ -127,6 +131,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
         parents = tuple(doc["parents"])
         stats = doc["stats"]
         metrics = doc["metrics"]
+        manifest_size = doc.get("manifest_size")
         ok = (
             is_full_id(doc["manifest"])
             and all(isinstance(p, str) and is_full_id(p) for p in parents)
@@ -137,6 +142,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
             and isinstance(metrics, dict)
             and all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items())
             and isinstance(stats, list) and len(stats) in (5, 6) and all(type(s) is int for s in stats)
+            and (manifest_size is None or (type(manifest_size) is int and 0 < manifest_size < 2**62))
         )  # fmt: skip
         if not ok:
             raise ValueError("a field has the wrong type")
@@ -151,6 +157,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
             metadata=metadata,
             metrics=metrics,
             stats=CommitStats(*stats),
+            manifest_size_bytes=manifest_size,
         )
     except CkptStoreError:
         raise

@@ -241,7 +241,7 @@ class StoreReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         commit = self.store.commit_of(self.rev)
         self._key = manifest_key(commit.manifest)
-        self._manifest = self.store.get_manifest(commit.manifest)
+        self._manifest = self.store.manifest_of(commit)
         tensors = [TensorRef(i) for i in range(len(self._manifest.tensors))]
         tree = unpack_value(self._manifest.tree, key=self._key, tensors=tensors)
         if not isinstance(tree, dict) or "dcp" not in tree:

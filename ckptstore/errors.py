@@ -14,6 +14,7 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── UnsupportedValue .............. TypeError     a value that cannot be stored (names its key path)
     ├── ComponentsUnavailable ......... KeyError      components a commit lacks, or that GC dropped (demotion)
     ├── CollectorBusy ................. another garbage collector holds the store's lease
+    ├── OutOfMemory ................... MemoryError   a checkout's buffers could not be allocated
     ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
     ├── UnsupportedFormat ............. ValueError    an object or store of an unknown format version
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
@@ -121,6 +122,19 @@ class ComponentsUnavailable(CkptStoreError, KeyError):
 
 class CollectorBusy(CkptStoreError):
     """Another garbage collector holds the store's lease (it expires if its holder dies)."""
+
+
+class OutOfMemory(CkptStoreError, MemoryError):
+    """Memory for the tensors of a checkout could not be allocated: the checkpoint is too
+    large for this machine (check out part of it: ``include=``), or its manifest claims
+    sizes its chunks do not have. ``key`` names the manifest, ``path`` the tensor."""
+
+    def __init__(self, size_bytes: int, *, key: str, path: str | None) -> None:
+        self.size_bytes = size_bytes
+        self.key = key
+        self.path = path
+        where = f"key path {path} of {key}" if path else key
+        super().__init__(f"could not allocate {size_bytes} bytes for {where}")
 
 
 class IntegrityError(CkptStoreError, ValueError):

@@ -13,9 +13,10 @@ or commits no ref reaches) are reported as orphans: they are GC's business, not 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from .gc import (
     shallow_key,
 )
 from .ids import content_id
-from .manifest import ChunkRef, Manifest, path_under
+from .manifest import ChunkRef, Manifest, TensorEntry, path_under
 from .pipeline import ChunkReader
 from .refs import RefKind
 
@@ -134,6 +135,8 @@ def check(
             commits[cid] = repo.read_commit(cid)
         except (IntegrityError, UnsupportedFormat) as exc:
             report.problems.append(Problem("commit", _reason(exc), key=key, commit=cid))
+            with contextlib.suppress(CkptStoreError):  # the catalog's copy, if it hashes to the id,
+                commits[cid] = repo.get_commit(cid)  # is that commit: its history is still checked
     for name, target in targets.items():
         if commit_key(target) not in listing:
             report.problems.append(Problem("ref", f"{name} points at a missing commit", key=commit_key(target), commit=target))
@@ -159,19 +162,20 @@ def check(
 
     # Manifests and the chunks each commit needs.
     needed_chunks: dict[str, tuple[ChunkRef, str, str | None]] = {}  # chunk id → (ref, commit, path)
-    manifests: dict[str, Manifest | None] = {}
+    manifests: dict[str, Manifest | str] = {}  # manifest id → manifest, or why it is unreadable
+    kept: dict[str, list[TensorEntry]] = {}  # commit → the tensors it still holds (less what GC dropped)
     referenced: set[str] = {commit_key(c) for c in commits}
     for cid, commit in sorted(commits.items()):
         mkey = manifest_key(commit.manifest)
         referenced.add(mkey)
         if commit.manifest not in manifests:
             try:
-                manifests[commit.manifest] = repo.get_manifest(commit.manifest)
+                manifests[commit.manifest] = repo.manifest_of(commit)
             except (IntegrityError, UnsupportedFormat) as exc:
-                manifests[commit.manifest] = None
-                report.problems.append(Problem("manifest", _reason(exc), key=mkey, commit=cid))
+                manifests[commit.manifest] = _reason(exc)
         manifest = manifests[commit.manifest]
-        if manifest is None:
+        if isinstance(manifest, str):  # every commit it breaks is named
+            report.problems.append(Problem("manifest", manifest, key=mkey, commit=cid))
             continue
         try:
             dropped = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
@@ -180,10 +184,10 @@ def check(
             dropped = ()
         if dropped:
             referenced.add(demotion_key(cid))
+        kept[cid] = [e for e in manifest.tensors if not any(path_under(e.path, p) for p in dropped)]
         first_path = {}
-        for entry in manifest.tensors:
-            if not any(path_under(entry.path, p) for p in dropped):
-                first_path.setdefault(entry.blob, entry.path)
+        for entry in kept[cid]:
+            first_path.setdefault(entry.blob, entry.path)
         for index, path in first_path.items():
             for ref in manifest.blobs[index].chunks:
                 needed_chunks.setdefault(ref.id, (ref, cid, path))
@@ -192,7 +196,7 @@ def check(
     for cid in commits:
         if shallow_key(cid) in listing:
             referenced.add(shallow_key(cid))
-    report.manifests = sum(1 for m in manifests.values() if m is not None)
+    report.manifests = sum(1 for m in manifests.values() if not isinstance(m, str))
     report.chunks = len(needed_chunks)
 
     # Chunks: existence, header and size; with read_data, every byte.
@@ -234,16 +238,28 @@ def check(
         return None, 0
 
     done = 0
+    damaged: dict[str, Problem] = {}
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptstore-fsck") as pool:
-        for problem, nread in pool.map(check_chunk, sorted(needed_chunks)):
+        for chunk_id, (problem, nread) in zip(sorted(needed_chunks), pool.map(check_chunk, sorted(needed_chunks))):
             done += 1
             if problem is not None:
-                report.problems.append(problem)
+                damaged[chunk_id] = problem
             if nread:
                 report.chunks_read += 1
                 report.bytes_read += nread
             if progress is not None and (done % 64 == 0 or done == len(needed_chunks)):
                 progress("check chunks", done, len(needed_chunks))
+
+    # Every commit and key path a damaged chunk breaks (found again only for those).
+    named: set[tuple[str, str, str]] = set()
+    for cid, entries in sorted(kept.items()):
+        manifest = manifests[commits[cid].manifest]
+        for entry in entries:
+            for ref in manifest.blobs[entry.blob].chunks:  # type: ignore[union-attr]
+                for chunk_id in (ref.id, *ref.bases):
+                    if chunk_id in damaged and (chunk_id, cid, entry.path) not in named:
+                        named.add((chunk_id, cid, entry.path))
+                        report.problems.append(replace(damaged[chunk_id], commit=cid, path=entry.path))
 
     # Orphans: objects no commit that a ref reaches needs.
     report.orphans = sorted(key for key in listing if key not in referenced)

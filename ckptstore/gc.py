@@ -184,23 +184,24 @@ class Repository(Protocol):
 
     def read_commit(self, commit_id: str) -> Commit: ...
 
-    def get_manifest(self, manifest_id: str) -> Manifest: ...
+    def manifest_of(self, commit: Commit) -> Manifest: ...
 
     def sync_catalog(self) -> None: ...
 
     def parents_of(self, commit: Commit) -> list[str]: ...
 
 
-def manifest_chunks(repo: Repository, manifest_id: str) -> dict[str, int]:
-    """Chunk id → raw size for every chunk a manifest uses, delta bases included. From the
+def manifest_chunks(repo: Repository, commit: Commit) -> dict[str, int]:
+    """Chunk id → raw size for every chunk a commit's manifest uses, delta bases included. From the
     manifest itself (verified against its id), never from the catalog: a damaged catalog
     must not make GC delete what a commit needs. A manifest is named by its content, so
     the answer for an id never changes: recent answers are remembered (any store)."""
+    manifest_id = commit.manifest
     with _CHUNK_SIZES_LOCK:
         if manifest_id in _CHUNK_SIZES:
             _CHUNK_SIZES.move_to_end(manifest_id)
             return _CHUNK_SIZES[manifest_id]
-    chunks = repo.get_manifest(manifest_id).chunk_sizes()
+    chunks = repo.manifest_of(commit).chunk_sizes()
     with _CHUNK_SIZES_LOCK:
         _CHUNK_SIZES[manifest_id] = chunks
         while len(_CHUNK_SIZES) > 256:
@@ -360,10 +361,10 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         needed.add(commit_key(cid))
         chunks = manifests.setdefault(commit.manifest, set())
         if cid in demoted:
-            chunks |= kept_chunks(repo.get_manifest(commit.manifest), demoted[cid])
+            chunks |= kept_chunks(repo.manifest_of(commit), demoted[cid])
             needed.add(demotion_key(cid))
         else:
-            chunks |= set(manifest_chunks(repo, commit.manifest))
+            chunks |= set(manifest_chunks(repo, commit))
     for manifest_id, chunks in manifests.items():
         needed.add(manifest_key(manifest_id))
         needed.update(chunk_key(c) for c in chunks)
@@ -435,7 +436,7 @@ def _fit_budget(repo: Repository, history: list[CommitInfo], kept: set[str], bud
         if c.id not in kept:
             continue
         manifest_id = commits[c.id].manifest
-        keys = [chunk_key(k) for k in manifest_chunks(repo, manifest_id)] + [manifest_key(manifest_id), commit_key(c.id)]
+        keys = [chunk_key(k) for k in manifest_chunks(repo, commits[c.id])] + [manifest_key(manifest_id), commit_key(c.id)]
         objects = {key: listing[key].size_bytes for key in keys if key in listing}
         need[c.id] = objects
         for key, n in objects.items():
@@ -540,7 +541,7 @@ def _protect_new_work(repo: Repository, result: GcPlan, snapshot: _Snapshot, pro
             continue
         protected.add(commit_key(cid))
         protected.add(manifest_key(commit.manifest))
-        protected.update(chunk_key(c) for c in manifest_chunks(repo, commit.manifest))
+        protected.update(chunk_key(c) for c in manifest_chunks(repo, commit))
         if cid in removed:
             removed.discard(cid)
             result.removed_commits.remove(cid)

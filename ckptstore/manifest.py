@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -89,8 +89,9 @@ class Blob:
     inline: bytes | None = None
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
+    """One tensor of a manifest (a named tuple: manifests of many small tensors load fast)."""
+
     path: str
     dtype: str  # a torch dtype name, or a numpy dtype string for ndarrays
     shape: tuple[int, ...]
@@ -117,11 +118,15 @@ class TensorEntry:
     @property
     def extent_bytes(self) -> int:
         """Bytes of the blob this tensor spans from its offset."""
-        if self.numel == 0:
-            return 0
-        if self.stride is None:
-            return self.nbytes
-        return (sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1) * self.itemsize
+        return _extent_bytes(self.shape, self.stride, self.itemsize)
+
+
+def _extent_bytes(shape: Sequence[int], stride: Sequence[int] | None, itemsize: int) -> int:
+    if not all(shape):
+        return 0
+    if stride is None:
+        return math.prod(shape) * itemsize
+    return (sum((n - 1) * s for n, s in zip(shape, stride)) + 1) * itemsize
 
 
 @dataclass
@@ -510,93 +515,167 @@ def _check_key(k: Any, key: str) -> str | int:
 
 
 class _ManifestReader:
-    """Validates a manifest document field by field."""
+    """Validates a manifest document field by field, as it streams out of the msgpack
+    decoder: entries are checked one at a time, so a malformed document fails without the
+    whole of it ever being held as Python objects."""
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.version = MANIFEST_FORMAT_VERSION
+        self.version: int | None = None
+        self.has_deltas = False
+        self.numpy_itemsizes: dict[str, int] = {}
 
     def fail(self, what: str) -> IntegrityError:
         return IntegrityError(f"malformed manifest: {what}", key=self.key)
 
     def read(self, data: bytes | memoryview) -> Manifest:
         try:
-            doc = msgpack.unpackb(data, raw=False)
-        except Exception as exc:
+            return self._read(data)
+        except CkptStoreError:
+            raise
+        except Exception as exc:  # the decoder's own errors: truncation, bad types, limits
             raise self.fail(f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise self.fail("not a map")
-        version = doc.get("format")
+
+    def _read(self, data: bytes | memoryview) -> Manifest:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+        unpacker.feed(data)
+        try:
+            count = unpacker.read_map_header()
+        except ValueError:
+            raise self.fail("not a map") from None
+        fields: dict[str, Any] = {}
+        for _ in range(count):
+            name = unpacker.unpack()
+            if type(name) is not str or name in fields:
+                raise self.fail(f"field name {name!r} (not a str, or repeated)")
+            if name == "tensors":
+                fields[name] = [self.tensor(raw) for raw in self._array(unpacker, name)]
+            elif name == "blobs":
+                fields[name] = [self.blob(raw) for raw in self._array(unpacker, name)]
+            else:
+                fields[name] = unpacker.unpack()
+                if name == "format":  # written first: an unknown version is named before anything else fails
+                    self._check_version(fields[name])
+        if unpacker.tell() != len(data):
+            raise self.fail("extra bytes after the document")
+        self._check_version(fields.get("format"))
+        tree, tensors, blobs = fields.get("tree"), fields.get("tensors"), fields.get("blobs")
+        if not isinstance(tree, bytes) or tensors is None or blobs is None:
+            raise self.fail("missing tree, tensors or blobs")
+        if self.has_deltas and self.version < 2:  # type: ignore[operator]
+            raise self.fail("delta bases of a chunk in a format 1 manifest")
+        for entry in tensors:
+            self.check_fits(entry, blobs)
+        return Manifest(tree=tree, tensors=tensors, blobs=blobs)
+
+    def _check_version(self, version: Any) -> None:
         if type(version) is not int or version not in READABLE_MANIFEST_FORMATS:
             raise UnsupportedFormat(
                 f"manifest {self.key} has format version {version!r}; this version of "
                 f"ckptstore reads versions {', '.join(map(str, READABLE_MANIFEST_FORMATS))}"
             )
         self.version = version
-        tree, raw_tensors, raw_blobs = doc.get("tree"), doc.get("tensors"), doc.get("blobs")
-        if not isinstance(tree, bytes) or not isinstance(raw_tensors, list) or not isinstance(raw_blobs, list):
-            raise self.fail("missing tree, tensors or blobs")
-        blobs = [self.blob(b) for b in raw_blobs]
-        tensors = [self.tensor(t, blobs) for t in raw_tensors]
-        return Manifest(tree=tree, tensors=tensors, blobs=blobs)
+
+    def _array(self, unpacker: msgpack.Unpacker, name: str) -> Iterator[Any]:
+        """The items of the array that comes next, one at a time."""
+        try:
+            count = unpacker.read_array_header()
+        except ValueError:
+            raise self.fail(f"{name} is not a list") from None
+        for _ in range(count):
+            yield unpacker.unpack()
 
     def blob(self, raw: Any) -> Blob:
-        if not (isinstance(raw, list) and len(raw) == 3):
+        if not (type(raw) is list and len(raw) == 3):
             raise self.fail("blob is not [size, chunks, inline]")
         size, chunks, inline = raw
-        if not _is_count(size) or not isinstance(chunks, list):
+        if not _is_count(size) or type(chunks) is not list:
             raise self.fail("blob size or chunk list")
         refs = []
         for c in chunks:
-            if not (isinstance(c, list) and len(c) in (2, 3) and isinstance(c[0], str) and is_full_id(c[0]) and _is_count(c[1])):
+            if not (type(c) is list and len(c) in (2, 3) and type(c[0]) is str and is_full_id(c[0]) and _is_count(c[1])):
                 raise self.fail("chunk reference")
             bases: tuple[str, ...] = ()
             if len(c) == 3:
-                if self.version < 2 or not isinstance(c[2], list) or not 1 <= len(c[2]) <= MAX_DELTA_CHAIN:
+                if type(c[2]) is not list or not 1 <= len(c[2]) <= MAX_DELTA_CHAIN:
                     raise self.fail("delta bases of a chunk")
                 bases = tuple(c[2])
-                if not all(isinstance(b, str) and is_full_id(b) for b in bases) or len({c[0], *bases}) != len(bases) + 1:
+                if not all(type(b) is str and is_full_id(b) for b in bases) or len({c[0], *bases}) != len(bases) + 1:
                     raise self.fail("delta bases of a chunk")
+                self.has_deltas = True
             refs.append(ChunkRef(c[0], c[1], bases))
         if inline is not None:
-            if not isinstance(inline, bytes) or len(inline) != size or refs:
+            if type(inline) is not bytes or len(inline) != size or refs:
                 raise self.fail("inline blob size")
         elif sum(r.size for r in refs) != size:
             raise self.fail("chunk sizes do not add up to the blob size")
         return Blob(size=size, chunks=refs, inline=inline)
 
-    def tensor(self, raw: Any, blobs: list[Blob]) -> TensorEntry:
-        if not (isinstance(raw, list) and len(raw) == 8):
+    def tensor(self, raw: Any) -> TensorEntry:
+        """An entry, checked on its own (whether it fits its blob: :meth:`check_fits`)."""
+        if not (type(raw) is list and len(raw) == 8):
             raise self.fail("tensor entry is not a list of 8 fields")
         path, dtype, shape, stride, blob, offset, kind, requires_grad = raw
-        if not isinstance(path, str) or not isinstance(dtype, str) or not isinstance(requires_grad, bool):
+        if type(path) is not str or type(dtype) is not str or type(requires_grad) is not bool:
             raise self.fail("tensor path, dtype or requires_grad")
-        if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):
+        if type(shape) is not list or not _are_counts(shape):
             raise self.fail(f"shape of {path}")
-        if stride is not None and not (isinstance(stride, list) and len(stride) == len(shape) and all(_is_count(s) for s in stride)):
+        if stride is not None and not (type(stride) is list and len(stride) == len(shape) and _are_counts(stride)):
             raise self.fail(f"stride of {path}")
-        if kind not in (0, 1, 2) or not _is_count(blob) or blob >= len(blobs) or not _is_count(offset):
+        if type(kind) is not int or not 0 <= kind <= 2 or not _is_count(blob) or not _is_count(offset):
             raise self.fail(f"kind, blob or offset of {path}")
-        kind = TensorKind(kind)
-        if kind is TensorKind.NDARRAY:
+        if kind == TensorKind.NDARRAY:
+            self.numpy_itemsize(dtype, path)
+        else:
+            grads = _TORCH_DTYPE_GRADS.get(dtype)
+            if grads is None:
+                raise IntegrityError(f"unknown tensor dtype {dtype!r}", key=self.key, path=path)
+            if requires_grad and not grads:
+                raise self.fail(f"requires_grad on {path}, whose dtype {dtype} has no gradients")
+            dtype = _TORCH_DTYPE_NAMES[dtype]  # one string object per dtype, not one per entry
+        if requires_grad and kind == TensorKind.NDARRAY:
+            raise self.fail(f"requires_grad on {path}, a numpy array")
+        return TensorEntry(path, dtype, tuple(shape), None if stride is None else tuple(stride), blob, offset, _TENSOR_KINDS[kind], requires_grad)
+
+    def numpy_itemsize(self, dtype: str, path: str) -> int:
+        size = self.numpy_itemsizes.get(dtype)
+        if size is None:
             try:
                 np_dtype = np.dtype(dtype)
             except TypeError:
                 raise self.fail(f"numpy dtype {dtype!r} of {path}") from None
             if np_dtype.kind not in _NUMPY_KINDS:
                 raise self.fail(f"numpy dtype {dtype!r} of {path}")
-        elif dtype not in DTYPES:
-            raise IntegrityError(f"unknown tensor dtype {dtype!r}", key=self.key, path=path)
-        if requires_grad and (kind is TensorKind.NDARRAY or not (DTYPES[dtype].is_floating_point or DTYPES[dtype].is_complex)):
-            raise self.fail(f"requires_grad on {path}, whose dtype {dtype} has no gradients")
-        entry = TensorEntry(path, dtype, tuple(shape), None if stride is None else tuple(stride), blob, offset, kind, requires_grad)
-        if entry.offset % entry.itemsize or entry.offset + entry.extent_bytes > blobs[blob].size:
-            raise IntegrityError("tensor does not fit its blob", key=self.key, path=path)
-        return entry
+            size = self.numpy_itemsizes[dtype] = np_dtype.itemsize
+        return size
+
+    def check_fits(self, entry: TensorEntry, blobs: list[Blob]) -> None:
+        if entry.blob >= len(blobs):
+            raise self.fail(f"kind, blob or offset of {entry.path}")
+        if entry.kind is TensorKind.NDARRAY:
+            itemsize = self.numpy_itemsize(entry.dtype, entry.path)
+        else:
+            itemsize = _TORCH_ITEMSIZES[entry.dtype]
+        if entry.offset % itemsize or entry.offset + _extent_bytes(entry.shape, entry.stride, itemsize) > blobs[entry.blob].size:
+            raise IntegrityError("tensor does not fit its blob", key=self.key, path=entry.path)
+
+
+_COUNT_LIMIT = 2**62
+_TENSOR_KINDS = tuple(TensorKind)
+_TORCH_DTYPE_NAMES = {name: name for name in DTYPES}
+_TORCH_DTYPE_GRADS = {name: dtype.is_floating_point or dtype.is_complex for name, dtype in DTYPES.items()}
+_TORCH_ITEMSIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 def _is_count(value: Any) -> bool:
-    return type(value) is int and 0 <= value < 2**62
+    return type(value) is int and 0 <= value < _COUNT_LIMIT
+
+
+def _are_counts(values: list) -> bool:
+    """Every item an int (not a bool) in [0, 2**62)."""
+    if not values:
+        return True
+    return set(map(type, values)) == {int} and min(values) >= 0 and max(values) < _COUNT_LIMIT
 
 
 def build_tensor(entry: TensorEntry, blob_buffer: torch.Tensor) -> Any:

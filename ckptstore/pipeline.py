@@ -37,7 +37,7 @@ from .codec import (
     encode_object,
     read_header,
 )  # fmt: skip
-from .errors import IntegrityError, ObjectNotFound
+from .errors import IntegrityError, ObjectNotFound, OutOfMemory
 from .ids import content_id
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
 from .objectstore import ObjectStore
@@ -415,7 +415,10 @@ class Pipeline:
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index in blob_indices:
                 blob = manifest.blobs[index]
-                buffer = torch.empty(blob.size, dtype=torch.uint8)
+                try:
+                    buffer = torch.empty(blob.size, dtype=torch.uint8)
+                except (RuntimeError, MemoryError) as exc:  # torch's allocator raises RuntimeError
+                    raise OutOfMemory(blob.size, key=manifest_key, path=first_path.get(index)) from exc
                 buffers[index] = buffer
                 if blob.inline is not None:
                     if blob.size:

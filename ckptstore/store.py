@@ -105,10 +105,12 @@ from .usage import measure as measure_usage
 
 log = logging.getLogger("ckptstore")
 
-#: Version 2 added GC's records (``locks/``, ``demotions/``, ``shallow/``); a version-1
-#: store (made before) is read the same way.
-STORE_FORMAT_VERSION = 2
-READABLE_STORE_FORMATS = (1, 2)
+#: Version 2 added GC's records (``locks/``, ``demotions/``, ``shallow/``); version 3 a
+#: checksum in the config. Stores of versions 1 and 2 (made before) are read the same way.
+STORE_FORMAT_VERSION = 3
+READABLE_STORE_FORMATS = (1, 2, 3)
+#: The first store format whose config carries a checksum.
+CHECKSUMMED_CONFIG_FORMAT = 3
 CONFIG_KEY = "config"
 LATEST = "latest"
 BEST = "best"
@@ -138,13 +140,21 @@ class StoreConfig:
     greater_is_better: bool | None = None
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(self.__dict__, use_bin_type=True)
+        """The config document: its fields, then (format 3 on) ``checksum``, the content id
+        of the fields encoded alone, so that any change to a stored config is detected."""
+        fields = dict(self.__dict__)
+        if self.format < CHECKSUMMED_CONFIG_FORMAT:
+            return msgpack.packb(fields, use_bin_type=True)
+        return msgpack.packb({**fields, "checksum": content_id(msgpack.packb(fields, use_bin_type=True))}, use_bin_type=True)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> StoreConfig:
         try:
             doc = msgpack.unpackb(data, raw=False)
             version = doc["format"]
+            checksum = doc.pop("checksum", None)
+            if type(version) is int and version >= CHECKSUMMED_CONFIG_FORMAT:
+                expected = content_id(msgpack.packb(doc, use_bin_type=True))
         except Exception as exc:
             raise IntegrityError(f"malformed store config: {exc}", key=CONFIG_KEY) from exc
         if type(version) is not int or version not in READABLE_STORE_FORMATS:
@@ -152,6 +162,10 @@ class StoreConfig:
                 f"store has format version {version!r}; this version of ckptstore reads "
                 f"versions {', '.join(map(str, READABLE_STORE_FORMATS))}"
             )
+        if version >= CHECKSUMMED_CONFIG_FORMAT and checksum != expected:
+            raise IntegrityError("store config does not match its checksum (damaged or edited)", key=CONFIG_KEY)
+        if version < CHECKSUMMED_CONFIG_FORMAT and checksum is not None:
+            raise IntegrityError(f"malformed store config: a checksum in a format-{version} config", key=CONFIG_KEY)
         known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
         config = cls(**known)
         if not isinstance(config.hash, str):
@@ -339,9 +353,19 @@ class Store:
         }
         self.catalog.add_commit(row, commit.parents, commit.metrics)
 
-    def get_manifest(self, manifest_id: str) -> Manifest:
+    def get_manifest(self, manifest_id: str, *, size_bytes: int | None = None) -> Manifest:
+        """The manifest with this id, read and verified. ``size_bytes``: its raw size as
+        its commit records it (``Commit.manifest_size_bytes``); an object declaring any
+        other size is then refused before it is inflated."""
         key = manifest_key(manifest_id)
-        return Manifest.from_bytes(self._get_object(Kind.MANIFEST, key, manifest_id, MAX_MANIFEST_BYTES), key=key)
+        raw = self._get_object(Kind.MANIFEST, key, manifest_id, MAX_MANIFEST_BYTES if size_bytes is None else size_bytes)
+        if size_bytes is not None and len(raw) != size_bytes:
+            raise IntegrityError(f"manifest is {len(raw)} bytes; its commit records {size_bytes}", key=key)
+        return Manifest.from_bytes(raw, key=key)
+
+    def manifest_of(self, commit: Commit) -> Manifest:
+        """The manifest of ``commit``, read and verified (see :meth:`get_manifest`)."""
+        return self.get_manifest(commit.manifest, size_bytes=commit.manifest_size_bytes)
 
     # -- catalog -------------------------------------------------------------------------
 
@@ -536,7 +560,7 @@ class Store:
         commit ``parent``, for blobs whose parent holds all its components."""
         try:
             commit = self.get_commit(parent)
-            old = self.get_manifest(commit.manifest)
+            old = self.manifest_of(commit)
             dropped = dropped_components(self.objects, commit.id)
         except CkptStoreError as exc:  # no bases then: the commit itself must not fail
             log.warning("commit %s cannot serve as a delta base: %s", parent, exc)
@@ -600,7 +624,7 @@ class Store:
             reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
             delta_chunks=written.delta_chunks,
         )
-        return self._commit_onto_branch(branch, manifest_id, message, metadata, metrics, stats)
+        return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats)
 
     def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
         """Branches and tags share one namespace: refuse a name the other kind holds."""
@@ -615,11 +639,11 @@ class Store:
             raise InvalidRefName(f"tag {name!r} is managed by the store and cannot be set by hand")
         return name
 
-    def _commit_onto_branch(self, branch: str, manifest_id: str, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats) -> Commit:
+    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats) -> Commit:
         for attempt in range(self.max_ref_retries):
             head = self.refs.get(RefKind.BRANCH, branch)
             commit_id, raw = encode_commit(
-                manifest=manifest_id, parents=(head,) if head else (), message=message,
+                manifest=manifest_id, manifest_size_bytes=manifest_size_bytes, parents=(head,) if head else (), message=message,
                 created_at=datetime.now(timezone.utc), branch=branch, metadata=metadata,
                 metrics=metrics, stats=stats,
             )  # fmt: skip
@@ -692,7 +716,7 @@ class Store:
         commit = self.commit_of(rev)
         selection = KeySelection.of(include, exclude)
         key = manifest_key(commit.manifest)
-        manifest = self.get_manifest(commit.manifest)
+        manifest = self.manifest_of(commit)
         dropped = dropped_components(self.objects, commit.id)
         wanted = [e for e in manifest.tensors if selection.selected(e.path)]
         lost = sorted({p for p in dropped for e in wanted if path_under(e.path, p)})
@@ -729,7 +753,7 @@ class Store:
         components are not read. A component the commit lacks raises
         :class:`ComponentsUnavailable`."""
         commit = self.commit_of(rev)
-        manifest = self.get_manifest(commit.manifest)
+        manifest = self.manifest_of(commit)
         others = sorted({e.path.split("/", 1)[0] for e in manifest.tensors} - set(targets))
         state = self.checkout(commit.id, exclude=others, map_location=map_location)
         missing = [name for name in targets if not isinstance(state, dict) or name not in state]
@@ -834,7 +858,7 @@ class Store:
         of the same dtype and shape is read (one pair at a time) for its largest absolute and
         its relative change."""
         ca, cb = self.commit_of(a), self.commit_of(b)
-        ma, mb = self.get_manifest(ca.manifest), self.get_manifest(cb.manifest)
+        ma, mb = self.manifest_of(ca), self.manifest_of(cb)
         ta, tb = _fingerprints(ma), _fingerprints(mb)
         result = Diff(ca.id, cb.id)
         for path, (entry, fp) in tb.items():
@@ -904,7 +928,7 @@ class Store:
         state as one ``torch.save`` file. Returns the files written (names inside ``path``,
         or ``path`` itself). Selecting no tensor raises :class:`ComponentsUnavailable`."""
         commit = self.commit_of(rev)
-        manifest = self.get_manifest(commit.manifest)
+        manifest = self.manifest_of(commit)
         if component is None and any(e.path.split("/", 1)[0] == "model" for e in manifest.tensors):
             component = "model"
         selection = KeySelection.of(include, exclude)

@@ -74,9 +74,9 @@ def measure(repo: Repository) -> Usage:
     for cid in rows:
         if commit_key(cid) not in listing:
             continue
-        manifest_id = repo.get_commit(cid).manifest  # verified: not the catalog's column
-        keys = {commit_key(cid), manifest_key(manifest_id)}
-        for chunk_id, size in manifest_chunks(repo, manifest_id).items():
+        commit = repo.get_commit(cid)  # verified: not the catalog's column
+        keys = {commit_key(cid), manifest_key(commit.manifest)}
+        for chunk_id, size in manifest_chunks(repo, commit).items():
             key = chunk_key(chunk_id)
             if key in listing:  # a demoted commit's dropped chunks are gone
                 keys.add(key)

@@ -171,7 +171,7 @@ class Base:
             raw = msgpack.packb(manifest_doc, use_bin_type=True)
             mid = content_id(raw)
             self.write(root, f"manifests/{mid[:2]}/{mid}", encode_object_bytes(Kind.MANIFEST, raw, compression_level=None))
-            doc = {**doc, "manifest": mid}
+            doc = {**doc, "manifest": mid, "manifest_size": len(raw)}
         raw = msgpack.packb(doc, use_bin_type=True)
         cid = content_id(raw)
         self.write(root, f"commits/{cid[:2]}/{cid}", encode_object_bytes(Kind.COMMIT, raw, compression_level=None))

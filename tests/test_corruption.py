@@ -641,10 +641,6 @@ def _sql(db: sqlite3.Connection, template: Template, change: str) -> None:
         raise AssertionError(change)
 
 
-def _bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 @pytest.mark.parametrize(
     "change",
     [
@@ -673,13 +669,7 @@ def test_catalog_rows_with_wrong_content_are_not_trusted(template: Template, tmp
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("shared", [
-    pytest.param("chunk", marks=_bug(
-        "production gap: fsck names only the first commit (and first key path) that needs a damaged chunk "
-        "(needed_chunks.setdefault), not every commit it breaks")),
-    pytest.param("manifest", marks=_bug(
-        "production gap: fsck reports a damaged manifest once, for the first commit that uses it")),
-])
+@pytest.mark.parametrize("shared", ["chunk", "manifest"])
 def test_fsck_names_every_commit_a_damaged_object_breaks(template: Template, tmp_path: Path, shared: str) -> None:
     prefix = "chunks/" if shared == "chunk" else "manifests/"
     key = max((k for k in template.users if k.startswith(prefix)), key=lambda k: len(template.users[k]))
@@ -698,10 +688,6 @@ def test_fsck_names_every_commit_a_damaged_object_breaks(template: Template, tmp
         assert named == wanted
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "production gap: fsck walks history only through commit objects it can read: below a damaged "
-    "commit, the history (and the chunks only it needs) is reported as orphans, not checked, though the "
-    "catalog still knows the parents"))
 def test_fsck_checks_the_history_below_a_damaged_commit(template: Template, tmp_path: Path) -> None:
     c1, c2, c3, _ = template.states
     only_c1 = [k for k, u in template.users.items() if k.startswith("chunks/") and set(u) == {c1}]
@@ -723,10 +709,6 @@ def test_fsck_checks_the_history_below_a_damaged_commit(template: Template, tmp_
 CONFIG_FLIPS = None if SOAK else 48  # every single-bit flip of the config object, or a sample
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "production bug: the config object carries no checksum and StoreConfig.from_bytes ignores unknown "
-    "keys: a flipped bit in a key name silently reverts that setting to its default (chunk size, "
-    "default branch...), a flipped bit in a value changes it"))
 def test_every_bit_flip_of_the_config_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "store"
     ckptstore.open(str(root), chunk_size_bytes=4096, default_branch="trunk", best_metric="acc").close()

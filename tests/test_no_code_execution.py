@@ -60,7 +60,7 @@ def test_a_store_seeded_with_a_pickle_payload_executes_nothing(tmp_path, monkeyp
     store.objects.put_if_absent(f"manifests/{evil_id[:2]}/{evil_id}", encode_object_bytes(Kind.MANIFEST, evil_raw, compression_level=None))
     payload = pickle.dumps(Boom())  # also as metadata and as a message: bytes and text, never unpickled
     commit_id, raw = encode_commit(
-        manifest=evil_id, parents=(c.id,), message=payload.decode("latin-1"), created_at=c.created_at, branch="evil",
+        manifest=evil_id, manifest_size_bytes=len(evil_raw), parents=(c.id,), message=payload.decode("latin-1"), created_at=c.created_at, branch="evil",
         metadata={"blob": payload}, metrics={}, stats=c.stats,
     )  # fmt: skip
     store.objects.put_if_absent(f"commits/{commit_id[:2]}/{commit_id}", encode_object_bytes(Kind.COMMIT, raw, compression_level=None))

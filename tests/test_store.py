@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import msgpack
 import pytest
 import torch
 
@@ -281,6 +282,70 @@ def test_integrity_error_names_tensor_key_path():
     with pytest.raises(ckptstore.IntegrityError) as excinfo:
         store.checkout()
     assert excinfo.value.key == key and excinfo.value.path == "model/layer.weight"
+
+
+def _recommit(store, commit, **changes):
+    """Store a copy of ``commit``'s object with fields changed (as a writer of another
+    version, or a forger, would); return its id."""
+    from ckptstore.codec import Kind, encode_object_bytes
+    from ckptstore.ids import content_id
+
+    doc = msgpack.unpackb(store.catalog.commit_object(commit.id), raw=False)
+    for name, value in changes.items():
+        if value is None:
+            del doc[name]
+        else:
+            doc[name] = value
+    raw = msgpack.packb(doc, use_bin_type=True)
+    cid = content_id(raw)
+    store.objects.put_if_absent(commit_key(cid), encode_object_bytes(Kind.COMMIT, raw, compression_level=None))
+    return cid
+
+
+def test_commit_records_its_manifest_size_and_checkout_holds_it_to_that(tmp_path):
+    store = ckptstore.open(str(tmp_path / "s"))
+    state = {"w": torch.randn(100), "step": 3}
+    commit = store.commit(state)
+    raw_manifest = store.get_manifest(commit.manifest).to_bytes()
+    assert commit.manifest_size_bytes == len(raw_manifest) > 0
+    assert store.read_commit(commit.id).manifest_size_bytes == len(raw_manifest)
+    # A commit of an older writer, without the field: read with the general bound.
+    legacy = _recommit(store, commit, manifest_size=None)
+    store.close()
+    with ckptstore.open(str(tmp_path / "s")) as store:
+        assert store.get_commit(legacy).manifest_size_bytes is None
+        assert_same(state, store.checkout(legacy))
+        # A commit recording another size: its manifest is refused before it is inflated.
+        wrong = _recommit(store, commit, manifest_size=len(raw_manifest) - 1)
+        with pytest.raises(ckptstore.IntegrityError) as excinfo:
+            store.checkout(wrong)
+        assert excinfo.value.key == manifest_key(commit.manifest)
+        assert_same(state, store.checkout(commit.id))
+        # A size of the wrong type is a malformed commit.
+        with pytest.raises(ckptstore.IntegrityError, match="malformed commit"):
+            store.read_commit(_recommit(store, commit, manifest_size="123"))
+
+
+def test_config_checksum_from_store_format_3_and_older_configs_still_open(tmp_path):
+    from ckptstore.codec import Kind, encode_object_bytes
+    from ckptstore.store import CONFIG_KEY, StoreConfig
+
+    ckptstore.open(str(tmp_path / "new"), chunk_size_bytes=8192).close()
+    with ckptstore.open(str(tmp_path / "new"), create=False) as store:
+        assert store.config.format == 3 and store.config.chunk_size_bytes == 8192
+    # A format-2 config (no checksum), as stores made before format 3 have.
+    old = StoreConfig(format=2, chunk_size_bytes=8192)
+    assert b"checksum" not in old.to_bytes()
+    root = tmp_path / "old"
+    open_object_store(str(root)).put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, old.to_bytes(), compression_level=None))
+    with ckptstore.open(str(root), create=False) as store:
+        assert store.config == old
+        store.commit({"w": torch.ones(3)})
+    # A changed field under a checksum, or a checksum in a format-2 config, is refused.
+    doc = msgpack.unpackb(StoreConfig(chunk_size_bytes=4096).to_bytes())
+    for changed in ({**doc, "chunk_size_bytes": 8192}, {**doc, "format": 2}):
+        with pytest.raises(ckptstore.IntegrityError, match="checksum"):
+            StoreConfig.from_bytes(msgpack.packb(changed))
 
 
 def test_checkout_never_unpickles(monkeypatch):
