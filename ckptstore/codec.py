@@ -75,17 +75,15 @@ _ID_BYTES = 16
 _MIN_COMPRESS_BYTES = 256
 #: Bytes of a chunk (taken from four places) compressed first to choose its encoding.
 _SAMPLE_BYTES = 64 * 1024
-#: Plain zstd is kept only if it saves at least this fraction: fp32 weights and Adam moments
-#: save about 8% at best, not worth the CPU on a commit's critical path.
-_MIN_SAVING = 0.15
-#: A byte plane is compressed only if that saves this fraction of it; grouping is kept only
-#: if the whole saves this much. The exponent plane of fp32 saves about 60% (a sixth of the
-#: chunk) for the cost of compressing a quarter of it.
+#: A compressed encoding (plain zstd, or byte planes) is kept only if it saves at least this
+#: fraction of the raw size, so that compression pays for its CPU on a commit's critical
+#: path. fp32 weights and Adam moments save about 8% as plain zstd and 17% as byte planes;
+#: the planes cost a pass over the chunk and zstd over its exponent plane, which on two cores
+#: and a fast disk made commits 0.57x as fast as writing the chunks raw (bench/README.md,
+#: "Encodings"). bf16 saves about 33% as byte planes.
+MIN_SAVING = 0.20
+#: A byte plane is compressed only if that saves this fraction of it.
 _MIN_PLANE_SAVING = 0.10
-_MIN_GROUPED_SAVING = 0.05
-#: With ``delta="auto"``, a delta is kept only if it is at most this fraction of the
-#: self-contained encoding: a delta costs a read of its chain on every checkout.
-_DELTA_MAX_FRACTION = 0.9
 
 
 class Kind(IntEnum):
@@ -193,13 +191,13 @@ def _sample(values: np.ndarray, group: int) -> np.ndarray:
     return np.concatenate([values[s : s + piece] for s in starts])
 
 
-def _plan(sample: np.ndarray, *, group: int, level: int) -> _Plan:
+def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float) -> _Plan:
     """The encoding that stores ``sample`` smallest, among raw, zstd and (for ``group`` > 1)
-    grouped, each kept only where it saves enough to pay for its CPU."""
+    grouped, each kept only where it saves ``min_saving`` of the raw size."""
     compressor = _compressor(level)
     best = _Plan(Codec.RAW, estimate_bytes=len(sample))
     plain = len(compressor.compress(sample))
-    if plain < (1 - _MIN_SAVING) * len(sample):
+    if plain < (1 - min_saving) * len(sample):
         best = _Plan(Codec.ZSTD, estimate_bytes=plain)
     if group > 1 and len(sample) >= group:
         planes = _planes(sample, group)
@@ -209,7 +207,7 @@ def _plan(sample: np.ndarray, *, group: int, level: int) -> _Plan:
             size = len(plane_compressor.compress(plane))
             chosen.append(size < (1 - _MIN_PLANE_SAVING) * len(plane))
             total += size if chosen[-1] else len(plane)
-        if any(chosen) and total < best.estimate_bytes and total < (1 - _MIN_GROUPED_SAVING) * len(sample):
+        if any(chosen) and total < best.estimate_bytes and total < (1 - min_saving) * len(sample):
             best = _Plan(Codec.GROUPED, tuple(chosen), total)
     return best
 
@@ -247,12 +245,13 @@ def encode_object(
     base: DeltaBase | None = None,
     delta: Literal["on", "auto"] = "auto",
     scratch: np.ndarray | None = None,
+    min_saving: float = MIN_SAVING,
 ) -> Encoded:
     """Frame ``raw`` as an object of ``kind``.
 
     With a ``compression_level``, the encoding is chosen on a sample: raw, zstd, or (for
     values of ``group_bytes`` 2, 4 or 8 bytes, i.e. floats) byte planes with zstd where they
-    compress. With a ``base`` of the same size, the XOR against it is stored instead when
+    compress; a compressed encoding only where it saves ``min_saving`` of the raw size. With a ``base`` of the same size, the XOR against it is stored instead when
     ``delta="on"``, or when it is clearly smaller with ``delta="auto"``. A raw body is
     returned as a view of ``raw``, not copied. Deterministic: the same arguments give the
     same bytes. ``scratch``: a uint8 buffer (of ``2 * len(raw)`` bytes for deltas) that the
@@ -264,11 +263,13 @@ def encode_object(
     if compression_level is None or len(values) < _MIN_COMPRESS_BYTES:
         return Encoded(_frame(kind, Codec.RAW, len(values), [view]), Codec.RAW)
     sample = _sample(values, group)
-    plan = _plan(sample, group=group, level=compression_level)
+    plan = _plan(sample, group=group, level=compression_level, min_saving=min_saving)
     if base is not None and len(base.data) == len(values) and 1 <= len(base.chain) <= MAX_DELTA_CHAIN:
         base_values = np.frombuffer(base.data, dtype=np.uint8)
-        residual_plan = _plan(sample ^ _sample(base_values, group), group=group, level=compression_level)
-        if delta == "on" or residual_plan.estimate_bytes <= _DELTA_MAX_FRACTION * plan.estimate_bytes:
+        residual_plan = _plan(sample ^ _sample(base_values, group), group=group, level=compression_level, min_saving=min_saving)
+        # With "auto", a delta must save ``min_saving`` of the raw size over the chunk stored
+        # whole: it costs CPU here, and a read of its chain on every checkout.
+        if delta == "on" or residual_plan.estimate_bytes <= plan.estimate_bytes - min_saving * len(sample):
             n = len(values)
             room = scratch is not None and len(scratch) >= 2 * n
             residual = np.bitwise_xor(values, base_values, out=scratch[n : 2 * n] if room else None)

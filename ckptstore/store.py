@@ -131,8 +131,8 @@ class StoreConfig:
     inline_threshold_bytes: int = 64 << 10
     compression_level: int | None = 3
     #: Store changed float chunks as deltas against the parent commit's: "off", "on" or
-    #: "auto" (where clearly smaller); a keyframe at least every ``delta_keyframe_interval``
-    #: commits bounds a checkout to that many objects per chunk.
+    #: "auto" (where that saves at least 20% of the raw size); a keyframe at least every
+    #: ``delta_keyframe_interval`` commits bounds a checkout to that many objects per chunk.
     delta: str = "off"
     delta_keyframe_interval: int = 8
     default_branch: str = "main"
