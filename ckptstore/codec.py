@@ -251,8 +251,10 @@ def encode_object(
 
     With a ``compression_level``, the encoding is chosen on a sample: raw, zstd, or (for
     values of ``group_bytes`` 2, 4 or 8 bytes, i.e. floats) byte planes with zstd where they
-    compress; a compressed encoding only where it saves ``min_saving`` of the raw size. With a ``base`` of the same size, the XOR against it is stored instead when
-    ``delta="on"``, or when it is clearly smaller with ``delta="auto"``. A raw body is
+    compress; a compressed encoding only where it saves ``min_saving`` of the raw size. With
+    a ``base`` of the same size, the XOR against it is stored instead when ``delta="on"``,
+    or with ``delta="auto"`` when that saves ``min_saving`` of the raw size over the chunk
+    encoded whole. A raw body is
     returned as a view of ``raw``, not copied. Deterministic: the same arguments give the
     same bytes. ``scratch``: a uint8 buffer (of ``2 * len(raw)`` bytes for deltas) that the
     returned parts may view, so it must not be reused until they are written.
