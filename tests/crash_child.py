@@ -37,11 +37,13 @@ import signal
 import sys
 import threading
 import time
-import traceback
 
 import torch
 
 import ckptstore
+
+import forker
+from forker import say
 
 #: Store settings of every open in these tests: small chunks so small tensors span several.
 OPEN = {"chunk_size_bytes": 4096, "inline_threshold_bytes": 256}
@@ -119,10 +121,6 @@ def writer_loss(writer: int, i: int) -> float:
 # Instrumentation (from outside the store: wrappers on the opened store's instances)
 
 
-def say(line: str) -> None:
-    """Print one line with one write(2): a process killed mid-print (stdout is unbuffered
-    under PYTHONUNBUFFERED) must not leave half a line for the forker's next one."""
-    os.write(1, (line + "\n").encode())
 
 
 def _die() -> None:
@@ -245,35 +243,7 @@ def run_forker() -> None:
     import ckptstore.fsck
     import ckptstore.gc  # noqa: F401
 
-    say("ready")
-    for line in sys.stdin:
-        if not line.startswith("go "):
-            break
-        go = json.loads(line[3:])
-        started = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                JOBS[go["job"]](go)
-                code = 0
-            except BaseException:  # noqa: BLE001 - reported through stderr and the exit code
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        deadline = None if go.get("kill_after_s") is None else started + go["kill_after_s"]
-        while True:
-            done, status = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() >= deadline:
-                os.kill(pid, signal.SIGKILL)  # our own child, not yet reaped
-                deadline = None
-            else:
-                time.sleep(0.0002)
-        say(f"exit {os.waitstatus_to_exitcode(status)} {time.monotonic() - started:.6f}")
+    forker.serve(lambda go, started: JOBS[go["job"]](go))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import torch
 import ckptstore
 from ckptstore.errors import CollectorBusy
 
+import forker
+
 # --------------------------------------------------------------------------------------------
 # Deterministic states
 
@@ -204,34 +206,7 @@ def _collect_once(go: dict, started: float) -> int:
 def run_gc_forker(args: dict) -> None:
     import ckptstore.gc  # noqa: F401 - everything a collector needs, imported before forking
 
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if not line.startswith("go "):
-            break
-        go = json.loads(line[3:])
-        started = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _collect_once(go, started)
-            except BaseException:  # noqa: BLE001 - reported through stderr and the exit code
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        deadline = None if go.get("kill_after_s") is None else started + go["kill_after_s"]
-        while True:
-            done, status = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() >= deadline:
-                os.kill(pid, signal.SIGKILL)  # our own child, not yet reaped
-                deadline = None
-            else:
-                time.sleep(0.0005)
-        print(f"exit {os.waitstatus_to_exitcode(status)} {time.monotonic() - started:.6f}", flush=True)
+    forker.serve(_collect_once)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,11 @@ every scenario on S3, and makes 1,000 random kills on local stores and 100 on S3
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from pathlib import Path
 
 import pytest
 from crash_child import OPEN, WIDE_CHUNK_BYTES, commit_state, eval_loss
+from forker import Forker
 from states import assert_same
 
 import ckptstore
@@ -92,52 +91,6 @@ def scratch(tmp_path):
             shutil.rmtree(path, ignore_errors=True)
     else:
         yield tmp_path
-
-
-class Forker:
-    """A ``crash_child.py forker`` child: imports torch once, forks a fresh process per job."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.stderr_path = tmp_path / "forker.stderr"
-        self.stderr = open(self.stderr_path, "w")  # noqa: SIM115 - the forker's stderr, closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, CHILD, "forker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            env=dict(os.environ), text=True,
-        )  # fmt: skip
-        self.ready = False
-
-    def errors(self) -> str:
-        self.stderr.flush()
-        return self.stderr_path.read_text()[-4000:]
-
-    def run(self, go: dict) -> tuple[int, float, list[str]]:
-        """Run one job in a fresh process; return its return code, how long it ran, and the
-        lines it printed."""
-        if not self.ready:
-            assert self.proc.stdout.readline() == "ready\n", self.errors()
-            self.ready = True
-        self.proc.stdin.write("go " + json.dumps(go) + "\n")
-        self.proc.stdin.flush()
-        lines = []
-        while True:
-            line = self.proc.stdout.readline()
-            assert line, f"the forker died: {self.errors()}"
-            found = re.search(r"exit (-?[0-9]+) ([0-9.]+)\n$", line)
-            if found:  # (after half a line, should a child ever leave one)
-                if found.start():
-                    lines.append(line[: found.start()])
-                return int(found[1]), float(found[2]), lines
-            lines.append(line.rstrip("\n"))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +355,7 @@ def test_commit_killed_at_every_crash_point(backend, tmp_path, scratch, request)
     head's), count the calls one commit makes, then SIGKILL one child per
     call (object store writes and deletes, catalog methods, SQL statements), before and
     after it. The commit has landed exactly when the kill came after the branch ref moved."""
-    forker = Forker(tmp_path)
+    forker = Forker([sys.executable, CHILD, "forker"], tmp_path)
     catalog = CatalogFindings()
     kills, by_layer, timings = 0, Counter(), []
     started = time.monotonic()
@@ -516,7 +469,7 @@ def test_commit_loop_killed_at_random_moments(backend, tmp_path, scratch, reques
     after it was forked (within its open and its first two commits or so). Every commit it
     reported is in history, at most one more landed, and the store is whole. Every other store
     keeps changed chunks as deltas against the head's (``delta="on"``)."""
-    forker = Forker(tmp_path)
+    forker = Forker([sys.executable, CHILD, "forker"], tmp_path)
     catalog = CatalogFindings()
     rng = random.Random()
     kills, rounds, landings, unreported = 0, 0, Counter(), 0

@@ -33,6 +33,7 @@ from ckptstore.gc import DELETION_ORDER, collect
 from ckptstore.lease import LEASE_KEY, WRITERS_PREFIX
 from ckptstore.retention import KeepBest, KeepLast, Policy
 
+from forker import Forker
 from gc_child import kill_policy, race_source, race_state, training_state
 from states import assert_same
 
@@ -254,51 +255,11 @@ def _wait_out_stampless_locks(root: Path) -> int:
     return found
 
 
-class _Forker:
-    """A ``gc_child.py gc-forker`` child: it imports torch and ckptstore once and forks a
-    fresh collector process for each run, which it SIGKILLs on request and reaps at once."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.stderr_path = tmp_path / "forker.stderr"
-        self.stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, CHILD, "gc-forker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            env=_child_env(tmp_path, "collector"), text=True,
-        )  # fmt: skip
-        self.ready = False
-
-    def errors(self) -> str:
-        self.stderr.flush()
-        return self.stderr_path.read_text()[-4000:]
-
-    def run(self, url: str, oplog: Path, *, kill_at: int | None = None, kill_after_s: float | None = None) -> tuple[int, float, list[str]]:
-        """Collect ``url`` in a fresh process; it SIGKILLs itself before its ``kill_at``-th
-        storage call, or is SIGKILLed ``kill_after_s`` after it was forked. Returns its
-        return code, how long it ran, and what it printed."""
-        if not self.ready:
-            assert self.proc.stdout.readline() == "ready\n", self.errors()
-            self.ready = True
-        go = {"url": url, "oplog": str(oplog), "kill_at": kill_at, "kill_after_s": kill_after_s, "batch_size": KILL_BATCH}
-        self.proc.stdin.write("go " + json.dumps(go) + "\n")
-        self.proc.stdin.flush()
-        lines = []
-        while True:
-            line = self.proc.stdout.readline()
-            assert line, f"the forker died: {self.errors()}"
-            if line.startswith("exit "):
-                _, rc, elapsed = line.split()
-                return int(rc), float(elapsed), lines
-            lines.append(line.rstrip("\n"))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
+def _collection(url: Path, oplog: Path, *, kill_at: int | None = None, kill_after_s: float | None = None) -> dict:
+    """A job for ``gc_child.py gc-forker``: collect ``url`` in a fresh process, which
+    SIGKILLs itself before its ``kill_at``-th storage call, or is SIGKILLed ``kill_after_s``
+    after it was forked."""
+    return {"url": str(url), "oplog": str(oplog), "kill_at": kill_at, "kill_after_s": kill_after_s, "batch_size": KILL_BATCH}
 
 
 def _phases(oplog: list[str]) -> list[str]:
@@ -362,7 +323,7 @@ def test_gc_killed_at_random_points_leaves_kept_commits_whole_and_a_rerun_finish
     """
     rng = random.Random()
     template, reference, work = scratch / "template", scratch / "reference", scratch / "work"
-    forker = _Forker(tmp_path)  # it imports torch while the store is built
+    forker = Forker([sys.executable, CHILD, "gc-forker"], tmp_path, env=_child_env(tmp_path, "collector"))  # it imports torch while the store is built
     try:
         origin = _build_store(template)
         policy = kill_policy()
@@ -377,7 +338,7 @@ def test_gc_killed_at_random_points_leaves_kept_commits_whole_and_a_rerun_finish
 
         # One uninterrupted run: its duration, its storage calls, and what it leaves.
         shutil.copytree(template, reference)
-        rc, full_span_s, out = forker.run(str(reference), tmp_path / "reference.log")
+        rc, full_span_s, out = forker.run(_collection(reference, tmp_path / "reference.log"))
         assert rc == 0 and out[-1].startswith("done "), (rc, out, forker.errors())
         reference_ops = (tmp_path / "reference.log").read_text().splitlines()
         reference_phases = _phases(reference_ops)
@@ -399,10 +360,10 @@ def test_gc_killed_at_random_points_leaves_kept_commits_whole_and_a_rerun_finish
                 # First run on a fresh copy: kill it just before a random storage call of
                 # one phase, in turn, so that planning and record writing get their share.
                 phase = ("plan", "records", "delete")[(kills // KILLS_PER_ROUND) % 3]
-                rc, _, out = forker.run(str(work), oplog, kill_at=rng.choice(ops_in[phase]))
+                rc, _, out = forker.run(_collection(work, oplog, kill_at=rng.choice(ops_in[phase])))
             else:
                 # Later runs take over the dead collector's lease; kill at a random time.
-                rc, _, out = forker.run(str(work), oplog, kill_after_s=rng.uniform(0, full_span_s))
+                rc, _, out = forker.run(_collection(work, oplog, kill_after_s=rng.uniform(0, full_span_s)))
             assert rc != 3, f"the lease of the killed collector was not taken over: {out[-1:]}"
             fresh = False
             if rc == -signal.SIGKILL:
