@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +68,18 @@ def store_url(request, tmp_path):
 def _isolated_cache_dir(tmp_path_factory, monkeypatch):
     """Keep every test out of the user's ``~/.cache``."""
     monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """A directory for stores on tmpfs where there is one, else ``tmp_path``: for the crash
+    tests, where a SIGKILL loses nothing that reached the page cache, so fsync buys nothing,
+    and a busy disk makes every commit and collection slow."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        path = Path(tempfile.mkdtemp(prefix="ckptstore-crash-", dir="/dev/shm"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    else:
+        yield tmp_path

@@ -29,7 +29,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -77,20 +76,6 @@ RANDOM_ROUND = 25
 #: Enumerated kills on one store before a fresh one is made (the checks grow with the store).
 ENUM_ROUND = {"next": 25, "recommit": 25, "new-branch": 25, "wide": 6, "delta": 25}
 TAGS = ["stable"]
-
-
-@pytest.fixture
-def scratch(tmp_path):
-    """Stores on tmpfs where there is one (a SIGKILL loses nothing that reached the page
-    cache, so fsync buys these tests nothing, and a busy disk makes it slow), else tmp_path."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="ckptstore-crash-", dir="/dev/shm"))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,21 +46,6 @@ KILLS_PER_ROUND = 3
 #: deletions (each batch renews the lease twice and re-reads refs and commits).
 KILL_BATCH = 1
 OPEN = {"chunk_size_bytes": 4096, "inline_threshold_bytes": 256}
-
-
-@pytest.fixture
-def scratch(tmp_path):
-    """A directory for stores on tmpfs where there is one, else ``tmp_path``. A SIGKILL loses
-    nothing that reached the page cache, so fsync buys these tests nothing, and on a busy
-    disk it makes a collection of the test store take seconds instead of a tenth of one."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="ckptstore-gc-crash-", dir="/dev/shm"))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 def _child_env(tmp_path: Path, name: str) -> dict[str, str]:
