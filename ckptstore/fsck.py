@@ -252,7 +252,7 @@ def check(
 
     # Every commit and key path a damaged chunk breaks (found again only for those).
     named: set[tuple[str, str, str]] = set()
-    for cid, entries in sorted(kept.items()):
+    for cid, entries in sorted(kept.items()) if damaged else ():
         manifest = manifests[commits[cid].manifest]
         for entry in entries:
             for ref in manifest.blobs[entry.blob].chunks:  # type: ignore[union-attr]
