@@ -94,7 +94,19 @@ def emit(record: dict, out) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Mode "commit": commit `count` states on main, checking each right after it is made
+# Mode "commit": commit `count` states on main, checking each right after it is made. With
+# "pace_every": N and "gc_out", commit number k*N first waits (up to "pace_timeout_s") until
+# the collector has finished k runs, so collections interleave with the whole race however
+# slowly the collector starts on a loaded machine.
+
+
+def finished_gc_runs(path: str) -> int:
+    """How many collections a ``gc-loop`` child has finished, by its output file."""
+    try:
+        with open(path) as f:
+            return sum('"deleted"' in line for line in f)
+    except FileNotFoundError:
+        return 0
 
 
 def run_commit(args: dict) -> None:
@@ -102,8 +114,13 @@ def run_commit(args: dict) -> None:
 
     store = ckptstore.open(args["url"], storage_options=args["options"], chunk_size_bytes=4096, inline_threshold_bytes=256)
     seed = args["seed"]
+    pace_every = args.get("pace_every", 0)
     with open(args["out"], "a") as out:
         for i in range(args["count"]):
+            if pace_every and i and i % pace_every == 0:
+                deadline = time.monotonic() + args.get("pace_timeout_s", 120)
+                while finished_gc_runs(args["gc_out"]) < i // pace_every and time.monotonic() < deadline:
+                    time.sleep(0.02)
             j = race_source(seed, i)
             state = race_state(seed, j)
             try:

@@ -39,6 +39,8 @@ from states import assert_same
 CHILD = str(Path(__file__).with_name("gc_child.py"))
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 RACE_COMMITS = 1000 if SOAK else 200
+#: The committer waits for one more finished collection every RACE_PACE commits.
+RACE_PACE = 25
 KILLS = 200 if SOAK else 20
 #: Kills on one copy of the store (each later one interrupts a rerun) before it is rebuilt.
 KILLS_PER_ROUND = 3
@@ -76,14 +78,16 @@ def test_commits_racing_gc_never_reference_a_missing_chunk(backend, tmp_path, re
     """One process commits RACE_COMMITS states on main, mostly chunks of a small pool (dedup
     hits on chunks a collector has just found unneeded) and now and then an old state again
     (its manifest and chunks long collected), checking each commit right after making it.
-    Another collects KeepLast(2) with no grace period in a loop until the first is done."""
+    Another collects KeepLast(2) with no grace period in a loop until the first is done; the
+    committer waits for one more finished collection every RACE_PACE commits."""
     url, options = (str(tmp_path / "store"), {}) if backend == "local" else request.getfixturevalue("s3_url")
     ckptstore.open(url, storage_options=options, **OPEN)  # create it once, before the race
     seed = random.randrange(1 << 30)
     commits_out, gc_out, stop = tmp_path / "commits.jsonl", tmp_path / "gc.jsonl", tmp_path / "stop"
     common = {"url": url, "options": options}
     committer = subprocess.Popen(
-        [sys.executable, CHILD, "commit", json.dumps({**common, "count": RACE_COMMITS, "seed": seed, "out": str(commits_out)})],
+        [sys.executable, CHILD, "commit", json.dumps({**common, "count": RACE_COMMITS, "seed": seed, "out": str(commits_out),
+                                            "gc_out": str(gc_out), "pace_every": RACE_PACE})],
         env=_child_env(tmp_path, "committer"), stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     collector = subprocess.Popen(
@@ -117,7 +121,7 @@ def test_commits_racing_gc_never_reference_a_missing_chunk(backend, tmp_path, re
     if gc_errors:
         failures.append(f"{len(gc_errors)} of {len(runs)} gc runs raised, first: {gc_errors[0]['error']}")
     finished = [r for r in runs if "deleted" in r]
-    assert len(finished) >= 5, f"only {len(finished)} gc runs finished: {runs[:5]}"
+    assert len(finished) >= RACE_COMMITS // RACE_PACE, f"only {len(finished)} gc runs finished: {runs[:5]}"
     # The race was real: collections deleted objects while commits reused old chunks.
     assert sum(r["deleted"] for r in finished) > 0 and sum(r["removed"] > 0 for r in finished) >= 1, finished
     assert sum(r.get("reused_chunks", 0) for r in made) > 0
