@@ -96,15 +96,16 @@ def emit(record: dict, out) -> None:
 # --------------------------------------------------------------------------------------------
 # Mode "commit": commit `count` states on main, checking each right after it is made. With
 # "pace_every": N and "gc_out", commit number k*N first waits (up to "pace_timeout_s") until
-# the collector has finished k runs, so collections interleave with the whole race however
-# slowly the collector starts on a loaded machine.
+# the collector has finished (or failed) k runs, so collections interleave with the whole
+# race however slowly the collector starts on a loaded machine.
 
 
 def finished_gc_runs(path: str) -> int:
-    """How many collections a ``gc-loop`` child has finished, by its output file."""
+    """How many collections a ``gc-loop`` child has finished or failed, by its output file
+    (a failing collector must not hold the committer up: the parent reports its errors)."""
     try:
         with open(path) as f:
-            return sum('"deleted"' in line for line in f)
+            return sum('"deleted"' in line or '"error"' in line for line in f)
     except FileNotFoundError:
         return 0
 
