@@ -21,7 +21,7 @@ Two measurements, in one run:
    switched off in this process), timing each commit.
 
 Run: ``python bench/compression.py`` (about 10 minutes on 2 cores); ``--json PATH`` saves the
-figures; ``--stores-only`` measures only the stores' commit throughput (about 4 minutes).
+figures; ``--stores-only`` measures only the stores' commit throughput (about 6 minutes).
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--keyframe", type=int, default=8)
-    parser.add_argument("--stores-only", action="store_true", help="only the stores' commit throughput (about 4 minutes): no real-model part, no per-encoding tally")
+    parser.add_argument("--stores-only", action="store_true", help="only the stores' commit throughput (about 6 minutes): no real-model part, no per-encoding tally")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     args.chunk_bytes = int(args.chunk_size_mb * (1 << 20))

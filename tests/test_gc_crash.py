@@ -39,7 +39,7 @@ from states import assert_same
 CHILD = str(Path(__file__).with_name("gc_child.py"))
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 RACE_COMMITS = 1000 if SOAK else 200
-#: The committer waits for one more finished collection every RACE_PACE commits.
+#: The committer waits for one more finished (or failed) collection every RACE_PACE commits.
 RACE_PACE = 25
 KILLS = 200 if SOAK else 20
 #: Kills on one copy of the store (each later one interrupts a rerun) before it is rebuilt.
