@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -529,15 +530,25 @@ class _ManifestReader:
         return IntegrityError(f"malformed manifest: {what}", key=self.key)
 
     def read(self, data: bytes | memoryview) -> Manifest:
+        # A manifest may hold 10**5 entries, a few small objects each, none of which can form
+        # a cycle; with the cyclic collector running, reading spends more time in its scans
+        # of them than in the reading itself. It is paused for the read (it is process-wide:
+        # re-enabled only if it was enabled here, so a caller's gc.disable() stands).
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             return self._read(data)
         except CkptStoreError:
             raise
         except Exception as exc:  # the decoder's own errors: truncation, bad types, limits
             raise self.fail(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if collecting:
+                gc.enable()
 
     def _read(self, data: bytes | memoryview) -> Manifest:
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+        # Arrays as tuples: a shape is used as it comes, with no copy per entry.
+        unpacker = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=max(len(data), 1))
         unpacker.feed(data)
         try:
             count = unpacker.read_map_header()
@@ -586,20 +597,20 @@ class _ManifestReader:
             yield unpacker.unpack()
 
     def blob(self, raw: Any) -> Blob:
-        if not (type(raw) is list and len(raw) == 3):
+        if not (type(raw) is tuple and len(raw) == 3):
             raise self.fail("blob is not [size, chunks, inline]")
         size, chunks, inline = raw
-        if not _is_count(size) or type(chunks) is not list:
+        if not _is_count(size) or type(chunks) is not tuple:
             raise self.fail("blob size or chunk list")
         refs = []
         for c in chunks:
-            if not (type(c) is list and len(c) in (2, 3) and type(c[0]) is str and is_full_id(c[0]) and _is_count(c[1])):
+            if not (type(c) is tuple and len(c) in (2, 3) and type(c[0]) is str and is_full_id(c[0]) and _is_count(c[1])):
                 raise self.fail("chunk reference")
             bases: tuple[str, ...] = ()
             if len(c) == 3:
-                if type(c[2]) is not list or not 1 <= len(c[2]) <= MAX_DELTA_CHAIN:
+                bases = c[2]
+                if type(bases) is not tuple or not 1 <= len(bases) <= MAX_DELTA_CHAIN:
                     raise self.fail("delta bases of a chunk")
-                bases = tuple(c[2])
                 if not all(type(b) is str and is_full_id(b) for b in bases) or len({c[0], *bases}) != len(bases) + 1:
                     raise self.fail("delta bases of a chunk")
                 self.has_deltas = True
@@ -612,19 +623,22 @@ class _ManifestReader:
         return Blob(size=size, chunks=refs, inline=inline)
 
     def tensor(self, raw: Any) -> TensorEntry:
-        """An entry, checked on its own (whether it fits its blob: :meth:`check_fits`)."""
-        if not (type(raw) is list and len(raw) == 8):
+        """An entry, checked on its own (whether it fits its blob: :meth:`check_fits`). The
+        checks are written out, not factored into calls: a manifest may hold 10**5 entries."""
+        if not (type(raw) is tuple and len(raw) == 8):
             raise self.fail("tensor entry is not a list of 8 fields")
         path, dtype, shape, stride, blob, offset, kind, requires_grad = raw
         if type(path) is not str or type(dtype) is not str or type(requires_grad) is not bool:
             raise self.fail("tensor path, dtype or requires_grad")
-        if type(shape) is not list or not _are_counts(shape):
+        if type(shape) is not tuple or not _are_counts(shape):
             raise self.fail(f"shape of {path}")
-        if stride is not None and not (type(stride) is list and len(stride) == len(shape) and _are_counts(stride)):
+        if stride is not None and not (type(stride) is tuple and len(stride) == len(shape) and _are_counts(stride)):
             raise self.fail(f"stride of {path}")
-        if type(kind) is not int or not 0 <= kind <= 2 or not _is_count(blob) or not _is_count(offset):
+        if not (type(kind) is int and 0 <= kind <= 2 and type(blob) is int and 0 <= blob < _COUNT_LIMIT and type(offset) is int and 0 <= offset < _COUNT_LIMIT):
             raise self.fail(f"kind, blob or offset of {path}")
         if kind == TensorKind.NDARRAY:
+            if requires_grad:
+                raise self.fail(f"requires_grad on {path}, a numpy array")
             self.numpy_itemsize(dtype, path)
         else:
             grads = _TORCH_DTYPE_GRADS.get(dtype)
@@ -633,9 +647,7 @@ class _ManifestReader:
             if requires_grad and not grads:
                 raise self.fail(f"requires_grad on {path}, whose dtype {dtype} has no gradients")
             dtype = _TORCH_DTYPE_NAMES[dtype]  # one string object per dtype, not one per entry
-        if requires_grad and kind == TensorKind.NDARRAY:
-            raise self.fail(f"requires_grad on {path}, a numpy array")
-        return TensorEntry(path, dtype, tuple(shape), None if stride is None else tuple(stride), blob, offset, _TENSOR_KINDS[kind], requires_grad)
+        return TensorEntry(path, dtype, shape, stride, blob, offset, _TENSOR_KINDS[kind], requires_grad)
 
     def numpy_itemsize(self, dtype: str, path: str) -> int:
         size = self.numpy_itemsizes.get(dtype)
@@ -671,11 +683,12 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value < _COUNT_LIMIT
 
 
-def _are_counts(values: list) -> bool:
+def _are_counts(values: tuple) -> bool:
     """Every item an int (not a bool) in [0, 2**62)."""
-    if not values:
-        return True
-    return set(map(type, values)) == {int} and min(values) >= 0 and max(values) < _COUNT_LIMIT
+    for v in values:
+        if type(v) is not int or not 0 <= v < _COUNT_LIMIT:
+            return False
+    return True
 
 
 def build_tensor(entry: TensorEntry, blob_buffer: torch.Tensor) -> Any:
