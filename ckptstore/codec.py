@@ -457,10 +457,9 @@ def _decode_grouped(body: memoryview, target: np.ndarray, *, xor: bool, key: str
             raise IntegrityError(f"byte plane {j} has codec {codec} and {n} bytes", key=key, path=path)
     main = target[: count * group]
     if group == 2 and not xor and _LITTLE_ENDIAN and main.ctypes.data % 2 == 0:
-        values = main.view(np.uint16)  # plane 1 is the high byte: twice as fast as strided copies
-        np.copyto(values, decoded[1])
-        values <<= 8
-        values |= decoded[0]
+        values = main.view(np.uint16)  # plane 1 is the high byte: faster than strided copies
+        np.left_shift(decoded[1], 8, out=values, dtype=np.uint16)
+        np.bitwise_or(values, decoded[0], out=values)
     else:
         grid = main.reshape(count, group)
         for j, plane in enumerate(decoded):
