@@ -54,6 +54,13 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def fsync_with_directory(path: str) -> None:
+    """fsync ``path`` and the directory that holds it, so that a new file's name is as
+    durable as its bytes (what every peer's save is timed with)."""
+    fsync_path(path)
+    fsync_path(os.path.dirname(path))
+
+
 def disk_usage(path: str) -> tuple[int, int]:
     """(allocated bytes as ``du`` counts them, apparent bytes) of a file or a directory tree."""
     if os.path.isfile(path):
@@ -236,9 +243,10 @@ def pick_changed(state: dict) -> list[tuple]:
     return [candidates[i] for i in picks], len(candidates)
 
 
-def flatten_for_safetensors(state: dict) -> tuple[dict, dict]:
+def flatten_for_safetensors(state: dict, **metadata: str) -> tuple[dict, dict]:
     """Flat ``{name: contiguous tensor}`` (each storage once: the tied lm_head.weight is
-    dropped and recorded in metadata) and string metadata."""
+    dropped and recorded in metadata) and string metadata: the aliases, the optimizer's
+    param_groups, and ``metadata``."""
     flat: dict = {}
     seen: dict[int, str] = {}
     aliases = {}
@@ -252,7 +260,7 @@ def flatten_for_safetensors(state: dict) -> tuple[dict, dict]:
     for pid in sorted(state["optimizer"]["state"]):
         for k, t in state["optimizer"]["state"][pid].items():
             flat[f"optimizer.state.{pid}.{k}"] = t.contiguous()
-    meta = {"aliases": json.dumps(aliases), "param_groups": json.dumps(state["optimizer"]["param_groups"])}
+    meta = {"aliases": json.dumps(aliases), "param_groups": json.dumps(state["optimizer"]["param_groups"]), **metadata}
     return flat, meta
 
 
@@ -331,15 +339,13 @@ def run_child(args) -> dict:
     def op() -> Any:
         if args.op == "torch_save":
             torch.save(state, target)
-            fsync_path(target)
-            fsync_path(os.path.dirname(target))
+            fsync_with_directory(target)
             return None
         if args.op == "torch_load":
             return torch.load(target, weights_only=True, map_location="cpu")
         if args.op == "st_save":
             st.save_file(flat, target, metadata=meta)
-            fsync_path(target)
-            fsync_path(os.path.dirname(target))
+            fsync_with_directory(target)
             return None
         if args.op == "st_load":
             return st.load_file(target, device="cpu")  # default backend: mmap, bytes read lazily

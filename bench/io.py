@@ -51,7 +51,7 @@ from commit_checkout import (
     build_state,
     disk_usage,
     flatten_for_safetensors,
-    fsync_path,
+    fsync_with_directory,
     get_path,
     iter_tensors,
     machine_info,
@@ -346,22 +346,19 @@ def run_child(args) -> dict:
     def op() -> Any:
         if args.op == "torch_save":
             torch.save(state, target)
-            fsync_path(target)
-            fsync_path(os.path.dirname(target))
+            fsync_with_directory(target)
             return None
         if args.op == "torch_load":
             return torch.load(target, weights_only=True, map_location="cpu")
         if args.op == "st_save":
             sft.save_file(flat, target, metadata=meta)
-            fsync_path(target)
-            fsync_path(os.path.dirname(target))
+            fsync_with_directory(target)
             return None
         if args.op == "st_load":
             return sft.load_file(target, device="cpu", backend="pread")  # every byte read, as torch.load
         if args.op == "dcp_save":
             dcp.save(state, storage_writer=dcp.FileSystemWriter(target, thread_count=2, sync_files=True))
-            fsync_path(target)  # DCP fsyncs its files but not the directory after the rename
-            fsync_path(os.path.dirname(target))
+            fsync_with_directory(target)  # DCP fsyncs its files but not the directory after the rename
             return None
         if args.op == "dcp_load":
             dcp.load(dcp_target, storage_reader=dcp.FileSystemReader(target))

@@ -195,38 +195,6 @@ def total(rows: dict[str, dict[str, int]], field: str) -> int:
     return sum(r[field] for r in rows.values())
 
 
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def flatten_for_safetensors(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Model and optimizer tensors as one flat dict (each storage once: the tied lm_head
-    alias is dropped and named in the metadata); param_groups and step go in the metadata."""
-    flat: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    aliases = {}
-    for name, t in state["model"].items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            aliases[f"model.{name}"] = seen[ptr]
-            continue
-        seen[ptr] = f"model.{name}"
-        flat[f"model.{name}"] = t.contiguous()
-    for pid in sorted(state["optimizer"]["state"]):
-        for k, t in state["optimizer"]["state"][pid].items():
-            flat[f"optimizer.state.{pid}.{k}"] = t.contiguous()
-    meta = {
-        "aliases": json.dumps(aliases),
-        "param_groups": json.dumps(state["optimizer"]["param_groups"]),
-        "step": str(state["step"]),
-    }
-    return flat, meta
-
-
 def unique_bytes(tensors) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
@@ -294,6 +262,7 @@ def run(args) -> dict[str, Any]:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, repo)
     import safetensors.torch as st
+    from commit_checkout import flatten_for_safetensors, fsync_with_directory
 
     import ckptstore
     from ckptstore.retention import KeepBest, KeepLast, Policy
@@ -360,13 +329,12 @@ def run(args) -> dict[str, Any]:
             commit_s = time.perf_counter() - t_c
             snapshots[commit.id] = snapshot_trainable(model, opt)
 
-            flat, meta = flatten_for_safetensors(state)
+            flat, meta = flatten_for_safetensors(state, step=str(state["step"]))
             path = os.path.join(st_dir, f"step-{step:06d}.safetensors")
             os.sync()
             t_s = time.perf_counter()
             st.save_file(flat, path, metadata=meta)
-            fsync_path(path)
-            fsync_path(st_dir)
+            fsync_with_directory(path)
             st_s = time.perf_counter() - t_s
             sst = os.stat(path)
             if not args.keep_safetensors:
