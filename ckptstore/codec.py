@@ -84,6 +84,15 @@ _SAMPLE_BYTES = 64 * 1024
 MIN_SAVING = 0.20
 #: A byte plane is compressed only if that saves this fraction of it.
 _MIN_PLANE_SAVING = 0.10
+#: With ``delta="auto"``, a delta is kept only where it is at most this fraction of the chunk
+#: encoded whole (and saves ``min_saving`` of the raw size). A delta costs a pass of XOR,
+#: byte planes and zstd on commit, and a read of its chain on every checkout. bf16 weights of
+#: a fine-tuning run come to 0.03-0.30 of their byte-planed size; fp32 weights to 0.5-0.6,
+#: because their low mantissa bytes change at any learning rate, and encoding them costs more
+#: CPU than writing the bytes saved takes on a local disk (bench/README.md, "Encodings");
+#: fp32 chunks whose values mostly did not change still qualify. ``delta="on"`` keeps every
+#: delta, for slow storage.
+DELTA_AUTO_MAX_RATIO = 0.4
 
 
 class Kind(IntEnum):
@@ -258,8 +267,8 @@ def encode_object(
     values of ``group_bytes`` 2, 4 or 8 bytes, i.e. floats) byte planes with zstd where they
     compress; a compressed encoding only where it saves ``min_saving`` of the raw size. With
     a ``base`` of the same size, the XOR against it is stored instead when ``delta="on"``,
-    or with ``delta="auto"`` when that saves ``min_saving`` of the raw size over the chunk
-    encoded whole. A raw body is
+    or with ``delta="auto"`` when that is at most ``DELTA_AUTO_MAX_RATIO`` of the chunk
+    encoded whole and saves ``min_saving`` of the raw size. A raw body is
     returned as a view of ``raw``, not copied. Deterministic: the same arguments give the
     same bytes. ``scratch``: a uint8 buffer (of ``2 * len(raw)`` bytes for deltas) that the
     returned parts may view, so it must not be reused until they are written.
@@ -274,9 +283,10 @@ def encode_object(
     if base is not None and len(base.data) == len(values) and 1 <= len(base.chain) <= MAX_DELTA_CHAIN:
         base_values = np.frombuffer(base.data, dtype=np.uint8)
         residual_plan = _plan(sample ^ _sample(base_values, group), group=group, level=compression_level, min_saving=min_saving)
-        # With "auto", a delta must save ``min_saving`` of the raw size over the chunk stored
-        # whole: it costs CPU here, and a read of its chain on every checkout.
-        if delta == "on" or residual_plan.estimate_bytes <= plan.estimate_bytes - min_saving * len(sample):
+        # With "auto", a delta must be much smaller than the chunk stored whole: it costs CPU
+        # here, and a read of its chain on every checkout.
+        pays = residual_plan.estimate_bytes <= min(plan.estimate_bytes - min_saving * len(sample), DELTA_AUTO_MAX_RATIO * plan.estimate_bytes)
+        if delta == "on" or pays:
             n = len(values)
             room = scratch is not None and len(scratch) >= 2 * n
             residual = np.bitwise_xor(values, base_values, out=scratch[n : 2 * n] if room else None)

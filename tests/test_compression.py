@@ -15,10 +15,12 @@ from states import assert_same, every_dtype
 
 import ckptstore
 from ckptstore.codec import (
+    DELTA_AUTO_MAX_RATIO,
     GROUP_SIZES,
     HEADER_SIZE,
     Codec,
     DeltaBase,
+    Encoded,
     Kind,
     _encode_body,
     _frame,
@@ -130,13 +132,27 @@ def test_byte_grouping_is_chosen_for_floats_and_beats_plain_zstd():
 def test_auto_delta_is_kept_only_where_it_pays():
     g = torch.Generator().manual_seed(0)
     before = torch.randn(1 << 18, generator=g) * 0.02
-    nearby = before + torch.randn(1 << 18, generator=g) * 1e-6  # a small optimizer step
-    unrelated = torch.randn(1 << 18, generator=g) * 0.02
-    base = DeltaBase(before.view(torch.uint8).numpy(), ("0" * 32,))
-    small = encode_object(Kind.CHUNK, nearby.view(torch.uint8).numpy(), compression_level=3, group_bytes=4, base=base, delta="auto")
-    assert small.codec is Codec.DELTA
-    other = encode_object(Kind.CHUNK, unrelated.view(torch.uint8).numpy(), compression_level=3, group_bytes=4, base=base, delta="auto")
-    assert other.codec is not Codec.DELTA and other.bases == ()
+    step = torch.randn(1 << 18, generator=g) * 1e-5  # some optimizer steps on every value
+    touched = torch.rand(1 << 18, generator=g) < 0.05  # only some rows moved (an embedding)
+
+    def encode(after: torch.Tensor, base: torch.Tensor, delta: str) -> Encoded:
+        base_bytes = DeltaBase(base.view(torch.uint8).numpy(), ("0" * 32,))
+        return encode_object(Kind.CHUNK, after.view(torch.uint8).numpy(), compression_level=3, group_bytes=after.element_size(), base=base_bytes, delta=delta)
+
+    # bf16: the step leaves the sign, exponent and high mantissa bits: a small fraction
+    bf16 = encode((before + step).bfloat16(), before.bfloat16(), "auto")
+    assert bf16.codec is Codec.DELTA
+    # fp32: the low mantissa bytes change whatever the step; the delta about halves the chunk,
+    # kept with "on" but not worth its CPU with "auto"
+    every = before + step
+    halved = encode(every, before, "on")
+    assert halved.codec is Codec.DELTA
+    assert DELTA_AUTO_MAX_RATIO * len(every.view(torch.uint8)) < halved.stored_bytes < 0.7 * len(every.view(torch.uint8))
+    assert encode(every, before, "auto").codec is not Codec.DELTA
+    # fp32 with most values unchanged: far smaller, kept with "auto"
+    assert encode(torch.where(touched, every, before), before, "auto").codec is Codec.DELTA
+    unrelated = encode(torch.randn(1 << 18, generator=g) * 0.02, before, "auto")
+    assert unrelated.codec is not Codec.DELTA and unrelated.bases == ()
 
 
 @pytest.mark.parametrize(
