@@ -18,7 +18,8 @@ Two measurements, in one run:
    fp32 master weights cast, as mixed-precision training saves them), fp32 weights, Adam
    moments (``exp_avg``, ``exp_avg_sq``). The same states are also committed to local stores
    (``delta="off"``, ``"auto"``, ``"on"``, and a plain-zstd baseline with byte grouping
-   switched off in this process), timing each commit.
+   switched off in this process), timing each commit (each after an ``os.sync()``, so that
+   none pays for writing back another's pages; the order of the stores rotates).
 
 Run: ``python bench/compression.py`` (about 10 minutes on 2 cores); ``--json PATH`` saves the
 figures; ``--stores-only`` measures only the stores' commit throughput (about 6 minutes).
@@ -75,7 +76,7 @@ class Tally:
         self.codecs = defaultdict(lambda: defaultdict(int))
 
     def encode(self, component: str, method: str, chunk: np.ndarray, *, group: int, base: np.ndarray | None = None, delta: str = "on", min_saving: float = MIN_SAVING) -> None:
-        delta_base = DeltaBase(base, (content_id(base),)) if base is not None else None
+        delta_base = DeltaBase.of(base, (content_id(base),), group_bytes=group) if base is not None else None
         start = time.perf_counter()
         encoded = encode_object(Kind.CHUNK, chunk, compression_level=LEVEL, group_bytes=group, base=delta_base, delta=delta, min_saving=min_saving)
         framed = b"".join(bytes(p) for p in encoded.parts)
@@ -201,6 +202,7 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
             for method in methods[commits % len(methods) :] + methods[: commits % len(methods)]:
                 store = stores[method]
                 with plain_zstd_only() if method == "plain zstd" else contextlib.nullcontext():
+                    os.sync()  # no store's commit pays for writing back another's pages
                     start = time.perf_counter()
                     store.commit(state, branch=sequence, message=f"step {step}")
                     commit_s[sequence][method] += time.perf_counter() - start

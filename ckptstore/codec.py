@@ -48,6 +48,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
@@ -146,11 +147,22 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 @dataclass(frozen=True)
 class DeltaBase:
-    """A chunk that another may be stored as a delta against: its raw bytes and its chain
-    (its own id first, then its bases, nearest first)."""
+    """A chunk that another may be stored as a delta against: its chain (its own id first,
+    then its bases, nearest first), its size, :func:`sample_of` its bytes (all that the
+    choice of encoding looks at), and ``load``, which returns its bytes: called only once a
+    delta is chosen, so a base that is not in memory is read only where a delta is stored
+    (``None``: it cannot be had, and the chunk is stored whole)."""
 
-    data: bytes | memoryview | np.ndarray
     chain: tuple[str, ...]
+    size: int
+    sample: np.ndarray
+    load: Callable[[], bytes | memoryview | np.ndarray | None]
+
+    @classmethod
+    def of(cls, data: bytes | memoryview | np.ndarray, chain: tuple[str, ...], *, group_bytes: int) -> DeltaBase:
+        """A base whose bytes are in hand."""
+        values = np.frombuffer(data, dtype=np.uint8)
+        return cls(chain, len(values), sample_of(values, group_bytes=group_bytes), lambda: values)
 
 
 @dataclass
@@ -196,8 +208,11 @@ def _planes(values: np.ndarray, group: int, scratch: np.ndarray | None = None) -
     return out
 
 
-def _sample(values: np.ndarray, group: int) -> np.ndarray:
-    """About ``_SAMPLE_BYTES`` of ``values`` from four places, each a whole number of values."""
+def sample_of(values: np.ndarray, *, group_bytes: int) -> np.ndarray:
+    """What :func:`encode_object` chooses an encoding on: about ``_SAMPLE_BYTES`` of
+    ``values`` (uint8) from four places, each a whole number of values (a view if that is
+    all of them)."""
+    group = group_bytes if group_bytes in GROUP_SIZES else 1
     if len(values) <= 2 * _SAMPLE_BYTES:
         return values
     piece = (_SAMPLE_BYTES // 4) // group * group
@@ -278,15 +293,16 @@ def encode_object(
     group = group_bytes if group_bytes in GROUP_SIZES else 1
     if compression_level is None or len(values) < _MIN_COMPRESS_BYTES:
         return Encoded(_frame(kind, Codec.RAW, len(values), [view]), Codec.RAW)
-    sample = _sample(values, group)
+    sample = sample_of(values, group_bytes=group)
     plan = _plan(sample, group=group, level=compression_level, min_saving=min_saving)
-    if base is not None and len(base.data) == len(values) and 1 <= len(base.chain) <= MAX_DELTA_CHAIN:
-        base_values = np.frombuffer(base.data, dtype=np.uint8)
-        residual_plan = _plan(sample ^ _sample(base_values, group), group=group, level=compression_level, min_saving=min_saving)
+    if base is not None and base.size == len(values) and len(base.sample) == len(sample) and 1 <= len(base.chain) <= MAX_DELTA_CHAIN:
+        residual_plan = _plan(sample ^ base.sample, group=group, level=compression_level, min_saving=min_saving)
         # With "auto", a delta must be much smaller than the chunk stored whole: it costs CPU
         # here, and a read of its chain on every checkout.
         pays = residual_plan.estimate_bytes <= min(plan.estimate_bytes - min_saving * len(sample), DELTA_AUTO_MAX_RATIO * plan.estimate_bytes)
-        if delta == "on" or pays:
+        base_data = base.load() if delta == "on" or pays else None
+        base_values = np.frombuffer(base_data, dtype=np.uint8) if base_data is not None else None
+        if base_values is not None and len(base_values) == len(values):
             n = len(values)
             room = scratch is not None and len(scratch) >= 2 * n
             residual = np.bitwise_xor(values, base_values, out=scratch[n : 2 * n] if room else None)

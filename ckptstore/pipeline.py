@@ -36,6 +36,7 @@ from .codec import (
     delta_chain,
     encode_object,
     read_header,
+    sample_of,
 )  # fmt: skip
 from .errors import IntegrityError, ObjectNotFound, OutOfMemory
 from .ids import content_id
@@ -108,36 +109,57 @@ class _Scratch(threading.local):
 
 
 class RecentChunks:
-    """The raw bytes of recently written chunks that may serve as delta bases, least recently
-    used first out, at most ``limit_bytes`` in all (spare buffers included); so a commit's
-    deltas need not read the parent's chunks back. Thread-safe. A chunk's buffer is never
-    changed while it is cached; :meth:`retire` frees buffers for reuse once no task can be
-    reading them (a fresh buffer costs a page fault per 4 KiB)."""
+    """Recently written chunks that may serve as delta bases, least recently used first out,
+    at most ``limit_bytes`` in all (spare buffers included). Of a chunk it keeps either its
+    raw bytes, so that the next commit's delta need not read it back, or only its sample
+    (:func:`~ckptstore.codec.sample_of`), which is all the next commit needs to choose, for a
+    chunk unlikely to be a base (its own delta did not pay): that base is read back only if a
+    delta pays after all. Thread-safe. Cached bytes are never changed; :meth:`retire` frees
+    buffers for reuse once no task can be reading them (a fresh buffer costs a page fault per
+    4 KiB)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
-        self._chunks: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._chunks: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()  # id → (bytes or sample, whole)
         self._spare: dict[int, list[np.ndarray]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, chunk_id: str) -> np.ndarray | None:
+        """The chunk's raw bytes, if they are kept."""
+        found = self._get(chunk_id)
+        return found[0] if found is not None and found[1] else None
+
+    def get_sample(self, chunk_id: str) -> np.ndarray | None:
+        """The chunk's sample, if only that is kept."""
+        found = self._get(chunk_id)
+        return found[0] if found is not None and not found[1] else None
+
+    def _get(self, chunk_id: str) -> tuple[np.ndarray, bool] | None:
         with self._lock:
-            data = self._chunks.get(chunk_id)
-            if data is not None:
+            found = self._chunks.get(chunk_id)
+            if found is not None:
                 self._chunks.move_to_end(chunk_id)
-            return data
+            return found
 
     def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray) -> None:
-        """Keep a copy of ``data`` (the caller's buffer may change afterwards)."""
+        """Keep a copy of the raw bytes ``data`` (the caller's buffer may change afterwards)."""
+        self._put(chunk_id, data, whole=True)
+
+    def put_sample(self, chunk_id: str, sample: np.ndarray) -> None:
+        """Keep a copy of the chunk's sample, unless its raw bytes are kept."""
+        self._put(chunk_id, sample, whole=False)
+
+    def _put(self, chunk_id: str, data: bytes | memoryview | np.ndarray, *, whole: bool) -> None:
         size = len(data)
         if size > self.limit_bytes:
             return
         with self._lock:
-            if chunk_id in self._chunks:
+            found = self._chunks.get(chunk_id)
+            if found is not None and (found[1] or not whole):
                 self._chunks.move_to_end(chunk_id)
                 return
-            spares = self._spare.get(size)
+            spares = self._spare.get(size) if whole else None
             copy = spares.pop() if spares else None
             if copy is None:
                 self._bytes += size
@@ -145,10 +167,14 @@ class RecentChunks:
             copy = np.empty(size, dtype=np.uint8)
         copy[:] = np.frombuffer(data, dtype=np.uint8)
         with self._lock:
-            if chunk_id in self._chunks:  # another thread put it meanwhile
-                self._spare.setdefault(size, []).append(copy)
+            found = self._chunks.get(chunk_id)
+            if found is not None and (found[1] or not whole):  # another thread put it meanwhile
+                self._drop(copy, whole=whole)
             else:
-                self._chunks[chunk_id] = copy
+                if found is not None:  # the sample, now superseded by the bytes
+                    self._bytes -= len(found[0])
+                self._chunks[chunk_id] = (copy, whole)
+                self._chunks.move_to_end(chunk_id)
             self._shrink()
 
     def retire(self, chunk_ids: Iterable[str]) -> None:
@@ -156,10 +182,17 @@ class RecentChunks:
         when no task still reads them."""
         with self._lock:
             for chunk_id in chunk_ids:
-                data = self._chunks.pop(chunk_id, None)
-                if data is not None:
-                    self._spare.setdefault(len(data), []).append(data)
+                found = self._chunks.pop(chunk_id, None)
+                if found is not None:
+                    self._drop(*found)
             self._shrink()
+
+    def _drop(self, data: np.ndarray, whole: bool) -> None:
+        """Keep a whole chunk's buffer as a spare; forget a sample. Under the lock."""
+        if whole:
+            self._spare.setdefault(len(data), []).append(data)
+        else:
+            self._bytes -= len(data)
 
     def _shrink(self) -> None:
         while self._bytes > self.limit_bytes and any(self._spare.values()):
@@ -167,7 +200,7 @@ class RecentChunks:
             self._spare[size].pop()
             self._bytes -= size
         while self._bytes > self.limit_bytes and self._chunks:
-            _, old = self._chunks.popitem(last=False)
+            _, (old, _whole) = self._chunks.popitem(last=False)
             self._bytes -= len(old)
 
 
@@ -326,27 +359,38 @@ class Pipeline:
         parent_chunks = parent_chunks or {}
         groups = value_bytes(manifest)
 
+        def read_base(parent: ChunkRef) -> np.ndarray | None:
+            data = self._scratch.get("base", parent.size)
+            try:
+                self.reader.read_into(parent, data)
+            except IntegrityError as exc:  # the commit goes on, with a keyframe
+                log.warning("chunk %s cannot serve as a delta base: %s", parent.id, exc)
+                return None
+            return data
+
         def base_for(parent: ChunkRef | None, size: int, group: int) -> DeltaBase | None:
             if delta == "off" or parent is None or group == 1 or compression_level is None:
                 return None
             if parent.size != size or len(parent.bases) + 1 > max_delta_chain:
                 return None
             data = self.recent.get(parent.id)
-            if data is not None and not self._objects.exists(chunk_key(parent.id)):
-                data = None  # removed since (GC): never write a delta against a missing base
-            if data is None:
-                data = self._scratch.get("base", size)
-                try:
-                    self.reader.read_into(parent, data)
-                except IntegrityError as exc:  # the commit goes on, with a keyframe
-                    log.warning("chunk %s cannot serve as a delta base: %s", parent.id, exc)
+            sample = self.recent.get_sample(parent.id) if data is None else sample_of(data, group_bytes=group)
+            if sample is None:  # nothing kept (a new process): read it to choose
+                data = read_base(parent)
+                if data is None:
                     return None
-            return DeltaBase(data, (parent.id, *parent.bases))
+                sample = sample_of(data, group_bytes=group)
+
+            def load() -> np.ndarray | None:
+                if not self._objects.exists(chunk_key(parent.id)):
+                    return None  # removed since (GC): never write a delta against a missing base
+                return data if data is not None else read_base(parent)
+
+            return DeltaBase((parent.id, *parent.bases), size, sample, load)
 
         def store_chunk(view: memoryview, parent: ChunkRef | None, group: int) -> tuple[ChunkRef, bool, int]:
             chunk_id = content_id(view)
             size = len(view)
-            keep_recent = delta != "off" and group > 1
             if parent is not None and parent.id != chunk_id:
                 superseded.add(parent.id)
             if parent is not None and parent.id == chunk_id and self._objects.exists(chunk_key(chunk_id)):
@@ -354,21 +398,30 @@ class Pipeline:
             else:
                 known = self.reader.bases_of(chunk_id)
             if known is None:
+                base = base_for(parent, size, group)
                 encoded = encode_object(
                     Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
-                    base=base_for(parent, size, group), delta="on" if delta == "on" else "auto",
+                    base=base, delta="on" if delta == "on" else "auto",
                     scratch=self._scratch.get("encode", 2 * size),
                 )  # fmt: skip
                 if self._objects.put_if_absent(chunk_key(chunk_id), encoded.parts):
-                    if keep_recent:
-                        self.recent.put(chunk_id, view)
+                    # the next commit's delta likely pays where this one did, or could not try
+                    keep(chunk_id, view, group, whole=delta == "on" or bool(encoded.bases) or base is None)
                     return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
                 known = self.reader.bases_of(chunk_id)  # another writer stored it first
                 if known is None:
                     raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
-            if keep_recent:
-                self.recent.put(chunk_id, view)
+            keep(chunk_id, view, group, whole=delta == "on")
             return ChunkRef(chunk_id, size, known), False, 0
+
+        def keep(chunk_id: str, view: memoryview, group: int, *, whole: bool) -> None:
+            """Keep a chunk that the next commit may take as a base: its bytes, or its sample."""
+            if delta == "off" or group == 1:
+                return
+            if whole:
+                self.recent.put(chunk_id, view)
+            else:
+                self.recent.put_sample(chunk_id, sample_of(np.frombuffer(view, dtype=np.uint8), group_bytes=group))
 
         order: list[int] = []
         superseded: set[str] = set()

@@ -131,7 +131,8 @@ class StoreConfig:
     inline_threshold_bytes: int = 64 << 10
     compression_level: int | None = 3
     #: Store changed float chunks as deltas against the parent commit's: "off", "on" or
-    #: "auto" (where that saves at least 20% of the raw size); a keyframe at least every
+    #: "auto" (where the delta is at most 0.4 of the chunk stored whole, as for bf16 weights;
+    #: not for fp32 weights, whose deltas are about half); a keyframe at least every
     #: ``delta_keyframe_interval`` commits bounds a checkout to that many objects per chunk.
     delta: str = "off"
     delta_keyframe_interval: int = 8

@@ -82,7 +82,7 @@ def test_every_codec_round_trips_special_floats_bit_exact(dtype, codec, n):
     # The same values, encoded the way the codec chooses, and as a delta against others.
     assert _decode(_join(encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=group).parts), len(raw)) == raw
     base = _special_floats(dtype, n, seed=n + 1)
-    delta = encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=group, base=DeltaBase(base, (content_id(base),)), delta="on")
+    delta = encode_object(Kind.CHUNK, raw, compression_level=3, group_bytes=group, base=DeltaBase.of(base, (content_id(base),), group_bytes=group), delta="on")
     if len(raw) < 256:  # too small to be worth encoding at all
         assert delta.codec is Codec.RAW and _decode(_join(delta.parts), len(raw)) == raw
         return
@@ -107,7 +107,7 @@ def test_any_bytes_round_trip_through_any_codec_choice(raw, group, level, codec,
     chosen, body = _encode_body(values, _Plan(codec, tuple(planes[:forced_group])), group=forced_group, level=level or 1, scratch=None)
     assert _decode(_join(_frame(Kind.CHUNK, chosen, len(raw), body)), len(raw)) == raw
     base_ok = base is not None and len(base) == len(raw)
-    delta_base = DeltaBase(base, (content_id(base),)) if base_ok else None
+    delta_base = DeltaBase.of(base, (content_id(base),), group_bytes=group) if base_ok else None
     encoded = encode_object(Kind.CHUNK, raw, compression_level=level, group_bytes=group, base=delta_base, delta="on")
     framed = _join(encoded.parts)
     if encoded.codec is Codec.DELTA:
@@ -136,7 +136,7 @@ def test_auto_delta_is_kept_only_where_it_pays():
     touched = torch.rand(1 << 18, generator=g) < 0.05  # only some rows moved (an embedding)
 
     def encode(after: torch.Tensor, base: torch.Tensor, delta: str) -> Encoded:
-        base_bytes = DeltaBase(base.view(torch.uint8).numpy(), ("0" * 32,))
+        base_bytes = DeltaBase.of(base.view(torch.uint8).numpy(), ("0" * 32,), group_bytes=after.element_size())
         return encode_object(Kind.CHUNK, after.view(torch.uint8).numpy(), compression_level=3, group_bytes=after.element_size(), base=base_bytes, delta=delta)
 
     # bf16: the step leaves the sign, exponent and high mantissa bits: a small fraction
@@ -245,6 +245,42 @@ def test_the_delta_base_cache_changes_nothing_stored(tmp_path, cache_bytes):
         store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", delta_base_cache_bytes=cache_bytes if name == "a" else 1 << 30)
         stores[name] = [store.commit(s).manifest for s in fine_tuning(5)]
     assert stores["a"] == stores["b"]
+
+
+def _auto_states():
+    """bf16 weights whose deltas pay at every step; fp32 weights whose deltas do not (every
+    value moves), then do (a few values move): their bases are then only sampled in memory."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    for step in range(5):
+        if step == 1:
+            w = w + 1e-5 * torch.randn(w.shape, generator=g)
+        elif step:
+            w = torch.where(torch.rand(w.shape, generator=g) < 0.02, w + 1e-5, w)
+        yield {"bf16": w.bfloat16(), "fp32": w.clone(), "step": step}
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["bases-read-back", "bases-cached"])
+def test_auto_deltas_choose_alike_whether_bases_are_kept_sampled_or_read_back(tmp_path, cache_bytes):
+    states = list(_auto_states())
+    manifests = {}
+    for name, cache in (("probe", cache_bytes), ("reference", 0)):
+        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="auto", delta_base_cache_bytes=cache)
+        commits = [store.commit(states[0]), store.commit(states[1])]
+        if cache:  # kept: the bytes of chunks whose deltas paid, a sample of those whose did not
+            after = store.get_manifest(commits[1].manifest)
+            ids = {e.path: [c.id for c in after.blobs[e.blob].chunks] for e in after.tensors}
+            assert all(store.pipeline.recent.get(i) is not None for i in ids["bf16"])
+            assert all(store.pipeline.recent.get(i) is None and store.pipeline.recent.get_sample(i) is not None for i in ids["fp32"])
+        commits += [store.commit(s) for s in states[2:]]
+        manifests[name] = [c.manifest for c in commits]
+        chains = {e.path: [len(c.bases) for c in store.get_manifest(commits[2].manifest).blobs[e.blob].chunks] for e in store.get_manifest(commits[2].manifest).tensors}
+        assert all(chains["bf16"]) and all(chains["fp32"])  # the fp32 deltas pay once few values move
+        fp32_step1 = store.get_manifest(commits[1].manifest)
+        assert not any(c.bases for e in fp32_step1.tensors if e.path == "fp32" for c in fp32_step1.blobs[e.blob].chunks)
+        for state, commit in zip(states, commits):
+            assert_same(state, store.checkout(commit.id))
+    assert manifests["probe"] == manifests["reference"]
 
 
 def test_delta_mode_per_commit_overrides_the_store(tmp_path):
