@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -158,7 +159,7 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
         "delta auto": ckptstore.open(os.path.join(root, "auto"), delta="auto", delta_keyframe_interval=args.keyframe),
         "delta on": ckptstore.open(os.path.join(root, "on"), delta="on", delta_keyframe_interval=args.keyframe),
     }
-    commit_s: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    commit_s: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     logical: dict[str, int] = defaultdict(int)
     tally = Tally()
     previous: dict[str, dict[str, torch.Tensor]] = {}
@@ -205,13 +206,21 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
                     os.sync()  # no store's commit pays for writing back another's pages
                     start = time.perf_counter()
                     store.commit(state, branch=sequence, message=f"step {step}")
-                    commit_s[sequence][method] += time.perf_counter() - start
+                    commit_s[sequence][method].append(time.perf_counter() - start)
         commits += 1
         print(f"step {step}: loss {loss.item():.3f}, commit {commits}", flush=True)
     store_rows = {}
     for sequence in ("bf16", "fp32"):
+        seconds = commit_s[sequence]
         store_rows[sequence] = {
-            method: {"commit_MBps": logical[sequence] / commit_s[sequence][method] / 1e6} for method in stores
+            method: {
+                "commit_MBps": logical[sequence] / sum(seconds[method]) / 1e6,
+                # this store's throughput over plain zstd's, commit by commit (the same state,
+                # written within seconds of each other), then the median of those ratios
+                "paired_vs_plain": statistics.median(p / s for p, s in zip(seconds["plain zstd"], seconds[method])),
+                "commit_s": seconds[method],
+            }
+            for method in stores
         }
     for method, store in stores.items():
         usage = store.du()
@@ -249,10 +258,11 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if sequence:
         print_rows(f"Fine-tuning: {stores['commits']} commits every {args.every} steps, lr {args.lr}, keyframe every {args.keyframe}", sequence)
-    print("\nStores (commit throughput: logical bytes / commit wall time, fsync'd)")
+    print("\nStores (commit throughput: logical bytes / commit wall time, fsync'd; and the median, over commits, of")
+    print("plain zstd's commit time over this store's for the same state)")
     for seq in ("bf16", "fp32"):
         for method, row in stores[seq].items():
-            print(f"  {seq} {method:<11}: {row['commit_MBps']:7.0f} MB/s")
+            print(f"  {seq} {method:<11}: {row['commit_MBps']:7.0f} MB/s, paired with plain zstd {row['paired_vs_plain']:.2f}x")
     print(f"  stored bytes after both sequences: {stores['stored_bytes']} (logical {stores['logical_bytes']})")
     print("\nBars")
     if real:
@@ -262,8 +272,11 @@ def main() -> None:
         print(f"  bf16 fine-tuning commits with delta encoding: {fraction['delta']:.3f} of raw (bar <= 0.45): {'PASS' if fraction['delta'] <= 0.45 else 'FAIL'}")
     for method, label in (("grouped", "automatic codec choice (the default store)"), ("delta auto", 'delta="auto"')):
         for seq in ("bf16", "fp32"):
-            auto, plain = stores[seq][method]["commit_MBps"], stores[seq]["plain zstd"]["commit_MBps"]
-            print(f"  {seq} commit throughput, {label} vs plain zstd: {auto / plain:.2f}x (bar >= 0.8): {'PASS' if auto >= 0.8 * plain else 'FAIL'}")
+            row = stores[seq][method]
+            totals = row["commit_MBps"] / stores[seq]["plain zstd"]["commit_MBps"]
+            paired = row["paired_vs_plain"]
+            print(f"  {seq} commit throughput, {label} vs plain zstd: paired {paired:.2f}x, totals {totals:.2f}x (bar >= 0.8): "
+                  f"paired {'PASS' if paired >= 0.8 else 'FAIL'}, totals {'PASS' if totals >= 0.8 else 'FAIL'}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"real_model": real, "fine_tuning": sequence, "stores": stores, "args": vars(args)}, indent=1))
 

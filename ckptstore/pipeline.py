@@ -113,7 +113,7 @@ class RecentChunks:
     at most ``limit_bytes`` in all (spare buffers included). Of a chunk it keeps either its
     raw bytes, so that the next commit's delta need not read it back, or only its sample
     (:func:`~ckptstore.codec.sample_of`), which is all the next commit needs to choose, for a
-    chunk unlikely to be a base (its own delta did not pay): that base is read back only if a
+    chunk unlikely to be a base (not in a chain of deltas): that base is read back only if a
     delta pays after all. Thread-safe. Cached bytes are never changed; :meth:`retire` frees
     buffers for reuse once no task can be reading them (a fresh buffer costs a page fault per
     4 KiB)."""
@@ -405,8 +405,10 @@ class Pipeline:
                     scratch=self._scratch.get("encode", 2 * size),
                 )  # fmt: skip
                 if self._objects.put_if_absent(chunk_key(chunk_id), encoded.parts):
-                    # the next commit's delta likely pays where this one did, or could not try
-                    keep(chunk_id, view, group, whole=delta == "on" or bool(encoded.bases) or base is None)
+                    # the next commit's delta likely pays where this one did, or where a chain
+                    # just ended in a keyframe
+                    chained = bool(encoded.bases) or (parent is not None and bool(parent.bases))
+                    keep(chunk_id, view, group, whole=delta == "on" or chained)
                     return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
                 known = self.reader.bases_of(chunk_id)  # another writer stored it first
                 if known is None:

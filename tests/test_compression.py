@@ -201,9 +201,11 @@ def fine_tuning(steps: int, *, dtype=torch.bfloat16, lr: float = 1e-5, seed: int
         yield {"model": {k: v.to(dtype) for k, v in w.items()}, "extra": extra, "step": step}
 
 
-def _chain_lengths(store, commit) -> list[int]:
+def _chain_lengths(store, commit, *, path: str | None = None) -> list[int]:
+    """The chain length of every chunk of the commit, or of the tensor at ``path``."""
     manifest = store.get_manifest(commit.manifest)
-    return [len(c.bases) for b in manifest.blobs for c in b.chunks]
+    blobs = [manifest.blobs[e.blob] for e in manifest.tensors if e.path == path] if path else manifest.blobs
+    return [len(c.bases) for b in blobs for c in b.chunks]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -265,19 +267,20 @@ def test_auto_deltas_choose_alike_whether_bases_are_kept_sampled_or_read_back(tm
     states = list(_auto_states())
     manifests = {}
     for name, cache in (("probe", cache_bytes), ("reference", 0)):
-        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="auto", delta_base_cache_bytes=cache)
-        commits = [store.commit(states[0]), store.commit(states[1])]
-        if cache:  # kept: the bytes of chunks whose deltas paid, a sample of those whose did not
-            after = store.get_manifest(commits[1].manifest)
-            ids = {e.path: [c.id for c in after.blobs[e.blob].chunks] for e in after.tensors}
-            assert all(store.pipeline.recent.get(i) is not None for i in ids["bf16"])
-            assert all(store.pipeline.recent.get(i) is None and store.pipeline.recent.get_sample(i) is not None for i in ids["fp32"])
-        commits += [store.commit(s) for s in states[2:]]
+        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="auto", delta_keyframe_interval=3, delta_base_cache_bytes=cache)
+        commits = []
+        for step, state in enumerate(states):
+            commits.append(store.commit(state))
+            if cache:  # kept: the bytes of deltas and of keyframes ending a chain, else a sample
+                after = store.get_manifest(commits[-1].manifest)
+                for path, chained_from in (("bf16", 1), ("fp32", 2)):  # step 4 ends fp32's chain
+                    ids = [c.id for e in after.tensors if e.path == path for c in after.blobs[e.blob].chunks]
+                    whole = step >= chained_from
+                    assert all((store.pipeline.recent.get(i) is not None) == whole for i in ids), (step, path)
+                    assert all((store.pipeline.recent.get_sample(i) is not None) != whole for i in ids), (step, path)
         manifests[name] = [c.manifest for c in commits]
-        chains = {e.path: [len(c.bases) for c in store.get_manifest(commits[2].manifest).blobs[e.blob].chunks] for e in store.get_manifest(commits[2].manifest).tensors}
-        assert all(chains["bf16"]) and all(chains["fp32"])  # the fp32 deltas pay once few values move
-        fp32_step1 = store.get_manifest(commits[1].manifest)
-        assert not any(c.bases for e in fp32_step1.tensors if e.path == "fp32" for c in fp32_step1.blobs[e.blob].chunks)
+        assert all(_chain_lengths(store, commits[1], path="bf16")) and not any(_chain_lengths(store, commits[1], path="fp32"))
+        assert all(_chain_lengths(store, commits[2], path="fp32"))  # the fp32 deltas pay once few values move
         for state, commit in zip(states, commits):
             assert_same(state, store.checkout(commit.id))
     assert manifests["probe"] == manifests["reference"]
