@@ -220,15 +220,20 @@ def sample_of(values: np.ndarray, *, group_bytes: int) -> np.ndarray:
     return np.concatenate([values[s : s + piece] for s in starts])
 
 
-def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float) -> _Plan:
+def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float, residual: bool = False, give_up_above: float | None = None) -> _Plan | None:
     """The encoding that stores ``sample`` smallest, among raw, zstd and (for ``group`` > 1)
-    grouped, each kept only where it saves ``min_saving`` of the raw size."""
-    compressor = _compressor(level)
+    grouped, each kept only where it saves ``min_saving`` of the raw size. The ``residual``
+    of a delta of floats is planned as byte planes only: its zero bytes sit in the high
+    planes, where plain zstd does no better. With ``give_up_above``: ``None`` as soon as no
+    encoding can come to that many bytes (the planes' sizes only add up; the mantissa planes,
+    which rarely compress, come first)."""
+    floats = group > 1 and len(sample) >= group
     best = _Plan(Codec.RAW, estimate_bytes=len(sample))
-    plain = len(compressor.compress(sample))
-    if plain < (1 - min_saving) * len(sample):
-        best = _Plan(Codec.ZSTD, estimate_bytes=plain)
-    if group > 1 and len(sample) >= group:
+    if not (residual and floats):
+        plain = len(_compressor(level).compress(sample))
+        if plain < (1 - min_saving) * len(sample):
+            best = _Plan(Codec.ZSTD, estimate_bytes=plain)
+    if floats:
         planes = _planes(sample, group)
         chosen, total = [], len(sample) - planes.size
         plane_compressor = _compressor(level, planes=True)
@@ -236,9 +241,11 @@ def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float) -> _
             size = len(plane_compressor.compress(plane))
             chosen.append(size < (1 - _MIN_PLANE_SAVING) * len(plane))
             total += size if chosen[-1] else len(plane)
+            if give_up_above is not None and min(total, best.estimate_bytes) > give_up_above:
+                return None
         if any(chosen) and total < best.estimate_bytes and total < (1 - min_saving) * len(sample):
             best = _Plan(Codec.GROUPED, tuple(chosen), total)
-    return best
+    return None if give_up_above is not None and best.estimate_bytes > give_up_above else best
 
 
 def _encode_body(values: np.ndarray, plan: _Plan, *, group: int, level: int, scratch: np.ndarray | None) -> tuple[Codec, list[bytes | memoryview]]:
@@ -296,11 +303,14 @@ def encode_object(
     sample = sample_of(values, group_bytes=group)
     plan = _plan(sample, group=group, level=compression_level, min_saving=min_saving)
     if base is not None and base.size == len(values) and len(base.sample) == len(sample) and 1 <= len(base.chain) <= MAX_DELTA_CHAIN:
-        residual_plan = _plan(sample ^ base.sample, group=group, level=compression_level, min_saving=min_saving)
         # With "auto", a delta must be much smaller than the chunk stored whole: it costs CPU
         # here, and a read of its chain on every checkout.
-        pays = residual_plan.estimate_bytes <= min(plan.estimate_bytes - min_saving * len(sample), DELTA_AUTO_MAX_RATIO * plan.estimate_bytes)
-        base_data = base.load() if delta == "on" or pays else None
+        limit = min(plan.estimate_bytes - min_saving * len(sample), DELTA_AUTO_MAX_RATIO * plan.estimate_bytes)
+        residual_plan = _plan(
+            sample ^ base.sample, group=group, level=compression_level, min_saving=min_saving,
+            residual=True, give_up_above=None if delta == "on" else limit,
+        )  # fmt: skip
+        base_data = base.load() if residual_plan is not None else None
         base_values = np.frombuffer(base_data, dtype=np.uint8) if base_data is not None else None
         if base_values is not None and len(base_values) == len(values):
             n = len(values)

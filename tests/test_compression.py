@@ -25,6 +25,7 @@ from ckptstore.codec import (
     _encode_body,
     _frame,
     _Plan,
+    _plan,
     decode_into,
     decode_object,
     encode_object,
@@ -127,6 +128,19 @@ def test_byte_grouping_is_chosen_for_floats_and_beats_plain_zstd():
     assert grouped.stored_bytes < 0.9 * plain.stored_bytes
     noise = os.urandom(1 << 20)  # incompressible: stored raw whatever the value size
     assert encode_object(Kind.CHUNK, noise, compression_level=3, group_bytes=4).codec is Codec.RAW
+
+
+@pytest.mark.parametrize("group", GROUP_SIZES)
+def test_a_residual_plan_gives_up_only_where_it_could_not_pay(group):
+    rng = np.random.default_rng(group)
+    for changed_planes in range(group + 1):  # the low planes noise, the high ones mostly zero
+        values = rng.integers(0, 256, size=(4096, group), dtype=np.uint8)
+        values[:, changed_planes:] *= rng.random((4096, group - changed_planes)) < 0.05
+        sample = values.reshape(-1)
+        full = _plan(sample, group=group, level=3, min_saving=0.2, residual=True)
+        for limit in np.linspace(0, len(sample), 17):
+            planned = _plan(sample, group=group, level=3, min_saving=0.2, residual=True, give_up_above=limit)
+            assert planned == (full if full.estimate_bytes <= limit else None), (changed_planes, limit)
 
 
 def test_auto_delta_is_kept_only_where_it_pays():
