@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -160,6 +161,7 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
         "delta on": ckptstore.open(os.path.join(root, "on"), delta="on", delta_keyframe_interval=args.keyframe),
     }
     commit_s: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cpu_s: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))  # (user, system), all threads
     logical: dict[str, int] = defaultdict(int)
     tally = Tally()
     previous: dict[str, dict[str, torch.Tensor]] = {}
@@ -204,9 +206,11 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
                 store = stores[method]
                 with plain_zstd_only() if method == "plain zstd" else contextlib.nullcontext():
                     os.sync()  # no store's commit pays for writing back another's pages
-                    start = time.perf_counter()
+                    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
                     store.commit(state, branch=sequence, message=f"step {step}")
                     commit_s[sequence][method].append(time.perf_counter() - start)
+                    after = resource.getrusage(resource.RUSAGE_SELF)
+                    cpu_s[sequence][method].append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
         commits += 1
         print(f"step {step}: loss {loss.item():.3f}, commit {commits}", flush=True)
     store_rows = {}
@@ -219,6 +223,8 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
                 # written within seconds of each other), then the median of those ratios
                 "paired_vs_plain": statistics.median(p / s for p, s in zip(seconds["plain zstd"], seconds[method])),
                 "commit_s": seconds[method],
+                "user_s_per_commit": statistics.mean(u for u, _ in cpu_s[sequence][method]),
+                "system_s_per_commit": statistics.mean(s for _, s in cpu_s[sequence][method]),
             }
             for method in stores
         }
@@ -258,11 +264,12 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if sequence:
         print_rows(f"Fine-tuning: {stores['commits']} commits every {args.every} steps, lr {args.lr}, keyframe every {args.keyframe}", sequence)
-    print("\nStores (commit throughput: logical bytes / commit wall time, fsync'd; and the median, over commits, of")
-    print("plain zstd's commit time over this store's for the same state)")
+    print("\nStores (commit throughput: logical bytes / commit wall time, fsync'd; the median, over commits, of plain")
+    print("zstd's commit time over this store's for the same state; CPU seconds per commit, all threads)")
     for seq in ("bf16", "fp32"):
         for method, row in stores[seq].items():
-            print(f"  {seq} {method:<11}: {row['commit_MBps']:7.0f} MB/s, paired with plain zstd {row['paired_vs_plain']:.2f}x")
+            print(f"  {seq} {method:<11}: {row['commit_MBps']:7.0f} MB/s, paired with plain zstd {row['paired_vs_plain']:.2f}x, "
+                  f"CPU user {row['user_s_per_commit']:.3f} s, system {row['system_s_per_commit']:.3f} s")  # fmt: skip
     print(f"  stored bytes after both sequences: {stores['stored_bytes']} (logical {stores['logical_bytes']})")
     print("\nBars")
     if real:

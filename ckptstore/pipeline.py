@@ -113,16 +113,19 @@ class RecentChunks:
     at most ``limit_bytes`` in all (spare buffers included). Of a chunk it keeps either its
     raw bytes, so that the next commit's delta need not read it back, or only its sample
     (:func:`~ckptstore.codec.sample_of`), which is all the next commit needs to choose, for a
-    chunk unlikely to be a base (not in a chain of deltas): that base is read back only if a
-    delta pays after all. Thread-safe. Cached bytes are never changed; :meth:`retire` frees
-    buffers for reuse once no task can be reading them (a fresh buffer costs a page fault per
-    4 KiB)."""
+    chunk unlikely to be a base: that base is read back only if a delta pays after all.
+    Thread-safe. Cached bytes are never changed; :meth:`retire` keeps their buffers for reuse
+    once no task can be reading them (a fresh buffer costs a page fault per 4 KiB), as many
+    as there are bytes cached (a chain of deltas replaces its chunks' bytes commit after
+    commit)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self._chunks: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()  # id → (bytes or sample, whole)
         self._spare: dict[int, list[np.ndarray]] = {}
-        self._bytes = 0
+        self._bytes = 0  # everything: bytes, samples and spares
+        self._whole_bytes = 0
+        self._spare_bytes = 0
         self._lock = threading.Lock()
 
     def get(self, chunk_id: str) -> np.ndarray | None:
@@ -163,18 +166,21 @@ class RecentChunks:
             copy = spares.pop() if spares else None
             if copy is None:
                 self._bytes += size
+            else:
+                self._spare_bytes -= size
         if copy is None:
             copy = np.empty(size, dtype=np.uint8)
         copy[:] = np.frombuffer(data, dtype=np.uint8)
         with self._lock:
             found = self._chunks.get(chunk_id)
             if found is not None and (found[1] or not whole):  # another thread put it meanwhile
-                self._drop(copy, whole=whole)
+                self._release(copy, whole=whole)
             else:
                 if found is not None:  # the sample, now superseded by the bytes
-                    self._bytes -= len(found[0])
+                    self._release(found[0], whole=False)
                 self._chunks[chunk_id] = (copy, whole)
                 self._chunks.move_to_end(chunk_id)
+                self._whole_bytes += size if whole else 0
             self._shrink()
 
     def retire(self, chunk_ids: Iterable[str]) -> None:
@@ -184,24 +190,30 @@ class RecentChunks:
             for chunk_id in chunk_ids:
                 found = self._chunks.pop(chunk_id, None)
                 if found is not None:
-                    self._drop(*found)
+                    data, whole = found
+                    self._whole_bytes -= len(data) if whole else 0
+                    self._release(data, whole=whole)
             self._shrink()
 
-    def _drop(self, data: np.ndarray, whole: bool) -> None:
-        """Keep a whole chunk's buffer as a spare; forget a sample. Under the lock."""
+    def _release(self, data: np.ndarray, *, whole: bool) -> None:
+        """A buffer no entry holds: a whole chunk's is kept as a spare, a sample's forgotten.
+        Under the lock."""
         if whole:
             self._spare.setdefault(len(data), []).append(data)
+            self._spare_bytes += len(data)
         else:
             self._bytes -= len(data)
 
     def _shrink(self) -> None:
-        while self._bytes > self.limit_bytes and any(self._spare.values()):
+        while (self._bytes > self.limit_bytes or self._spare_bytes > self._whole_bytes) and self._spare_bytes:
             size = next(n for n, spares in self._spare.items() if spares)
             self._spare[size].pop()
             self._bytes -= size
+            self._spare_bytes -= size
         while self._bytes > self.limit_bytes and self._chunks:
-            _, (old, _whole) = self._chunks.popitem(last=False)
+            _, (old, whole) = self._chunks.popitem(last=False)
             self._bytes -= len(old)
+            self._whole_bytes -= len(old) if whole else 0
 
 
 class ChunkReader:
@@ -405,10 +417,10 @@ class Pipeline:
                     scratch=self._scratch.get("encode", 2 * size),
                 )  # fmt: skip
                 if self._objects.put_if_absent(chunk_key(chunk_id), encoded.parts):
-                    # the next commit's delta likely pays where this one did, or where a chain
-                    # just ended in a keyframe
-                    chained = bool(encoded.bases) or (parent is not None and bool(parent.bases))
-                    keep(chunk_id, view, group, whole=delta == "on" or chained)
+                    # the next commit's delta likely pays where this one did, where a chain just
+                    # ended in a keyframe, or (until shown otherwise) where none was tried yet
+                    likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
+                    keep(chunk_id, view, group, whole=delta == "on" or likely_base)
                     return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
                 known = self.reader.bases_of(chunk_id)  # another writer stored it first
                 if known is None:

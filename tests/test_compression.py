@@ -32,7 +32,7 @@ from ckptstore.codec import (
     parse_frame,
 )
 from ckptstore.ids import content_id
-from ckptstore.pipeline import chunk_key
+from ckptstore.pipeline import RecentChunks, chunk_key
 
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 EXAMPLES = 2000 if SOAK else 150
@@ -285,11 +285,11 @@ def test_auto_deltas_choose_alike_whether_bases_are_kept_sampled_or_read_back(tm
         commits = []
         for step, state in enumerate(states):
             commits.append(store.commit(state))
-            if cache:  # kept: the bytes of deltas and of keyframes ending a chain, else a sample
+            if cache:  # kept: the bytes of new chunks, deltas and keyframes ending a chain, else a sample
                 after = store.get_manifest(commits[-1].manifest)
                 for path, chained_from in (("bf16", 1), ("fp32", 2)):  # step 4 ends fp32's chain
                     ids = [c.id for e in after.tensors if e.path == path for c in after.blobs[e.blob].chunks]
-                    whole = step >= chained_from
+                    whole = step == 0 or step >= chained_from
                     assert all((store.pipeline.recent.get(i) is not None) == whole for i in ids), (step, path)
                     assert all((store.pipeline.recent.get_sample(i) is not None) != whole for i in ids), (step, path)
         manifests[name] = [c.manifest for c in commits]
@@ -298,6 +298,29 @@ def test_auto_deltas_choose_alike_whether_bases_are_kept_sampled_or_read_back(tm
         for state, commit in zip(states, commits):
             assert_same(state, store.checkout(commit.id))
     assert manifests["probe"] == manifests["reference"]
+
+
+def test_the_base_cache_keeps_bytes_or_samples_within_its_limit():
+    recent = RecentChunks(limit_bytes=10_000)
+    chunks = {name: np.full(3000, i, dtype=np.uint8) for i, name in enumerate("abc")}
+    for name, data in chunks.items():
+        recent.put(name, data)
+    data = chunks["a"]
+    data[:] = 99  # the caller's buffer changes: the cache holds a copy
+    assert recent.get("a")[0] == 0 and recent.get_sample("a") is None
+    recent.put_sample("a", np.zeros(10, dtype=np.uint8))  # the bytes are kept, not the sample
+    assert recent.get("a") is not None and recent.get_sample("a") is None
+    recent.put_sample("d", np.arange(10, dtype=np.uint8))
+    assert recent.get("d") is None and list(recent.get_sample("d")) == list(range(10))
+    recent.retire(["a", "b"])  # spare buffers are kept only as many as there are bytes cached
+    assert recent.get("a") is None and recent._spare_bytes <= recent._whole_bytes == 3000
+    recent.put("e", np.ones(3000, dtype=np.uint8))  # reuses a spare
+    assert recent._spare_bytes == 0 and recent._bytes == 6010
+    for name in "fgh":  # over the limit: the least recently used go first
+        recent.put(name, np.ones(3000, dtype=np.uint8))
+    assert recent._bytes <= 10_000 and recent.get("h") is not None and recent.get("c") is None
+    recent.put("huge", np.ones(20_000, dtype=np.uint8))  # larger than the limit: not kept
+    assert recent.get("huge") is None
 
 
 def test_delta_mode_per_commit_overrides_the_store(tmp_path):
