@@ -16,10 +16,12 @@ Two measurements, in one run:
    delta against the previous commit's tensor (a keyframe every ``--keyframe``
    commits, as a store with ``delta_keyframe_interval`` does). Components: bf16 weights (the
    fp32 master weights cast, as mixed-precision training saves them), fp32 weights, Adam
-   moments (``exp_avg``, ``exp_avg_sq``). The same states are also committed to local stores
-   (``delta="off"``, ``"auto"``, ``"on"``, and a plain-zstd baseline with byte grouping
-   switched off in this process), timing each commit (each after an ``os.sync()``, so that
-   none pays for writing back another's pages; the order of the stores rotates).
+   moments (``exp_avg``, ``exp_avg_sq``). Each delta's size over its chunk's own encoding
+   is also summarised (what ``delta="auto"`` weighs). The same states are also committed to
+   local stores (``delta="off"``, ``"auto"``, ``"on"``, and a plain-zstd baseline with byte
+   grouping switched off in this process), timing each commit (each after an ``os.sync()``,
+   so that none pays for writing back another's pages; the order of the stores rotates) and
+   taking its CPU time.
 
 Run: ``python bench/compression.py`` (about 10 minutes on 2 cores); ``--json PATH`` saves the
 figures; ``--stores-only`` measures only the stores' commit throughput (about 6 minutes).
@@ -46,7 +48,7 @@ import torch
 
 import ckptstore
 import ckptstore.pipeline
-from ckptstore.codec import MIN_SAVING, Codec, DeltaBase, Kind, decode_into, encode_object, parse_frame
+from ckptstore.codec import DELTA_AUTO_MAX_RATIO, MIN_SAVING, Codec, DeltaBase, Kind, decode_into, encode_object, parse_frame
 from ckptstore.ids import content_id
 
 LEVEL = 3  # the store's default compression level
@@ -77,7 +79,8 @@ class Tally:
         self.decode_s = defaultdict(float)
         self.codecs = defaultdict(lambda: defaultdict(int))
 
-    def encode(self, component: str, method: str, chunk: np.ndarray, *, group: int, base: np.ndarray | None = None, delta: str = "on", min_saving: float = MIN_SAVING) -> None:
+    def encode(self, component: str, method: str, chunk: np.ndarray, *, group: int, base: np.ndarray | None = None, delta: str = "on", min_saving: float = MIN_SAVING) -> int:
+        """Encode, decode and check ``chunk``; tally it and return its stored size."""
         delta_base = DeltaBase.of(base, (content_id(base),), group_bytes=group) if base is not None else None
         start = time.perf_counter()
         encoded = encode_object(Kind.CHUNK, chunk, compression_level=LEVEL, group_bytes=group, base=delta_base, delta=delta, min_saving=min_saving)
@@ -92,6 +95,7 @@ class Tally:
         self.raw[component, method] += len(chunk)
         self.stored[component, method] += len(framed)
         self.codecs[component, method][encoded.codec.name.lower()] += 1
+        return len(framed)
 
     def rows(self) -> list[dict]:
         out = []
@@ -164,6 +168,7 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
     cpu_s: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))  # (user, system), all threads
     logical: dict[str, int] = defaultdict(int)
     tally = Tally()
+    delta_vs_whole: dict[str, list[float]] = defaultdict(list)  # per chunk: its delta's size / its own encoding's
     previous: dict[str, dict[str, torch.Tensor]] = {}
     commits = 0
     model.train()
@@ -193,10 +198,13 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
                 parent_chunks = chunks_of(parent, args.chunk_bytes) if parent is not None and not keyframe else None
                 for i, chunk in enumerate(chunks_of(t, args.chunk_bytes)):
                     tally.encode(component, "plain zstd", chunk, group=1)
-                    tally.encode(component, "grouped", chunk, group=t.element_size())
+                    whole = tally.encode(component, "grouped", chunk, group=t.element_size())
                     tally.encode(component, "byte planes, any saving", chunk, group=t.element_size(), min_saving=0.0)
                     base = parent_chunks[i] if parent_chunks is not None else None
-                    tally.encode(component, "delta", chunk, group=t.element_size(), base=base, delta="on")
+                    stored = tally.encode(component, "delta", chunk, group=t.element_size(), base=base, delta="on")
+                    if base is not None and len(chunk) >= 100_000:  # what delta="auto" weighs
+                        kind = f"Adam {name.rsplit('.', 1)[-1]}" if component == "Adam moments" else component
+                        delta_vs_whole[kind].append(stored / whole)
             previous[component] = tensors
         for sequence, state in (("bf16", {"model": components["bf16 weights"]}),
                                 ("fp32", {"model": components["fp32 weights"], "optimizer": components["Adam moments"]})):  # fmt: skip
@@ -234,6 +242,10 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
         store.close()
     store_rows["logical_bytes"] = dict(logical)
     store_rows["commits"] = commits
+    store_rows["delta_vs_whole"] = {
+        kind: {"chunks": len(r), "min": min(r), "median": statistics.median(r), "max": max(r), "share_at_most_auto_ratio": sum(x <= DELTA_AUTO_MAX_RATIO for x in r) / len(r)}
+        for kind, r in delta_vs_whole.items()
+    }
     return tally.rows(), store_rows
 
 
@@ -264,6 +276,11 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if sequence:
         print_rows(f"Fine-tuning: {stores['commits']} commits every {args.every} steps, lr {args.lr}, keyframe every {args.keyframe}", sequence)
+    if stores["delta_vs_whole"]:
+        print(f"\nDeltas per chunk (>= 100 kB): stored size over the chunk's own encoding (delta=\"auto\" keeps those <= {DELTA_AUTO_MAX_RATIO})")
+        for kind, q in stores["delta_vs_whole"].items():
+            print(f"  {kind:<16}: {q['chunks']:4d} chunks, min {q['min']:.2f}, median {q['median']:.2f}, max {q['max']:.2f}, "
+                  f"{q['share_at_most_auto_ratio']:.0%} at most {DELTA_AUTO_MAX_RATIO}")  # fmt: skip
     print("\nStores (commit throughput: logical bytes / commit wall time, fsync'd; the median, over commits, of plain")
     print("zstd's commit time over this store's for the same state; CPU seconds per commit, all threads)")
     for seq in ("bf16", "fp32"):
