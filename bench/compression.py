@@ -20,8 +20,9 @@ Two measurements, in one run:
    is also summarised (what ``delta="auto"`` weighs). The same states are also committed to
    local stores (``delta="off"``, ``"auto"``, ``"on"``, and a plain-zstd baseline with byte
    grouping switched off in this process), timing each commit (each after an ``os.sync()``,
-   so that none pays for writing back another's pages; the order of the stores rotates) and
-   taking its CPU time.
+   so that none pays for writing back another's pages; the order of the stores follows a
+   Williams square, so that each comes after each other equally often) and taking its CPU
+   time.
 
 Run: ``python bench/compression.py`` (about 10 minutes on 2 cores); ``--json PATH`` saves the
 figures; ``--stores-only`` measures only the stores' commit throughput (about 6 minutes).
@@ -62,6 +63,13 @@ def model_dir() -> Path:
     if not (path / "model.safetensors").exists():
         raise SystemExit(f"no model.safetensors under {path}")
     return path
+
+
+#: The order of the four stores, commit after commit: over every four commits each store comes
+#: at each place once, and right after each other store once. A commit is slower right after
+#: some stores' commits than after others' (by up to 20 % on the machine in bench/README.md),
+#: so a fixed cyclic order favours one store.
+WILLIAMS_SQUARE = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 
 
 def chunks_of(t: torch.Tensor, chunk_bytes: int) -> list[np.ndarray]:
@@ -209,8 +217,8 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
         for sequence, state in (("bf16", {"model": components["bf16 weights"]}),
                                 ("fp32", {"model": components["fp32 weights"], "optimizer": components["Adam moments"]})):  # fmt: skip
             logical[sequence] += sum(t.numel() * t.element_size() for part in state.values() for t in part.values())
-            methods = list(stores)  # rotated each commit, so that no store always follows another's writes
-            for method in methods[commits % len(methods) :] + methods[: commits % len(methods)]:
+            methods = list(stores)
+            for method in (methods[i] for i in WILLIAMS_SQUARE[commits % len(WILLIAMS_SQUARE)]):
                 store = stores[method]
                 with plain_zstd_only() if method == "plain zstd" else contextlib.nullcontext():
                     os.sync()  # no store's commit pays for writing back another's pages
