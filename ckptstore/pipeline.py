@@ -115,16 +115,16 @@ class RecentChunks:
     (:func:`~ckptstore.codec.sample_of`), which is all the next commit needs to choose, for a
     chunk unlikely to be a base: that base is read back only if a delta pays after all.
     Thread-safe. Cached bytes are never changed; :meth:`retire` keeps their buffers for reuse
-    once no task can be reading them (a fresh buffer costs a page fault per 4 KiB), as many
-    as there are bytes cached (a chain of deltas replaces its chunks' bytes commit after
-    commit)."""
+    once no task can be reading them (a fresh buffer costs a page fault per 4 KiB), the
+    smallest first and no more bytes of them than are cached (each commit replaces what the
+    last one cached)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self._chunks: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()  # id → (bytes or sample, whole)
         self._spare: dict[int, list[np.ndarray]] = {}
         self._bytes = 0  # everything: bytes, samples and spares
-        self._whole_bytes = 0
+        self._cached_bytes = 0  # bytes and samples
         self._spare_bytes = 0
         self._lock = threading.Lock()
 
@@ -162,7 +162,7 @@ class RecentChunks:
             if found is not None and (found[1] or not whole):
                 self._chunks.move_to_end(chunk_id)
                 return
-            spares = self._spare.get(size) if whole else None
+            spares = self._spare.get(size)
             copy = spares.pop() if spares else None
             if copy is None:
                 self._bytes += size
@@ -174,13 +174,14 @@ class RecentChunks:
         with self._lock:
             found = self._chunks.get(chunk_id)
             if found is not None and (found[1] or not whole):  # another thread put it meanwhile
-                self._release(copy, whole=whole)
+                self._release(copy)
             else:
                 if found is not None:  # the sample, now superseded by the bytes
-                    self._release(found[0], whole=False)
+                    self._cached_bytes -= len(found[0])
+                    self._release(found[0])
                 self._chunks[chunk_id] = (copy, whole)
                 self._chunks.move_to_end(chunk_id)
-                self._whole_bytes += size if whole else 0
+                self._cached_bytes += size
             self._shrink()
 
     def retire(self, chunk_ids: Iterable[str]) -> None:
@@ -190,30 +191,26 @@ class RecentChunks:
             for chunk_id in chunk_ids:
                 found = self._chunks.pop(chunk_id, None)
                 if found is not None:
-                    data, whole = found
-                    self._whole_bytes -= len(data) if whole else 0
-                    self._release(data, whole=whole)
+                    self._cached_bytes -= len(found[0])
+                    self._release(found[0])
             self._shrink()
 
-    def _release(self, data: np.ndarray, *, whole: bool) -> None:
-        """A buffer no entry holds: a whole chunk's is kept as a spare, a sample's forgotten.
-        Under the lock."""
-        if whole:
-            self._spare.setdefault(len(data), []).append(data)
-            self._spare_bytes += len(data)
-        else:
-            self._bytes -= len(data)
+    def _release(self, data: np.ndarray) -> None:
+        """Keep a buffer that no entry holds as a spare. Under the lock."""
+        self._spare.setdefault(len(data), []).append(data)
+        self._spare_bytes += len(data)
 
     def _shrink(self) -> None:
-        while (self._bytes > self.limit_bytes or self._spare_bytes > self._whole_bytes) and self._spare_bytes:
-            size = next(n for n, spares in self._spare.items() if spares)
-            self._spare[size].pop()
-            self._bytes -= size
-            self._spare_bytes -= size
+        for size in sorted(self._spare, reverse=True):  # the largest spares go first
+            spares = self._spare[size]
+            while spares and (self._bytes > self.limit_bytes or self._spare_bytes > self._cached_bytes):
+                spares.pop()
+                self._bytes -= size
+                self._spare_bytes -= size
         while self._bytes > self.limit_bytes and self._chunks:
-            _, (old, whole) = self._chunks.popitem(last=False)
+            old, _ = self._chunks.popitem(last=False)[1]
             self._bytes -= len(old)
-            self._whole_bytes -= len(old) if whole else 0
+            self._cached_bytes -= len(old)
 
 
 class ChunkReader:

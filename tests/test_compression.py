@@ -313,7 +313,7 @@ def test_the_base_cache_keeps_bytes_or_samples_within_its_limit():
     recent.put_sample("d", np.arange(10, dtype=np.uint8))
     assert recent.get("d") is None and list(recent.get_sample("d")) == list(range(10))
     recent.retire(["a", "b"])  # spare buffers are kept only as many as there are bytes cached
-    assert recent.get("a") is None and recent._spare_bytes <= recent._whole_bytes == 3000
+    assert recent.get("a") is None and recent._spare_bytes <= recent._cached_bytes == 3010
     recent.put("e", np.ones(3000, dtype=np.uint8))  # reuses a spare
     assert recent._spare_bytes == 0 and recent._bytes == 6010
     for name in "fgh":  # over the limit: the least recently used go first
