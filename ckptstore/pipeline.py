@@ -115,9 +115,9 @@ class RecentChunks:
     (:func:`~ckptstore.codec.sample_of`), which is all the next commit needs to choose, for a
     chunk unlikely to be a base: that base is read back only if a delta pays after all.
     Thread-safe. Cached bytes are never changed; :meth:`retire` keeps their buffers for reuse
-    once no task can be reading them (a fresh buffer costs a page fault per 4 KiB), the
-    smallest first and no more bytes of them than are cached (each commit replaces what the
-    last one cached)."""
+    once no task can be reading them (a fresh buffer costs a page fault per 4 KiB), but no
+    more bytes of spares than are cached, the largest dropped first (each commit replaces
+    what the last one cached)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
