@@ -377,6 +377,19 @@ def test_a_damaged_base_is_detected_in_every_delta_that_needs_it(tmp_path):
     assert excinfo.value.key == base_key
 
 
+@pytest.mark.parametrize("delta", ["on", "auto"])
+def test_a_cached_base_whose_object_is_gone_is_never_used(tmp_path, delta):
+    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta=delta)
+    states = list(_auto_states())
+    first = store.commit(states[0])
+    gone = [c.id for b in store.get_manifest(first.manifest).blobs for c in b.chunks]
+    assert any(store.pipeline.recent.get(i) is not None for i in gone)  # cached, then removed (as by GC)
+    store.objects.delete_many([chunk_key(i) for i in gone])
+    second = store.commit(states[1])
+    assert not any(_chain_lengths(store, second))  # stored whole: no delta against a missing base
+    assert_same(states[1], store.checkout(second.id))
+
+
 def test_a_commit_goes_on_with_keyframes_when_its_parent_is_damaged(tmp_path):
     store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", delta_base_cache_bytes=0)
     states = list(fine_tuning(2))
