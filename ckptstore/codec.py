@@ -167,12 +167,14 @@ class DeltaBase:
 
 @dataclass
 class Encoded:
-    """A framed object: the ``parts`` to write in order, the codec chosen, and for a delta
-    the chunks it needs (its base first)."""
+    """A framed object: the ``parts`` to write in order, the codec chosen, for a delta the
+    chunks it needs (its base first), and the :func:`sample_of` the raw bytes that the
+    choice was made on (``None`` if none was taken; it may view the raw bytes)."""
 
     parts: list[bytes | memoryview]
     codec: Codec
     bases: tuple[str, ...] = ()
+    sample: np.ndarray | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -318,9 +320,9 @@ def encode_object(
             residual = np.bitwise_xor(values, base_values, out=scratch[n : 2 * n] if room else None)
             codec, body = _encode_body(residual, residual_plan, group=group, level=compression_level, scratch=scratch)
             prefix = bytes([len(base.chain)]) + b"".join(bytes.fromhex(c) for c in base.chain) + bytes([codec])
-            return Encoded(_frame(kind, Codec.DELTA, len(values), [prefix, *body]), Codec.DELTA, base.chain)
+            return Encoded(_frame(kind, Codec.DELTA, len(values), [prefix, *body]), Codec.DELTA, base.chain, sample)
     codec, body = _encode_body(values, plan, group=group, level=compression_level, scratch=scratch)
-    return Encoded(_frame(kind, codec, len(values), body), codec)
+    return Encoded(_frame(kind, codec, len(values), body), codec, sample=sample)
 
 
 def _frame(kind: Kind, codec: Codec, raw_size: int, body: list[bytes | memoryview]) -> list[bytes | memoryview]:

@@ -417,7 +417,7 @@ class Pipeline:
                     # the next commit's delta likely pays where this one did, where a chain just
                     # ended in a keyframe, or (until shown otherwise) where none was tried yet
                     likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
-                    keep(chunk_id, view, group, whole=delta == "on" or likely_base)
+                    keep(chunk_id, view, group, whole=delta == "on" or likely_base, sample=encoded.sample)
                     return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
                 known = self.reader.bases_of(chunk_id)  # another writer stored it first
                 if known is None:
@@ -425,14 +425,15 @@ class Pipeline:
             keep(chunk_id, view, group, whole=delta == "on")
             return ChunkRef(chunk_id, size, known), False, 0
 
-        def keep(chunk_id: str, view: memoryview, group: int, *, whole: bool) -> None:
-            """Keep a chunk that the next commit may take as a base: its bytes, or its sample."""
+        def keep(chunk_id: str, view: memoryview, group: int, *, whole: bool, sample: np.ndarray | None = None) -> None:
+            """Keep a chunk that the next commit may take as a base: its bytes, or its sample
+            (``sample``, if encoding took it already)."""
             if delta == "off" or group == 1:
                 return
             if whole:
                 self.recent.put(chunk_id, view)
             else:
-                self.recent.put_sample(chunk_id, sample_of(np.frombuffer(view, dtype=np.uint8), group_bytes=group))
+                self.recent.put_sample(chunk_id, sample if sample is not None else sample_of(np.frombuffer(view, dtype=np.uint8), group_bytes=group))
 
         order: list[int] = []
         superseded: set[str] = set()
