@@ -14,13 +14,16 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── UnsupportedValue .............. TypeError     a value that cannot be stored (names its key path)
     ├── ComponentsUnavailable ......... KeyError      components a commit lacks, or that GC dropped (demotion)
     ├── CollectorBusy ................. another garbage collector holds the store's lease
+    ├── WriterExpired ................. TimeoutError  a commit's writer marker lapsed before it published
+    ├── ClockSkew ..................... this machine's clock is far from the storage's
     ├── OutOfMemory ................... MemoryError   a checkout's buffers could not be allocated
     ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
     ├── UnsupportedFormat ............. ValueError    an object or store of an unknown format version
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
     └── StorageError .................. OSError       the backend failed (the cause is chained)
         ├── ObjectNotFound ............ FileNotFoundError
-        └── PreconditionFailed ........ a create-only or versioned write found another value
+        ├── PreconditionFailed ........ a create-only or versioned write found another value
+        └── ConditionalWritesUnsupported  an S3 endpoint that ignores If-None-Match / If-Match
 """
 
 from __future__ import annotations
@@ -124,6 +127,17 @@ class CollectorBusy(CkptStoreError):
     """Another garbage collector holds the store's lease (it expires if its holder dies)."""
 
 
+class WriterExpired(CkptStoreError, TimeoutError):
+    """A commit's writer marker was not renewed in time (the process paused, or the store
+    could not be reached), so a garbage collector may have judged the writer dead and
+    deleted what it reused. Nothing was published; committing again is safe."""
+
+
+class ClockSkew(CkptStoreError):
+    """This machine's wall clock is further from the storage's clock than leases allow;
+    commit times and retention by age would be wrong. Synchronise the clock (NTP)."""
+
+
 class OutOfMemory(CkptStoreError, MemoryError):
     """Memory for the tensors of a checkout could not be allocated: the checkpoint is too
     large for this machine (check out part of it: ``include=``), or its manifest claims
@@ -185,3 +199,13 @@ class ObjectNotFound(StorageError, FileNotFoundError):
 class PreconditionFailed(StorageError):
     """A create-only write found the object present, or a versioned write found another
     version. Nothing was written."""
+
+
+class ConditionalWritesUnsupported(StorageError):
+    """The S3 endpoint ignored a conditional write (``If-None-Match: *`` or ``If-Match``):
+    with it, concurrent writers would silently lose commits. ``endpoint`` names it. Open the
+    store with ``single_writer=True`` only if one process at a time writes to it."""
+
+    def __init__(self, message: str, *, endpoint: str) -> None:
+        self.endpoint = endpoint
+        super().__init__(message)
