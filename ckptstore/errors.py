@@ -16,6 +16,7 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── CollectorBusy ................. another garbage collector holds the store's lease
     ├── WriterExpired ................. TimeoutError  a commit's writer marker lapsed before it published
     ├── ClockSkew ..................... this machine's clock is far from the storage's
+    ├── CollectedWhileReading ......... LookupError   a collector kept removing what a reader was reading
     ├── OutOfMemory ................... MemoryError   a checkout's buffers could not be allocated
     ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
     ├── UnsupportedFormat ............. ValueError    an object or store of an unknown format version
@@ -209,3 +210,16 @@ class ConditionalWritesUnsupported(StorageError):
     def __init__(self, message: str, *, endpoint: str) -> None:
         self.endpoint = endpoint
         super().__init__(message)
+
+
+class CollectedWhileReading(CkptStoreError, LookupError):
+    """A garbage collector in another process kept removing what a read needed (the read
+    was started over from the refs each time): nothing is damaged; run it again. ``key``
+    names the last object found gone."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(message)
+
+    def __str__(self) -> str:  # LookupError would otherwise repr() the message
+        return self.args[0]
