@@ -20,6 +20,8 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── OutOfMemory ................... MemoryError   a checkout's buffers could not be allocated
     ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
     ├── UnsupportedFormat ............. ValueError    an object or store of an unknown format version
+    ├── InvalidCheckpoint ............. ValueError    a checkpoint file to import that is malformed (names the file)
+    ├── ExportBusy .................... another export is writing to the same path
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
     └── StorageError .................. OSError       the backend failed (the cause is chained)
         ├── ObjectNotFound ............ FileNotFoundError
@@ -223,3 +225,22 @@ class CollectedWhileReading(CkptStoreError, LookupError):
 
     def __str__(self) -> str:  # LookupError would otherwise repr() the message
         return self.args[0]
+
+
+class InvalidCheckpoint(CkptStoreError, ValueError):
+    """A checkpoint file or directory to import is malformed (a damaged safetensors header,
+    an index that disagrees with its shards, a FIFO where a file should be). ``path`` names
+    the file. Nothing was written to the store."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class ExportBusy(CkptStoreError):
+    """Another export (in this or another process) is writing to the same path; ``path``
+    names it. Nothing was written. Its lock is released when its holder ends, killed or not."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"another export is writing to {path}")
