@@ -16,6 +16,7 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── CollectorBusy ................. another garbage collector holds the store's lease
     ├── WriterExpired ................. TimeoutError  a commit's writer marker lapsed before it published
     ├── ClockSkew ..................... this machine's clock is far from the storage's
+    ├── SourceChanged ................. RuntimeError  a tensor's bytes changed while a commit read them
     ├── CollectedWhileReading ......... LookupError   a collector kept removing what a reader was reading
     ├── OutOfMemory ................... MemoryError   a checkout's buffers could not be allocated
     ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
@@ -134,6 +135,20 @@ class WriterExpired(CkptStoreError, TimeoutError):
     """A commit's writer marker was not renewed in time (the process paused, or the store
     could not be reached), so a garbage collector may have judged the writer dead and
     deleted what it reused. Nothing was published; committing again is safe."""
+
+
+class SourceChanged(CkptStoreError, RuntimeError):
+    """The bytes of a tensor being committed changed while the commit read them (another
+    thread wrote it during a blocking commit; a memory-mapped file being imported changed
+    underneath). Nothing was published, and nothing stored holds bytes other than its id
+    says. ``path`` names the tensor (or the blob's first one)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path or '<root>'}: its bytes changed while the commit read them; nothing was published "
+            "(commit with blocking=False to snapshot the state first, or do not write to it while committing)"
+        )
 
 
 class ClockSkew(CkptStoreError):
