@@ -2,36 +2,55 @@
 ``checkpoint-N`` folders, ``.pt`` files; reading them for a commit, and exporting a commit as
 a sharded safetensors directory.
 
-Reading memory-maps each file and builds tensors as views of the mapping, so committing a
-directory larger than RAM streams it: pages are read as the pipeline hashes them. Writing
-goes one shard at a time (only that shard's chunks are read), to a temp file in the target
-directory that is renamed into place. File names are ours (``model.safetensors``,
-``model-00001-of-00003.safetensors``); tensor names only ever go inside the files, so no
-name can make an export write outside its directory.
+Reading checks everything before a byte is stored: a malformed file (a safetensors header
+with a duplicate name, overlapping tensors or a hole between them, an index that disagrees
+with its shards, JSON that is not an object, not UTF-8 or nested too deeply, a FIFO or other
+non-regular file) raises :class:`InvalidCheckpoint` naming the file. Each safetensors file is
+memory-mapped once, copy-on-write, and its tensors are views of that one mapping (one file
+descriptor per file, not per tensor; each tensor still its own storage, so its own blob), so
+committing a directory larger than RAM streams it: pages are read as the pipeline hashes them.
+
+Symlinks: the checkpoint files read here (safetensors shards and their index, weights,
+``optimizer.pt`` and the other Trainer pickles, ``trainer_state.json``) may be symlinks, and
+are followed wherever they point, since a Hugging Face cache snapshot is a folder of symlinks
+into ``blobs/``. Nothing else in a folder is read.
+
+Writing takes a lock beside the target (:class:`ExportBusy` for a second export to it at the
+same time; a killed exporter's lock is taken over), writes every file to a temp file created
+exclusively with a random name in its directory, fsyncs it and renames it into place. A
+directory is built whole beside the target and then swapped in (:func:`write_directory`).
+File names are ours (``model.safetensors``, ``model-00001-of-00003.safetensors``); tensor
+names only ever go inside the files, so no name can make an export write outside its
+directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import mmap
 import os
 import re
+import shutil
+import stat
 import struct
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from .errors import IntegrityError, UnsupportedValue
+from .errors import ExportBusy, InvalidCheckpoint, UnsupportedValue
 
 log = logging.getLogger("ckptstore.shards")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+TRAINER_STATE_NAME = "trainer_state.json"
 #: Largest safetensors header we read (the format's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 DEFAULT_MAX_SHARD_SIZE_BYTES = 5 * 10**9
@@ -47,77 +66,204 @@ for _name, _dtype in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
+def open_checkpoint_file(path: str) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file or a symlink to one. Anything
+    else (a FIFO, a device, a directory) is :class:`InvalidCheckpoint`: it is opened
+    non-blocking and checked before a byte is read, so a FIFO cannot stall an import."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidCheckpoint(path, "is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key it has twice (``json`` keeps the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _invalid_text(value: Any) -> str | None:
+    """The first string in ``value`` (dict keys included) that is not valid Unicode (a lone
+    surrogate, which JSON's ``\\udcff`` escapes allow), or ``None``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _parse_json(path: str, data: bytes) -> Any:
+    """``data``, the contents of the file ``path``, as JSON: UTF-8, no key twice in one
+    object, every string valid Unicode. Anything else is :class:`InvalidCheckpoint` naming
+    ``path`` (never a raw decode or recursion error)."""
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise InvalidCheckpoint(path, "is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidCheckpoint(path, f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidCheckpoint(path, "holds JSON nested too deeply") from None
+    except _DuplicateKey as exc:
+        raise InvalidCheckpoint(path, f"has the key {exc.args[0]!r} twice in one object") from None
+    bad = _invalid_text(value)
+    if bad is not None:
+        raise InvalidCheckpoint(path, f"holds a string that is not valid Unicode: {bad!r}")
+    return value
+
+
+def _read_json_file(path: str) -> Any:
+    """The JSON document in the regular file ``path`` (see :func:`_parse_json`)."""
+    with open_checkpoint_file(path) as f:
+        return _parse_json(path, f.read())
+
+
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of one ``.safetensors`` file, each a copy-on-write memory map (nothing is
-    read until used), and its ``__metadata__``. A malformed file raises
-    :class:`IntegrityError` naming it."""
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    """The tensors of one ``.safetensors`` file, each a copy-on-write view of one memory map
+    of the file (nothing is read until used), and its ``__metadata__``. The file is checked
+    as the safetensors format requires: a JSON object header, no name twice, a
+    ``__metadata__`` of strings, and tensors that tile the data exactly (no overlap, no hole,
+    nothing after the last). A malformed file raises :class:`InvalidCheckpoint` naming it."""
+    with open_checkpoint_file(path) as f:
+        file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) != 8:
-            raise IntegrityError(f"safetensors file {path} is truncated")
+            raise InvalidCheckpoint(path, "is truncated: no header length")
         (header_size,) = struct.unpack("<Q", prefix)
         if header_size > min(MAX_HEADER_BYTES, file_size - 8):
-            raise IntegrityError(f"safetensors file {path} declares a {header_size}-byte header")
-        try:
-            header = json.loads(f.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IntegrityError(f"safetensors file {path} has a malformed header: {exc}") from None
-    if not isinstance(header, dict):
-        raise IntegrityError(f"safetensors file {path} has a malformed header")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_size
+            raise InvalidCheckpoint(path, f"declares a {header_size}-byte header")
+        header = _parse_json(path, f.read(header_size))
+        if not isinstance(header, dict):
+            raise InvalidCheckpoint(path, "has a header that is not a JSON object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise InvalidCheckpoint(path, "has a __metadata__ that is not an object of strings")
+        data_start = 8 + header_size
+        layout = _tensor_layout(path, header, file_size - data_start)
+        mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8) if file_size > data_start else None
     tensors = {}
+    for name, (dtype, shape, begin, end) in layout.items():
+        if begin == end:
+            try:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            except (RuntimeError, TypeError, ValueError):  # dimensions past int64
+                raise InvalidCheckpoint(path, f"tensor {name!r} has an impossible shape {shape}") from None
+            continue
+        # A view of the one map of the file, but its own torch storage (and so its own blob).
+        raw = torch.from_numpy(mapped[data_start + begin : data_start + end])  # type: ignore[index]
+        if (data_start + begin) % dtype.itemsize:
+            raw = raw.clone()  # unaligned: view() needs aligned bytes
+        tensors[name] = raw.view(dtype).reshape(shape)
+    return tensors, metadata
+
+
+def _tensor_layout(path: str, header: dict[str, Any], data_size: int) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """Each tensor's dtype, shape and byte range in the data, checked: well-formed entries
+    whose ranges tile ``[0, data_size)`` exactly (the safetensors format forbids overlaps,
+    holes and trailing bytes, which would let one file be read two ways)."""
+    layout = {}
     for name, info in header.items():
         try:
+            if not isinstance(info, dict):
+                raise TypeError
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(n) for n in info["shape"]]
-            begin, end = (int(n) for n in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError(f"safetensors file {path}: bad entry for tensor {name!r}") from None
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+                raise TypeError
+            if not all(type(n) is int and n >= 0 for n in (*shape, *offsets)):
+                raise TypeError
+        except (KeyError, TypeError):
+            raise InvalidCheckpoint(path, f"has a malformed entry for tensor {name!r}") from None
+        begin, end = offsets
         numel = 1
         for n in shape:
             numel *= n
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= file_size - data_start or end - begin != numel * itemsize:
-            raise IntegrityError(f"safetensors file {path}: tensor {name!r} does not fit its bytes")
-        if begin == end:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        # One copy-on-write map per tensor: each is its own storage (and its own blob).
-        raw = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=data_start + begin, shape=(end - begin,)))
-        if (data_start + begin) % itemsize:
-            raw = raw.clone()  # unaligned: view() needs aligned bytes
-        tensors[name] = raw.view(dtype).reshape(shape)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+        if end - begin != numel * dtype.itemsize:
+            raise InvalidCheckpoint(path, f"tensor {name!r} does not fit its bytes: {end - begin} bytes for {numel} {info['dtype']} values")
+        if end > data_size:
+            raise InvalidCheckpoint(path, f"tensor {name!r} ends at byte {end} of a {data_size}-byte data section (truncated?)")
+        layout[name] = (dtype, shape, begin, end)
+    covered, last = 0, None
+    for name, (_, _, begin, end) in sorted(layout.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin < covered:
+            raise InvalidCheckpoint(path, f"tensors {last!r} and {name!r} overlap (at byte {begin} of its data)")
+        if begin > covered:
+            raise InvalidCheckpoint(path, f"bytes {covered}..{begin} of its data belong to no tensor (a hole before {name!r})")
+        covered, last = end, name
+    if covered != data_size:
+        raise InvalidCheckpoint(path, f"bytes {covered}..{data_size} of its data belong to no tensor")
+    return layout
+
+
+def read_index(path: str) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name → shard file
+    name, each a plain name inside the index's directory."""
+    index = _read_json_file(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InvalidCheckpoint(path, "has no weight_map object")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InvalidCheckpoint(path, f"maps tensor {tensor!r} to {shard!r}, which is not a file name")
+        if shard in ("", ".", "..") or os.path.basename(shard) != shard:
+            raise InvalidCheckpoint(path, f"names shard {shard!r} outside its directory")
+    return weight_map
 
 
 def read_directory(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a Hugging Face style directory: the shards that
     ``model.safetensors.index.json`` names, or ``model.safetensors``, or every
-    ``*.safetensors`` file in it."""
+    ``*.safetensors`` file in it. With an index, the index and the shards must agree
+    exactly: a tensor the index lists that its shard lacks, or one a shard holds that the
+    index places elsewhere or does not list (a mix of two exports, say), is
+    :class:`InvalidCheckpoint`, as is a tensor in two files."""
     index_path = os.path.join(path, INDEX_NAME)
-    if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise IntegrityError(f"{index_path} is malformed: {exc}") from None
+    weight_map = read_index(index_path) if os.path.lexists(index_path) else None
+    if weight_map is not None:
         files = sorted(set(weight_map.values()))
-        for name in files:
-            if not isinstance(name, str) or os.path.basename(name) != name:
-                raise IntegrityError(f"{index_path} names shard {name!r} outside its directory")
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"no {INDEX_NAME} or *.safetensors file in {path}")
     out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
     for name in files:
-        tensors, _ = read_safetensors(os.path.join(path, name))
+        file = os.path.join(path, name)
+        tensors, _ = read_safetensors(file)
         for key, tensor in tensors.items():
+            if weight_map is not None and weight_map.get(key) != name:
+                where = f"places it in {weight_map[key]}" if key in weight_map else "does not list it"
+                raise InvalidCheckpoint(file, f"holds tensor {key!r}, but {INDEX_NAME} {where}")
             if key in out:
-                raise IntegrityError(f"tensor {key!r} appears in more than one shard of {path}")
-            out[key] = tensor
+                raise InvalidCheckpoint(file, f"holds tensor {key!r}, which {source[key]} holds too")
+            out[key], source[key] = tensor, name
+    missing = [key for key in weight_map or () if key not in out]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InvalidCheckpoint(index_path, f"lists tensor {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it{more}")  # type: ignore[index]
     return out
 
 
@@ -138,46 +284,62 @@ NUMPY_SAFE_GLOBALS = [
 
 def load_weights_only(path: str) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, plain containers and NumPy arrays
-    only, no code."""
+    only, no code. ``path`` must be a regular file (or a symlink to one); a file torch
+    cannot load so is :class:`InvalidCheckpoint` naming it."""
     allow_numpy = torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS) if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()
-    try:
-        with allow_numpy:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
-        raise IntegrityError(f"{path} cannot be loaded with weights_only=True: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    with open_checkpoint_file(path):  # checked first: torch would block on a FIFO
+        try:
+            with allow_numpy:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, RecursionError, ...
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise InvalidCheckpoint(path, f"cannot be loaded with weights_only=True: {type(exc).__name__}: {first_line}") from exc
+
+
+def read_trainer_state(path: str) -> tuple[dict[str, Any], int | None]:
+    """A Trainer's ``trainer_state.json`` and its ``global_step`` (``None`` if it has none).
+    Not a JSON object, or a ``global_step`` that is not a whole number (``true`` is not
+    one), is :class:`InvalidCheckpoint`."""
+    trainer_state = _read_json_file(path)
+    if not isinstance(trainer_state, dict):
+        raise InvalidCheckpoint(path, "is not a JSON object")
+    step = trainer_state.get("global_step")
+    if step is not None and (type(step) is not int or step < 0):
+        raise InvalidCheckpoint(path, f"has global_step {step!r}, which is not a whole number")
+    return trainer_state, step
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state, metadata)`` of a checkpoint on disk: a ``.safetensors`` file or a directory
     of them (``{"model": tensors}``), a Trainer ``checkpoint-N`` folder (``model``,
     ``optimizer``, ``scheduler``, ``rng_state``, ``trainer_state``; metadata ``step``), or a
-    ``.pt``/``.pth``/``.bin`` file (its dict as the state)."""
+    ``.pt``/``.pth``/``.bin`` file (its dict as the state). Reads only the checkpoint files
+    it names (symlinks to them are followed; see the module's notes); a malformed one is
+    :class:`InvalidCheckpoint` naming it, raised before anything is returned."""
     if os.path.isdir(path):
         state: dict[str, Any] = {}
         metadata: dict[str, Any] = {}
-        has_safetensors = os.path.exists(os.path.join(path, INDEX_NAME)) or any(f.endswith(".safetensors") for f in os.listdir(path))
+        has_safetensors = os.path.lexists(os.path.join(path, INDEX_NAME)) or any(f.endswith(".safetensors") for f in os.listdir(path))
         if has_safetensors:
             state["model"] = read_directory(path)
         else:
             for name in WEIGHT_FILES:
-                if os.path.exists(os.path.join(path, name)):
+                if os.path.lexists(os.path.join(path, name)):
                     state["model"] = load_weights_only(os.path.join(path, name))
         for name, component in TRAINER_FILES.items():
-            if os.path.exists(os.path.join(path, name)):
+            if os.path.lexists(os.path.join(path, name)):
                 state[component] = load_weights_only(os.path.join(path, name))
-        trainer_state = os.path.join(path, "trainer_state.json")
-        if os.path.exists(trainer_state):
-            with open(trainer_state, encoding="utf-8") as f:
-                state["trainer_state"] = json.load(f)
-            step = state["trainer_state"].get("global_step")
-            if isinstance(step, int):
+        trainer_state = os.path.join(path, TRAINER_STATE_NAME)
+        if os.path.lexists(trainer_state):
+            state["trainer_state"], step = read_trainer_state(trainer_state)
+            if step is not None:
                 metadata["step"] = step
         if not state:
             raise FileNotFoundError(f"{path} holds no safetensors, pytorch_model.bin or Trainer checkpoint files")
         return state, metadata
     if path.endswith(".safetensors"):
         return {"model": read_safetensors(path)[0]}, {}
-    if os.path.isfile(path):
+    if os.path.lexists(path):
         loaded = load_weights_only(path)
         return (loaded if isinstance(loaded, dict) and all(isinstance(k, str) for k in loaded) else {"model": loaded}), {}
     raise FileNotFoundError(f"no checkpoint at {path}")
@@ -226,10 +388,116 @@ def write_directory(
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[str]:
-    """Write ``shards`` into ``directory`` as ``model.safetensors`` (one shard) or numbered
-    shards plus ``model.safetensors.index.json``; ``read_shard`` returns one shard's tensors
-    by name. Each file appears whole or not at all. Returns the file names written."""
-    os.makedirs(directory, exist_ok=True)
+    """Write ``shards`` as the Hugging Face style directory ``directory``:
+    ``model.safetensors`` (one shard) or numbered shards plus
+    ``model.safetensors.index.json``; ``read_shard`` returns one shard's tensors by name.
+    Returns the file names written.
+
+    Atomic: the files are written into a new folder beside ``directory``, which then takes
+    its place, so ``directory`` holds one export whole, never a mix of two; an export that
+    fails or is killed leaves it as it was (a kill in the instant between the two renames of
+    the swap leaves it missing, and the next export puts it back). An export owns only its
+    own file names (``model.safetensors``, the index, ``model-NNNNN-of-NNNNN.safetensors``):
+    every other entry of ``directory`` (``config.json``, a README, subfolders) is kept,
+    hard-linked into the new folder before the swap; one added during the export is left in
+    a ``.NAME.export-old-*`` folder beside it, with a warning. A ``directory`` that is a
+    symlink exports into the folder it points to. A second export to ``directory`` while one
+    runs raises :class:`ExportBusy`."""
+    target = os.path.realpath(directory)
+    parent, name = os.path.split(target)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"cannot export into {directory}: it is not a directory")
+    os.makedirs(parent, exist_ok=True)
+    with export_lock(target):
+        _recover_interrupted(target)
+        staging = os.path.join(parent, f".{name}.export-new-{uuid.uuid4().hex}")
+        os.mkdir(staging, 0o777)
+        try:
+            names = _write_shards(staging, shards, read_shard, metadata, progress)
+            if os.path.isdir(target):
+                shutil.copymode(target, staging)
+                _link_entries(target, staging, top=True)
+            _fsync_directory(staging)
+            _swap_in(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # our files, and links to files still in target
+            raise
+    return names
+
+
+def write_file(
+    path: str,
+    tensors: list[ExportedTensor],
+    read_tensors: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[str]:
+    """Write ``tensors`` as one safetensors file at ``path``, whole or not at all, under the
+    export lock of ``path`` (:class:`ExportBusy` if another export is writing it)."""
+    with export_lock(os.path.abspath(path)):
+        _write_safetensors(path, tensors, read_tensors(tensors), metadata)
+    if progress is not None:
+        total = sum(t.nbytes for t in tensors)
+        progress("export", total, total)
+    return [path]
+
+
+def write_torch_file(path: str, state: Any) -> list[str]:
+    """Write ``state`` with ``torch.save`` as the file ``path``, whole or not at all, under
+    the export lock of ``path`` (:class:`ExportBusy` if another export is writing it)."""
+    with export_lock(os.path.abspath(path)):
+        _write_atomically(path, lambda f: torch.save(state, f))
+    return [path]
+
+
+_EXPORT_FILE = re.compile(r"model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors|\.export-[0-9a-f]{32}\.tmp")
+
+
+def is_export_file(name: str) -> bool:
+    """Whether ``name`` is a file name an export writes into a directory (and so replaces),
+    or the temp file of one that was killed."""
+    return _EXPORT_FILE.fullmatch(name) is not None
+
+
+@contextlib.contextmanager
+def export_lock(target: str) -> Iterator[None]:
+    """Hold the export lock of ``target`` (an absolute path) for the block: the file
+    ``.NAME.export-lock`` beside it, ``flock``-ed while held. Another export of ``target``
+    meanwhile raises :class:`ExportBusy` at once. The kernel drops the flock of a holder
+    that dies, so a lock file a killed exporter left is taken over at once (no pid or clock
+    is consulted)."""
+    parent, name = os.path.split(target)
+    lock = os.path.join(parent, f".{name}.export-lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ExportBusy(target) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed this lock file as we opened it: take a fresh one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # while still flock-ed: an exporter that opened it sees it gone
+        finally:
+            os.close(fd)
+
+
+def _write_shards(
+    directory: str,
+    shards: list[list[ExportedTensor]],
+    read_shard: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> list[str]:
     count = len(shards)
     names = [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     weight_map: dict[str, str] = {}
@@ -243,31 +511,103 @@ def write_directory(
             progress("export", done, total)
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_atomically(os.path.join(directory, INDEX_NAME), [json.dumps(index, indent=2).encode()])
+        encoded = json.dumps(index, indent=2).encode()
+        _write_atomically(os.path.join(directory, INDEX_NAME), lambda f: f.write(encoded))
         names.append(INDEX_NAME)
-    for stale in os.listdir(directory):  # shards and index of an earlier export
-        if stale not in names and (stale in (SINGLE_NAME, INDEX_NAME) or _SHARD_NAME.fullmatch(stale)):
-            os.unlink(os.path.join(directory, stale))
     return names
 
 
-def write_file(
-    path: str,
-    tensors: list[ExportedTensor],
-    read_tensors: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
-    *,
-    metadata: Mapping[str, str] | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> list[str]:
-    """Write ``tensors`` as one safetensors file at ``path`` (appears whole or not at all)."""
-    _write_safetensors(path, tensors, read_tensors(tensors), metadata)
-    if progress is not None:
-        total = sum(t.nbytes for t in tensors)
-        progress("export", total, total)
-    return [path]
+def _link_entries(source: str, destination: str, *, top: bool) -> None:
+    """Hard-link every entry of ``source`` into ``destination`` (symlinks as themselves,
+    subfolders as new folders of the same mode, filled alike), except, at the top, an
+    export's own files."""
+    with os.scandir(source) as entries:
+        for entry in entries:
+            into = os.path.join(destination, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                os.mkdir(into)
+                shutil.copymode(entry.path, into)
+                _link_entries(entry.path, into, top=False)
+                _fsync_directory(into)
+            elif not (top and is_export_file(entry.name)):
+                os.link(entry.path, into, follow_symlinks=False)
 
 
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+def _swap_in(staging: str, target: str) -> None:
+    """Put the folder ``staging`` at ``target``: renamed there, or, if ``target`` exists,
+    renamed there after ``target`` is renamed aside, which is then emptied of what the new
+    folder holds (the same files) and of the export's own files, and removed."""
+    parent, name = os.path.split(target)
+    if not os.path.isdir(target):
+        os.rename(staging, target)
+        _fsync_directory(parent)
+        return
+    old = os.path.join(parent, f".{name}.export-old-{uuid.uuid4().hex}")
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _fsync_directory(parent)
+    _remove_replaced(old, target)
+
+
+def _recover_interrupted(target: str) -> None:
+    """Clean up after an export of ``target`` that was killed (called under its lock): put
+    the old folder back if it was killed between the two renames of a swap, remove its
+    half-written folders, and finish emptying an old folder a swap left."""
+    parent, name = os.path.split(target)
+    ours = re.compile(rf"\.{re.escape(name)}\.export-(new|old)-[0-9a-f]{{32}}")
+    found: dict[str, list[str]] = {"new": [], "old": []}
+    for entry in sorted(os.listdir(parent)):
+        match = ours.fullmatch(entry)
+        if match:
+            found[match[1]].append(os.path.join(parent, entry))
+    if found["new"] and found["old"] and not os.path.lexists(target):
+        os.rename(found["old"].pop(), target)
+        log.warning("%s: put back the folder an interrupted export had moved aside", target)
+    for staging in found["new"]:
+        shutil.rmtree(staging, ignore_errors=True)  # our files, and links to files kept elsewhere
+    if os.path.isdir(target):
+        for old in found["old"]:
+            _remove_replaced(old, target)
+
+
+def _remove_replaced(old: str, new: str) -> None:
+    """Empty and remove the folder ``old`` that ``new`` replaced: unlink the export's own
+    files and every entry that is the very file ``new`` holds at the same place; keep (with a
+    warning) anything else, something added to ``old`` while the export ran."""
+    try:
+        if _remove_entries(old, new, top=True):
+            return
+        log.warning("%s: entries added while it was exported were kept in %s", new, old)
+    except OSError as exc:
+        log.warning("%s: could not remove the folder it replaced, %s: %s", new, old, exc)
+
+
+def _remove_entries(old: str, new: str, *, top: bool) -> bool:
+    kept = False
+    with os.scandir(old) as entries:
+        for entry in entries:
+            twin = os.path.join(new, entry.name)
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if is_dir and os.path.isdir(twin) and not os.path.islink(twin):
+                kept |= not _remove_entries(entry.path, twin, top=False)
+            elif not is_dir and ((top and is_export_file(entry.name)) or _same_file(entry, twin)):
+                os.unlink(entry.path)
+            else:
+                kept = True
+    if not kept:
+        os.rmdir(old)
+    return not kept
+
+
+def _same_file(entry: os.DirEntry, path: str) -> bool:
+    try:
+        return os.path.samestat(entry.stat(follow_symlinks=False), os.lstat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
@@ -278,7 +618,7 @@ def _write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[
         offset += t.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    _write_atomically(path, _safetensors_parts(encoded, shard, tensors))
+    _write_atomically(path, lambda f: f.writelines(_safetensors_parts(encoded, shard, tensors)))
 
 
 def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor]) -> Iterable[bytes | memoryview]:
@@ -290,16 +630,30 @@ def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapp
             yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _write_atomically(path: str, parts: Iterable[bytes | memoryview]) -> None:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{uuid.uuid4().hex}")
+def _write_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Write the file ``path`` whole or not at all, the one way every export writes: ``write``
+    fills a temp file created exclusively (``O_EXCL``, so never through a planted symlink)
+    under a random name in the same directory; it is fsync'd and renamed over ``path``, and
+    the directory fsync'd."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".export-{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, "xb") as f:
-            for part in parts:
-                f.write(part)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.errors import IntegrityError
+from ckptstore.errors import InvalidCheckpoint
 from ckptstore.formats import read_safetensors
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -103,11 +103,11 @@ def test_import_maps_files_instead_of_reading_them(tmp_path):
     ],
     ids=["short-prefix", "huge-header", "bad-json", "truncated-data"],
 )
-def test_malformed_safetensors_is_an_integrity_error_naming_the_file(tmp_path, corrupt):
+def test_malformed_safetensors_is_invalid_checkpoint_naming_the_file(tmp_path, corrupt):
     path = tmp_path / "m.safetensors"
     safetensors_torch.save_file({"w": torch.randn(64)}, str(path))
     path.write_bytes(corrupt(path.read_bytes()))
-    with pytest.raises(IntegrityError, match="m.safetensors"):
+    with pytest.raises(InvalidCheckpoint, match="m.safetensors"):
         read_safetensors(str(path))
 
 
