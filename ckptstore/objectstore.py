@@ -20,10 +20,16 @@ The contract (every backend passes one shared test suite, ``tests/test_objectsto
     Every key under ``prefix``, sorted.
 ``list_info(prefix)``
     The same keys as :class:`ObjectInfo` (size and last-modified time), for GC and ``du``.
+``info(key)``
+    One object's :class:`ObjectInfo`.
+``clock_s()``
+    The storage's clock: the time its modification times are stamped with (seconds since
+    the epoch). Liveness and ages are judged on it, never on a process's own clock.
 ``delete_many(keys)``
     ``delete`` of each key, batched where the backend can (S3: 1,000 per request).
 ``remove_abandoned_uploads(older_than_s)``
-    Remove what crashed writers left half-written (local temp files) older than this.
+    Remove what crashed writers left half-written (local temp files) older than this, under
+    the store's own key prefixes only.
 ``get_versioned(key) -> (data, version)``, ``put_if_version(key, data, version=...)``,
 ``delete_if_version(key, version=...)``
     Compare-and-swap for mutable objects (refs). ``version=None`` means "only if absent".
@@ -51,6 +57,7 @@ bytes (or, for a compare-and-delete, the object gone) succeeds.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
 import fcntl
 import io
@@ -71,6 +78,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from .errors import (
     CkptStoreError,
+    ConditionalWritesUnsupported,
     ObjectNotFound,
     PreconditionFailed,
     StorageError,
@@ -85,6 +93,8 @@ Buffer = Union[bytes, bytearray, memoryview]
 Data = Union[Buffer, Sequence[Buffer]]
 
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
+#: The local backend's temp files (``_write_temp``): the only hidden files it ever removes.
+_TEMP_NAME_RE = re.compile(r"\.tmp-[0-9a-f]{32}")
 
 
 def _parts(data: Data) -> list[memoryview]:
@@ -156,14 +166,22 @@ class ObjectStore(ABC):
     @abstractmethod
     def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
 
+    @abstractmethod
+    def info(self, key: str) -> ObjectInfo: ...
+
+    def clock_s(self) -> float:
+        """The storage's clock (seconds since the epoch), which its modification times use."""
+        return time.time()
+
     def delete_many(self, keys: Iterable[str]) -> None:
         """Delete every key in ``keys``. Idempotent."""
         for key in keys:
             self.delete(key)
 
-    def remove_abandoned_uploads(self, *, older_than_s: float) -> int:
-        """Remove partial writes left by crashed writers, older than ``older_than_s``.
-        Returns how many were removed."""
+    def remove_abandoned_uploads(self, *, older_than_s: float, prefixes: Iterable[str]) -> int:
+        """Remove partial writes left by crashed writers, older than ``older_than_s``, under
+        ``prefixes`` (and at the top of the store). Nothing else is touched: a store's
+        directory may hold other files. Returns how many were removed."""
         return 0
 
     @abstractmethod
@@ -608,15 +626,50 @@ class LocalObjectStore(ObjectStore):
 
         return self._retrying(prefix, "list", attempt)
 
-    def remove_abandoned_uploads(self, *, older_than_s: float) -> int:
-        """Remove ``.tmp-*`` files older than ``older_than_s`` (lock files are the lock
-        protocol's business)."""
-        cutoff = time.time() - older_than_s
+    def info(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+
+        def attempt(retry: bool) -> ObjectInfo:
+            try:
+                st = os.stat(path)
+            except NotADirectoryError as exc:
+                raise FileNotFoundError(path) from exc
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(path)
+            return ObjectInfo(key, st.st_size, st.st_mtime)
+
+        return self._retrying(key, "stat", attempt)
+
+    def clock_s(self) -> float:
+        """The time the file system stamps files with now (the kernel's, or a network file
+        server's): the modification time of a probe file, created and removed at once. A
+        store that cannot be written (a read-only mount) answers with this machine's clock."""
+        probe = os.path.join(self.root, f".clock-{uuid.uuid4().hex}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError:
+            return time.time()
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+
+    def remove_abandoned_uploads(self, *, older_than_s: float, prefixes: Iterable[str]) -> int:
+        """Remove this store's temp files (``.tmp-`` and 32 hex digits) older than
+        ``older_than_s``, under ``prefixes`` and at the top of the store; lock files are the
+        lock protocol's business, and other files (another store nested in this directory,
+        a user's) are never touched."""
+        cutoff = self.clock_s() - older_than_s
+        prefixes = list(prefixes)
 
         def attempt(retry: bool) -> int:
             removed = 0
-            for _key, path in self._walk("", hidden=True):
-                if not os.path.basename(path).startswith(".tmp-"):
+            top = [(name, os.path.join(self.root, name)) for name, descend in self._retry_call(lambda: _list_dir(self.root)) if descend is False]
+            below = [found for prefix in prefixes for found in self._walk(prefix, hidden=True)]
+            for _key, path in top + below:
+                if not _TEMP_NAME_RE.fullmatch(os.path.basename(path)):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     if self._retry_call(lambda p=path: os.stat(p)).st_mtime < cutoff:
@@ -844,6 +897,17 @@ class _FsspecObjectStore(ObjectStore):
         with contextlib.suppress(ObjectNotFound), _translated(key, "delete"):
             self._fs.rm_file(path)
 
+    def info(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+
+        def stat_object() -> ObjectInfo:
+            info = self._fs.info(path)
+            if info["type"] != "file":  # a prefix of other keys is no object
+                raise FileNotFoundError(path)
+            return ObjectInfo(key, int(info["size"]), _modified_s(info))
+
+        return self._attempts(key, "stat", stat_object)
+
     def list(self, prefix: str = "") -> list[str]:
         return [info.key for info in self.list_info(prefix)]
 
@@ -954,6 +1018,11 @@ class S3ObjectStore(_FsspecObjectStore):
     #: Pipeline threads by default: S3 answers each request after a round trip of tens of
     #: milliseconds, so throughput comes from many requests at once, not from cores.
     requests_in_flight = 32
+    #: Bounds on one attempt of a request (botocore's defaults are 60 s each): with 5
+    #: attempts, a stalled endpoint fails a request in about 2 minutes rather than 10.
+    #: ``storage_options={"config_kwargs": {"read_timeout": ...}}`` overrides them.
+    connect_timeout_s = 5.0
+    read_timeout_s = 20.0
 
     def __init__(self, bucket_and_prefix: str, storage_options: Mapping[str, Any], *, part_size_bytes: int = 8 << 20) -> None:
         import s3fs  # imported here so that local use never pays for botocore
@@ -967,23 +1036,60 @@ class S3ObjectStore(_FsspecObjectStore):
         config = dict(storage_options.get("config_kwargs") or {})
         config.setdefault("retries", {"mode": "standard", "total_max_attempts": 5})
         config.setdefault("max_pool_connections", self.max_connections)
+        config.setdefault("connect_timeout", self.connect_timeout_s)
+        config.setdefault("read_timeout", self.read_timeout_s)
         options = {"use_listings_cache": False, "skip_instance_cache": True, **storage_options, "config_kwargs": config}
         fs = s3fs.S3FileSystem(**options)
         fs.retries = 1  # this instance only (skip_instance_cache): botocore retries instead
         root = bucket_and_prefix.strip("/")
         self.part_size_bytes = part_size_bytes
+        #: The S3 endpoint (``client_kwargs.endpoint_url``, else AWS's) and bucket: what a
+        #: check of conditional writes holds for. Safe to show.
+        self.endpoint = f"{(storage_options.get('client_kwargs') or {}).get('endpoint_url') or 'https://s3.amazonaws.com'}/{root.split('/', 1)[0]}"
         super().__init__(fs, root, f"s3://{root}")
 
-    def remove_abandoned_uploads(self, *, older_than_s: float) -> int:
-        """Abort multipart uploads under the prefix started more than ``older_than_s`` ago
-        (left by writers that died mid-upload; S3 keeps and bills their parts)."""
+    def check_conditional_writes(self) -> None:
+        """Raise :class:`ConditionalWritesUnsupported` if the endpoint ignores
+        ``If-None-Match: *`` or ``If-Match`` (older MinIO, some gateways): without them two
+        writers silently overwrite each other's refs. Writes, checks and removes one probe
+        object, ``locks/probe-<random>``."""
+        key = f"locks/probe-{uuid.uuid4().hex}"
+        try:
+            self.put_if_absent(key, b"first")
+            ignored = []
+            if self.put_if_absent(key, b"second"):
+                ignored.append("If-None-Match: *")
+            _, version = self.get_versioned(key)
+            try:
+                self.put_if_version(key, b"third", version='"00000000000000000000000000000000"' if version != '"00000000000000000000000000000000"' else '"1"')
+                ignored.append("If-Match")
+            except PreconditionFailed:
+                pass
+        finally:
+            with contextlib.suppress(CkptStoreError):
+                self.delete(key)
+        if ignored:
+            raise ConditionalWritesUnsupported(
+                f"the S3 endpoint {self.endpoint} ignores conditional writes ({' and '.join(ignored)}): "
+                "concurrent writers would silently lose commits there. Use an endpoint that supports them "
+                "(AWS S3, current MinIO), or, if only one process at a time ever writes to this store, "
+                "open it with single_writer=True (ckpt --single-writer)",
+                endpoint=self.endpoint,
+            )
+
+    def remove_abandoned_uploads(self, *, older_than_s: float, prefixes: Iterable[str]) -> int:
+        """Abort multipart uploads under the store's ``prefixes`` started more than
+        ``older_than_s`` ago (left by writers that died mid-upload; S3 keeps and bills their
+        parts)."""
         bucket, prefix, _ = self._fs.split_path(self._root + "/")
-        cutoff = time.time() - older_than_s
+        store_prefix = prefix.rstrip("/") + "/"
+        owned = tuple(store_prefix + p for p in prefixes)
+        cutoff = self.clock_s() - older_than_s
         removed = 0
         with _translated("", "list the multipart uploads of"):
-            response = self._fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+            response = self._fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=store_prefix)
             for upload in response.get("Uploads", []):
-                if _modified_s({"LastModified": upload["Initiated"]}) < cutoff:
+                if upload["Key"].startswith(owned) and _modified_s({"LastModified": upload["Initiated"]}) < cutoff:
                     self._fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                     removed += 1
         return removed
@@ -995,12 +1101,27 @@ class S3ObjectStore(_FsspecObjectStore):
 
     def exists(self, key: str) -> bool:
         """One HEAD (s3fs's ``info`` also lists the prefix when the key is missing)."""
-        bucket, object_key, _ = self._fs.split_path(self._path(key))
         try:
-            self._attempts(key, "stat", lambda: self._fs.call_s3("head_object", Bucket=bucket, Key=object_key))
+            self.info(key)
         except ObjectNotFound:
             return False
         return True
+
+    def info(self, key: str) -> ObjectInfo:
+        """One HEAD."""
+        bucket, object_key, _ = self._fs.split_path(self._path(key))
+        head = self._attempts(key, "stat", lambda: self._fs.call_s3("head_object", Bucket=bucket, Key=object_key))
+        return ObjectInfo(key, int(head["ContentLength"]), _modified_s(head))
+
+    def clock_s(self) -> float:
+        """The ``Date`` of S3's answer to a HEAD of the bucket (S3 stamps ``LastModified``
+        with the same clock; both to the second, so the middle of that second)."""
+        bucket, _, _ = self._fs.split_path(self._root + "/")
+        response = self._attempts("", "read the clock of", lambda: self._fs.call_s3("head_bucket", Bucket=bucket))
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            return time.time()
+        return email.utils.parsedate_to_datetime(date).timestamp() + 0.5
 
     def put_if_absent(self, key: str, data: Data) -> bool:
         """Create-only: ``If-None-Match: *`` (multipart above two parts, completed the same

@@ -534,6 +534,22 @@ def test_reader_reads_the_object_into_a_buffer(store):
 # -- list_info, delete_many, abandoned uploads (every backend) ------------------------------
 
 
+def test_info_and_clock(store):
+    """``info`` gives one object's size and modification time, stamped by the clock that
+    ``clock_s`` reads (the storage's, not necessarily this process's)."""
+    before = store.clock_s()
+    store.put_if_absent("locks/writers/one", b"12345")
+    info = store.info("locks/writers/one")
+    after = store.clock_s()
+    assert info.key == "locks/writers/one" and info.size_bytes == 5
+    assert before - 2 <= info.modified_s <= after + 2  # S3 stamps to the second
+    assert abs(after - time.time()) < 5
+    with pytest.raises(ObjectNotFound):
+        store.info("locks/writers/missing")
+    with pytest.raises(ObjectNotFound):
+        store.info("locks/writers")  # a prefix is no object
+
+
 def test_list_info_and_delete_many(store):
     store.put_if_absent("chunks/aa/one", b"12345")
     store.put_if_absent("chunks/bb/two", b"1")
@@ -549,12 +565,32 @@ def test_list_info_and_delete_many(store):
 def test_remove_abandoned_uploads_spares_young_temp_files(local_store):
     directory = Path(local_store.root) / "chunks"
     directory.mkdir()
-    old, young = directory / ".tmp-old", directory / ".tmp-young"
+    old, young = directory / f".tmp-{'a' * 32}", directory / f".tmp-{'b' * 32}"
     old.write_bytes(b"x")
     young.write_bytes(b"y")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    assert local_store.remove_abandoned_uploads(older_than_s=3600) == 1
+    assert local_store.remove_abandoned_uploads(older_than_s=3600, prefixes=["chunks/"]) == 1
     assert not old.exists() and young.exists()
+
+
+def test_remove_abandoned_uploads_touches_only_the_stores_own_temp_files(local_store):
+    """Temp files are removed under the given prefixes and at the top of the store, and only
+    names the store makes: another store nested in the directory, and a user's files, are
+    never touched (issue 17, item 11)."""
+    root = Path(local_store.root)
+    ours = [root / f".tmp-{'c' * 32}", root / "chunks" / "ab" / f".tmp-{'d' * 32}"]
+    theirs = [
+        root / "nested" / "chunks" / "ab" / f".tmp-{'e' * 32}",  # another store inside this one
+        root / "notes" / f".tmp-{'f' * 32}",  # a user's directory
+        root / "chunks" / ".tmp-draft",  # not a name the store makes
+        root / ".tmp-mine",
+    ]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    assert local_store.remove_abandoned_uploads(older_than_s=3600, prefixes=["chunks/", "manifests/"]) == 2
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
 
 
 # -- S3 specifics: multipart, abandoned uploads, one layer of retries ----------------------
@@ -583,11 +619,12 @@ def test_s3_abandoned_multipart_uploads_are_aborted(s3_url):
     client = boto3.client("s3", region_name="us-east-1", aws_access_key_id=options["key"], aws_secret_access_key=options["secret"], **options["client_kwargs"])
     client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/chunks/aa/half-written")
     client.create_multipart_upload(Bucket=bucket, Key="elsewhere/not-ours")
+    client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/nested/chunks/aa/another-stores")
     store = S3ObjectStore(url[len("s3://") :], options)
     # (moto reports a fixed 2010 start time for every upload, so age cannot be tested here)
-    assert store.remove_abandoned_uploads(older_than_s=1) == 1
-    left = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-    assert left == ["elsewhere/not-ours"]
+    assert store.remove_abandoned_uploads(older_than_s=1, prefixes=["chunks/", "manifests/"]) == 1
+    left = sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    assert left == sorted(["elsewhere/not-ours", f"{prefix}/nested/chunks/aa/another-stores"])
 
 
 @pytest.mark.s3
