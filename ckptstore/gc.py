@@ -28,6 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,22 +46,27 @@ from .errors import (
     UnsupportedFormat,
 )
 from .ids import is_full_id
-from .lease import CollectorLease, writers
+from .lease import DEFAULT_LEASE_TTL_S, LEGACY_RECORD_TTL_S, CollectorLease, remove_dead_writers, storage_now, writers
 from .manifest import Manifest, path_under
 from .objectstore import ObjectInfo, ObjectStore
-from .pipeline import Progress, chunk_key
+from .pipeline import ChunkReader, Progress, chunk_key
 from .refs import RefKind, RefStore
 from .retention import CommitInfo, Retention, policy_for
 
 log = logging.getLogger("ckptstore.gc")
 
 DEFAULT_GRACE_PERIOD_S = 3600.0
-#: How long a writer's marker protects a commit in progress (a commit must finish within it).
-DEFAULT_WRITER_TIMEOUT_S = 3600.0
+#: How long the marker of a writer from before markers carried a ttl of their own (ckptstore
+#: 0.1) protects its commit; and the age past which temp files are abandoned uploads.
+DEFAULT_WRITER_TIMEOUT_S = LEGACY_RECORD_TTL_S
 
 #: Prefixes of the objects GC may delete, in deletion order (the reverse of write order).
+#: Chunks go in descending order of their delta chain's length, so that a delta is always
+#: deleted before its bases.
 DELETION_ORDER = ("commits/", "shallow/", "demotions/", "manifests/", "chunks/")
-
+#: Every prefix the store's objects live under; GC touches nothing else (a store's
+#: directory may hold other files, or another store).
+STORE_PREFIXES = ("chunks/", "manifests/", "commits/", "refs/", "demotions/", "shallow/", "locks/")
 
 
 def commit_key(commit_id: str) -> str:
@@ -194,30 +200,45 @@ class Repository(Protocol):
 def manifest_chunks(repo: Repository, commit: Commit) -> dict[str, int]:
     """Chunk id → raw size for every chunk a commit's manifest uses, delta bases included. From the
     manifest itself (verified against its id), never from the catalog: a damaged catalog
-    must not make GC delete what a commit needs. A manifest is named by its content, so
-    the answer for an id never changes: recent answers are remembered (any store)."""
+    must not make GC delete what a commit needs."""
+    return _chunk_table(repo, commit)[0]
+
+
+def manifest_chains(repo: Repository, commit: Commit) -> dict[str, tuple[str, ...]]:
+    """Chunk id → its delta chain (bases, nearest first) for every chunk a commit's manifest
+    uses, bases included (see :meth:`Manifest.chunk_chains`)."""
+    return _chunk_table(repo, commit)[1]
+
+
+def _chunk_table(repo: Repository, commit: Commit) -> tuple[dict[str, int], dict[str, tuple[str, ...]]]:
+    """A manifest's chunk sizes and chains. A manifest is named by its content, so the answer
+    for an id never changes: recent answers are remembered (any store)."""
     manifest_id = commit.manifest
-    with _CHUNK_SIZES_LOCK:
-        if manifest_id in _CHUNK_SIZES:
-            _CHUNK_SIZES.move_to_end(manifest_id)
-            return _CHUNK_SIZES[manifest_id]
-    chunks = repo.manifest_of(commit).chunk_sizes()
-    with _CHUNK_SIZES_LOCK:
-        _CHUNK_SIZES[manifest_id] = chunks
-        while len(_CHUNK_SIZES) > 256:
-            _CHUNK_SIZES.popitem(last=False)
-    return chunks
+    with _CHUNK_TABLES_LOCK:
+        if manifest_id in _CHUNK_TABLES:
+            _CHUNK_TABLES.move_to_end(manifest_id)
+            return _CHUNK_TABLES[manifest_id]
+    manifest = repo.manifest_of(commit)
+    table = (manifest.chunk_sizes(), manifest.chunk_chains())
+    with _CHUNK_TABLES_LOCK:
+        _CHUNK_TABLES[manifest_id] = table
+        while len(_CHUNK_TABLES) > 256:
+            _CHUNK_TABLES.popitem(last=False)
+    return table
 
 
-_CHUNK_SIZES: OrderedDict[str, dict[str, int]] = OrderedDict()
-_CHUNK_SIZES_LOCK = threading.Lock()
+_CHUNK_TABLES: OrderedDict[str, tuple[dict[str, int], dict[str, tuple[str, ...]]]] = OrderedDict()
+_CHUNK_TABLES_LOCK = threading.Lock()
 
 
 def kept_chunks(manifest: Manifest, dropped: Iterable[str]) -> set[str]:
     """The chunks a manifest still needs once the components under ``dropped`` are gone (a
-    blob stays if any tensor outside them uses it), delta bases included."""
+    blob stays if any tensor uses it at a key path outside them), delta bases included."""
     dropped = tuple(dropped)
-    needed_blobs = {e.blob for e in manifest.tensors if not any(path_under(e.path, p) for p in dropped)}
+    needed_blobs = {
+        e.blob for e, paths in zip(manifest.tensors, manifest.key_paths)
+        if any(not any(path_under(path, p) for p in dropped) for path in paths)  # a kept path holds it
+    }  # fmt: skip
     return set(manifest.chunk_sizes(needed_blobs))
 
 
@@ -282,13 +303,15 @@ class _Snapshot:
     needed: set[str]
     parents: dict[str, list[str]]
     kept: set[str]
+    #: Object key → the order it may be deleted in (kind, then longest delta chain first).
+    rank: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s: float | None = None) -> tuple[GcPlan, _Snapshot]:
     """Work out a collection without writing anything. Without a retention policy every
     commit a branch or tag reaches is kept; with one, a tag keeps its own commit only."""
     objects = repo.objects
-    now_s = time.time() if now_s is None else now_s
+    now_s = objects.clock_s() if now_s is None else now_s  # the clock the store stamps ages with
     cutoff_s = now_s - grace_period_s
     result = GcPlan(grace_period_s=grace_period_s)
     # Refs first: a ref moves only after its commit is stored, so the listing holds every target.
@@ -376,10 +399,20 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
             needed.add(shallow_key(cid))
     needed.update(commit_key(cid) for cid in result.unreadable_commits)
 
+    # An object that stays has every object it needs: a young delta keeps its bases.
+    chains = _chunk_chains(repo, commits, [key for key in listing if key.startswith("chunks/")])
+    for key, info in listing.items():
+        if key.startswith("chunks/") and (key in needed or info.modified_s >= cutoff_s):
+            needed.update(chunk_key(base) for base in chains.get(key.rsplit("/", 1)[-1], ()))
+
     result.kept_commits = sorted(kept)
     result.removed_commits = sorted(set(commits) - kept)
     result.demoted_commits = demoted
     order = {prefix: i for i, prefix in enumerate(DELETION_ORDER)}
+    rank = {
+        key: (order[key.split("/", 1)[0] + "/"], -len(chains.get(key.rsplit("/", 1)[-1], ())) if key.startswith("chunks/") else 0)
+        for key in listing
+    }
     for key, info in listing.items():
         if key in needed:
             continue
@@ -387,8 +420,36 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
             result.young_objects += 1
         else:
             result.deletions.append(info)
-    result.deletions.sort(key=lambda info: (order[info.key.split("/", 1)[0] + "/"], info.key))
-    return result, _Snapshot(listing, commits, needed, parents, kept)
+    result.deletions.sort(key=lambda info: (rank[info.key], info.key))
+    return result, _Snapshot(listing, commits, needed, parents, kept, rank)
+
+
+def _chunk_chains(repo: Repository, commits: dict[str, Commit], chunk_keys: list[str]) -> dict[str, tuple[str, ...]]:
+    """The delta chain of every listed chunk: from the manifests of the stored commits, else
+    (a chunk no readable manifest names: left by a killed commit, or by a killed collection
+    that already removed its manifest) from the chunk's own header."""
+    chains: dict[str, tuple[str, ...]] = {}
+    for commit in commits.values():
+        try:
+            chains.update(manifest_chains(repo, commit))
+        except (IntegrityError, UnsupportedFormat) as exc:
+            log.warning("commit %s: manifest unreadable (%s); its chunks' chains are read from the chunks", commit.id, exc)
+    unknown = [key.rsplit("/", 1)[-1] for key in chunk_keys if key.rsplit("/", 1)[-1] not in chains]
+    if unknown:
+        reader = ChunkReader(repo.objects)
+
+        def chain_of(chunk_id: str) -> tuple[str, ...] | None:
+            try:
+                return reader.bases_of(chunk_id)
+            except IntegrityError as exc:  # a damaged header: keep it out of the way of nothing
+                log.warning("chunk %s: unreadable header (%s)", chunk_id, exc)
+                return ()
+
+        with ThreadPoolExecutor(max_workers=16, thread_name_prefix="ckptstore-gc") as pool:
+            for chunk_id, chain in zip(unknown, pool.map(chain_of, unknown)):
+                if chain is not None:  # else deleted meanwhile
+                    chains[chunk_id] = chain
+    return chains
 
 
 def _nearest_kept(start: list[str], kept: set[str], parents: dict[str, list[str]]) -> list[str]:
@@ -469,7 +530,9 @@ def execute(
     progress: Progress | None = None,
 ) -> None:
     """Carry out a plan under ``lease``: records first, then deletions in batches, each
-    taken only while no writer is live and after re-reading what writers did meanwhile."""
+    taken only while no writer is live and after re-reading what writers did meanwhile. A
+    batch holds one kind of object and, for chunks, one length of delta chain, so a crash
+    anywhere leaves no delta without its bases."""
     objects = repo.objects
     started = time.monotonic()
     for cid, grafts in result.shallow_commits.items():
@@ -484,7 +547,7 @@ def execute(
     pause_s = 0.02
     while pending:
         lease.renew(sweeping=True)
-        live, _ = writers(objects, timeout_s=writer_timeout_s)
+        live, _ = writers(objects, ttl_s=lease.ttl_s, default_ttl_s=writer_timeout_s)
         if live:
             lease.renew(sweeping=False)
             waited_since = waited_since or time.monotonic()
@@ -495,9 +558,10 @@ def execute(
             continue
         waited_since, pause_s = None, 0.02
         _protect_new_work(repo, result, snapshot, protected, known_commits)
-        # One kind per batch, so a batch never deletes a manifest while its commit stays.
-        kind = pending[0].key.split("/", 1)[0]
-        size = next((i for i, info in enumerate(pending[:batch_size]) if info.key.split("/", 1)[0] != kind), min(batch_size, len(pending)))
+        if not lease.fresh():
+            continue  # too slow to trust the handshake (the lease may look lapsed): redo it
+        rank = snapshot.rank[pending[0].key]
+        size = next((i for i, info in enumerate(pending[:batch_size]) if snapshot.rank[info.key] != rank), min(batch_size, len(pending)))
         batch, pending = pending[:size], pending[size:]
         batch = [info for info in batch if info.key not in protected]
         objects.delete_many(info.key for info in batch)
@@ -508,9 +572,9 @@ def execute(
             progress("delete", total - len(pending), total)
     result.spared_objects = total - result.deleted_objects
     with contextlib.suppress(CkptStoreError):
-        objects.remove_abandoned_uploads(older_than_s=max(result.grace_period_s, writer_timeout_s))
-    _, abandoned = writers(objects, timeout_s=writer_timeout_s)
-    objects.delete_many(m.key for m in abandoned)
+        objects.remove_abandoned_uploads(older_than_s=max(result.grace_period_s, writer_timeout_s), prefixes=STORE_PREFIXES)
+    _, dead = writers(objects, ttl_s=lease.ttl_s, default_ttl_s=writer_timeout_s)
+    remove_dead_writers(objects, dead)
     repo.sync_catalog()
     result.executed = True
     result.elapsed_s = time.monotonic() - started
@@ -561,7 +625,7 @@ def collect(
     *,
     dry_run: bool = False,
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
-    lease_ttl_s: float = 300.0,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
     batch_size: int = 1000,
     progress: Progress | None = None,
@@ -574,7 +638,7 @@ def collect(
     lease = CollectorLease(repo.objects, ttl_s=lease_ttl_s)
     lease.acquire()
     try:
-        result, snapshot = plan(repo, retention, grace_period_s=grace_period_s)
+        result, snapshot = plan(repo, retention, grace_period_s=grace_period_s, now_s=storage_now(repo.objects, ttl_s=lease_ttl_s))
         lease.renew(sweeping=False)
         execute(repo, result, snapshot, lease, batch_size=batch_size, writer_timeout_s=writer_timeout_s, progress=progress)
         return result
