@@ -38,7 +38,7 @@ from .codec import (
     read_header,
     sample_of,
 )  # fmt: skip
-from .errors import IntegrityError, ObjectNotFound, OutOfMemory
+from .errors import IntegrityError, ObjectNotFound, OutOfMemory, PreconditionFailed, SourceChanged
 from .ids import content_id
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
 from .objectstore import ObjectStore
@@ -146,7 +146,8 @@ class RecentChunks:
             return found
 
     def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray) -> None:
-        """Keep a copy of the raw bytes ``data`` (the caller's buffer may change afterwards)."""
+        """Keep a copy of the raw bytes ``data`` (the caller's buffer may change afterwards),
+        if the copy hashes to ``chunk_id``: a delta's base must be exactly the stored chunk."""
         self._put(chunk_id, data, whole=True)
 
     def put_sample(self, chunk_id: str, sample: np.ndarray) -> None:
@@ -171,9 +172,10 @@ class RecentChunks:
         if copy is None:
             copy = np.empty(size, dtype=np.uint8)
         copy[:] = np.frombuffer(data, dtype=np.uint8)
+        stale = whole and content_id(copy) != chunk_id  # the caller's buffer changed
         with self._lock:
             found = self._chunks.get(chunk_id)
-            if found is not None and (found[1] or not whole):  # another thread put it meanwhile
+            if stale or (found is not None and (found[1] or not whole)):  # or another thread put it meanwhile
                 self._release(copy)
             else:
                 if found is not None:  # the sample, now superseded by the bytes
@@ -303,6 +305,63 @@ class Pipeline:
         self.recent = RecentChunks(recent_chunks_bytes)
         self._scratch = _Scratch()
 
+    def _check_unchanged(self, sources: dict[int, BlobSource], refs: list[ChunkRef], order: list[int], *, chunk_size_bytes: int) -> None:
+        """Raise :class:`SourceChanged` if a blob of the caller's memory no longer hashes to
+        the chunks stored for it: the state changed while it was committed (nothing is
+        published then)."""
+        checks = []
+        positions: dict[int, int] = {}
+        for index, ref in zip(order, refs):
+            position = positions.get(index, 0)
+            positions[index] = position + 1
+            source = sources[index]
+            if not source.private:
+                view = source.data[position * chunk_size_bytes : position * chunk_size_bytes + ref.size]
+                checks.append((len(view), lambda v=view, r=ref, s=source: None if content_id(v) == r.id else s.path))
+        for path in self._run(checks):
+            if path is not None:
+                raise SourceChanged(path)
+
+    def _stored_chain(self, chunk_id: str, parent: ChunkRef | None) -> tuple[str, ...] | None:
+        """The chain a stored chunk is read through, if the store has the chunk and every base
+        of its chain (a writer never reuses a delta whose bases are gone); else ``None``. A
+        chunk equal to the parent commit's is taken with the parent's chain: the head's
+        chunks are kept with their chains."""
+        if parent is not None and parent.id == chunk_id:
+            if not self._objects.exists(chunk_key(chunk_id)):
+                return None
+            chain = parent.bases
+        else:
+            chain = self.reader.bases_of(chunk_id)
+        if chain and not all(self._objects.exists(chunk_key(base)) for base in chain):
+            log.warning("chunk %s is a delta whose bases are gone; storing it whole again", chunk_id)
+            return None
+        return chain
+
+    def _put_chunk(self, chunk_id: str, parts: list) -> bool | None:
+        """Store a chunk's encoding create-only; where the store holds the chunk as a delta
+        whose bases are gone (left by a collector of an older version, or by damage), replace
+        it, atomically (compare-and-swap on its version), with this encoding. Returns True if
+        this call stored it, ``None`` if another writer stored it first."""
+        key = chunk_key(chunk_id)
+        if self._objects.put_if_absent(key, parts):
+            return True
+        for _ in range(3):
+            chain = self.reader.bases_of(chunk_id)
+            if chain is None:
+                if self._objects.put_if_absent(key, parts):
+                    return True
+                continue
+            if not chain or all(self._objects.exists(chunk_key(base)) for base in chain):
+                return None  # readable as stored (another writer's)
+            try:
+                _, version = self._objects.get_versioned(key)
+                self._objects.put_if_version(key, b"".join(bytes(p) for p in parts), version=version)
+                return True
+            except (PreconditionFailed, ObjectNotFound):
+                continue  # replaced or removed meanwhile: look again
+        raise IntegrityError("chunk kept changing while it was repaired", key=key)
+
     def _run(self, tasks: Iterable[tuple[int, Callable[[], object]]], *, progress: Progress | None = None, phase: str = "", total_bytes: int = 0) -> list[object]:
         """Run ``(staged_bytes, fn)`` tasks in the pool under the byte budget; return their
         results in order. The first failure cancels what has not started and is raised.
@@ -397,33 +456,42 @@ class Pipeline:
 
             return DeltaBase((parent.id, *parent.bases), size, sample, load)
 
-        def store_chunk(view: memoryview, parent: ChunkRef | None, group: int) -> tuple[ChunkRef, bool, int]:
-            chunk_id = content_id(view)
-            size = len(view)
+        def store_chunk(source: memoryview, parent: ChunkRef | None, group: int, blob: BlobSource) -> tuple[ChunkRef, bool, int]:
+            """Store one chunk of ``blob``. The bytes stored are the bytes hashed: a chunk of
+            the caller's memory is copied and the copy hashed again before it is encoded (a
+            private copy, made at snapshot time or from a device, is stable already)."""
+            chunk_id = content_id(source)
+            size = len(source)
             if parent is not None and parent.id != chunk_id:
                 superseded.add(parent.id)
-            if parent is not None and parent.id == chunk_id and self._objects.exists(chunk_key(chunk_id)):
-                known: tuple[str, ...] | None = parent.bases
-            else:
+            known = self._stored_chain(chunk_id, parent)
+            if known is not None:
+                keep(chunk_id, source, group, whole=delta == "on")
+                return ChunkRef(chunk_id, size, known), False, 0
+            view = source
+            if not blob.private:  # stable bytes to encode and write: the caller may write to its own
+                view = memoryview(self._scratch.get("chunk", size))
+                np.frombuffer(view, dtype=np.uint8)[:] = np.frombuffer(source, dtype=np.uint8)
+                if content_id(view) != chunk_id:
+                    raise SourceChanged(blob.path)
+            base = base_for(parent, size, group)
+            encoded = encode_object(
+                Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
+                base=base, delta="on" if delta == "on" else "auto",
+                scratch=self._scratch.get("encode", 2 * size),
+            )  # fmt: skip
+            stored = self._put_chunk(chunk_id, encoded.parts)
+            if stored is None:  # another writer stored it first
                 known = self.reader.bases_of(chunk_id)
-            if known is None:
-                base = base_for(parent, size, group)
-                encoded = encode_object(
-                    Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
-                    base=base, delta="on" if delta == "on" else "auto",
-                    scratch=self._scratch.get("encode", 2 * size),
-                )  # fmt: skip
-                if self._objects.put_if_absent(chunk_key(chunk_id), encoded.parts):
-                    # the next commit's delta likely pays where this one did, where a chain just
-                    # ended in a keyframe, or (until shown otherwise) where none was tried yet
-                    likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
-                    keep(chunk_id, view, group, whole=delta == "on" or likely_base, sample=encoded.sample)
-                    return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
-                known = self.reader.bases_of(chunk_id)  # another writer stored it first
                 if known is None:
                     raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
-            keep(chunk_id, view, group, whole=delta == "on")
-            return ChunkRef(chunk_id, size, known), False, 0
+                keep(chunk_id, view, group, whole=delta == "on")
+                return ChunkRef(chunk_id, size, known), False, 0
+            # the next commit's delta likely pays where this one did, where a chain just
+            # ended in a keyframe, or (until shown otherwise) where none was tried yet
+            likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
+            keep(chunk_id, view, group, whole=delta == "on" or likely_base, sample=encoded.sample)
+            return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
 
         def keep(chunk_id: str, view: memoryview, group: int, *, whole: bool, sample: np.ndarray | None = None) -> None:
             """Keep a chunk that the next commit may take as a base: its bytes, or its sample
@@ -447,7 +515,7 @@ class Pipeline:
                     view = data[start : start + chunk_size_bytes]
                     parent = parents[position] if position < len(parents) else None
                     order.append(index)
-                    yield len(view), (lambda v=view, p=parent, g=group: store_chunk(v, p, g))
+                    yield len(view), (lambda v=view, p=parent, g=group, b=source: store_chunk(v, p, g, b))
 
         total = sum(len(source.data) for source in sources.values())
         try:
@@ -455,6 +523,7 @@ class Pipeline:
         finally:  # once no task reads them: the parent's chunks that changed are no base now
             if delta != "off":
                 self.recent.retire(superseded)
+        self._check_unchanged(sources, [r[0] for r in results], order, chunk_size_bytes=chunk_size_bytes)  # type: ignore[index]
         out = WriteResult()
         for index in sources:
             manifest.blobs[index].chunks = []

@@ -302,25 +302,29 @@ def test_auto_deltas_choose_alike_whether_bases_are_kept_sampled_or_read_back(tm
 
 def test_the_base_cache_keeps_bytes_or_samples_within_its_limit():
     recent = RecentChunks(limit_bytes=10_000)
-    chunks = {name: np.full(3000, i, dtype=np.uint8) for i, name in enumerate("abc")}
-    for name, data in chunks.items():
-        recent.put(name, data)
+    chunks = {name: np.full(3000, i, dtype=np.uint8) for i, name in enumerate("abcefgh")}
+    ids = {name: content_id(data) for name, data in chunks.items()}
+    for name in "abc":
+        recent.put(ids[name], chunks[name])
     data = chunks["a"]
     data[:] = 99  # the caller's buffer changes: the cache holds a copy
-    assert recent.get("a")[0] == 0 and recent.get_sample("a") is None
-    recent.put_sample("a", np.zeros(10, dtype=np.uint8))  # the bytes are kept, not the sample
-    assert recent.get("a") is not None and recent.get_sample("a") is None
+    assert recent.get(ids["a"])[0] == 0 and recent.get_sample(ids["a"]) is None
+    recent.put(content_id(np.full(3000, 7, dtype=np.uint8)), data)  # bytes that are not the id's: refused
+    assert recent.get(content_id(np.full(3000, 7, dtype=np.uint8))) is None
+    recent.put_sample(ids["a"], np.zeros(10, dtype=np.uint8))  # the bytes are kept, not the sample
+    assert recent.get(ids["a"]) is not None and recent.get_sample(ids["a"]) is None
     recent.put_sample("d", np.arange(10, dtype=np.uint8))
     assert recent.get("d") is None and list(recent.get_sample("d")) == list(range(10))
-    recent.retire(["a", "b"])  # spare buffers are kept only as many as there are bytes cached
-    assert recent.get("a") is None and recent._spare_bytes <= recent._cached_bytes == 3010
-    recent.put("e", np.ones(3000, dtype=np.uint8))  # reuses a spare
+    recent.retire([ids["a"], ids["b"]])  # spare buffers are kept only as many as there are bytes cached
+    assert recent.get(ids["a"]) is None and recent._spare_bytes <= recent._cached_bytes == 3010
+    recent.put(ids["e"], chunks["e"])  # reuses a spare
     assert recent._spare_bytes == 0 and recent._bytes == 6010
     for name in "fgh":  # over the limit: the least recently used go first
-        recent.put(name, np.ones(3000, dtype=np.uint8))
-    assert recent._bytes <= 10_000 and recent.get("h") is not None and recent.get("c") is None
-    recent.put("huge", np.ones(20_000, dtype=np.uint8))  # larger than the limit: not kept
-    assert recent.get("huge") is None
+        recent.put(ids[name], chunks[name])
+    assert recent._bytes <= 10_000 and recent.get(ids["h"]) is not None and recent.get(ids["c"]) is None
+    huge = np.ones(20_000, dtype=np.uint8)
+    recent.put(content_id(huge), huge)  # larger than the limit: not kept
+    assert recent.get(content_id(huge)) is None
 
 
 def test_delta_mode_per_commit_overrides_the_store(tmp_path):
