@@ -18,6 +18,9 @@ from .ids import content_id, is_full_id
 from .manifest import pack_value, unpack_value
 
 COMMIT_FORMAT_VERSION = 1
+#: The largest commit object, written or read: one limit for both, so a commit that is
+#: published can always be read back.
+MAX_COMMIT_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,16 @@ def encode_commit(
         "manifest_size": manifest_size_bytes,  # a field older readers ignore
     }
     data = msgpack.packb(doc, use_bin_type=True)
+    if len(data) > MAX_COMMIT_BYTES:
+        raise UnsupportedValue("metadata", commit_too_large(len(data)))
     return content_id(data), data
+
+
+def commit_too_large(size_bytes: int) -> str:
+    return (
+        f"the commit's message, metadata and metrics take {size_bytes:,} bytes; a commit holds at most "
+        f"{MAX_COMMIT_BYTES:,} (store large values in the state, not the metadata)"
+    )
 
 
 def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Commit:

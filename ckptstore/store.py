@@ -16,22 +16,20 @@ import logging
 import math
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from .catalog import Catalog
 from .codec import DTYPES as DTYPES_BY_NAME
 from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
-from .commit import Commit, CommitStats, check_metrics, decode_commit, encode_commit
+from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
 from .errors import (
     AmbiguousRef,
     CkptStoreError,
@@ -44,6 +42,8 @@ from .errors import (
     StoreNotFound,
     UnknownRef,
     UnsupportedFormat,
+    UnsupportedValue,
+    WriterExpired,
 )
 from .formats import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
@@ -53,6 +53,7 @@ from .formats import (
     read_checkpoint,
     write_directory,
     write_file,
+    write_torch_file,
 )
 from .fsck import FsckReport
 from .fsck import check as check_store
@@ -75,6 +76,7 @@ from .ids import (
     is_id_prefix,
     parse_revision,
 )
+from .background import CommitFuture, CommitQueue
 from .lease import writing
 from .manifest import (
     BlobSource,
@@ -85,8 +87,11 @@ from .manifest import (
     TensorKind,
     build_tensor,
     encode_state,
+    key_segment,
     pack_value,
     path_under,
+    split_key_path,
+    tree_key_paths,
     unpack_value,
 )
 from .objectstore import ObjectStore, open_object_store
@@ -118,7 +123,10 @@ RESERVED_TAGS = (LATEST, BEST)
 
 #: Caps on what a header may declare for these objects before they are decompressed.
 MAX_MANIFEST_BYTES = 1 << 32
-MAX_COMMIT_BYTES = 8 << 20
+#: A commit object's bytes besides its message, metadata and metrics (ids, stats, field names).
+COMMIT_OVERHEAD_BYTES = 4096
+#: Times a commit writes its chunks again when its writer marker lapsed before it published.
+WRITER_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -273,9 +281,7 @@ class Store:
         self.catalog = Catalog(catalog_path)
         self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes, recent_chunks_bytes=delta_base_cache_bytes)
         self.max_ref_retries = max_ref_retries
-        self._async_lock = threading.Lock()
-        self._async_pending: Future[Commit] | None = None
-        self._async_executor: ThreadPoolExecutor | None = None
+        self._commits = CommitQueue(objects.url)
         self._staging_spare: dict[int, list[torch.Tensor]] = {}  # buffers of the last async snapshot
         self._grafted: set[str] = set()  # commits with a shallow/ record, as of the last sync
         self.sync_catalog()
@@ -287,14 +293,20 @@ class Store:
     def __repr__(self) -> str:
         return f"<ckptstore.Store {self.url!r}>"
 
+    def flush(self) -> None:
+        """Wait for the asynchronous commits made so far; raise the error of one that failed
+        and whose future nobody looked at (so a failure is never silent)."""
+        self._commits.flush()
+
     def close(self) -> None:
-        """Wait for asynchronous commits to finish, then close the catalog."""
-        with self._async_lock:
-            if self._async_executor is not None:
-                self._async_executor.shutdown(wait=True)
-                self._async_executor = None
+        """Wait for asynchronous commits to finish, then close the catalog. Raises the error
+        of an asynchronous commit that failed unseen (see :meth:`flush`), after closing."""
+        try:
+            self._commits.close()
+            self._commits.flush()
+        finally:
             self._staging_spare.clear()
-        self.catalog.close()
+            self.catalog.close()
 
     def __enter__(self) -> Store:
         return self
@@ -470,7 +482,7 @@ class Store:
         progress: Progress | None = None,
         blocking: bool = True,
         delta: DeltaMode | None = None,
-    ) -> Commit | Future[Commit]:
+    ) -> Commit | CommitFuture[Commit]:
         """Store ``state`` as a new commit on ``branch`` (default: the store's default branch,
         created if missing) and return it.
 
@@ -482,12 +494,19 @@ class Store:
         value raises :class:`UnsupportedValue` naming its key path before anything is written.
         ``progress(phase, bytes_done, bytes_total)`` follows the chunk writes.
 
-        With ``blocking=False`` the call returns a :class:`~concurrent.futures.Future` as
+        With ``blocking=False`` the call returns a :class:`~ckptstore.background.CommitFuture` as
         soon as a snapshot of ``state`` is copied into memory of its own (tensors from a GPU
         are copied to the host either way); the caller may change every tensor right away.
         ``future.result()`` returns the :class:`Commit` or raises its error. A second
         asynchronous commit first waits for the one before it, so at most one snapshot is held.
-        Unsupported values still raise from the call itself.
+        Unsupported values still raise from the call itself. Commits land in call order: a
+        blocking commit waits for the asynchronous ones made before it. A commit still
+        pending when the process exits is finished first; one that failed unseen is reported
+        and makes the exit status 1 (see :mod:`ckptstore.background`).
+
+        ``metadata`` is copied when the call is made (nested values included), as is the
+        state. The commit is refused before anything is written if its message, metadata and
+        metrics exceed the commit size limit (8 MiB).
 
         ``delta`` ("off", "on", "auto"; default: the store's setting) stores changed float
         chunks as deltas against the branch head's (see :mod:`ckptstore.codec`).
@@ -499,18 +518,23 @@ class Store:
         )  # fmt: skip
 
         def finish(manifest: Manifest, sources: dict) -> Commit:
-            with writing(self.objects):  # a collector deletes nothing until the branch has moved
-                head = self.refs.get(RefKind.BRANCH, branch or self.config.default_branch)
-                written = self.write_chunks(manifest, sources, progress=progress, parent=head, delta=delta)
-                return publish(manifest, written)
+            for attempt in range(WRITER_ATTEMPTS):
+                with writing(self.objects) as marker:  # a collector deletes nothing until the branch has moved
+                    head = self.refs.get(RefKind.BRANCH, branch or self.config.default_branch)
+                    written = self.write_chunks(manifest, sources, progress=progress, parent=head, delta=delta)
+                    try:
+                        return publish(manifest, written, fence=marker.check)
+                    except WriterExpired as exc:  # a collector may have judged this writer dead
+                        if attempt + 1 == WRITER_ATTEMPTS:
+                            raise
+                        log.warning("%s; writing the commit again", exc)
+            raise AssertionError("unreachable")
 
-        if blocking:
+        with self._commits.lock:  # commits land in call order: after the asynchronous ones before
+            self._commits.wait()  # (and at most one snapshot is held in memory)
             manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
-            return finish(manifest, sources)
-        with self._async_lock:
-            if self._async_pending is not None:
-                wait_for([self._async_pending])  # back-pressure: one snapshot in memory at a time
-            manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
+            if blocking:
+                return finish(manifest, sources)
             spare, self._staging_spare = self._staging_spare, {}
             staged = {index: source.staged(spare) for index, source in sources.items()}
             copies = [staged[i].owner for i in staged if staged[i] is not sources[i]]
@@ -522,11 +546,7 @@ class Store:
                     for buffer in copies:
                         self._staging_spare.setdefault(buffer.numel(), []).append(buffer)
 
-            if self._async_executor is None:
-                self._async_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptstore-commit")
-            future = self._async_executor.submit(finish_and_recycle)
-            self._async_pending = future
-        return future
+            return self._commits.submit(finish_and_recycle)
 
     def write_chunks(
         self,
@@ -596,21 +616,32 @@ class Store:
         tags = [self._check_tag_name(t) for t in tags]
         self._check_namespace(RefKind.BRANCH, [branch])
         self._check_namespace(RefKind.TAG, tags)
+        if not isinstance(message, str):
+            raise UnsupportedValue("message", "commit message must be a str")
         metrics_f = check_metrics(dict(metrics or {}))
-        metadata = dict(metadata or {})
-        pack_value(metadata, path="metadata")  # refuse bad metadata before anything is written
+        packed = pack_value(dict(metadata or {}), path="metadata")  # refuse bad metadata before anything is written
+        metadata = unpack_value(packed, key="metadata")  # a deep copy: later changes by the caller do not count
+        size = len(packed) + len(message.encode("utf-8", "surrogatepass")) + len(msgpack.packb(metrics_f)) + COMMIT_OVERHEAD_BYTES
+        if size > MAX_COMMIT_BYTES:
+            raise UnsupportedValue("metadata", commit_too_large(size))
 
-        def publish(manifest: Manifest, written: WriteResult) -> Commit:
-            commit = self._write_commit(manifest, written, branch=branch, message=message, metadata=metadata, metrics=metrics_f)
-            self._advance_tag(LATEST, commit, newer=lambda current: current.created_at > commit.created_at)
-            for tag in tags:
-                self._advance_tag(tag, commit, newer=lambda current: False)
-            self._maybe_move_best(commit, best_metric, greater_is_better)
+        def publish(manifest: Manifest, written: WriteResult, *, fence: Callable[[], None] | None = None) -> Commit:
+            commit = self._write_commit(manifest, written, branch=branch, message=message, metadata=metadata, metrics=metrics_f, fence=fence)
+            # The commit has landed: a tag that cannot be moved now is a warning, not an error
+            # (a caller told it failed would commit again).
+            moves = [(LATEST, lambda: self._advance_tag(LATEST, commit, newer=lambda current: False))]
+            moves += [(tag, lambda tag=tag: self._advance_tag(tag, commit, newer=lambda current: False)) for tag in tags]
+            moves.append((BEST, lambda: self._maybe_move_best(commit, best_metric, greater_is_better)))
+            for name, move in moves:
+                try:
+                    move()
+                except CkptStoreError as exc:
+                    log.warning("commit %s landed on branch %s, but tag %s could not be moved: %s", commit.short_id, branch, name, exc)
             return commit
 
         return publish
 
-    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict, metrics: dict[str, float]) -> Commit:
+    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict, metrics: dict[str, float], fence: Callable[[], None] | None = None) -> Commit:
         """Manifest → commit object → branch ref, for chunks already stored."""
         manifest_raw = manifest.to_bytes()
         manifest_id = content_id(manifest_raw)
@@ -625,7 +656,7 @@ class Store:
             reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
             delta_chunks=written.delta_chunks,
         )
-        return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats)
+        return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats, fence=fence)
 
     def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
         """Branches and tags share one namespace: refuse a name the other kind holds."""
@@ -640,7 +671,10 @@ class Store:
             raise InvalidRefName(f"tag {name!r} is managed by the store and cannot be set by hand")
         return name
 
-    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats) -> Commit:
+    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
+        """Commit object → branch ref (the commit point), re-parented onto a head another
+        writer set meanwhile. ``fence`` runs right before each ref update (a writer checks
+        that its marker is still honoured)."""
         for attempt in range(self.max_ref_retries):
             head = self.refs.get(RefKind.BRANCH, branch)
             commit_id, raw = encode_commit(
@@ -649,6 +683,8 @@ class Store:
                 metrics=metrics, stats=stats,
             )  # fmt: skip
             self._put_object(Kind.COMMIT, commit_key(commit_id), raw)
+            if fence is not None:
+                fence()
             try:
                 self.refs.set_ref_if_equals(RefKind.BRANCH, branch, commit_id, expected=head)
             except RefConflict:
@@ -681,6 +717,7 @@ class Store:
         """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (for
         ``latest``: created later; for ``best``: at least as good). Compare-and-swap, retried,
         so concurrent writers leave the tag on the right commit."""
+        current = None
         for attempt in range(self.max_ref_retries):
             current = self.refs.get(RefKind.TAG, name)
             if current is not None and newer(self.get_commit(current)):
@@ -692,7 +729,7 @@ class Store:
                 continue
             self.catalog.set_ref(RefKind.TAG.value, name, commit.id)
             return
-        raise RefConflict(name, expected=None, actual=self.refs.get(RefKind.TAG, name))
+        raise RefConflict(name, expected=current, actual=self.refs.get(RefKind.TAG, name))
 
     # -- checkout --------------------------------------------------------------------------
 
@@ -719,23 +756,24 @@ class Store:
         key = manifest_key(commit.manifest)
         manifest = self.manifest_of(commit)
         dropped = dropped_components(self.objects, commit.id)
-        wanted = [e for e in manifest.tensors if selection.selected(e.path)]
-        lost = sorted({p for p in dropped for e in wanted if path_under(e.path, p)})
+        # A tensor held at several key paths is wanted if any of them is selected.
+        selected = [[p for p in paths if selection.selected(p)] for paths in manifest.key_paths]
+        lost = sorted({d for d in dropped for paths in selected for p in paths if path_under(p, d)})
         if lost:
             raise ComponentsUnavailable(commit.id, dropped=lost)
         if selection.include is not None:
             shape = unpack_value(manifest.tree, key=key, tensors=[None] * len(manifest.tensors))
-            missing = selection.unmatched(_key_paths(shape))
+            missing = selection.unmatched(tree_key_paths(shape))
             if missing:
-                available = sorted(map(str, shape)) if isinstance(shape, dict) else []
+                available = sorted(map(key_segment, shape)) if isinstance(shape, dict) else []
                 raise ComponentsUnavailable(commit.id, missing=missing, available=available)
-        blob_indices = sorted({e.blob for e in wanted})
+        blob_indices = sorted({e.blob for e, paths in zip(manifest.tensors, selected) if paths})
         buffers = self.pipeline.read_blobs(manifest, blob_indices, manifest_key=key, progress=progress)
         device = torch.device(map_location) if map_location is not None else None
         tensors: list[Any] = []
         moved: dict[int, torch.Tensor] = {}
-        for entry in manifest.tensors:
-            if entry.blob not in buffers or not selection.selected(entry.path):
+        for entry, paths in zip(manifest.tensors, selected):
+            if entry.blob not in buffers or not paths:
                 tensors.append(None)
                 continue
             buffer = buffers[entry.blob]
@@ -755,7 +793,8 @@ class Store:
         :class:`ComponentsUnavailable`."""
         commit = self.commit_of(rev)
         manifest = self.manifest_of(commit)
-        others = sorted({e.path.split("/", 1)[0] for e in manifest.tensors} - set(targets))
+        components = {p.split("/", 1)[0] for paths in manifest.key_paths for p in paths}
+        others = sorted(components - {key_segment(name) for name in targets})
         state = self.checkout(commit.id, exclude=others, map_location=map_location)
         missing = [name for name in targets if not isinstance(state, dict) or name not in state]
         if missing:
@@ -854,24 +893,27 @@ class Store:
         return out
 
     def diff(self, a: str, b: str, *, values: bool = False) -> Diff:
-        """Tensors added, removed and changed from revision ``a`` to ``b``, compared by the
-        hashes of their bytes (no tensor data is read). With ``values``, each changed tensor
-        of the same dtype and shape is read (one pair at a time) for its largest absolute and
-        its relative change."""
+        """Tensors added, removed and changed from revision ``a`` to ``b``, by key path (a
+        tensor held at several paths is listed at each), compared by the hashes of their
+        bytes: no tensor data is read, except for a tensor whose layout differs between the two
+        (a view of a larger storage, a transposed copy), whose values are read and compared,
+        so that the same values in another layout are not a change. With ``values``, each
+        changed tensor of the same dtype and shape is read (one pair at a time) for its
+        largest absolute and its relative change."""
         ca, cb = self.commit_of(a), self.commit_of(b)
         ma, mb = self.manifest_of(ca), self.manifest_of(cb)
         ta, tb = _fingerprints(ma), _fingerprints(mb)
         result = Diff(ca.id, cb.id)
         for path, (entry, fp) in tb.items():
             if path not in ta:
-                result.added.append(_change(None, entry))
-            elif ta[path][1] != fp:
-                result.changed.append(_change(ta[path][0], entry))
+                result.added.append(_change(path, None, entry))
+            elif ta[path][1] != fp and not self._same_values(ma, ta[path][0], ca.manifest, mb, entry, cb.manifest):
+                result.changed.append(_change(path, ta[path][0], entry))
             else:
                 object.__setattr__(result, "unchanged", result.unchanged + 1)
         for path, (entry, _) in ta.items():
             if path not in tb:
-                result.removed.append(_change(entry, None))
+                result.removed.append(_change(path, entry, None))
         values_a = unpack_value(ma.tree, key=manifest_key(ca.manifest), tensors=[_TENSOR] * len(ma.tensors))
         values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=[_TENSOR] * len(mb.tensors))
         object.__setattr__(result, "values_changed", _values_differ(values_a, values_b))
@@ -882,6 +924,18 @@ class Store:
                     new = self._read_tensor(mb, tb[change.path][0], cb.manifest)
                     result.changed[i] = _with_change_stats(change, old, new)
         return result
+
+    def _same_values(self, ma: Manifest, ea: TensorEntry, ida: str, mb: Manifest, eb: TensorEntry, idb: str) -> bool:
+        """Whether two tensors of different fingerprints hold the same bytes in another
+        layout (read only where the layouts differ: same layout, different fingerprint, is a
+        change)."""
+        if (ea.dtype, ea.shape, ea.kind) != (eb.dtype, eb.shape, eb.kind):
+            return False
+        if (ea.stride, ea.offset, ma.blobs[ea.blob].size) == (eb.stride, eb.offset, mb.blobs[eb.blob].size):
+            return False
+        old, new = self._read_tensor(ma, ea, ida), self._read_tensor(mb, eb, idb)
+        as_bytes = lambda t: t.reshape(-1).view(np.uint8) if isinstance(t, np.ndarray) else t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+        return bool((as_bytes(old) == as_bytes(new)).all()) if isinstance(old, np.ndarray) else torch.equal(as_bytes(old), as_bytes(new))
 
     def _read_tensor(self, manifest: Manifest, entry: TensorEntry, manifest_id: str) -> Any:
         buffers = self.pipeline.read_blobs(manifest, [entry.blob], manifest_key=manifest_key(manifest_id))
@@ -902,8 +956,17 @@ class Store:
         """Commit a checkpoint from disk: a ``.safetensors`` file, a Hugging Face style
         directory of safetensors shards (with ``model.safetensors.index.json``), a Trainer
         ``checkpoint-N`` folder, or a ``.pt`` file (read with ``weights_only=True``).
-        Safetensors files are memory-mapped and stream through the pipeline. Other options
-        are :meth:`commit`'s; a ``step`` found in the checkpoint goes into the metadata."""
+        Safetensors files are memory-mapped (once per file) and stream through the pipeline.
+        Other options are :meth:`commit`'s; a ``step`` found in the checkpoint goes into the
+        metadata.
+
+        Everything is checked before anything is stored: a malformed file (a safetensors
+        header with overlapping tensors, holes or a name twice, an index that disagrees with
+        its shards, bad JSON, a FIFO or other non-regular file) raises
+        :class:`InvalidCheckpoint` naming it, and the store is left as it was. The checkpoint
+        files read (shards, index, weights, Trainer pickles, ``trainer_state.json``) may be
+        symlinks, which are followed wherever they point, as in a Hugging Face cache
+        snapshot; no other file is read."""
         state, found = read_checkpoint(path)
         metadata = {**found, **dict(commit_options.pop("metadata", None) or {})}
         return self.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, **commit_options)
@@ -923,40 +986,47 @@ class Store:
         has one, else the whole state) as a Hugging Face style directory at ``path``: one
         ``model.safetensors``, or shards of at most ``max_shard_size_bytes`` plus
         ``model.safetensors.index.json``. Tensor names are key paths below the component with
-        ``/`` turned into ``.``. One shard's chunks are read at a time. Earlier shards and
-        index left in ``path`` by another export are removed. A ``path`` ending in
+        ``/`` turned into ``.``. One shard's chunks are read at a time. A ``path`` ending in
         ``.safetensors`` gets one safetensors file, and one ending in ``.pt`` the selected
-        state as one ``torch.save`` file. Returns the files written (names inside ``path``,
-        or ``path`` itself). Selecting no tensor raises :class:`ComponentsUnavailable`."""
+        state (``include``/``exclude`` applied) as one ``torch.save`` file. Returns the files
+        written (names inside ``path``, or ``path`` itself). Selecting no tensor raises
+        :class:`ComponentsUnavailable`.
+
+        Atomic: a directory is built beside ``path`` (its parent must be writable) and
+        swapped in whole, so ``path`` holds exactly one export, never a mix of two, and a
+        failed or killed export leaves it as it was. The export replaces only its own files
+        there (``model.safetensors``, the index, ``model-NNNNN-of-NNNNN.safetensors``) and
+        keeps every other entry (``config.json``, a README). Each file is written to a temp
+        file created exclusively under a random name, fsync'd and renamed into place. A
+        second export to the same ``path`` while one runs raises :class:`ExportBusy`."""
         commit = self.commit_of(rev)
         manifest = self.manifest_of(commit)
-        if component is None and any(e.path.split("/", 1)[0] == "model" for e in manifest.tensors):
+        held_at = [(e, p) for e, paths in zip(manifest.tensors, manifest.key_paths) for p in paths]  # every path of every tensor
+        tops = sorted({p.split("/", 1)[0] for _, p in held_at})
+        if component is None and "model" in tops:
             component = "model"
         selection = KeySelection.of(include, exclude)
         if path.endswith(".pt"):
-            state = self.checkout(commit.id, include=include if component is None else [component], exclude=exclude)
+            state = self.checkout(commit.id, include=include if include is not None or component is None else [component], exclude=exclude)
             if component is not None:
+                if not isinstance(state, dict) or component not in state:
+                    raise ComponentsUnavailable(commit.id, missing=[component], available=sorted(map(str, state)) if isinstance(state, dict) else [])
                 state = state[component]
-            tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-            return [path]
+            return write_torch_file(path, state)
         prefix = "" if component is None else component.strip("/") + "/"
         entries = {}
-        for entry in manifest.tensors:
-            if not entry.path.startswith(prefix) or not selection.selected(entry.path) or entry.kind is TensorKind.NDARRAY:
-                continue
-            entries[entry.path] = entry
+        for entry, path_ in held_at:
+            if path_.startswith(prefix) and selection.selected(path_) and entry.kind is not TensorKind.NDARRAY:
+                entries[path_] = entry
         dropped = dropped_components(self.objects, commit.id)
         lost = sorted({p for p in dropped for path_ in entries if path_under(path_, p)})
         if lost:
             raise ComponentsUnavailable(commit.id, dropped=lost)
         tensors = [
-            ExportedTensor(path_[len(prefix) :].replace("/", "."), DTYPES_BY_NAME[e.dtype], e.shape, e.nbytes, path_)
+            ExportedTensor(".".join(map(str, split_key_path(path_[len(prefix) :]))).replace("/", "."), DTYPES_BY_NAME[e.dtype], e.shape, e.nbytes, path_)
             for path_, e in entries.items()
         ]
         if not tensors:
-            tops = sorted({e.path.split("/", 1)[0] for e in manifest.tensors})
             raise ComponentsUnavailable(commit.id, missing=[component or "(selected tensors)"] if component else list(include or ["(selected tensors)"]), available=tops)
         check_exportable(tensors)
         key = manifest_key(commit.manifest)
@@ -1017,29 +1087,18 @@ class Store:
         )  # fmt: skip
 
 
-def _key_paths(tree: Any, path: str = "") -> Iterable[str]:
-    """Every key path in a decoded tree (containers and leaves)."""
-    if isinstance(tree, dict):
-        items: Iterable[tuple[Any, Any]] = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return
-    for k, v in items:
-        child = f"{path}/{k}" if path else str(k)
-        yield child
-        yield from _key_paths(v, child)
-
-
 def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
-    """Key path → (entry, a hash of its dtype, geometry and the bytes of its blob)."""
+    """Key path (every path a tensor is held at) → (entry, a hash of its dtype, geometry
+    and the bytes of its blob)."""
     blob_ids = []
     for blob in manifest.blobs:
         h = hashlib.blake2b(digest_size=16)
         h.update(blob.inline if blob.inline is not None else b"".join(c.id.encode() for c in blob.chunks))
         blob_ids.append(h.hexdigest())
     return {
-        e.path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}") for e in manifest.tensors
+        path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}")
+        for e, paths in zip(manifest.tensors, manifest.key_paths)
+        for path in paths
     }
 
 
@@ -1058,9 +1117,9 @@ def _with_change_stats(change: TensorChange, old: Any, new: Any) -> TensorChange
     )  # fmt: skip
 
 
-def _change(a: TensorEntry | None, b: TensorEntry | None) -> TensorChange:
+def _change(path: str, a: TensorEntry | None, b: TensorEntry | None) -> TensorChange:
     return TensorChange(
-        path=(a or b).path,  # type: ignore[union-attr]
+        path=path,
         dtype=(a.dtype if a else None, b.dtype if b else None),
         shape=(a.shape if a else None, b.shape if b else None),
         nbytes=(a.nbytes if a else 0, b.nbytes if b else 0),
