@@ -184,10 +184,18 @@ def check(
             dropped = ()
         if dropped:
             referenced.add(demotion_key(cid))
-        kept[cid] = [e for e in manifest.tensors if not any(path_under(e.path, p) for p in dropped)]
+        try:
+            held_at = manifest.key_paths
+        except IntegrityError as exc:
+            report.problems.append(Problem("manifest", _reason(exc), key=mkey, commit=cid))
+            continue
+        kept[cid] = []
         first_path = {}
-        for entry in kept[cid]:
-            first_path.setdefault(entry.blob, entry.path)
+        for entry, paths in zip(manifest.tensors, held_at):
+            kept_paths = [path for path in paths if not any(path_under(path, p) for p in dropped)]  # a kept path holds it
+            if kept_paths:
+                kept[cid].append(entry)
+                first_path.setdefault(entry.blob, kept_paths[0])
         for index, path in first_path.items():
             for ref in manifest.blobs[index].chunks:
                 needed_chunks.setdefault(ref.id, (ref, cid, path))

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import gc
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +158,38 @@ class Manifest:
                     out.setdefault(base, c.size)
         return out
 
+    @functools.cached_property
+    def key_paths(self) -> list[tuple[str, ...]]:
+        """For each tensor entry, every key path at which the tree holds it, in tree order (a
+        tensor reached by two paths, as ``{"ema": sd, "model": sd}`` or tied weights, is one
+        entry held at both). Derived from the tree, so it needs no field of its own."""
+        paths: list[list[str]] = [[] for _ in self.tensors]
+
+        def walk(value: Any, path: str) -> None:
+            if isinstance(value, TensorRef):
+                paths[value.index].append(path)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    walk(v, _join(path, k))
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    walk(v, _join(path, i))
+
+        walk(unpack_value(self.tree, key="(manifest tree)", tensors=[TensorRef(i) for i in range(len(self.tensors))]), "")
+        return [tuple(p) if p else (e.path,) for p, e in zip(paths, self.tensors)]
+
+    def chunk_chains(self) -> dict[str, tuple[str, ...]]:
+        """Chunk id → the chain it is read through (its bases, nearest first; ``()`` for a
+        self-contained chunk), for every chunk this manifest needs, bases included (a base's
+        chain is the rest of its dependent's)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for blob in self.blobs:
+            for c in blob.chunks:
+                out[c.id] = c.bases
+                for i, base in enumerate(c.bases):
+                    out.setdefault(base, c.bases[i + 1 :])
+        return out
+
     def to_bytes(self) -> bytes:
         deltas = any(c.bases for b in self.blobs for c in b.chunks)
         doc = {
@@ -204,8 +238,40 @@ class BlobSource:
         return BlobSource(tensor_bytes(copy), self.path, copy, True)
 
 
-def _join(path: str, key: object) -> str:
-    return f"{path}/{key}" if path else str(key)
+#: A str key whose text would read as an int key or list index (or as nothing) is quoted.
+_NUMBER_LIKE = re.compile(r"-?[0-9]*")
+
+
+def key_segment(key: str | int) -> str:
+    """One key of a key path, written so that no two keys read alike: an int key or list
+    index as its digits; a str key as its text with ``~`` written ``~0`` and ``/`` written
+    ``~1`` (as in JSON Pointer), and quoted as ``~"1"`` where it would read as a number (or
+    is empty). So ``{"a/b": t}`` is ``a~1b`` and ``{"a": {"b": t}}`` is ``a/b``; ``{1: t}`` is
+    ``1`` and ``{"1": t}`` is ``~"1"``."""
+    if type(key) is not str:
+        return str(key)
+    text = key.replace("~", "~0").replace("/", "~1")
+    return f'~"{text}"' if _NUMBER_LIKE.fullmatch(text) else text
+
+
+def split_key_path(path: str) -> list[str | int]:
+    """The keys of a key path (the inverse of how :func:`key_segment` writes them): ints for
+    digit segments, str for the rest, unescaped."""
+    keys: list[str | int] = []
+    for segment in path.split("/") if path else []:
+        if segment.startswith('~"') and segment.endswith('"') and len(segment) >= 3:
+            keys.append(segment[2:-1].replace("~1", "/").replace("~0", "~"))
+        elif _NUMBER_LIKE.fullmatch(segment):
+            keys.append(int(segment))
+        else:
+            keys.append(segment.replace("~1", "/").replace("~0", "~"))
+    return keys
+
+
+def _join(path: str, key: str | int) -> str:
+    """The key path of ``key`` inside the value at ``path``."""
+    segment = key_segment(key)
+    return f"{path}/{segment}" if path else segment
 
 
 def _pack(obj: Any) -> bytes:
@@ -435,10 +501,24 @@ def merge_manifests(parts: Mapping[str | int, Manifest], *, extra: Mapping[str, 
         refs = [TensorRef(first_tensor + i) for i in range(len(part.tensors))]
         tree[name] = unpack_value(part.tree, key=f"(part {name})", tensors=refs)
         for e in part.tensors:
-            tensors.append(TensorEntry(_join(str(name), e.path), e.dtype, e.shape, e.stride, e.blob + first_blob, e.offset, e.kind, e.requires_grad))
+            tensors.append(TensorEntry(f"{_join('', name)}/{e.path}" if e.path else _join("", name), e.dtype, e.shape, e.stride, e.blob + first_blob, e.offset, e.kind, e.requires_grad))
         blobs.extend(part.blobs)
     tree.update(extra or {})
     return Manifest(tree=_pack(_TreeEncoder(allow_tensors=True).encode(tree)), tensors=tensors, blobs=blobs)
+
+
+def tree_key_paths(tree: Any, path: str = "") -> Iterator[str]:
+    """Every key path in a decoded tree (containers and leaves), written as key paths are."""
+    if isinstance(tree, dict):
+        items: Iterable[tuple[Any, Any]] = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return
+    for k, v in items:
+        child = _join(path, k)
+        yield child
+        yield from tree_key_paths(v, child)
 
 
 def pack_value(value: Any, *, path: str) -> bytes:
