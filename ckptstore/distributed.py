@@ -17,9 +17,10 @@ stored as plain values in the commit's tree, never pickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -48,9 +49,9 @@ from torch.distributed.checkpoint.storage import (
 from torch.futures import Future
 
 from .commit import Commit
-from .errors import IntegrityError, UnsupportedValue
+from .errors import CkptStoreError, IntegrityError, UnsupportedValue, WriterExpired
 from .gc import manifest_key
-from .lease import writing
+from .lease import WriterMarker, wait_while_collector_sweeps, writing
 from .manifest import (
     Manifest,
     TensorRef,
@@ -69,6 +70,20 @@ def _sum_writes(parts: list[ChunkWrites]) -> ChunkWrites:
     return ChunkWrites(*(sum(getattr(w, f.name) for w in parts) for f in dataclasses.fields(ChunkWrites)))
 
 
+def _fence(store: Store, own: WriterMarker, marker_keys: list[str]) -> Callable[[], None]:
+    """The check the coordinator makes right before the ref update that publishes what every
+    rank wrote: its own marker is fresh, and every rank's marker is still there (a rank whose
+    marker lapsed removed it, and a collector removes the markers it judged dead)."""
+
+    def check() -> None:
+        own.check()
+        for key in marker_keys:
+            if key != own.key and not store.objects.exists(key):
+                raise WriterExpired(f"writer marker {key} of another rank lapsed before the commit was published; nothing was published")
+
+    return check
+
+
 def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup | None = None, coordinator: int = 0, **commit_options: Any) -> Commit:
     """Commit every rank's ``state`` as one commit; call it on every rank of ``group``.
 
@@ -78,16 +93,17 @@ def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup |
     """
     rank = dist.get_rank(group)
     publish = store.publisher(**commit_options) if rank == coordinator else None
-    with writing(store.objects):  # held until the coordinator has published
+    with writing(store.objects) as marker:  # held until the coordinator has published
         manifest, sources = encode_state(state, inline_threshold_bytes=store.config.inline_threshold_bytes)
         written = store.write_chunks(manifest, sources)
         parts: list[Any] = [None] * dist.get_world_size(group) if rank == coordinator else []
-        dist.gather_object((manifest.to_bytes(), written), parts if rank == coordinator else None, dst=coordinator, group=group)
+        dist.gather_object((manifest.to_bytes(), written, marker.key), parts if rank == coordinator else None, dst=coordinator, group=group)
         result: list[Any] = [None]
         if rank == coordinator:
             try:
-                manifests = {r: Manifest.from_bytes(raw, key=f"(rank {r})") for r, (raw, _) in enumerate(parts)}
-                result[0] = publish(merge_manifests(manifests), _sum_writes([w for _, w in parts])).id  # type: ignore[misc]
+                manifests = {r: Manifest.from_bytes(raw, key=f"(rank {r})") for r, (raw, _, _) in enumerate(parts)}
+                fence = _fence(store, marker, [key for _, _, key in parts])
+                result[0] = publish(merge_manifests(manifests), _sum_writes([w for _, w, _ in parts]), fence=fence).id  # type: ignore[misc]
             except Exception as exc:  # tell the other ranks, then raise here
                 result[0] = exc
         dist.broadcast_object_list(result, src=coordinator, group=group)
@@ -150,8 +166,10 @@ class StoreWriter(StorageWriter):
     chunks of its items; the coordinator commits (options as :meth:`Store.commit`'s). The
     commit is :attr:`commit` on the coordinator.
 
-    A rank's chunks are protected from a concurrent collector by the grace period between
-    its ``write_data`` and the coordinator's commit (DCP calls no hook on other ranks then).
+    Each rank holds a writer marker (:mod:`ckptstore.lease`) from before its first "already
+    stored?" check until the coordinator has published: DCP calls no hook on the other ranks
+    after their ``write_data``, so the coordinator removes every rank's marker once the commit
+    is published (or failed), and each rank's heartbeat then stops renewing it.
     """
 
     def __init__(self, store: Store, **commit_options: Any) -> None:
@@ -161,6 +179,7 @@ class StoreWriter(StorageWriter):
         self.commit: Commit | None = None
         self.rank = 0
         self.is_coordinator = True
+        self._marker: WriterMarker | None = None
 
     def reset(self, checkpoint_id: Any = None) -> None:
         self.commit = None
@@ -185,10 +204,15 @@ class StoreWriter(StorageWriter):
                 items[_item_key(item.index)] = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
             else:
                 items[_item_key(item.index)] = data.detach()
-        with writing(self.store.objects):
+        marker = self._marker = WriterMarker.create(self.store.objects)  # held until the coordinator publishes
+        try:
+            wait_while_collector_sweeps(self.store.objects, marker)
             manifest, sources = encode_state(items, inline_threshold_bytes=self.store.config.inline_threshold_bytes)
             written = self.store.write_chunks(manifest, sources)
-        part = {"rank": self.rank, "manifest": manifest.to_bytes(), "written": written}
+        except BaseException:
+            marker.release()
+            raise
+        part = {"rank": self.rank, "manifest": manifest.to_bytes(), "written": written, "marker": marker.key}
         results = [
             WriteResult(index=item.index, size_in_bytes=_nbytes(items[_item_key(item.index)]), storage_data=part if i == 0 else {"rank": self.rank})
             for i, item in enumerate(plan.items)
@@ -200,6 +224,7 @@ class StoreWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         manifests: dict[int, Manifest] = {}
         writes: list[ChunkWrites] = []
+        markers: list[str] = []
         locations: dict[str, tuple[int, str]] = {}
         for rank_results in results:
             for r in rank_results:
@@ -207,10 +232,23 @@ class StoreWriter(StorageWriter):
                     rank = r.storage_data["rank"]
                     manifests[rank] = Manifest.from_bytes(r.storage_data["manifest"], key=f"(rank {rank})")
                     writes.append(r.storage_data["written"])
+                    markers.append(r.storage_data["marker"])
                 locations[_item_key(r.index)] = (r.storage_data["rank"], _item_key(r.index))
-        merged = merge_manifests(manifests, extra={"dcp": _encode_metadata(metadata, locations)})
-        publish = self.store.publisher(**self.commit_options)
-        self.commit = publish(merged, _sum_writes(writes))
+        own = self._marker
+        try:
+            if own is None:
+                raise WriterExpired("the coordinator wrote no data of its own; nothing was published")
+            merged = merge_manifests(manifests, extra={"dcp": _encode_metadata(metadata, locations)})
+            publish = self.store.publisher(**self.commit_options)
+            self.commit = publish(merged, _sum_writes(writes), fence=_fence(self.store, own, markers))
+        finally:  # the other ranks' markers go too: their heartbeats stop when they find them gone
+            for key in markers:
+                if own is None or key != own.key:
+                    with contextlib.suppress(CkptStoreError):
+                        self.store.objects.delete(key)
+            if own is not None:
+                own.release()
+            self._marker = None
 
     def storage_meta(self) -> Any:
         return None
