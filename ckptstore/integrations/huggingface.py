@@ -79,7 +79,7 @@ def read_trainer_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state, metadata)`` of a Trainer ``checkpoint-N`` folder: what
     :func:`ckptstore.formats.read_checkpoint` reads (``model``, ``optimizer``, ``scheduler``,
     ``scaler``, ``rng_state``, ``trainer_state``), each ``rng_state_<rank>.pth`` as
-    ``rng_state_<rank>``, and every other plain file (``config.json``,
+    ``rng_state_<rank>``, and every other plain file, not a symlink (``config.json``,
     ``generation_config.json``, tokenizer files, ``training_args.bin``) under ``files`` as its
     bytes (a uint8 tensor, so an unchanged file is stored once across commits)."""
     state, metadata = read_checkpoint(path)
@@ -94,6 +94,8 @@ def read_trainer_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             state[f"rng_state_{rank[1]}"] = load_weights_only(full)
         elif name in read or (has_safetensors and name.endswith(".safetensors")) or name.startswith(".") or not os.path.isfile(full):
             continue
+        elif os.path.islink(full):  # only checkpoint files are followed (see ckptstore.formats)
+            log.warning("not committing %s: a symlink, and not a checkpoint file", full)
         elif os.path.getsize(full) > MAX_EXTRA_FILE_BYTES:
             log.warning("not committing %s (%d bytes): larger than %d bytes", full, os.path.getsize(full), MAX_EXTRA_FILE_BYTES)
         else:
