@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,9 +24,11 @@ import click
 from . import __version__
 from .commit import Commit
 from .errors import CkptStoreError, StoreNotFound
-from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan
+from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, commit_key, dropped_components
+from .manifest import Manifest
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from .store import LATEST, Diff, Store, open_store
+from .usage import CommitUsage, read_racing_collector, reading_commit
 
 _DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -137,7 +141,37 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]
 
 
 def _echo_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    click.echo(_json_text(doc, indent=2))
+
+
+def _json_text(doc: Any, *, indent: int | None = None, ensure_ascii: bool = True) -> str:
+    """``doc`` as strict JSON (no NaN), keys sorted; see :func:`_json_value`."""
+    return json.dumps(_json_value(doc), indent=indent, sort_keys=True, allow_nan=False, ensure_ascii=ensure_ascii, default=str)
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as strict JSON holds it (docs/cli.md, "JSON output"): a NaN or infinite
+    float as the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``; a dict's keys as
+    strings, an int key as its decimal text, except where that text is also one of its str
+    keys: then the dict is a list of ``[key, value]`` pairs, each key as it is (int keys are
+    JSON numbers), int before str of the same text. Other values are left to ``json``
+    (anything it cannot hold becomes its ``str``)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else "NaN" if math.isnan(number) else "Infinity" if number > 0 else "-Infinity"
+    if isinstance(value, Mapping):
+        texts = [k if isinstance(k, str) else str(k) for k in value]
+        if len(set(texts)) == len(texts):
+            return {text: _json_value(v) for text, v in zip(texts, value.values())}
+        pairs = sorted(value.items(), key=lambda kv: (str(kv[0]), isinstance(kv[0], str)))
+        return [[k if isinstance(k, (str, int)) else str(k), _json_value(v)] for k, v in pairs]
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
 
 
 def _human(n: float) -> str:
@@ -149,9 +183,13 @@ def _human(n: float) -> str:
     raise AssertionError
 
 
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped, so a name cannot break a line or drive a
-    terminal."""
+def _printable(value: object) -> str:
+    """``str(value)`` with every character that is not printable escaped as Python writes it
+    (``\\n``, ``\\x1b``, ``\\x85``, ``\\u202e``): control characters (C0, DEL, C1), format
+    characters such as bidi overrides, line and paragraph separators. Every user-supplied
+    string goes through it on its way to the terminal, so none can break a line, forge one
+    or drive the terminal."""
+    text = value if isinstance(value, str) else str(value)
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
@@ -163,14 +201,18 @@ def _decorations(store: Store) -> dict[str, list[str]]:
     """Commit id → the branch and tag names pointing at it."""
     out: dict[str, list[str]] = {}
     for name, cid in store.branches().items():
-        out.setdefault(cid, []).append(click.style(name, fg="green", bold=True))
+        out.setdefault(cid, []).append(click.style(_printable(name), fg="green", bold=True))
     for name, cid in store.tags().items():
-        out.setdefault(cid, []).append(click.style(f"tag: {name}", fg="cyan"))
+        out.setdefault(cid, []).append(click.style(f"tag: {_printable(name)}", fg="cyan"))
     return out
 
 
 def _step(commit: Commit) -> Any:
     return commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
+
+
+def _metrics(commit: Commit, sep: str) -> str:
+    return sep.join(f"{_printable(k)}={v:.6g}" for k, v in sorted(commit.metrics.items()))
 
 
 def _commit_json(commit: Commit) -> dict[str, Any]:
@@ -188,9 +230,9 @@ def _oneline(commit: Commit, decorations: dict[str, list[str]]) -> str:
         parts.append("(" + ", ".join(decorations[commit.id]) + ")")
     step = _step(commit)
     if step is not None:
-        parts.append(f"step {step}")
+        parts.append(f"step {_printable(step)}")
     if commit.metrics:
-        parts.append(" ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
+        parts.append(_metrics(commit, " "))
     if commit.message:
         parts.append(_printable(commit.message))
     return " ".join(parts)
@@ -287,11 +329,11 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
         names = f" ({', '.join(decorations[commit.id])})" if decorations.get(commit.id) else ""
         click.echo(f"commit {click.style(commit.id, fg='yellow')}{names}")
         click.echo(f"Date:    {commit.created_at.astimezone().isoformat(timespec='seconds')}")
-        click.echo(f"Branch:  {commit.branch}")
+        click.echo(f"Branch:  {_printable(commit.branch)}")
         if _step(commit) is not None:
-            click.echo(f"Step:    {_step(commit)}")
+            click.echo(f"Step:    {_printable(_step(commit))}")
         if commit.metrics:
-            click.echo("Metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
+            click.echo("Metrics: " + _metrics(commit, ", "))
         click.echo(f"Size:    {_human(commit.stats.logical_bytes)} logical, {_human(commit.stats.new_bytes)} new")
         if commit.message:
             click.echo(f"\n    {_printable(commit.message)}")
@@ -388,10 +430,18 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
       ckpt show best
     """
     store = ctx.store()
-    commit = store.commit_of(rev)
-    manifest = store.manifest_of(commit)
-    usage = {c.id: c for c in store.du().commits}.get(commit.id)
-    dropped = store.dropped_components(commit.id)
+
+    def read() -> tuple[Commit, Manifest, CommitUsage | None, tuple[str, ...]]:
+        commit = store.commit_of(rev)
+        with reading_commit(store, commit.id):
+            manifest = store.manifest_of(commit)
+            dropped = dropped_components(store.objects, commit.id)
+            usage = {c.id: c for c in store.du().commits}.get(commit.id)
+            if usage is None:  # du found it gone? Then a collector removed it: read again
+                store.objects.size(commit_key(commit.id))
+        return commit, manifest, usage, dropped
+
+    commit, manifest, usage, dropped = read_racing_collector(read)
     tensors = [{"path": e.path, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes} for e in manifest.tensors]
     doc = _commit_json(commit) | {
         "manifest": commit.manifest, "exclusive_bytes": usage.exclusive_bytes if usage else None,
@@ -402,22 +452,22 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
         return
     click.echo(f"commit   {click.style(commit.id, fg='yellow')}")
     click.echo(f"parents  {' '.join(commit.parents) or '(none)'}")
-    click.echo(f"branch   {commit.branch}")
+    click.echo(f"branch   {_printable(commit.branch)}")
     click.echo(f"date     {commit.created_at.astimezone().isoformat(timespec='seconds')}")
     if commit.message:
         click.echo(f"message  {_printable(commit.message)}")
     if commit.metadata:
-        click.echo(f"metadata {json.dumps(commit.metadata, default=str, sort_keys=True)}")
+        click.echo(f"metadata {_printable(_json_text(commit.metadata, ensure_ascii=False))}")
     if commit.metrics:
-        click.echo("metrics  " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(commit.metrics.items())))
+        click.echo("metrics  " + _metrics(commit, ", "))
     exclusive = f", {_human(usage.exclusive_bytes)} stored for this commit alone" if usage else ""
     click.echo(f"size     {_human(commit.stats.logical_bytes)} logical, {_human(commit.stats.new_bytes)} newly stored{exclusive}")
     if dropped:
-        click.echo(f"demoted  no longer holds {', '.join(dropped)}")
+        click.echo(f"demoted  no longer holds {', '.join(map(_printable, dropped))}")
     click.echo(f"tensors  {len(tensors)}")
-    width = max((len(t["path"]) for t in tensors), default=0)
+    width = max((len(_printable(t["path"])) for t in tensors), default=0)
     for t in tensors:
-        click.echo(f"  {_printable(t['path']):<{width}}  {t['dtype']:<9} {str(tuple(t['shape'])):<20} {_human(t['bytes'])}")
+        click.echo(f"  {_printable(t['path']):<{width}}  {_printable(t['dtype']):<9} {str(tuple(t['shape'])):<20} {_human(t['bytes'])}")
 
 
 @cli.command()
@@ -493,12 +543,12 @@ def _list_refs(refs: dict[str, str], store: Store, as_json: bool, current: str |
     if as_json:
         _echo_json({name: _commit_json(store.get_commit(cid)) for name, cid in refs.items()})
         return
-    width = max((len(n) for n in refs), default=0)
+    width = max((len(_printable(n)) for n in refs), default=0)
     for name, cid in refs.items():
         commit = store.get_commit(cid)
         mark = "*" if name == current else " "
-        step = f" step {_step(commit)}" if _step(commit) is not None else ""
-        click.echo(f"{mark} {click.style(f'{name:<{width}}', fg='green')} {_short(cid)}{step} {_printable(commit.message)}".rstrip())
+        step = f" step {_printable(_step(commit))}" if _step(commit) is not None else ""
+        click.echo(f"{mark} {click.style(f'{_printable(name):<{width}}', fg='green')} {_short(cid)}{step} {_printable(commit.message)}".rstrip())
 
 
 @cli.command()
@@ -523,12 +573,12 @@ def diff(ctx: _Context, a: str, b: str, no_values: bool, as_json: bool) -> None:
         })  # fmt: skip
         return
     for c in d.added:
-        click.echo(click.style(f"+ {_printable(c.path)}  {c.dtype[1]} {tuple(c.shape[1] or ())}  {_human(c.nbytes[1])}", fg="green"))
+        click.echo(click.style(f"+ {_printable(c.path)}  {_printable(c.dtype[1])} {tuple(c.shape[1] or ())}  {_human(c.nbytes[1])}", fg="green"))
     for c in d.removed:
-        click.echo(click.style(f"- {_printable(c.path)}  {c.dtype[0]} {tuple(c.shape[0] or ())}  {_human(c.nbytes[0])}", fg="red"))
+        click.echo(click.style(f"- {_printable(c.path)}  {_printable(c.dtype[0])} {tuple(c.shape[0] or ())}  {_human(c.nbytes[0])}", fg="red"))
     for c in d.changed:
         if c.dtype[0] != c.dtype[1] or c.shape[0] != c.shape[1]:
-            what = f"{c.dtype[0]} {tuple(c.shape[0] or ())} -> {c.dtype[1]} {tuple(c.shape[1] or ())}"
+            what = f"{_printable(c.dtype[0])} {tuple(c.shape[0] or ())} -> {_printable(c.dtype[1])} {tuple(c.shape[1] or ())}"
         elif c.max_abs_change is not None:
             what = f"max |Δ| {c.max_abs_change:.3g}, relative {c.relative_change:.3g}"
         else:
@@ -569,9 +619,9 @@ def du(ctx: _Context, per_commit: bool, as_json: bool) -> None:
     click.echo(f"dedup     {usage.dedup_ratio:.2f}x   compression {usage.compression_ratio:.2f}x")
     if usage.branches:
         click.echo("branches")
-        width = max(len(b.name) for b in usage.branches)
+        width = max(len(_printable(b.name)) for b in usage.branches)
         for b in usage.branches:
-            click.echo(f"  {click.style(f'{b.name:<{width}}', fg='green')}  {b.commits:>5} commits  {_human(b.logical_bytes):>10} logical  {_human(b.physical_bytes):>10} stored")
+            click.echo(f"  {click.style(f'{_printable(b.name):<{width}}', fg='green')}  {b.commits:>5} commits  {_human(b.logical_bytes):>10} logical  {_human(b.physical_bytes):>10} stored")
     if per_commit:
         click.echo("commits")
         for c in usage.commits:
@@ -715,7 +765,7 @@ def gc(ctx: _Context, keep_last, keep_best, metric, greater_is_better, keep_ever
     for cid in plan.removed_commits:
         click.echo(f"remove  {cid[:12]}")
     for cid, prefixes in sorted(plan.demoted_commits.items()):
-        click.echo(f"demote  {cid[:12]}  (without {', '.join(prefixes)})")
+        click.echo(f"demote  {cid[:12]}  (without {', '.join(map(_printable, prefixes))})")
     click.echo(plan.summary())
 
 
@@ -745,7 +795,7 @@ def fsck(ctx: _Context, read_data: bool, read_data_subset: float | None, repair:
         })  # fmt: skip
     else:
         for problem in report.problems:
-            click.echo(str(problem))
+            click.echo(_printable(problem))
         click.echo(report.summary())
     if not report.ok:
         sys.exit(1)
