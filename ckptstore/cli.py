@@ -432,13 +432,14 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
     store = ctx.store()
 
     def read() -> tuple[Commit, Manifest, CommitUsage | None, tuple[str, ...]]:
-        commit = store.commit_of(rev)
-        with reading_commit(store, commit.id):
+        commit_id = store.resolve(rev)
+        with reading_commit(store, commit_id):
+            commit = store.get_commit(commit_id)
             manifest = store.manifest_of(commit)
-            dropped = dropped_components(store.objects, commit.id)
-            usage = {c.id: c for c in store.du().commits}.get(commit.id)
-            if usage is None:  # du found it gone? Then a collector removed it: read again
-                store.objects.size(commit_key(commit.id))
+            dropped = dropped_components(store.objects, commit_id)
+            usage = {c.id: c for c in store.du().commits}.get(commit_id)
+            if usage is None:  # du did not find it: if it is gone, a collector removed it
+                store.objects.size(commit_key(commit_id))
         return commit, manifest, usage, dropped
 
     commit, manifest, usage, dropped = read_racing_collector(read)
@@ -493,7 +494,7 @@ def branch(ctx: _Context, name: str | None, start: str | None, delete: bool, ren
     if name is None:
         if delete or rename or force or start:
             raise click.UsageError("name a branch")
-        _list_refs(store.branches(), store, as_json, current=store.config.default_branch)
+        _list_refs(store.branches, store, as_json, current=store.config.default_branch)
         return
     if delete:
         store.delete_branch(name)
@@ -529,7 +530,7 @@ def tag(ctx: _Context, name: str | None, at: str | None, delete: bool, force: bo
     if name is None:
         if delete or force or at:
             raise click.UsageError("name a tag")
-        _list_refs(store.tags(), store, as_json)
+        _list_refs(store.tags, store, as_json)
         return
     if delete:
         store.delete_tag(name)
@@ -539,16 +540,23 @@ def tag(ctx: _Context, name: str | None, at: str | None, delete: bool, force: bo
         click.echo(f"tag {name} at {_short(commit.id)}")
 
 
-def _list_refs(refs: dict[str, str], store: Store, as_json: bool, current: str | None = None) -> None:
+def _list_refs(list_refs: Callable[[], dict[str, str]], store: Store, as_json: bool, current: str | None = None) -> None:
+    def read() -> dict[str, Commit]:
+        commits = {}
+        for name, cid in list_refs().items():
+            with reading_commit(store, cid):  # a ref moved on, and a collector took its old target?
+                commits[name] = store.get_commit(cid)
+        return commits
+
+    commits = read_racing_collector(read)
     if as_json:
-        _echo_json({name: _commit_json(store.get_commit(cid)) for name, cid in refs.items()})
+        _echo_json({name: _commit_json(commit) for name, commit in commits.items()})
         return
-    width = max((len(_printable(n)) for n in refs), default=0)
-    for name, cid in refs.items():
-        commit = store.get_commit(cid)
+    width = max((len(_printable(n)) for n in commits), default=0)
+    for name, commit in commits.items():
         mark = "*" if name == current else " "
         step = f" step {_printable(_step(commit))}" if _step(commit) is not None else ""
-        click.echo(f"{mark} {click.style(f'{_printable(name):<{width}}', fg='green')} {_short(cid)}{step} {_printable(commit.message)}".rstrip())
+        click.echo(f"{mark} {click.style(f'{_printable(name):<{width}}', fg='green')} {_short(commit.id)}{step} {_printable(commit.message)}".rstrip())
 
 
 @cli.command()
