@@ -13,19 +13,33 @@ Tables::
     metrics   (commit, name, value)                 PK (commit, name)
     refs      (kind, name, commit)                  PK (kind, name)
 
-A catalog file that SQLite cannot read, or that fails SQLite's integrity check, is moved
-aside and rebuilt. What GC deletes is never decided from the catalog.
+What a file catalog's failures mean (:func:`_failure`):
+
+* *busy* (another process holds it): waited out, with backoff, for up to
+  :data:`BUSY_TIMEOUT_S`, then taken as unwritable;
+* *corrupt* (SQLite says so, or the integrity or schema check fails): moved aside as
+  ``catalog.sqlite.corrupt-TIME`` and rebuilt;
+* *unwritable* (disk full, read-only, cannot be opened or created; on open, or by any
+  later statement): this process goes on with an in-memory catalog (a copy of the file's
+  rows where they can be read), logged once, and the file is left as it is.
+
+Opening (checking, moving aside, creating) holds an exclusive ``flock`` on
+``catalog.sqlite.lock``, so processes opening one new store at once never take each
+other's fresh catalog for a damaged one. What GC deletes is never decided from the catalog.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import sqlite_utils
 
@@ -45,82 +59,230 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "refs": ({"kind": str, "name": str, "commit": str}, ("kind", "name")),
 }
 
+#: How long opening the catalog, or one statement, waits for other processes before this
+#: process gives up on the file (and keeps its catalog in memory).
+BUSY_TIMEOUT_S = 60.0
+
+#: SQLite's primary result codes by what they mean for a cache, and the messages they come
+#: with (Python before 3.11 gives only the message).
+_FAILURES: dict[str, dict[int, str]] = {
+    "busy": {5: "database is locked", 6: "database table is locked"},
+    "corrupt": {11: "malformed", 26: "file is not a database"},
+    "unwritable": {
+        3: "access permission denied", 8: "readonly database", 10: "disk i/o error",
+        13: "database or disk is full", 14: "unable to open database file", 22: "large file support",
+    },
+}
+
+_warned: set[str] = set()  # catalog files this process said it cannot use
+_warned_lock = threading.Lock()
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """A catalog file SQLite reads but that fails the integrity or schema check."""
+
+
+def _failure(exc: BaseException) -> str | None:
+    """``"busy"``, ``"corrupt"`` or ``"unwritable"`` for a failure of the catalog file, else
+    ``None`` (a bug, or a closed catalog: raised)."""
+    if isinstance(exc, _Damaged):
+        return "corrupt"
+    if isinstance(exc, OSError):  # the catalog's directory or lock file
+        return "unwritable"
+    if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.ProgrammingError | sqlite3.IntegrityError):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    message = str(exc).lower()
+    for failure, codes in _FAILURES.items():
+        if ((code & 0xFF) in codes) if code is not None else any(m in message for m in codes.values()):
+            return failure
+    return None
+
+
+_Result = TypeVar("_Result")
+
+
+def _falls_back(method: Callable[..., _Result]) -> Callable[..., _Result]:
+    """Run a catalog method under the catalog's lock; if the file fails it (full, read-only,
+    busy past the timeout, damaged while open), go on in memory and run it again there. An
+    iterator argument is read into a list first, so the second run sees the same items."""
+
+    @functools.wraps(method)
+    def run(self: Catalog, *args, **kwargs):  # noqa: ANN202
+        args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
+        kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
+        with self._lock:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.DatabaseError as exc:
+                if self.in_memory or _failure(exc) is None:
+                    raise
+                self._fall_back(exc)
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str, *, deadline: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if absent, never removed; read
+    access is enough); :class:`TimeoutError` if another process holds it past ``deadline``."""
+    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        delay_s = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{lock_path} held by another process for {BUSY_TIMEOUT_S:.0f} s") from None
+                time.sleep(delay_s)
+                delay_s = min(2 * delay_s, 0.05)
+        yield
+    finally:
+        os.close(fd)  # drops the flock
+
 
 class Catalog:
     """A SQLite catalog at ``path`` (``None``: in memory). Thread-safe; every method is
     one transaction (sqlite-utils would commit each insert on its own, and a process killed
-    between two would leave a commit without its parents)."""
+    between two would leave a commit without its parents).
+
+    Never fails because of the file: one that cannot be written (or stays locked past
+    :data:`BUSY_TIMEOUT_S`) is left as it is and the catalog is kept in memory from then on
+    (:attr:`in_memory`), starting from a copy of the file's rows where they can be read.
+    """
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._lock = threading.RLock()
+        #: Whether the catalog is kept in memory: no path, or the file could not be used.
+        self.in_memory = path is None
+        if path is None:
+            self.db = self._memory()
+            return
         try:
-            self._open()
-        except sqlite3.DatabaseError as exc:
-            if path is None:
+            self.db = self._open_file(path)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            if _failure(exc) is None:
                 raise
-            aside = f"{path}.corrupt-{int(time.time())}"
-            log.warning("catalog %s is unreadable (%s); moving it to %s and rebuilding it", path, exc, aside)
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(path + suffix):
-                    os.replace(path + suffix, aside + suffix)
-            self._open()
+            self._warn(exc)
+            self.in_memory = True
+            self.db = self._memory()
 
-    def _open(self) -> None:
-        if self.path is None:
-            conn = sqlite3.connect(":memory:", check_same_thread=False)
-        else:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                problems = conn.execute("PRAGMA integrity_check").fetchall()
-                if problems != [("ok",)]:
-                    raise sqlite3.DatabaseError(f"integrity check: {problems[0][0]}")
-            except sqlite3.DatabaseError:
-                conn.close()
-                raise
-        self.db = sqlite_utils.Database(conn)
+    def _open_file(self, path: str) -> sqlite_utils.Database:
+        """Open the catalog file, checked, with its schema, under the open lock: waits out
+        other processes (busy), and moves a corrupt file aside once and starts a new one."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with _exclusive(f"{path}.lock", deadline=deadline):
+            moved_aside = False
+            delay_s = 0.01
+            while True:
+                try:
+                    return self._connect(path)
+                except sqlite3.DatabaseError as exc:
+                    failure = _failure(exc)
+                    if failure == "busy" and time.monotonic() + delay_s < deadline:
+                        time.sleep(delay_s)
+                        delay_s = min(2 * delay_s, 0.2)
+                    elif failure == "corrupt" and not moved_aside:
+                        aside = f"{path}.corrupt-{int(time.time())}"
+                        log.warning("catalog %s is damaged (%s); moving it to %s and rebuilding it", path, exc, aside)
+                        for suffix in ("", "-wal", "-shm"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.replace(path + suffix, aside + suffix)
+                        moved_aside = True
+                    else:
+                        raise
+
+    def _connect(self, path: str) -> sqlite_utils.Database:
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         try:
-            self._create_schema()
-        except sqlite3.DatabaseError:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            problems = conn.execute("PRAGMA integrity_check").fetchall()
+            if problems != [("ok",)]:
+                raise _Damaged(f"integrity check: {problems[0][0]}")
+            db = sqlite_utils.Database(conn)
+            self._create_schema(db)
+        except BaseException:
             conn.close()
             raise
+        return db
+
+    def _memory(self) -> sqlite_utils.Database:
+        db = sqlite_utils.Database(sqlite3.connect(":memory:", check_same_thread=False))
+        self._create_schema(db)
+        return db
+
+    def _fall_back(self, exc: sqlite3.DatabaseError) -> None:
+        """Go on in memory, from a copy of the file's rows if they can still be read (else
+        empty: the store's next sync fills it). The file is left as it is."""
+        self._warn(exc)
+        memory = sqlite3.connect(":memory:", check_same_thread=False)
+        try:
+            self.db.conn.backup(memory)
+            copy = sqlite_utils.Database(memory)
+            self._create_schema(copy)
+        except sqlite3.DatabaseError:
+            memory.close()
+            copy = self._memory()
+        with contextlib.suppress(sqlite3.Error):
+            self.db.conn.close()
+        self.db = copy
+        self.in_memory = True
+
+    def _warn(self, exc: BaseException) -> None:
+        """Say once per process and file that the file is not used, and why."""
+        with _warned_lock:
+            first = self.path not in _warned
+            _warned.add(self.path)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "catalog %s cannot be used (%s); keeping the catalog in memory for this process "
+            "(it is a cache of the store: nothing is lost, commands work, lookups are slower)",
+            self.path, exc,
+        )
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         """One write transaction, its lock taken at the start (``BEGIN IMMEDIATE``, waiting
-        for other processes' writers): a transaction that read first could not upgrade."""
-        with self._lock:
-            self.db.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.conn.execute("ROLLBACK")
-                raise
-            self.db.conn.execute("COMMIT")
+        for other processes' writers): a transaction that read first could not upgrade.
+        Run by a :func:`_falls_back` method, which holds the catalog's lock."""
+        self.db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.conn.in_transaction:  # SQLite ends it itself on some errors (disk full)
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.conn.execute("ROLLBACK")
+            raise
+        self.db.conn.execute("COMMIT")
 
-    def _create_schema(self) -> None:
+    @staticmethod
+    def _create_schema(db: sqlite_utils.Database) -> None:
         """Create the tables, or rebuild a catalog of another schema version. One exclusive
         transaction, so processes opening a new store at once never see half a schema."""
-        with self._lock, self.db.conn:
-            self.db.conn.execute("BEGIN EXCLUSIVE")
-            meta = self.db["meta"]
+        with db.conn:
+            db.conn.execute("BEGIN EXCLUSIVE")
+            meta = db["meta"]
             if meta.exists():
-                row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if row is not None and row[0] == str(SCHEMA_VERSION):
                     for name, (columns, _) in TABLES.items():
-                        if list(self.db[name].columns_dict) != list(columns):
-                            raise sqlite3.DatabaseError(f"catalog table {name} has columns {list(self.db[name].columns_dict)}")
+                        if list(db[name].columns_dict) != list(columns):
+                            raise _Damaged(f"catalog table {name} has columns {list(db[name].columns_dict)}")
                     return
-                for name in self.db.table_names():
-                    self.db[name].drop()  # an older catalog: it is a cache, rebuild it
+                for name in db.table_names():
+                    db[name].drop()  # an older catalog: it is a cache, rebuild it
             for name, (columns, pk) in TABLES.items():
-                self.db[name].create(columns, pk=pk)
-            self.db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
-            self.db["parents"].create_index(["parent"])
+                db[name].create(columns, pk=pk)
+            db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
+            db["parents"].create_index(["parent"])
 
+    @_falls_back
     def clear(self) -> None:
         """Forget everything (the catalog is then rebuilt from the store)."""
         with self._write():
@@ -133,6 +295,7 @@ class Catalog:
 
     # -- commits ---------------------------------------------------------------------------
 
+    @_falls_back
     def add_commit(self, row: dict, parents: Iterable[str], metrics: dict[str, float]) -> None:
         """Index one commit. Idempotent."""
         with self._write():
@@ -144,6 +307,7 @@ class Catalog:
                 ({"commit": row["id"], "name": k, "value": v} for k, v in metrics.items()), replace=True
             )
 
+    @_falls_back
     def remove_commits(self, ids: Iterable[str]) -> None:
         with self._write():
             for commit_id in ids:
@@ -151,44 +315,43 @@ class Catalog:
                     self.db.execute(f"DELETE FROM {table} WHERE [commit] = ?", [commit_id])
                 self.db.execute("DELETE FROM commits WHERE id = ?", [commit_id])
 
+    @_falls_back
     def commit_rows(self) -> list[dict]:
         """Every commit's id, manifest, created_at and step, and its metrics as a dict."""
-        with self._lock:
-            rows = [dict(r) for r in self.db.query("SELECT id, manifest, created_at, step FROM commits")]
-            metrics: dict[str, dict[str, float]] = {}
-            for commit_id, name, value in self.db.execute("SELECT [commit], name, value FROM metrics"):
-                metrics.setdefault(commit_id, {})[name] = value
+        rows = [dict(r) for r in self.db.query("SELECT id, manifest, created_at, step FROM commits")]
+        metrics: dict[str, dict[str, float]] = {}
+        for commit_id, name, value in self.db.execute("SELECT [commit], name, value FROM metrics"):
+            metrics.setdefault(commit_id, {})[name] = value
         for row in rows:
             row["metrics"] = metrics.get(row["id"], {})
         return rows
 
+    @_falls_back
     def commit_object(self, commit_id: str) -> bytes | None:
-        with self._lock:
-            row = self.db.execute("SELECT object FROM commits WHERE id = ?", [commit_id]).fetchone()
+        row = self.db.execute("SELECT object FROM commits WHERE id = ?", [commit_id]).fetchone()
         return None if row is None else row[0]
 
+    @_falls_back
     def commit_ids(self) -> set[str]:
-        with self._lock:
-            return {r[0] for r in self.db.execute("SELECT id FROM commits")}
+        return {r[0] for r in self.db.execute("SELECT id FROM commits")}
 
+    @_falls_back
     def ids_with_prefix(self, prefix: str) -> list[str]:
-        with self._lock:
-            rows = self.db.execute(
-                "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", [prefix, prefix + "g"]
-            )
-            return [r[0] for r in rows]
+        rows = self.db.execute("SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", [prefix, prefix + "g"])
+        return [r[0] for r in rows]
 
+    @_falls_back
     def children(self, commit_id: str) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self.db.execute("SELECT [commit] FROM parents WHERE parent = ?", [commit_id])]
+        return [r[0] for r in self.db.execute("SELECT [commit] FROM parents WHERE parent = ?", [commit_id])]
 
     # -- refs ------------------------------------------------------------------------------
 
+    @_falls_back
     def refs(self, kind: str) -> dict[str, str]:
-        with self._lock:
-            rows = self.db.execute("SELECT name, [commit] FROM refs WHERE kind = ? ORDER BY name", [kind])
-            return dict(rows.fetchall())
+        rows = self.db.execute("SELECT name, [commit] FROM refs WHERE kind = ? ORDER BY name", [kind])
+        return dict(rows.fetchall())
 
+    @_falls_back
     def set_ref(self, kind: str, name: str, commit_id: str | None) -> None:
         with self._write():
             if commit_id is None:
@@ -196,6 +359,7 @@ class Catalog:
             else:
                 self.db["refs"].insert({"kind": kind, "name": name, "commit": commit_id}, replace=True)
 
+    @_falls_back
     def replace_refs(self, kind: str, refs: dict[str, str]) -> None:
         """Make the catalog's refs of ``kind`` exactly ``refs``."""
         with self._write():
