@@ -42,6 +42,7 @@ from typing import Any
 #: applies it), then the connection is reset instead of answering. ``truncate``: forwarded,
 #: then only part of the response is sent before the connection closes. ``flip``: forwarded,
 #: one byte of a non-empty response body inverted (corruption on the wire, length intact).
+#: ``stall`` (by rule only): the request is read and never answered.
 TRANSIENT_HTTP_FAULTS = ("500", "503", "reset", "lost", "truncate")
 
 
@@ -128,9 +129,12 @@ class S3FaultProxy:
 
     def __init__(
         self, upstream: str, *, rate: float = 0.0, faults: tuple[str, ...] = TRANSIENT_HTTP_FAULTS, latency_s: float = 0.0,
-        where: Callable[[Request], bool] | None = None, seed: int = 0,
+        where: Callable[[Request], bool] | None = None, seed: int = 0, drop_headers: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         host_port = upstream.split("://", 1)[-1].rstrip("/")
+        #: Request headers (lower-case names) removed before forwarding: an endpoint that
+        #: ignores them, as one without conditional writes ignores If-None-Match and If-Match.
+        self.drop_headers = frozenset(drop_headers)
         self.where = where
         self._up_host, port = host_port.rsplit(":", 1)
         self._up_port = int(port)
@@ -217,7 +221,7 @@ class S3FaultProxy:
         for line in lines[1:]:
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
-            if name.strip().lower() not in ("connection", "keep-alive", "expect"):
+            if name.strip().lower() not in ("connection", "keep-alive", "expect", *self.drop_headers):
                 kept.append(line)
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -259,6 +263,9 @@ class S3FaultProxy:
                     continue
                 if fault == "reset":
                     _abort(writer)
+                    return
+                if fault == "stall":  # never answers (a hung endpoint): the client must give up
+                    await asyncio.sleep(3600)
                     return
                 response = await self._forward(request)
                 if fault == "lost":
