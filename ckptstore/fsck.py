@@ -217,6 +217,7 @@ def check(
         to_read = set(ids)
 
     reader = ChunkReader(objects)
+    whole_again: set[str] = set()  # chunks recorded as deltas, stored self-contained
 
     def check_chunk(chunk_id: str) -> tuple[Problem | None, int]:
         ref, cid, path = needed_chunks[chunk_id]
@@ -226,9 +227,6 @@ def check(
         if info is None:
             return Problem("chunk", "chunk is missing", key=key, commit=cid, path=path), 0
         try:
-            if chunk_id in to_read:  # every byte, through the delta chain
-                reader.read_into(ref, np.empty(ref.size, dtype=np.uint8), path=path)
-                return None, ref.size
             prefix = objects.get_range(key, 0, CHAIN_PREFIX_BYTES)
             codec, raw_size, body_size = read_header(prefix, key=key, kind=Kind.CHUNK)
             if raw_size != ref.size:
@@ -236,8 +234,13 @@ def check(
             if info.size_bytes != HEADER_SIZE + body_size:
                 raise IntegrityError(f"chunk is {info.size_bytes} bytes stored, its header says {HEADER_SIZE + body_size}", key=key, path=path)
             bases = delta_chain(memoryview(prefix)[HEADER_SIZE:], key=key, path=path)[0] if codec is Codec.DELTA else ()
-            if bases != ref.bases:
+            if bases and bases != ref.bases:
                 raise IntegrityError(f"chunk is read through {list(bases)}, its manifest records {list(ref.bases)}", key=key, path=path)
+            if ref.bases and not bases:  # stored whole again (its bases were gone): it needs none
+                whole_again.add(chunk_id)
+            if chunk_id in to_read:  # every byte, through the delta chain
+                reader.read_into(ref, np.empty(ref.size, dtype=np.uint8), path=path)
+                return None, ref.size
         except (CkptStoreError, ValueError) as exc:
             reason, failed = _reason(exc), getattr(exc, "key", None)
             if failed and failed != key:  # the delta is sound, one of its bases is not
@@ -264,7 +267,7 @@ def check(
         manifest = manifests[commits[cid].manifest]
         for entry in entries:
             for ref in manifest.blobs[entry.blob].chunks:  # type: ignore[union-attr]
-                for chunk_id in (ref.id, *ref.bases):
+                for chunk_id in (ref.id, *(() if ref.id in whole_again else ref.bases)):
                     if chunk_id in damaged and (chunk_id, cid, entry.path) not in named:
                         named.add((chunk_id, cid, entry.path))
                         report.problems.append(replace(damaged[chunk_id], commit=cid, path=entry.path))

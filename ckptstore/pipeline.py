@@ -238,8 +238,9 @@ class ChunkReader:
     def read_into(self, ref: ChunkRef, target: np.ndarray, *, path: str | None = None, needed_by: str | None = None) -> None:
         """Fill ``target`` (uint8, ``ref.size`` long) with the chunk's bytes, checked against
         its id. A delta's bases are read first, one object body in memory at a time, and
-        must be the chain ``ref.bases`` records. Corruption raises :class:`IntegrityError`
-        naming the object and ``path``."""
+        must be the chain ``ref.bases`` records; a chunk recorded as a delta may be stored
+        self-contained (a writer stores a delta whose bases are gone whole again, in place).
+        Corruption raises :class:`IntegrityError` naming the object and ``path``."""
         key = chunk_key(ref.id)
         try:
             f = self._objects.reader(key)
@@ -256,9 +257,8 @@ class ChunkReader:
                 prefix = first + f.read(first[0] * 16 + 1) if first else first
                 bases, codec, prefix_size = delta_chain(prefix, key=key, path=path)
                 body_size -= prefix_size
-            if bases != ref.bases:
-                found = f"a delta against {bases[0]}" if bases else "self-contained"
-                raise IntegrityError(f"chunk is {found}, its manifest records {ref.bases[0] if ref.bases else 'no base'}", key=key, path=path)
+            if bases and bases != ref.bases:  # (a self-contained chunk where a delta was recorded was stored whole again)
+                raise IntegrityError(f"chunk is a delta against {bases[0]}, its manifest records {ref.bases[0] if ref.bases else 'no base'}", key=key, path=path)
             if bases:
                 self.read_into(ChunkRef(bases[0], ref.size, bases[1:]), target, path=path, needed_by=key)
             here = f.tell()

@@ -1171,6 +1171,7 @@ def open_store(
     max_inflight_bytes: int = 512 << 20,
     delta_base_cache_bytes: int = 1 << 30,
     cache_dir: str | None = None,
+    single_writer: bool | None = None,
 ) -> Store:
     """Open (and with ``create``, create if missing) the store at ``url``.
 
@@ -1183,8 +1184,18 @@ def open_store(
     against the parent commit's, with a keyframe at least every ``delta_keyframe_interval``
     commits; ``delta_base_cache_bytes`` of recently written chunks are kept in memory so that
     the next commit need not read its bases back.
+
+    An S3 endpoint is checked once (then remembered for a day in ``cache_dir``) for
+    conditional writes, which concurrent writers rely on: one that ignores them raises
+    :class:`ConditionalWritesUnsupported`, unless ``single_writer`` (default:
+    ``$CKPTSTORE_SINGLE_WRITER``) says that only one process at a time ever writes to the
+    store (commits, branches, tags and gc all count as writes).
     """
     objects = open_object_store(url, storage_options=storage_options, create=create)
+    if single_writer is None:
+        single_writer = os.environ.get("CKPTSTORE_SINGLE_WRITER", "").lower() in ("1", "true", "yes")
+    if not single_writer:
+        _check_conditional_writes(objects, cache_dir or _cache_dir())
     overrides: dict[str, Any] = {
         k: v
         for k, v in {
@@ -1224,6 +1235,35 @@ def open_store(
         max_inflight_bytes=max_inflight_bytes,
         delta_base_cache_bytes=delta_base_cache_bytes,
     )
+
+
+#: How long a passed check of an endpoint's conditional writes is trusted.
+CONDITIONAL_WRITES_CHECK_TTL_S = 86400.0
+_CONDITIONAL_WRITES_OK: set[str] = set()
+
+
+def _check_conditional_writes(objects: ObjectStore, cache_dir: str) -> None:
+    """Check, once per endpoint (remembered in this process and, for a day, in
+    ``cache_dir``), that the store's backend honours conditional writes."""
+    check = getattr(objects, "check_conditional_writes", None)
+    endpoint = getattr(objects, "endpoint", None)
+    if check is None or endpoint is None or endpoint in _CONDITIONAL_WRITES_OK:
+        return
+    stamp = os.path.join(cache_dir, "endpoints", hashlib.sha256(endpoint.encode()).hexdigest()[:24])
+    try:
+        if time.time() - os.path.getmtime(stamp) < CONDITIONAL_WRITES_CHECK_TTL_S:
+            _CONDITIONAL_WRITES_OK.add(endpoint)
+            return
+    except OSError:
+        pass
+    check()
+    _CONDITIONAL_WRITES_OK.add(endpoint)
+    try:
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(f"{endpoint}: conditional writes honoured\n")
+    except OSError as exc:  # a cache: the check is simply made again next time
+        log.debug("could not remember the conditional-write check of %s: %s", endpoint, exc)
 
 
 def _load_or_create_config(objects: ObjectStore, settings: dict[str, Any], *, create: bool) -> StoreConfig:
