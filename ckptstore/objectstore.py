@@ -1073,7 +1073,7 @@ class S3ObjectStore(_FsspecObjectStore):
                 f"the S3 endpoint {self.endpoint} ignores conditional writes ({' and '.join(ignored)}): "
                 "concurrent writers would silently lose commits there. Use an endpoint that supports them "
                 "(AWS S3, current MinIO), or, if only one process at a time ever writes to this store, "
-                "open it with single_writer=True (ckpt --single-writer)",
+                "open it with single_writer=True (for the ckpt command: CKPTSTORE_SINGLE_WRITER=1)",
                 endpoint=self.endpoint,
             )
 
