@@ -14,6 +14,7 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── UnsupportedValue .............. TypeError     a value that cannot be stored (names its key path)
     ├── ComponentsUnavailable ......... KeyError      components a commit lacks, or that GC dropped (demotion)
     ├── CollectorBusy ................. another garbage collector holds the store's lease
+    ├── PolicyMatchesNothing .......... ValueError    a retention rule that matches no commit at all
     ├── WriterExpired ................. TimeoutError  a commit's writer marker lapsed before it published
     ├── ClockSkew ..................... this machine's clock is far from the storage's
     ├── SourceChanged ................. RuntimeError  a tensor's bytes changed while a commit read them
@@ -129,6 +130,12 @@ class ComponentsUnavailable(CkptStoreError, KeyError):
 
 class CollectorBusy(CkptStoreError):
     """Another garbage collector holds the store's lease (it expires if its holder dies)."""
+
+
+class PolicyMatchesNothing(CkptStoreError, ValueError):
+    """A retention rule matched no commit on any branch it governs (``KeepBest`` of a metric
+    no commit has, ``KeepEveryNSteps`` where no commit has a step): most likely a typo, and
+    collecting would delete what it was meant to keep. Nothing was deleted."""
 
 
 class WriterExpired(CkptStoreError, TimeoutError):
