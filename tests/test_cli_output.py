@@ -41,7 +41,7 @@ from ckptstore.retention import KeepLast, Policy
 
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 #: Calls racing the collector, and the longest they may take together.
-RACE_CALLS, RACE_MAX_S = (3000, 1800.0) if SOAK else (300, 40.0)
+RACE_CALLS, RACE_MAX_S = (3000, 1800.0) if SOAK else (300, 30.0)
 #: Commits that every read goes through and no collection removes, and their tensors: the
 #: longer a read, the likelier a collection lands in the middle of it.
 KEPT, KEPT_TENSORS = 40, 150
