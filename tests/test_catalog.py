@@ -35,7 +35,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -129,30 +128,43 @@ def test_a_catalog_locked_by_another_process_is_waited_for_not_moved_aside(tmp_p
     mode: ``PRAGMA journal_mode=WAL`` answers "database is locked" at once."""
     path = tmp_path / CATALOG
     path.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, __file__, "hold", str(path), "1.0"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, __file__, "hold", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    outcome: list[Catalog | BaseException] = []
+
+    def open_catalog() -> None:
+        try:
+            outcome.append(Catalog(str(path)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_catalog)
     try:
         assert holder.stdout.readline() == "locked\n"
-        started = time.monotonic()
-        catalog = Catalog(str(path))
-        waited_s = time.monotonic() - started
+        opener.start()
+        opener.join(timeout=1.0)
+        waited_while_held = opener.is_alive()
+        moved_while_held = _moved_aside(tmp_path)
     finally:
-        holder.wait(timeout=60)
-    assert _moved_aside(tmp_path) == []
+        holder.communicate("release\n", timeout=120)
+        opener.join(timeout=120)
+    assert moved_while_held == [] and _moved_aside(tmp_path) == []
     assert holder.returncode == 0  # its file was not moved away under it
-    assert waited_s > 0.2  # it did wait (the holder had 1 s to go)
-    assert not catalog.in_memory
+    assert waited_while_held, outcome
+    [catalog] = outcome
+    assert isinstance(catalog, Catalog) and not catalog.in_memory, catalog
     assert catalog.db.execute("SELECT x FROM held").fetchall() == [(1,)]  # the holder's file, and row
     assert catalog.commit_ids() == set()
     catalog.close()
 
 
-def _hold(path: str, hold_s: float) -> None:
+def _hold(path: str) -> None:
+    """Create ``path`` and hold a write transaction on it until a line comes on stdin."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("CREATE TABLE held (x)")
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("INSERT INTO held VALUES (1)")
     print("locked", flush=True)
-    time.sleep(hold_s)
+    sys.stdin.readline()
     conn.execute("COMMIT")
     conn.close()
 
@@ -165,10 +177,11 @@ def test_a_corrupt_catalog_is_still_moved_aside_and_rebuilt(tmp_path: Path) -> N
         commit = store.commit({"w": torch.ones(3)}, message="one")
     (root / CATALOG).write_bytes(b"not a database at all, " * 1000)
     with ckptstore.open(str(root)) as store:
-        assert not store.catalog.in_memory
-        assert store.catalog.commit_ids() == {commit.id}
         assert [c.id for c in store.log()] == [commit.id]
     assert len(_moved_aside(root)) == 1
+    rebuilt = sqlite3.connect(root / CATALOG)
+    assert rebuilt.execute("SELECT id FROM commits").fetchall() == [(commit.id,)]
+    rebuilt.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +320,6 @@ def _full_mid_session(directory: str) -> None:
         catalog.add_commit(row(i, 100), [f"{i - 1:032x}"] if i else [], {"loss": 1.0 / (i + 1)})
     catalog.set_ref("heads", "main", f"{4:032x}")
     filler = _fill(directory)
-    assert not catalog.in_memory
 
     failures: list[BaseException] = []
 
@@ -391,7 +403,7 @@ if __name__ == "__main__":
     if mode == "rank":
         _rank(int(args[0]))
     elif mode == "hold":
-        _hold(args[0], float(args[1]))
+        _hold(args[0])
     else:
         scenarios = {
             "full-disk": _full_disk, "full-mid-session": _full_mid_session, "read-only": _read_only,
