@@ -699,7 +699,7 @@ def rev_parse(ctx: _Context, rev: str) -> None:
 
 
 def _policy(
-    keep_last: int | None, keep_best: int | None, metric: str, greater_is_better: bool | None,
+    keep_last: int | None, keep_best: int | None, metric: str | None, greater_is_better: bool | None,
     keep_every_steps: int | None, keep_within_s: float | None, max_total_bytes: int | None,
     demote: tuple[str, ...], keep_whole_last: int | None,
 ) -> Policy | None:  # fmt: skip
@@ -740,8 +740,8 @@ def _plan_json(plan: GcPlan) -> dict[str, Any]:
 @cli.command()
 @click.option("--keep-last", type=click.IntRange(min=0), help="Keep the N newest commits of each branch.")
 @click.option("--keep-best", type=click.IntRange(min=0), help="Keep the N best commits of each branch by --metric.")
-@click.option("--metric", default="eval_loss", show_default=True, help="Metric for --keep-best.")
-@click.option("--greater-is-better/--lower-is-better", default=None, help="Direction of --metric (default: lower for names ending in 'loss').")
+@click.option("--metric", default=None, help="Metric for --keep-best (default: the store's best_metric, which `best` follows).")
+@click.option("--greater-is-better/--lower-is-better", default=None, help="Direction of --metric (default: the store's for its best_metric, else lower for names ending in 'loss').")
 @click.option("--keep-every-steps", type=click.IntRange(min=1), help="Keep the first commit of every window of N steps.")
 @click.option("--keep-within", "keep_within_s", type=Duration(), help="Keep commits newer than this (30m, 12h, 7d).")
 @click.option("--max-total-size", "max_total_bytes", type=ByteSize(), help="Then drop the oldest kept commits until a branch's commits fit (500GB).")

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 
@@ -42,6 +42,7 @@ from .errors import (
     CollectorBusy,
     IntegrityError,
     ObjectNotFound,
+    PolicyMatchesNothing,
     PreconditionFailed,
     UnsupportedFormat,
 )
@@ -51,7 +52,7 @@ from .manifest import Manifest, path_under
 from .objectstore import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress, chunk_key
 from .refs import RefKind, RefStore
-from .retention import CommitInfo, Retention, policy_for
+from .retention import CommitInfo, Policy, Retention, policy_for
 
 log = logging.getLogger("ckptstore.gc")
 
@@ -185,6 +186,7 @@ class Repository(Protocol):
     objects: ObjectStore
     refs: RefStore
     catalog: Catalog
+    config: Any  # StoreConfig: best_metric, greater_is_better
 
     def get_commit(self, commit_id: str) -> Commit: ...
 
@@ -261,6 +263,8 @@ class GcPlan:
     young_objects: int = 0
     #: Commit objects that could not be read; never deleted (see ``fsck``).
     unreadable_commits: list[str] = field(default_factory=list)
+    #: Rules of the policy that match no commit at all (a collection refuses to run on them).
+    warnings: list[str] = field(default_factory=list)
     executed: bool = False
     deleted_objects: int = 0
     freed_bytes: int = 0
@@ -291,6 +295,8 @@ class GcPlan:
         )
         if self.young_objects:
             head += f"; {self.young_objects} unneeded objects are younger than the grace period ({self.grace_period_s:g} s)"
+        for warning in self.warnings:
+            head += f"\nWARNING: {warning}; gc would refuse to run"
         return head
 
 
@@ -341,38 +347,40 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     has_record = lambda cid: shallow_key(cid) in listing  # noqa: E731
     parents = {cid: effective_parents(objects, c, exists=lambda p: p in commits, grafted=has_record) for cid, c in commits.items()}
 
-    # Evaluate the policy on every branch's history.
+    # Evaluate the policy on every branch's history. A commit is kept if any branch keeps it;
+    # each branch that keeps it says what it drops of it (nothing, if it keeps it whole),
+    # and it loses only what every one of them drops.
     young = {cid for cid in commits if listing[commit_key(cid)].modified_s >= cutoff_s}
-    kept: set[str] = set()
-    whole: set[str] = set()
-    demote: dict[str, set[str]] = {}
+    drops: dict[str, list[tuple[str, ...]]] = {}  # commit → what each branch keeping it drops
     if retention is None:
         for target in ref_targets:
-            kept.update(c.id for c in _history(target, commits, parents))
-        whole |= kept
+            for c in _history(target, commits, parents):
+                drops.setdefault(c.id, []).append(())
+    governed: dict[Policy, list[list[CommitInfo]]] = {}
     for branch, head in branches.items():
         history = _history(head, commits, parents)
         policy = policy_for(retention, branch)
         if policy is None:
-            kept.update(c.id for c in history)
-            whole.update(c.id for c in history)
+            for c in history:
+                drops.setdefault(c.id, []).append(())
             continue
+        policy = policy.resolved(best_metric=repo.config.best_metric, greater_is_better=repo.config.greater_is_better)
+        governed.setdefault(policy, []).append(history)
         branch_kept, branch_whole = policy.select(history, now_s=now_s)
-        for c in history:
-            if c.id in branch_kept and c.id not in branch_whole:
-                demote.setdefault(c.id, set()).update(policy.demote)
         if policy.max_total_bytes is not None:
             branch_kept = _fit_budget(repo, history, branch_kept, policy.max_total_bytes, protected=ref_targets | young, commits=commits, listing=listing)
-        kept |= branch_kept
-        whole |= branch_whole & branch_kept
-    kept |= ref_targets | young
-    whole |= ref_targets | young
+        for cid in branch_kept:
+            drops.setdefault(cid, []).append(() if cid in branch_whole else policy.demote)
+    for cid in ref_targets | young:
+        drops.setdefault(cid, []).append(())
+    result.warnings = [why for policy, histories in governed.items() for why in policy.unmatched(histories)]
+    kept = set(drops)
 
-    # Demotions: earlier ones stand; new ones only where no policy keeps the commit whole.
+    # Demotions: earlier ones stand; new ones only what every branch keeping it drops.
     demoted: dict[str, tuple[str, ...]] = {}
     for cid in sorted(kept):
         earlier = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
-        new = demote.get(cid, set()) if cid not in whole else set()
+        new = _dropped_by_all(drops[cid])
         if earlier or new:
             demoted[cid] = tuple(sorted(set(earlier) | new))
 
@@ -450,6 +458,14 @@ def _chunk_chains(repo: Repository, commits: dict[str, Commit], chunk_keys: list
                 if chain is not None:  # else deleted meanwhile
                     chains[chunk_id] = chain
     return chains
+
+
+def _dropped_by_all(drops: list[tuple[str, ...]]) -> set[str]:
+    """The key-path prefixes every branch drops: a path goes only if each branch keeping the
+    commit drops something it lies under."""
+    candidates = {p for dropped in drops for p in dropped}
+    out = {p for p in candidates if all(any(path_under(p, q) for q in dropped) for dropped in drops)}
+    return {p for p in out if not any(p != q and path_under(p, q) for q in out)}
 
 
 def _nearest_kept(start: list[str], kept: set[str], parents: dict[str, list[str]]) -> list[str]:
@@ -634,11 +650,16 @@ def collect(
     if grace_period_s < 0:
         raise ValueError(f"grace_period_s must be non-negative, not {grace_period_s!r}")
     if dry_run:
-        return plan(repo, retention, grace_period_s=grace_period_s)[0]
+        result = plan(repo, retention, grace_period_s=grace_period_s)[0]
+        for warning in result.warnings:
+            log.warning("%s: gc would refuse to run", warning)
+        return result
     lease = CollectorLease(repo.objects, ttl_s=lease_ttl_s)
     lease.acquire()
     try:
         result, snapshot = plan(repo, retention, grace_period_s=grace_period_s, now_s=storage_now(repo.objects, ttl_s=lease_ttl_s))
+        if result.warnings:
+            raise PolicyMatchesNothing("; ".join(result.warnings) + "; nothing was deleted (fix the rule, or drop it)")
         lease.renew(sweeping=False)
         execute(repo, result, snapshot, lease, batch_size=batch_size, writer_timeout_s=writer_timeout_s, progress=progress)
         return result

@@ -48,6 +48,15 @@ class Rule(ABC):
     @abstractmethod
     def select(self, history: Sequence[CommitInfo], *, now_s: float) -> set[str]: ...
 
+    def resolved(self, *, best_metric: str, greater_is_better: bool | None) -> Rule:
+        """This rule with the store's settings filled in where it leaves them open."""
+        return self
+
+    def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:
+        """Why this rule can match no commit of these histories (a metric or step none of
+        them has), if it is so; empty if it may match."""
+        return []
+
     def __or__(self, other: Rule) -> Rule:
         if not isinstance(other, Rule):
             return NotImplemented
@@ -67,6 +76,12 @@ class AnyOf(Rule):
         for rule in self.rules:
             out |= rule.select(history, now_s=now_s)
         return out
+
+    def resolved(self, *, best_metric: str, greater_is_better: bool | None) -> Rule:
+        return AnyOf(tuple(r.resolved(best_metric=best_metric, greater_is_better=greater_is_better) for r in self.rules))
+
+    def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:
+        return [why for rule in self.rules for why in rule.unmatched(histories)]
 
 
 def _check_count(name: str, n: int) -> None:
@@ -90,21 +105,37 @@ class KeepLast(Rule):
 @dataclass(frozen=True)
 class KeepBest(Rule):
     """Keeps the ``n`` best commits by ``metric`` (commits without it, or with NaN, are
-    never selected). Ties go to the newer commit."""
+    never selected). Ties go to the newer commit. ``metric`` defaults to the store's
+    ``best_metric`` (what ``best`` follows), and the direction to the store's
+    ``greater_is_better`` for that metric, else to what the name says (lower is better for a
+    name ending in ``loss``). A ``KeepBest`` whose metric no commit has matches nothing: the
+    collection refuses to run (:class:`~ckptstore.errors.PolicyMatchesNothing`)."""
 
     n: int
-    metric: str = "eval_loss"
+    metric: str | None = None
     greater_is_better: bool | None = None
 
     def __post_init__(self) -> None:
         _check_count("KeepBest.n", self.n)
 
+    def resolved(self, *, best_metric: str, greater_is_better: bool | None) -> Rule:
+        metric = self.metric or best_metric
+        direction = self.greater_is_better if self.greater_is_better is not None else (greater_is_better if metric == best_metric else None)
+        return KeepBest(self.n, metric, greater_is_better_for(metric, direction))
+
+    def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:
+        metric = self.metric or "eval_loss"
+        if self.n and not any(metric in c.metrics and not math.isnan(c.metrics[metric]) for h in histories for c in h):
+            return [f"KeepBest({self.n}, metric={metric!r}) matches no commit: none has that metric"]
+        return []
+
     def select(self, history: Sequence[CommitInfo], *, now_s: float) -> set[str]:
-        sign = 1.0 if greater_is_better_for(self.metric, self.greater_is_better) else -1.0
+        metric = self.metric or "eval_loss"  # a collection resolves it first (the store's metric)
+        sign = 1.0 if greater_is_better_for(metric, self.greater_is_better) else -1.0
         scored = [
-            (sign * c.metrics[self.metric], -age, c.id)
+            (sign * c.metrics[metric], -age, c.id)
             for age, c in enumerate(history)
-            if self.metric in c.metrics and not math.isnan(c.metrics[self.metric])
+            if metric in c.metrics and not math.isnan(c.metrics[metric])
         ]
         scored.sort(reverse=True)
         return {commit_id for _, _, commit_id in scored[: self.n]}
@@ -121,6 +152,11 @@ class KeepEveryNSteps(Rule):
     def __post_init__(self) -> None:
         if type(self.n) is not int or self.n < 1:
             raise ValueError(f"KeepEveryNSteps.n must be a positive int, not {self.n!r}")
+
+    def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:
+        if not any(c.step is not None for h in histories for c in h):
+            return [f"KeepEveryNSteps({self.n}) matches no commit: none has an int metadata['step']"]
+        return []
 
     def select(self, history: Sequence[CommitInfo], *, now_s: float) -> set[str]:
         first: dict[int, CommitInfo] = {}
@@ -172,6 +208,16 @@ class Policy:
             raise ValueError("Policy.demote prefixes must be non-empty key paths such as 'optimizer'")
         if self.max_total_bytes is not None and self.max_total_bytes < 0:
             raise ValueError(f"Policy.max_total_bytes must be non-negative, not {self.max_total_bytes!r}")
+
+    def resolved(self, *, best_metric: str, greater_is_better: bool | None) -> Policy:
+        """This policy with the store's settings filled in (see :meth:`Rule.resolved`)."""
+        fill = lambda rule: None if rule is None else rule.resolved(best_metric=best_metric, greater_is_better=greater_is_better)  # noqa: E731
+        return Policy(keep=fill(self.keep), demote=self.demote, keep_whole=fill(self.keep_whole), max_total_bytes=self.max_total_bytes)
+
+    def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:
+        """Why a rule of this policy can match no commit of these histories (see
+        :meth:`Rule.unmatched`)."""
+        return [why for rule in (self.keep, self.keep_whole) if rule is not None for why in rule.unmatched(histories)]
 
     def select(self, history: Sequence[CommitInfo], *, now_s: float) -> tuple[set[str], set[str]]:
         """``(kept, kept_whole)`` for one branch's history, before the size budget."""
