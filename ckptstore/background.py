@@ -9,9 +9,10 @@ A commit still pending when the process ends is finished, not dropped: a hook th
 interpreter exit, before the standard thread pools stop taking work, waits for every queue.
 A commit that failed and whose future nobody looked at is reported on stderr and in the
 log, and the process then exits with status 1, so a job scheduler sees the loss. SIGTERM (a
-preemption, ``docker stop``) would kill the process without any of this: while commits are
-queued, a SIGTERM whose handler is still the default one raises ``SystemExit(143)`` in the
-main thread instead, so the process exits normally and the hook runs.
+preemption, ``docker stop``) would kill the process without any of this: from the first
+asynchronous commit on, a SIGTERM whose handler is still the default one raises
+``SystemExit(143)`` in the main thread instead, so the process exits normally and the hook
+runs (a program or launcher that handles SIGTERM itself keeps its handler).
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def _finish_at_exit() -> None:
             _LOST_AT_EXIT.append(f"{queue.name}: {future.exception()}")
     for line in _LOST_AT_EXIT:
         message = f"ckptstore: an asynchronous commit pending at exit failed, so its checkpoint was not stored ({line})"
-        log.critical(message)
+        if log.hasHandlers():  # (unconfigured, logging would print it to stderr a second time)
+            log.critical(message)
         print(message, file=sys.stderr, flush=True)
 
 

@@ -84,6 +84,10 @@ def check_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
         if not isinstance(name, str):
             raise UnsupportedValue("metrics", f"metric names must be str, not {type(name).__name__}")
         try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnsupportedValue("metrics", f"metric name {name!r} is not valid UTF-8 (lone surrogates)") from None
+        try:
             if isinstance(value, bool):
                 raise TypeError
             out[name] = float(value.item() if hasattr(value, "item") else value)

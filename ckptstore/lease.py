@@ -28,8 +28,10 @@ A holder that could not renew in time may have been judged dead: a writer checks
 (:meth:`WriterMarker.check`) right before it moves its ref, and a collector right before it
 deletes, that its last renewal is younger than a third of the ttl; a writer whose marker a
 collector removed learns so from its next heartbeat. Either then starts over instead of
-acting. A process whose wall clock is more than the ttl away from the storage's is refused
-(:class:`~ckptstore.errors.ClockSkew`): its commit times would be wrong.
+acting. Wherever a process reads the storage's clock to judge a record (a collector always;
+a writer when it finds a collector sweeping), a wall clock more than the ttl away from the
+storage's is refused (:class:`~ckptstore.errors.ClockSkew`): commit times and retention by
+age would be wrong on such a machine.
 
 ``locks/gc`` also stops two collectors at once: it is taken by compare-and-swap.
 """

@@ -240,6 +240,7 @@ class BlobSource:
 
 #: A str key whose text would read as an int key or list index (or as nothing) is quoted.
 _NUMBER_LIKE = re.compile(r"-?[0-9]*")
+_INT_TEXT = re.compile(r"-?[0-9]+")
 
 
 def key_segment(key: str | int) -> str:
@@ -261,7 +262,7 @@ def split_key_path(path: str) -> list[str | int]:
     for segment in path.split("/") if path else []:
         if segment.startswith('~"') and segment.endswith('"') and len(segment) >= 3:
             keys.append(segment[2:-1].replace("~1", "/").replace("~0", "~"))
-        elif _NUMBER_LIKE.fullmatch(segment):
+        elif _INT_TEXT.fullmatch(segment):
             keys.append(int(segment))
         else:
             keys.append(segment.replace("~1", "/").replace("~0", "~"))
@@ -363,7 +364,10 @@ class _TreeEncoder:
         all_str = True
         for k, v in value.items():
             if type(k) is str:
-                pass
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UnsupportedValue(path, f"dict key {k!r} is not valid UTF-8 (lone surrogates)") from None
             elif type(k) is int and _INT64_MIN <= k <= _UINT64_MAX:
                 all_str = False
             else:

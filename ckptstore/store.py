@@ -397,6 +397,8 @@ class Store:
                 try:
                     self.get_commit(commit_id)
                 except (IntegrityError, UnsupportedFormat) as exc:
+                    if not self.objects.exists(commit_key(commit_id)):
+                        continue  # collected since it was listed: no damage
                     log.warning("skipping commit %s while indexing: %s", commit_id, exc)
         self.catalog.remove_commits(known - stored)
         for kind in RefKind:
@@ -616,8 +618,8 @@ class Store:
         tags = [self._check_tag_name(t) for t in tags]
         self._check_namespace(RefKind.BRANCH, [branch])
         self._check_namespace(RefKind.TAG, tags)
-        if not isinstance(message, str):
-            raise UnsupportedValue("message", "commit message must be a str")
+        if not isinstance(message, str) or not _is_utf8(message):
+            raise UnsupportedValue("message", "commit message must be a str of valid UTF-8 (no lone surrogates)")
         metrics_f = check_metrics(dict(metrics or {}))
         packed = pack_value(dict(metadata or {}), path="metadata")  # refuse bad metadata before anything is written
         metadata = unpack_value(packed, key="metadata")  # a deep copy: later changes by the caller do not count
@@ -715,7 +717,7 @@ class Store:
 
     def _advance_tag(self, name: str, commit: Commit, *, newer: Callable[[Commit], bool]) -> None:
         """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (for
-        ``latest``: created later; for ``best``: at least as good). Compare-and-swap, retried,
+        ``best``: at least as good; ``latest`` and ``tags=`` always move). Compare-and-swap, retried,
         so concurrent writers leave the tag on the right commit."""
         current = None
         for attempt in range(self.max_ref_retries):
@@ -926,13 +928,14 @@ class Store:
         return result
 
     def _same_values(self, ma: Manifest, ea: TensorEntry, ida: str, mb: Manifest, eb: TensorEntry, idb: str) -> bool:
-        """Whether two tensors of different fingerprints hold the same bytes in another
-        layout (read only where the layouts differ: same layout, different fingerprint, is a
-        change)."""
+        """Whether two tensors of different fingerprints hold the same bytes: read only where
+        a fingerprint may differ for another reason than the values (a layout that differs, or
+        a view of a storage that may have changed elsewhere)."""
         if (ea.dtype, ea.shape, ea.kind) != (eb.dtype, eb.shape, eb.kind):
             return False
-        if (ea.stride, ea.offset, ma.blobs[ea.blob].size) == (eb.stride, eb.offset, mb.blobs[eb.blob].size):
-            return False
+        whole = lambda e, m: e.stride is None and e.offset == 0 and m.blobs[e.blob].size == e.nbytes  # noqa: E731
+        if whole(ea, ma) and whole(eb, mb):
+            return False  # each is its blob's only bytes: a different fingerprint is a change
         old, new = self._read_tensor(ma, ea, ida), self._read_tensor(mb, eb, idb)
         as_bytes = lambda t: t.reshape(-1).view(np.uint8) if isinstance(t, np.ndarray) else t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
         return bool((as_bytes(old) == as_bytes(new)).all()) if isinstance(old, np.ndarray) else torch.equal(as_bytes(old), as_bytes(new))
@@ -1147,6 +1150,14 @@ def _values_differ(a: Any, b: Any) -> bool:
         return bool(a != b)
     except (TypeError, ValueError):
         return repr(a) != repr(b)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_delta_mode(delta: str | None) -> None:

@@ -122,6 +122,7 @@ class Checkpointer:
         self.ref = ref or os.environ.get(REF_ENV) or LATEST
         self.branch = branch or os.environ.get(BRANCH_ENV) or None
         self.user: dict[str, Any] = {}
+        self._owns_store = False
 
     @classmethod
     def from_env(cls, url: str | None = None, *, ref: str | None = None, branch: str | None = None, **components: Any) -> Checkpointer:
@@ -130,7 +131,24 @@ class Checkpointer:
         changes, from S3 say, given the same environment."""
         from .store import open_store
 
-        return cls(open_store(url or os.environ.get(URL_ENV) or "ckpts"), ref=ref, branch=branch, **components)
+        checkpointer = cls(open_store(url or os.environ.get(URL_ENV) or "ckpts"), ref=ref, branch=branch, **components)
+        checkpointer._owns_store = True
+        return checkpointer
+
+    def close(self) -> None:
+        """Wait for asynchronous saves to land, raising the error of one that failed unseen;
+        close the store if this checkpointer opened it (:meth:`from_env`). Idempotent. (A
+        save still pending when the process exits is finished then anyway.)"""
+        if self._owns_store:
+            self.store.close()
+        else:
+            self.store.flush()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def state(self, step: int) -> dict[str, Any]:
         """What :meth:`save` commits."""

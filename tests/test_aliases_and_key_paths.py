@@ -297,7 +297,6 @@ def test_diff_ignores_layout_and_reports_real_changes():
     assert [c.path for c in d.changed] == ["w"] and [c.path for c in d.added] == ["wt"]
 
 
-@pytest.mark.xfail(strict=True, reason="diff compares a view by the hash of its whole shared storage: a view whose own bytes are unchanged is listed as changed when the storage changes outside it")
 def test_diff_of_a_view_whose_storage_changed_only_outside_it():
     store = open_store("view-outside")
     big = torch.randn(10, 64)
