@@ -181,7 +181,7 @@ class Catalog:
             delay_s = 0.01
             while True:
                 try:
-                    return self._connect(path)
+                    return self._connect(path, timeout_s=max(deadline - time.monotonic(), 0.0))
                 except sqlite3.DatabaseError as exc:
                     failure = _failure(exc)
                     if failure == "busy" and time.monotonic() + delay_s < deadline:
@@ -197,8 +197,10 @@ class Catalog:
                     else:
                         raise
 
-    def _connect(self, path: str) -> sqlite_utils.Database:
-        conn = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+    def _connect(self, path: str, *, timeout_s: float) -> sqlite_utils.Database:
+        """The checked catalog file with its schema; its statements wait ``timeout_s`` for
+        other processes while opening, :data:`BUSY_TIMEOUT_S` afterwards."""
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=timeout_s)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -207,6 +209,7 @@ class Catalog:
                 raise _Damaged(f"integrity check: {problems[0][0]}")
             db = sqlite_utils.Database(conn)
             self._create_schema(db)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         except BaseException:
             conn.close()
             raise
