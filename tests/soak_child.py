@@ -82,14 +82,14 @@ def step_plan(seed: int, step: int) -> dict[str, Any]:
 
     Three steps in eight go to ``side``, mostly forked afresh from ``main`` at the first of
     them (a sweep restarted): the old ``side`` commits, and their delta chains, become
-    garbage at once, and the next two steps often go back to what ``side`` held before."""
+    garbage at once, and these steps often go back to what ``side`` held before."""
     rng = random.Random(hash_seed(seed, step, 99))
     phase = step % 8
     branch = "side" if phase >= 5 else "main"
     return {
         "branch": branch,
-        "fork": phase == 5 and rng.random() < 0.8,
-        "rollback": step >= 4 and rng.random() < (0.6 if phase >= 6 else 0.25),
+        "fork": phase == 5 and rng.random() < 0.5,
+        "rollback": step >= 4 and rng.random() < (0.6 if phase >= 5 else 0.25),
         "back": rng.randint(1, 4),
         "blocking": rng.random() < 0.6,
         "delta": "auto" if rng.random() < 0.2 else None,
@@ -150,6 +150,7 @@ def run_commit(args: dict) -> None:
         if "id" in r:
             history[r["branch"]].append((r["id"], r["line"], r["number"]))
     before_fork = None  # what side held before it was last forked afresh
+    old_deltas: dict[str, tuple[str, ...]] = {}  # its delta chunks and their chains
     log = Log(args["log"])
     store = ckptstore.open(args["url"], storage_options=args["options"] or None)
     forker.say("ready")
@@ -194,10 +195,16 @@ def run_commit(args: dict) -> None:
             before_fork = None
         elif plan["fork"] or branch not in store.branches():
             before_fork = history[branch][-1] if history[branch] else None
+            old_deltas = _delta_chains(store, before_fork[0]) if before_fork else {}
             store.branch(branch, at="main", force=True)  # side's old commits are garbage now
             record["forked"] = True
         if plan["rollback"]:
             record["rollback"] = True
+            if before_fork is not None and old_deltas:
+                # Go back while a collector is deleting what side held, if it ever leaves a
+                # delta stored without its base (one in its chain deleted first).
+                record["timed_into_gap"] = _wait_for_a_gap(store, old_deltas, timeout_s=args["gap_wait_s"])
+                old_deltas = {}
             state, (old_line, old_number) = _rollback_state(store, branch, plan["back"], history[branch], before_fork, record)
             record["line"], record["number"] = old_line, old_number
         if state is None:
@@ -223,6 +230,32 @@ def run_commit(args: dict) -> None:
             log.write({**record, "commit_error": f"{type(exc).__name__}: {exc}"})
         step += 1
         time.sleep(plan["train_s"])
+
+
+def _delta_chains(store, commit_id: str) -> dict[str, tuple[str, ...]]:
+    """The delta chunks of a commit and the bases each one needs; empty if it is gone."""
+    try:
+        manifest = store.manifest_of(store.get_commit(commit_id))
+    except (LookupError, IntegrityError):
+        return {}
+    return {c.id: c.bases for blob in manifest.blobs for c in blob.chunks if c.bases}
+
+
+def _wait_for_a_gap(store, chains: dict[str, tuple[str, ...]], *, timeout_s: float) -> bool:
+    """Watch the store's chunks (one listing at a time) until one of the delta chunks of
+    ``chains`` is stored while a base it needs is not, and return True; False once none of
+    them is stored any more, or after ``timeout_s``. A collector that deletes what needs a
+    chunk before that chunk never leaves such a gap."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stored = {key.rsplit("/", 1)[-1] for key in store.objects.list("chunks/")}
+        deltas = [c for c in chains if c in stored]
+        if any(not set(chains[c]) <= stored for c in deltas):
+            return True
+        if not deltas:
+            return False
+        time.sleep(0.002)
+    return False
 
 
 def _rollback_state(store, branch: str, back: int, history: list, before_fork: tuple | None, record: dict) -> tuple[dict | None, tuple[int, int]]:
