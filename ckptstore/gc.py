@@ -9,15 +9,17 @@ Execution then, holding the collector lease (:mod:`ckptstore.lease`):
    nearest kept ancestors (its parents from now on, so the history of what is kept stays
    connected across the gap, as grafts in git), and a ``demotions/ID`` record for every
    demoted commit (what it no longer holds);
-2. deletes in the reverse of write order, commits → records → manifests → chunks, in
-   batches. Before each batch it marks the lease *sweeping*, waits until no writer is live,
-   and re-reads the refs and the commit list: a commit made, or a ref set, since planning
-   protects everything it needs.
+2. deletes in the reverse of write order, commits → records → manifests → chunks, a delta
+   chunk before its bases, in batches that never mix kinds or chain lengths. Before each
+   batch it marks the lease *sweeping*, waits until no writer is live, and re-reads the refs
+   and the commit list: a commit made, or a ref set, since planning protects everything it
+   needs.
 
-Never deleted: anything younger than ``grace_period_s`` (by the store's modification time),
-the config, refs and the lease. A writer's marker protects its commit for
-``writer_timeout_s`` (default one hour), whatever the grace period. A kill at any moment leaves every kept commit whole (records
-are written before anything they describe is deleted); a rerun finishes the job.
+Never deleted: anything younger than ``grace_period_s`` (by the storage's clock), the bases
+of a chunk that stays, the config, refs and the lease. A live writer's marker protects its
+commit whatever the grace period. A kill at any moment leaves every kept commit whole, and no
+object without what it needs (records are written before anything they describe is deleted,
+and dependents go first); a rerun finishes the job.
 """
 
 from __future__ import annotations

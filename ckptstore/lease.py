@@ -283,6 +283,7 @@ class HeldRecord:
         self.version: str | None = None
         self.lost = False
         self.renewed_at_s = -1e18  # monotonic
+        self._retry_at_s = -1e18  # after a failed renewal, not before this (monotonic)
         self._renewals = 0
         self._lock = threading.RLock()
 
@@ -317,7 +318,7 @@ class HeldRecord:
                 self.objects.delete_if_version(self.key, version=self.version)
 
     def next_renewal_s(self) -> float:
-        return self.renewed_at_s + self.ttl_s / 3
+        return max(self.renewed_at_s + self.ttl_s / 3, self._retry_at_s)
 
     def renew_if_held(self) -> None:
         """Rewrite the record at the version this process wrote; mark it lost if it is gone
@@ -333,6 +334,7 @@ class HeldRecord:
                 self.lost = True
                 Heartbeat.get().release(self)
             except CkptStoreError as exc:
+                self._retry_at_s = time.monotonic() + min(1.0, self.ttl_s / 20)  # not in a tight loop
                 log.warning("could not renew %s (retrying): %s", self.key, exc)
 
     def fresh(self) -> bool:

@@ -651,6 +651,8 @@ class LocalObjectStore(ObjectStore):
             return time.time()
         try:
             return os.fstat(fd).st_mtime
+        except OSError:  # the kernel's clock, then, which stamps a local disk's files anyway
+            return time.time()
         finally:
             os.close(fd)
             with contextlib.suppress(OSError):

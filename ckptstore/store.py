@@ -59,6 +59,7 @@ from .fsck import FsckReport
 from .fsck import check as check_store
 from .gc import (
     DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_LEASE_TTL_S,
     DEFAULT_WRITER_TIMEOUT_S,
     GcPlan,
     collect,
@@ -1052,7 +1053,7 @@ class Store:
         *,
         dry_run: bool = False,
         grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
-        lease_ttl_s: float = 300.0,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
         progress: Progress | None = None,
     ) -> GcPlan:
@@ -1061,12 +1062,15 @@ class Store:
         branch or tag reaches) and delete what no kept commit needs.
 
         Branch heads and tagged commits are always kept whole. Nothing younger than
-        ``grace_period_s`` is deleted, and nothing a commit in progress may use (for up to
-        ``writer_timeout_s``). ``dry_run`` returns the plan and changes nothing.
+        ``grace_period_s`` (by the storage's clock) is deleted, and nothing a live commit in
+        progress may use (its writer marker is renewed while it runs; markers of ckptstore 0.1
+        writers live ``writer_timeout_s``). ``dry_run`` returns the plan and changes nothing.
         Safe while other processes commit: deletions wait until no commit is mid-write, and
-        what a commit made meanwhile needs is spared. Raises :class:`CollectorBusy` if another
-        collector holds the lease. A killed collector leaves every kept commit whole; run it
-        again to finish.
+        what a commit made meanwhile needs is spared. The lease lapses ``lease_ttl_s`` after
+        its holder's last heartbeat. Raises :class:`CollectorBusy` if another collector holds
+        the lease, :class:`PolicyMatchesNothing` if a rule matches no commit (nothing is
+        deleted), :class:`ClockSkew` if this machine's clock is far from the storage's. A
+        killed collector leaves every kept commit whole; run it again to finish.
         """
         return collect(
             self, retention, dry_run=dry_run, grace_period_s=grace_period_s, lease_ttl_s=lease_ttl_s,

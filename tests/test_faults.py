@@ -471,7 +471,7 @@ def gc_interrupted_rounds(store: ckptstore.Store, switch: Callable[[bool], None]
         lease, _ = read_lease(store.objects)
         if lease is not None and lease.live:
             tally.errors["lease left"] += 1
-            time.sleep(max(0.0, lease.expires_at_s - time.time()) + 0.05)
+            time.sleep(max(0.0, lease.ttl_s - lease.age_s) + 0.05)
         if not ok and before - set(store.objects.list("")):
             cut_mid_deletion += 1
         store.sync_catalog()
@@ -521,7 +521,10 @@ def test_s3_gc_cut_short_by_faults(s3_server, s3_url):
         def switch(on: bool) -> None:
             proxy.enabled = on
 
-        gc_interrupted_rounds(store, switch, tally, expected, rounds=count(2, 15), commits=2)
+        rounds = 0  # at least the count, and on until a GC failed (the faults are random)
+        while rounds < count(2, 15) or (tally.gcs_ok == tally.gcs and rounds < count(10, 30)):
+            gc_interrupted_rounds(store, switch, tally, expected, rounds=1, commits=2)
+            rounds += 1
         tally.faults = proxy_fault_counts(proxy)
     assert_outcomes(tally, min_commit_success=None)
     assert tally.gcs_ok < tally.gcs, "no GC failed: the test proves nothing"

@@ -35,7 +35,7 @@ from states import TinyNet, assert_same, trained
 
 import ckptstore
 from ckptstore.codec import HEADER_SIZE
-from ckptstore.errors import CollectorBusy, ComponentsUnavailable, UnknownRef, WriterExpired
+from ckptstore.errors import CollectorBusy, ComponentsUnavailable, PolicyMatchesNothing, UnknownRef, WriterExpired
 from ckptstore.gc import (
     chunk_key,
     collect,
@@ -347,40 +347,59 @@ class GcMachine(RuleBasedStateMachine):
     def expected(self, retention, branches, targets):
         """What a collection must do, from the model (the spec written out; the rules'
         selections are the library's, checked on their own below):
-        ``(must keep, newly demoted {id: prefixes}, kept whole, may keep)``. Without a size
-        budget the two bounds are equal; with one, what the budgeted branches select may go,
-        and the demotions are not predicted (``None``)."""
+        ``(must keep, newly demoted {id: prefixes}, kept whole, may keep)``. A commit is kept
+        if any branch keeps it, and loses a component only if every branch keeping it drops
+        it (a branch keeping it whole drops nothing). Without a size budget the two bounds
+        are equal; with one, what the budgeted branches select may go, and the demotions are
+        not predicted (``None``)."""
         now = time.time()
-        kept, whole = set(targets), set(targets)
+        drops: dict[str, list[tuple[str, ...]]] = {t: [()] for t in targets}
         may_keep: set[str] = set()
-        demote: dict[str, set[str]] = {}
         if retention is None:
             for target in targets:
-                kept |= set(self.history(target))
-            whole |= kept
+                for c in self.history(target):
+                    drops.setdefault(c, []).append(())
         for b, head in branches.items():
             history = self.history(head)
             policy = my_policy_for(retention, b)
             if policy is None:
-                kept |= set(history)
-                whole |= set(history)
+                for c in history:
+                    drops.setdefault(c, []).append(())
                 continue
             infos = [self.info[c] for c in history]
             selected = set(history) if policy.keep is None else policy.keep.select(infos, now_s=now)
             selected_whole = selected
             if policy.demote:
                 selected_whole = selected & (set() if policy.keep_whole is None else policy.keep_whole.select(infos, now_s=now))
-                for c in selected - selected_whole:
-                    demote.setdefault(c, set()).update(policy.demote)
             if policy.max_total_bytes is None:
-                kept |= selected
-                whole |= selected_whole
+                for c in selected:
+                    drops.setdefault(c, []).append(() if c in selected_whole else policy.demote)
             else:
                 may_keep |= selected
+        kept = set(drops)
         if retention_has_budget(retention):
             return kept, None, None, kept | may_keep
-        newly = {c: p for c, p in demote.items() if c in kept and c not in whole}
-        return kept, newly, whole, kept
+        dropped = {c: set.intersection(*(set(d) for d in ds)) for c, ds in drops.items()}
+        newly = {c: p for c, p in dropped.items() if p}
+        return kept, newly, {c for c in kept if not dropped[c]}, kept
+
+    def refusals(self, retention, branches) -> list[str]:
+        """The rules that match no commit of any branch they govern (the collection must
+        refuse then): a KeepBest when no commit of those branches has a number for its metric
+        (KeepEveryNSteps always matches: every commit here has a step)."""
+        governed: dict[Policy, list[str]] = {}
+        for b, head in branches.items():
+            policy = my_policy_for(retention, b)
+            if policy is not None:
+                governed.setdefault(policy.resolved(best_metric="eval_loss", greater_is_better=None), []).extend(self.history(head))
+        out = []
+        for policy, commits in governed.items():
+            has_loss = any(not math.isnan(self.info[c].metrics.get("eval_loss", math.nan)) for c in commits)
+            for rule in (policy.keep, policy.keep_whole):
+                for r in (rule.rules if isinstance(rule, AnyOf) else (rule,)) if rule is not None else ():
+                    if isinstance(r, KeepBest) and r.n and not has_loss:
+                        out.append(repr(r))
+        return out
 
     def _gc(self, retention, batch_size, dry_first):
         self.consistent = False
@@ -395,6 +414,15 @@ class GcMachine(RuleBasedStateMachine):
         tags = store.tags()
         targets = set(branches.values()) | set(tags.values())
         listing_before = set(store.objects.list(""))
+        refused = self.refusals(retention, branches)
+        if refused:  # nothing may be deleted, and a dry run says why
+            event("gc refused a rule that matches nothing")
+            assert store.gc(retention, dry_run=True, grace_period_s=0).warnings
+            with pytest.raises(PolicyMatchesNothing):
+                store.gc(retention, grace_period_s=0)
+            assert set(store.objects.list("")) == listing_before
+            assert not store.objects.exists(LEASE_KEY), "the collector kept its lease"
+            return
         must_keep, newly_demoted, whole, may_keep = self.expected(retention, branches, targets)
 
         dry = None
