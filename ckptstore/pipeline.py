@@ -318,7 +318,7 @@ class Pipeline:
             if not source.private:
                 view = source.data[position * chunk_size_bytes : position * chunk_size_bytes + ref.size]
                 checks.append((len(view), lambda v=view, r=ref, s=source: None if content_id(v) == r.id else s.path))
-        for path in self._run(checks):
+        for path in self._run(checks) if checks else ():
             if path is not None:
                 raise SourceChanged(path)
 
