@@ -859,12 +859,13 @@ class Store:
         """Create (or with ``force`` move) a ref by compare-and-swap; a concurrent change
         raises :class:`RefConflict`."""
         self._check_namespace(kind, [name])
-        with writing(self.objects):  # a collector must not delete the commit as it gains a ref
+        with writing(self.objects) as marker:  # a collector must not delete the commit as it gains a ref
             target = self.resolve(at)
             commit = self.read_commit(target)  # it must still be in the store
             current = self.refs.get(kind, name)
             if current is not None and not force:
                 raise RefExists(f"{kind.noun} {name!r} already exists (at {current[:12]}); use force=True to move it")
+            marker.check()  # still honoured: the commit read above is still there
             self.refs.set_ref_if_equals(kind, name, target, expected=current)
         self.catalog.set_ref(kind.value, name, target)
         return commit
