@@ -25,6 +25,7 @@ and dependents go first); a rerun finishes the job.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from .errors import (
     ObjectNotFound,
     PolicyMatchesNothing,
     PreconditionFailed,
+    StorageError,
     UnsupportedFormat,
 )
 from .ids import is_full_id
@@ -657,13 +659,20 @@ def collect(
             log.warning("%s: gc would refuse to run", warning)
         return result
     lease = CollectorLease(repo.objects, ttl_s=lease_ttl_s)
-    lease.acquire()
+    try:
+        lease.acquire()
+    except StorageError as exc:  # a full disk: the room the store kept aside lets gc free space
+        if exc.errno != errno.ENOSPC or not repo.objects.release_space():
+            raise
+        log.warning("the store's disk is full: collecting in the space kept aside for it")
+        lease.acquire()
     try:
         result, snapshot = plan(repo, retention, grace_period_s=grace_period_s, now_s=storage_now(repo.objects, ttl_s=lease_ttl_s))
         if result.warnings:
             raise PolicyMatchesNothing("; ".join(result.warnings) + "; nothing was deleted (fix the rule, or drop it)")
         lease.renew(sweeping=False)
         execute(repo, result, snapshot, lease, batch_size=batch_size, writer_timeout_s=writer_timeout_s, progress=progress)
+        repo.objects.reserve_space()  # room for the next collection, should the disk fill up
         return result
     finally:
         lease.release()

@@ -184,6 +184,15 @@ class ObjectStore(ABC):
         directory may hold other files. Returns how many were removed."""
         return 0
 
+    def reserve_space(self) -> None:
+        """Keep a little room aside on a store whose disk can fill up, so that a collection
+        can still take its lease there and free space (see :meth:`release_space`). Best
+        effort, idempotent; a no-op where storage does not run out."""
+
+    def release_space(self) -> bool:
+        """Free the room :meth:`reserve_space` kept; whether there was any."""
+        return False
+
     @abstractmethod
     def get_versioned(self, key: str) -> tuple[bytes, str]: ...
 
@@ -657,6 +666,35 @@ class LocalObjectStore(ObjectStore):
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(probe)
+
+    #: The room kept aside for a collection on a full disk: a hidden file, never listed.
+    reserve_bytes = 1 << 20
+
+    def reserve_space(self) -> None:
+        path = os.path.join(self.root, ".reserve")
+        try:
+            if os.path.getsize(path) >= self.reserve_bytes:
+                return
+        except OSError:
+            pass
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, self.reserve_bytes)
+        except OSError:  # no room for it now (or no fallocate): none is kept
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
+
+    def release_space(self) -> bool:
+        try:
+            os.unlink(os.path.join(self.root, ".reserve"))
+        except OSError:
+            return False
+        return True
 
     def remove_abandoned_uploads(self, *, older_than_s: float, prefixes: Iterable[str]) -> int:
         """Remove this store's temp files (``.tmp-`` and 32 hex digits) older than

@@ -1291,6 +1291,7 @@ def _load_or_create_config(objects: ObjectStore, settings: dict[str, Any], *, cr
                 raise StoreNotFound(f"no ckptstore store at {objects.url}") from None
             fresh = StoreConfig(**settings)
             objects.put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, fresh.to_bytes(), compression_level=None))
+            objects.reserve_space()  # so that gc can run on a disk that fills up
             continue
         return StoreConfig.from_bytes(decode_object(data, key=CONFIG_KEY, kind=Kind.CONFIG, max_raw_size=1 << 20))
     raise IntegrityError("store config could not be read after creating it", key=CONFIG_KEY)
