@@ -805,6 +805,9 @@ class Model:
             for verdicts in itertools.product(*options):
                 judged = tuple(key for key, gone in zip(keys, verdicts) if gone)
                 live = [key for key, gone in zip(keys, verdicts) if not gone]
+                if live and not ours:  # its unmarking compare-and-swap fails
+                    yield f"lists markers: {names(live)} live{note}; its lease was taken over (CollectorBusy)", store, C_DONE._replace(status="lost"), False, None
+                    continue
                 if live:  # it unmarks at once: between the two, writers only wait
                     c2 = self._renewal(c._replace(pc=("mark", k), judged=()))
                     yield f"lists markers: {names(live)} live{note}; unmarks sweeping and waits", renewed(False), c2, False, None
@@ -1087,7 +1090,9 @@ DANGLING_CHAIN = Scenario("a chain whose last base is gone", chunks=(("b", ("a",
 WRITER = Proc("writer", "W", ("d",))  # commits d, as a delta against the head's chunk if d is gone
 OLD_WRITER = Proc("writer", "W", ("a",))
 CHAIN_WRITER = Proc("writer", "W", ("b", "a", "d"), delta=False)
+SECOND_WRITER = Proc("writer", "V", ("a",))
 COLLECTOR = Proc("collector", "G")
+SECOND_COLLECTOR = Proc("collector", "H")
 RANK = Proc("rank", "R", ("a",), delta=False)
 COORDINATOR = Proc("coord", "P")
 
@@ -1186,6 +1191,9 @@ def checks(*, soak: bool = False) -> list[Check]:
         Check("new: a young delta on an old base", NEW, Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2, crashes=0, lost_answers=0)), min_states=15_000),
         Check("new: DCP", NEW, Config(OLD_STATE, DCP, check_structure=True, **_full(3, lost_answers=0)), min_states=60_000),
         Check("new: a store left damaged by ef55ec3", NEW, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2, crashes=0, lost_answers=0)), min_states=40_000),
+        Check("new: two writers", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3)), min_states=20_000),
+        Check("new: two collectors, one dies", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_quiet(3, crashes=1)), min_states=12_000),
+        Check("new: two collectors, one paused and taken over", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_quiet(3, pauses=1, faulty=("G",))), min_states=35_000),
         # (c) The new protocol with one mechanism set back: its defect returns.
         Check("new, deletes in key order", NEW.flipped("delete_order"), Config(ROLLBACK, TWO, check_structure=True, **_quiet(2)), "dangling delta"),
         Check("new, no chain closure in planning", NEW.flipped("chain_closure"), Config(YOUNG_DELTA, TWO, check_structure=True, **_quiet(2)), "dangling delta"),
@@ -1208,8 +1216,9 @@ def checks(*, soak: bool = False) -> list[Check]:
             Check("soak, new: DCP, every environment step, every namespace", NEW, Config(OLD_STATE, DCP, check_structure=True, **every_namespace), soak=True),
             Check("soak, new: a young delta, every environment step", NEW, Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2)), soak=True),
             Check("soak, new: a store left damaged by ef55ec3, every environment step", NEW, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2)), soak=True),
-            Check("soak, new: two writers", NEW, Config(ROLLBACK, (WRITER, Proc("writer", "V", ("a",)), COLLECTOR), check_structure=True, **_full(3, lost_answers=0)), soak=True),
-            Check("soak, new: two collectors", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, Proc("collector", "H")), check_structure=True, **_full(3, lost_answers=0)), soak=True),
+            Check("soak, new: two writers, a pause", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, pauses=1)), soak=True),
+            Check("soak, new: two writers, a crash", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, crashes=1)), soak=True),
+            Check("soak, new: two collectors, a crash and a pause", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_full(3, lost_answers=0)), soak=True),
             Check("soak, new: a two-chunk rollback, batches of two", NEW, Config(ROLLBACK, (Proc("writer", "W", ("d", "x")), COLLECTOR), batch_size=2, check_structure=True, **_full(2, lost_answers=0)), soak=True),
         ]
     return out
