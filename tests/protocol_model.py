@@ -62,7 +62,7 @@ class Protocol:
     identity: str = "host_pid"  # | "boot_ns_pid_start"
     #: Liveness by time: an expiry the collector stamps with its wall clock, compared with the
     #: judge's wall clock, and markers never renewed (aged by the collector's clock); or
-    #: heartbeats every ttl/3, judged by storage time only.
+    #: heartbeats well within the ttl, judged by storage time only.
     clock: str = "local_wall"  # | "storage_heartbeat"
     #: A writer publishes, and a collector deletes, only atomically with a check that its own
     #: record is still its and fresh (last heartbeat younger than the ttl).
@@ -96,7 +96,7 @@ class Protocol:
 
 #: The protocol at ef55ec3 (lease.py, gc.py, store.py, pipeline.py, distributed.py).
 OLD = Protocol()
-#: The new protocol exactly as notes/protocol.md writes it.
+#: The new protocol exactly as first specified for issue 16 (docs/protocol-model.md).
 AS_WRITTEN = Protocol(
     delete_order="dependents_first",
     chain_closure=True,
@@ -132,8 +132,6 @@ class Scenario:
     chunks: tuple[tuple[str, Chain, int | None], ...]
     commits: tuple[tuple[str, Refs], ...]
     head: str
-    #: Whether the starting store itself has everything each object needs.
-    whole: bool = True
 
 
 @dataclass(frozen=True)
@@ -173,6 +171,9 @@ class Config:
     #: The processes (by name) that crashes, pauses and lost answers may hit; ``None``: all.
     faulty: tuple[str, ...] | None = None
     check_structure: bool = False
+    #: The structural check spares objects a writer wrote after a collector had judged its
+    #: marker abandoned (garbage: no ref reaches them, no reuse check passes them).
+    structure_spares_late: bool = True
     #: Ages are clamped at the largest threshold compared + this; the smaller, the fewer
     #: states and the more comparisons left undecided (which then take both outcomes).
     cap_margin: int = 1
@@ -247,7 +248,6 @@ class State(NamedTuple):
     procs: tuple
 
 
-PAUSED, STOPPED = "paused", "paused while time passed"
 def _fast_replace(self: tuple, **changes: object) -> tuple:
     """``_replace`` without its generality (it is most of the walk's time otherwise)."""
     values = list(self)
@@ -261,6 +261,7 @@ for _cls in (Lease, Store, W, C, State):
     _cls._index = {name: i for i, name in enumerate(_cls._fields)}
     _cls._replace = _fast_replace
 
+PAUSED, STOPPED = "paused", "paused while time passed"
 ACTIVE = ("run", PAUSED, STOPPED)
 TICK = "storage clock ticks"
 W_DONE = W("done", ("done",), 0, False, None, (), (), None, 0, 0, 0, None, False, False, False)
@@ -307,10 +308,12 @@ def commit_needs(store: Store, cid: str) -> set[tuple[str, str]]:
     return keys
 
 
-def structure_problems(store: Store) -> list[str]:
-    """Stored objects (other than late ones) that lack something they need."""
-    out = [f"commit {cid} lacks a chunk or base" for cid, _, _, late in store.commits if not late and not commit_readable(store, cid)]
-    out += [f"chunk {n}{_via(ch)} lacks its chain" for n, ch, _, late in store.chunks if not late and not chunk_readable(store, n, ch)]
+def structure_problems(store: Store, *, spare_late: bool = True) -> list[str]:
+    """Stored objects that lack something they need (``spare_late``: except those written
+    late, by a writer a collector had given up on)."""
+    when = lambda late: " (written late)" if late else ""  # noqa: E731
+    out = [f"commit {cid}{when(late)} lacks a chunk or base" for cid, _, _, late in store.commits if not (late and spare_late) and not commit_readable(store, cid)]
+    out += [f"chunk {n}{_via(ch)}{when(late)} lacks its chain" for n, ch, _, late in store.chunks if not (late and spare_late) and not chunk_readable(store, n, ch)]
     return out
 
 
@@ -331,7 +334,7 @@ class Model:
         self.names = [q.name for q in config.processes]
         self.heartbeats = protocol.clock == "storage_heartbeat"
         self.hb_every = 1  # ticks between a running holder's heartbeats
-        # Every age compared is below the cap: the thresholds (with skew, on wall clocks) + 3.
+        # Every age compared is below the cap: the largest threshold (with skew, on wall clocks).
         largest = max(config.ttl, config.writer_timeout, config.grace)
         if protocol.clock == "local_wall":
             largest += 2 * max((abs(x) for skew in config.skews for x in skew), default=0)
@@ -544,9 +547,9 @@ class Model:
         )
 
     def _clamp_heartbeat(self, w: W | C) -> W | C:
-        """Only whether it rewrote its record this period matters of ``hb_sent``, and of
-        ``hb_ok`` only whether it is beyond the ttl, while no answer is outstanding (the gap
-        check then compares it with now)."""
+        """Of ``hb_sent`` only whether it rewrote its record this period matters, and of
+        ``hb_ok`` (an age, or a gap while an answer is outstanding) only whether it is beyond
+        the ttl."""
         if w.hb_sent > self.hb_every:
             w = w._replace(hb_sent=self.hb_every)
         if w.hb_ok > self.cfg.ttl + 1:
@@ -901,7 +904,7 @@ class Model:
         if store.head is not None and not commit_readable(store, store.head):
             return f"the branch head {store.head} is not readable"
         if self.cfg.check_structure:
-            problems = structure_problems(store)
+            problems = structure_problems(store, spare_late=self.cfg.structure_spares_late)
             if problems:
                 return "a stored object lacks what it needs: " + "; ".join(problems)
         return None
@@ -1083,9 +1086,9 @@ OLD_STATE = Scenario("rollback onto an old chunk", chunks=(("a", (), None), ("x"
 #: A delta just stored (by a writer that has not published yet, or died) on an old base.
 YOUNG_DELTA = replace(ROLLBACK, name="a young delta on an old base", chunks=(("a", (), None), ("d", ("a",), 0), ("x", (), None)))
 #: What ef55ec3's collector leaves when it dies between two batches: ``d`` without ``a``.
-DANGLING = Scenario("a delta whose base is gone", chunks=(("d", ("a",), None), ("x", (), None)), commits=(("C3", (("x", ()),)),), head="C3", whole=False)
+DANGLING = Scenario("a delta whose base is gone", chunks=(("d", ("a",), None), ("x", (), None)), commits=(("C3", (("x", ()),)),), head="C3")
 #: A chain ``d -> b -> a`` whose last base is gone.
-DANGLING_CHAIN = Scenario("a chain whose last base is gone", chunks=(("b", ("a",), None), ("d", ("b", "a"), None), ("x", (), None)), commits=(("C3", (("x", ()),)),), head="C3", whole=False)
+DANGLING_CHAIN = Scenario("a chain whose last base is gone", chunks=(("b", ("a",), None), ("d", ("b", "a"), None), ("x", (), None)), commits=(("C3", (("x", ()),)),), head="C3")
 
 WRITER = Proc("writer", "W", ("d",))  # commits d, as a delta against the head's chunk if d is gone
 OLD_WRITER = Proc("writer", "W", ("a",))
@@ -1129,7 +1132,8 @@ def kinds(result: Result) -> set[str]:
     ``lost answer``); ``namespaces`` (its processes are in different pid namespaces); ``skew``
     (some wall clock is skewed); ``reused broken delta`` (a writer reused a delta after a base of
     it was deleted); ``rewritten base`` (a writer reused a delta through a base rewritten whole);
-    ``dangling delta`` (a stored delta lacks its chain); ``rank released`` (a DCP rank deleted its
+    ``dangling delta`` (a stored delta lacks its chain); ``late write`` (what lacks something
+    was written by a writer after a collector gave up on it); ``rank released`` (a DCP rank deleted its
     marker before its coordinator published); ``undecided`` (it relies on an age the cap left
     undecided: not a real counterexample)."""
     v = result.violation
@@ -1157,6 +1161,8 @@ def kinds(result: Result) -> set[str]:
                 out.add("rewritten base")
     if "lacks its chain" in v.message:
         out.add("dangling delta")
+    if "(written late)" in v.message:
+        out.add("late write")
     released = next((n for n, label in enumerate(labels) if label.startswith("R: deletes its marker")), None)
     published = next((n for n, label in enumerate(labels) if label.startswith("P: moves head")), None)
     if released is not None and published is not None and released < published:
@@ -1179,12 +1185,13 @@ def checks(*, soak: bool = False) -> list[Check]:
         Check("ef55ec3, defect 4: wall clocks skewed by more than the ttl", OLD, Config(OLD_STATE, OLD_TWO, **_quiet(2, skews=SKEWS)), "skew"),
         Check("ef55ec3, defect 5: a DCP rank releases its marker before the publish", OLD, Config(OLD_STATE, DCP, **_quiet(3)), "rank released"),
         Check("ef55ec3 without key order, namespaces, skew or DCP: no violation", OLD, Config(OLD_STATE, OLD_TWO, **_quiet(2))),
-        # The new protocol as notes/protocol.md writes it: what this model found.
+        # The new protocol as first specified: what this model found.
         Check("as written: a writer paused past the ttl comes back, heartbeats, publishes", AS_WRITTEN, Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("W",), **exact)), "pause"),
         Check("as written: a collector paused past the ttl comes back, heartbeats, deletes", AS_WRITTEN, Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("G",), **exact)), "pause"),
         Check("as written: a heartbeat is counted from its late answer", AS_WRITTEN, Config(OLD_STATE, OLD_TWO, **_quiet(2, lost_answers=1, **exact)), "lost answer"),
         Check("as written: a DCP rank's marker goes stale before the coordinator takes one", AS_WRITTEN, Config(OLD_STATE, DCP, **_quiet(3, pauses=1, **exact)), "pause"),
         Check("as written: a writer reuses a chain through a base rewritten whole", AS_WRITTEN, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_quiet(2)), "rewritten base"),
+        Check("as stated, the invariant fails for what a fenced writer writes late", NEW, Config(ROLLBACK, TWO, check_structure=True, structure_spares_late=False, **_quiet(2, pauses=1, faulty=("W",), **exact)), "late write"),
         # (b) The new protocol: no violation.
         Check("new: rollback onto a delta, every environment step", NEW, Config(ROLLBACK, TWO, check_structure=True, restarts=0, **_full(2)), min_states=150_000),
         Check("new: rollback onto a delta, a fenced writer starts over", NEW, Config(ROLLBACK, TWO, check_structure=True, **_full(2, lost_answers=0)), min_states=35_000),
