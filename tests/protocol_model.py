@@ -947,12 +947,21 @@ def _plan_text(plan: tuple) -> str:
 
 
 def _proc_text(w: W | C) -> str:
-    pc = "/".join(str(x) for x in w.pc if not isinstance(x, tuple))
-    text = pc if w.status == "run" else w.status if w.status not in ("paused",) else f"paused at {pc}"
-    if isinstance(w, W) and w.fenced:
-        text += " (fenced)"
-    if isinstance(w, C) and w.lost:
-        text += " (lease lost)"
+    """A process's program counter and what it holds: a writer the head it read and the
+    chunks it recorded; a collector its batch."""
+    if w.status not in ACTIVE:
+        return w.status
+    parts = w.pc if isinstance(w, W) else w.pc[:1]  # a collector's batch is shown below
+    pc = "/".join(str(x) for x in parts if not isinstance(x, tuple))
+    text = pc if w.status == "run" else f"{w.status} at {pc}"
+    if isinstance(w, W):
+        seen = ([f"head {w.head}"] if w.head else []) + ([f"has {' '.join(c + _via(ch) for c, ch in w.refs)}"] if w.refs else [])
+        text += f" ({', '.join(seen)})" if seen and w.pc[0] not in ("gather",) else ""
+        text += " fenced" if w.fenced else ""
+    else:
+        if w.plan and len(w.pc) > 1:
+            text += f" (batch {w.pc[1] + 1} of {len(w.plan)})"
+        text += " lease lost" if w.lost else ""
     return text
 
 
@@ -1219,14 +1228,14 @@ def checks(*, soak: bool = False) -> list[Check]:
     if soak:
         every_namespace = {"namespaces": None}
         out += [
-            Check("soak, new: rollback with its old commit, every environment step, every namespace", NEW, Config(ROLLBACK_WITH_COMMIT, TWO, check_structure=True, **every_namespace), soak=True),
-            Check("soak, new: DCP, every environment step, every namespace", NEW, Config(OLD_STATE, DCP, check_structure=True, **every_namespace), soak=True),
-            Check("soak, new: a young delta, every environment step", NEW, Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2)), soak=True),
-            Check("soak, new: a store left damaged by ef55ec3, every environment step", NEW, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2)), soak=True),
-            Check("soak, new: two writers, a pause", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, pauses=1)), soak=True),
-            Check("soak, new: two writers, a crash", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, crashes=1)), soak=True),
-            Check("soak, new: two collectors, a crash and a pause", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_full(3, lost_answers=0)), soak=True),
-            Check("soak, new: a two-chunk rollback, batches of two", NEW, Config(ROLLBACK, (Proc("writer", "W", ("d", "x")), COLLECTOR), batch_size=2, check_structure=True, **_full(2, lost_answers=0)), soak=True),
+            Check("soak, new: rollback with its old commit, every environment step, every namespace", NEW, Config(ROLLBACK_WITH_COMMIT, TWO, check_structure=True, **every_namespace), min_states=1_000_000, soak=True),
+            Check("soak, new: DCP, every environment step, every namespace", NEW, Config(OLD_STATE, DCP, check_structure=True, **every_namespace), min_states=3_000_000, soak=True),
+            Check("soak, new: a young delta, every environment step", NEW, Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2)), min_states=400_000, soak=True),
+            Check("soak, new: a store left damaged by ef55ec3, every environment step", NEW, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2)), min_states=900_000, soak=True),
+            Check("soak, new: two writers, a pause", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, pauses=1)), min_states=800_000, soak=True),
+            Check("soak, new: two writers, a crash", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, crashes=1)), min_states=90_000, soak=True),
+            Check("soak, new: two collectors, a crash and a pause", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_full(3, lost_answers=0)), min_states=450_000, soak=True),
+            Check("soak, new: a two-chunk rollback, batches of two", NEW, Config(ROLLBACK, (Proc("writer", "W", ("d", "x")), COLLECTOR), batch_size=2, check_structure=True, **_full(2)), min_states=400_000, soak=True),
         ]
     return out
 

@@ -64,7 +64,7 @@ def test_old_defect_traces_are_of_their_kind() -> None:
         assert found == {c.expect}, f"{c.name}: {sorted(found)}"
 
 
-@pytest.mark.parametrize("c", _select("new:", expect_violation=False), ids=lambda c: c.name)
+@pytest.mark.parametrize("c", _select("new:", expect_violation=False) + _select("soak, new:", expect_violation=False), ids=lambda c: c.name)
 def test_new_protocol_has_no_violation(c: pm.Check) -> None:
     result = _run(c)
     assert result.violation is None, result.trace()
