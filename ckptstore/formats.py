@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .errors import ExportBusy, InvalidCheckpoint, UnsupportedValue
+from .objectstore import fsync_directory
 
 log = logging.getLogger("ckptstore.shards")
 
@@ -417,7 +418,7 @@ def write_directory(
             if os.path.isdir(target):
                 shutil.copymode(target, staging)
                 _link_entries(target, staging, top=True)
-            _fsync_directory(staging)
+            fsync_directory(staging)
             _swap_in(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # our files, and links to files still in target
@@ -528,7 +529,7 @@ def _link_entries(source: str, destination: str, *, top: bool) -> None:
                 os.mkdir(into)
                 shutil.copymode(entry.path, into)
                 _link_entries(entry.path, into, top=False)
-                _fsync_directory(into)
+                fsync_directory(into)
             elif not (top and is_export_file(entry.name)):
                 os.link(entry.path, into, follow_symlinks=False)
 
@@ -540,7 +541,7 @@ def _swap_in(staging: str, target: str) -> None:
     parent, name = os.path.split(target)
     if not os.path.isdir(target):
         os.rename(staging, target)
-        _fsync_directory(parent)
+        fsync_directory(parent)
         return
     old = os.path.join(parent, f".{name}.export-old-{uuid.uuid4().hex}")
     os.rename(target, old)
@@ -549,7 +550,7 @@ def _swap_in(staging: str, target: str) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    _fsync_directory(parent)
+    fsync_directory(parent)
     _remove_replaced(old, target)
 
 
@@ -648,12 +649,4 @@ def _write_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(directory)

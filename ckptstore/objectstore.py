@@ -275,7 +275,8 @@ def _is_precondition_failure(exc: BaseException) -> bool:
 # Local directory
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_directory(path: str) -> None:
+    """Make the entries of directory ``path`` durable (after a create, rename or unlink)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -456,7 +457,7 @@ class LocalObjectStore(ObjectStore):
                 self._ensure_dir(parent)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(path)
-            _fsync_dir(parent)
+            fsync_directory(parent)
         self._known_dirs.add(path)
 
     def _write_temp(self, directory: str, data: Data) -> str:
@@ -496,10 +497,10 @@ class LocalObjectStore(ObjectStore):
                     with contextlib.suppress(OSError):  # litter at worst: remove_abandoned_uploads
                         os.unlink(tmp)
                 if linked:
-                    _fsync_dir(directory)
+                    fsync_directory(directory)
                     return True
             if retry and self._holds(path, data):
-                _fsync_dir(directory)
+                fsync_directory(directory)
                 return True
             return False
 
@@ -560,7 +561,7 @@ class LocalObjectStore(ObjectStore):
                 os.unlink(path)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return  # no object there
-            _fsync_dir(os.path.dirname(path))
+            fsync_directory(os.path.dirname(path))
 
         self._retrying(key, "delete", attempt)
 
@@ -614,7 +615,7 @@ class LocalObjectStore(ObjectStore):
 
             self._retrying(key, "delete", attempt)
         for directory in directories:
-            self._retrying(directory, "sync", lambda retry, d=directory: _fsync_dir(d))
+            self._retrying(directory, "sync", lambda retry, d=directory: fsync_directory(d))
 
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)
@@ -835,7 +836,7 @@ class LocalObjectStore(ObjectStore):
                 if current == version:  # else a retry found its own earlier write
                     tmp = self._write_temp(directory, data)
                     os.replace(tmp, path)
-                _fsync_dir(directory)
+                fsync_directory(directory)
             return new
 
         return self._retrying(key, "update", attempt)
@@ -853,7 +854,7 @@ class LocalObjectStore(ObjectStore):
                 if current != version:
                     raise PreconditionFailed(f"object {key} changed concurrently", key=key)
                 os.unlink(path)
-                _fsync_dir(os.path.dirname(path))
+                fsync_directory(os.path.dirname(path))
 
         self._retrying(key, "delete", attempt)
 
@@ -922,15 +923,7 @@ class _FsspecObjectStore(ObjectStore):
         return True
 
     def size(self, key: str) -> int:
-        path = self._path(key)
-
-        def object_size() -> int:
-            info = self._fs.info(path)
-            if info["type"] != "file":  # a prefix of other keys is no object
-                raise FileNotFoundError(path)
-            return int(info["size"])
-
-        return self._attempts(key, "stat", object_size)
+        return self.info(key).size_bytes
 
     def delete(self, key: str) -> None:
         path = self._path(key)
