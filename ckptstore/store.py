@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 import torch
 
+from .background import CommitFuture, CommitQueue
 from .catalog import Catalog
 from .codec import DTYPES as DTYPES_BY_NAME
 from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
@@ -77,7 +78,6 @@ from .ids import (
     is_id_prefix,
     parse_revision,
 )
-from .background import CommitFuture, CommitQueue
 from .lease import writing
 from .manifest import (
     BlobSource,
