@@ -35,10 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import msgpack
-
 from .catalog import Catalog
-from .codec import Kind, decode_object, encode_object_bytes
 from .commit import Commit
 from .errors import (
     CkptStoreError,
@@ -51,7 +48,16 @@ from .errors import (
     UnsupportedFormat,
 )
 from .ids import is_full_id
-from .lease import DEFAULT_LEASE_TTL_S, LEGACY_RECORD_TTL_S, CollectorLease, remove_dead_writers, storage_now, writers
+from .lease import (
+    DEFAULT_LEASE_TTL_S,
+    LEGACY_RECORD_TTL_S,
+    CollectorLease,
+    decode_record,
+    encode_record,
+    remove_dead_writers,
+    storage_now,
+    writers,
+)
 from .manifest import Manifest, path_under
 from .objectstore import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress, chunk_key
@@ -90,8 +96,8 @@ def shallow_key(commit_id: str) -> str:
     return f"shallow/{commit_id}"
 
 
-def _record(doc: dict) -> bytes:
-    return encode_object_bytes(Kind.RECORD, msgpack.packb(doc, use_bin_type=True), compression_level=None)
+#: Demotion and shallow records list commit ids and key paths: larger than the lease's.
+MAX_GC_RECORD_BYTES = 1 << 20
 
 
 def _read_record(objects: ObjectStore, key: str) -> tuple[dict, str] | None:
@@ -99,15 +105,7 @@ def _read_record(objects: ObjectStore, key: str) -> tuple[dict, str] | None:
         data, version = objects.get_versioned(key)
     except ObjectNotFound:
         return None
-    try:
-        doc = msgpack.unpackb(decode_object(data, key=key, kind=Kind.RECORD, max_raw_size=1 << 20), raw=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        if isinstance(exc, CkptStoreError):
-            raise
-        raise IntegrityError(f"malformed record: {exc}", key=key) from exc
-    if not isinstance(doc, dict):
-        raise IntegrityError("malformed record: not a map", key=key)
-    return doc, version
+    return decode_record(data, key, max_raw_size=MAX_GC_RECORD_BYTES), version
 
 
 def dropped_components(objects: ObjectStore, commit_id: str) -> tuple[str, ...]:
@@ -134,7 +132,7 @@ def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str
         if merged == tuple(sorted(current)) and found is not None:
             return merged
         try:
-            objects.put_if_version(key, _record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
+            objects.put_if_version(key, encode_record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
             return merged
         except PreconditionFailed:
             continue
@@ -165,7 +163,7 @@ def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> N
         if current is not None and current[0] == parents:
             return
         try:
-            objects.put_if_version(key, _record({"parents": parents, "at_s": time.time()}), version=None if current is None else current[1])
+            objects.put_if_version(key, encode_record({"parents": parents, "at_s": time.time()}), version=None if current is None else current[1])
             return
         except PreconditionFailed:
             continue
