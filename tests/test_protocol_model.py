@@ -3,8 +3,8 @@
 ef55ec3's protocol shows defects 1, 3, 4 and 5 of issue 16, each with only the environment step
 it needs and of the kind expected; the new protocol shows none with every environment step on;
 and each mechanism of the new protocol, set back to ef55ec3's, brings its defect back, so each
-is what closes it. The new protocol exactly as first specified has the violations
-this model found (docs/protocol-model.md), each closed by one amendment.
+is what closes it. The new protocol exactly as first specified has the violations this model
+found (docs/protocol-model.md), each closed by one amendment.
 
 ``CKPTSTORE_SOAK=1`` adds the larger configurations (every pid namespace assignment, two writers,
 two collectors, two-chunk commits in batches of two). ``python tests/protocol_model.py`` runs the
@@ -45,7 +45,7 @@ def test_old_protocol_has_the_defect(c: pm.Check) -> None:
     _assert_counterexample(c, _run(c))
 
 
-def test_old_protocol_without_the_defects_triggers_is_clean() -> None:
+def test_old_protocol_without_any_defect_trigger_is_clean() -> None:
     """The control: ef55ec3 with no delta, one pid namespace, no skew and no DCP finds
     nothing, so each defect above comes from its own trigger."""
     (c,) = _select("ef55ec3 without", expect_violation=False)
