@@ -94,6 +94,7 @@ def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup |
     rank = dist.get_rank(group)
     publish = store.publisher(**commit_options) if rank == coordinator else None
     with writing(store.objects) as marker:  # held until the coordinator has published
+        dist.barrier(group=group)  # so every rank's first "already stored?" comes after the coordinator's marker
         manifest, sources = encode_state(state, inline_threshold_bytes=store.config.inline_threshold_bytes)
         written = store.write_chunks(manifest, sources)
         parts: list[Any] = [None] * dist.get_world_size(group) if rank == coordinator else []
@@ -166,10 +167,12 @@ class StoreWriter(StorageWriter):
     chunks of its items; the coordinator commits (options as :meth:`Store.commit`'s). The
     commit is :attr:`commit` on the coordinator.
 
-    Each rank holds a writer marker (:mod:`ckptstore.lease`) from before its first "already
-    stored?" check until the coordinator has published: DCP calls no hook on the other ranks
-    after their ``write_data``, so the coordinator removes every rank's marker once the commit
-    is published (or failed), and each rank's heartbeat then stops renewing it.
+    Writer markers (:mod:`ckptstore.lease`) protect what the ranks reuse: the coordinator
+    takes one in ``prepare_global_plan``, before any rank writes, and holds it (renewed)
+    until it has published; each rank holds its own from its ``write_data`` on. DCP calls no
+    hook on the other ranks after their ``write_data``, so the coordinator removes every
+    rank's marker once the commit is published (or failed), and each rank's heartbeat then
+    stops renewing it.
     """
 
     def __init__(self, store: Store, **commit_options: Any) -> None:
@@ -186,6 +189,9 @@ class StoreWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
+        if self._marker is not None:  # an earlier save's (the coordinator removed it): a new one each save
+            self._marker.release()
+            self._marker = None
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if is_coordinator:
             self.store.publisher(**self.commit_options)  # refuse bad options before any write
@@ -194,7 +200,22 @@ class StoreWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """On the coordinator, before any rank writes: take the coordinator's marker, which
+        it holds (renewed) until it has published, so that no rank's reuse of a stored chunk
+        is ever unprotected, whatever happens to that rank's own marker."""
+        self._hold_marker()
         return plans
+
+    def _hold_marker(self) -> WriterMarker:
+        if self._marker is None or self._marker.lost:
+            marker = self._marker = WriterMarker.create(self.store.objects)
+            try:
+                wait_while_collector_sweeps(self.store.objects, marker)
+            except BaseException:
+                marker.release()
+                self._marker = None
+                raise
+        return self._marker
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         items: dict[str, Any] = {}
@@ -204,13 +225,13 @@ class StoreWriter(StorageWriter):
                 items[_item_key(item.index)] = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
             else:
                 items[_item_key(item.index)] = data.detach()
-        marker = self._marker = WriterMarker.create(self.store.objects)  # held until the coordinator publishes
+        marker = self._hold_marker()  # held until the coordinator publishes
         try:
-            wait_while_collector_sweeps(self.store.objects, marker)
             manifest, sources = encode_state(items, inline_threshold_bytes=self.store.config.inline_threshold_bytes)
             written = self.store.write_chunks(manifest, sources)
         except BaseException:
             marker.release()
+            self._marker = None
             raise
         part = {"rank": self.rank, "manifest": manifest.to_bytes(), "written": written, "marker": marker.key}
         results = [

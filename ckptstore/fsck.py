@@ -217,7 +217,7 @@ def check(
         to_read = set(ids)
 
     reader = ChunkReader(objects)
-    whole_again: set[str] = set()  # chunks recorded as deltas, stored self-contained
+    stored_whole: set[str] = set()  # chunks stored self-contained
 
     def check_chunk(chunk_id: str) -> tuple[Problem | None, int]:
         ref, cid, path = needed_chunks[chunk_id]
@@ -236,8 +236,8 @@ def check(
             bases = delta_chain(memoryview(prefix)[HEADER_SIZE:], key=key, path=path)[0] if codec is Codec.DELTA else ()
             if bases and bases != ref.bases:
                 raise IntegrityError(f"chunk is read through {list(bases)}, its manifest records {list(ref.bases)}", key=key, path=path)
-            if ref.bases and not bases:  # stored whole again (its bases were gone): it needs none
-                whole_again.add(chunk_id)
+            if not bases:  # stored whole (maybe again, where a manifest records a delta): it needs no base
+                stored_whole.add(chunk_id)
             if chunk_id in to_read:  # every byte, through the delta chain
                 reader.read_into(ref, np.empty(ref.size, dtype=np.uint8), path=path)
                 return None, ref.size
@@ -267,7 +267,7 @@ def check(
         manifest = manifests[commits[cid].manifest]
         for entry in entries:
             for ref in manifest.blobs[entry.blob].chunks:  # type: ignore[union-attr]
-                for chunk_id in (ref.id, *(() if ref.id in whole_again else ref.bases)):
+                for chunk_id in (ref.id, *(() if ref.id in stored_whole else ref.bases)):
                     if chunk_id in damaged and (chunk_id, cid, entry.path) not in named:
                         named.add((chunk_id, cid, entry.path))
                         report.problems.append(replace(damaged[chunk_id], commit=cid, path=entry.path))

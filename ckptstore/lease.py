@@ -69,8 +69,12 @@ LOCKS_PREFIX = "locks/"
 LEASE_KEY = "locks/gc"
 WRITERS_PREFIX = "locks/writers/"
 #: How long a record outlives its holder's last heartbeat; holders renew every third of it.
-DEFAULT_LEASE_TTL_S = 60.0
-DEFAULT_MARKER_TTL_S = 60.0
+#: A holder acts (a ref update, a batch of deletions) only within a third of the ttl of its
+#: last renewal, and a request with its retries (an S3 request: up to 5 attempts of at most
+#: 5 s to connect and 20 s per answer) must end within the other two thirds, or it could land
+#: after its record was judged dead: so the ttl is several minutes, not seconds.
+DEFAULT_LEASE_TTL_S = 300.0
+DEFAULT_MARKER_TTL_S = 300.0
 #: The ttl of a record written before records carried one (ckptstore 0.1 writer markers).
 LEGACY_RECORD_TTL_S = 3600.0
 #: Slack on comparisons with storage times: S3 stamps times to the second.

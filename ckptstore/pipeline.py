@@ -323,20 +323,28 @@ class Pipeline:
                 raise SourceChanged(path)
 
     def _stored_chain(self, chunk_id: str, parent: ChunkRef | None) -> tuple[str, ...] | None:
-        """The chain a stored chunk is read through, if the store has the chunk and every base
-        of its chain (a writer never reuses a delta whose bases are gone); else ``None``. A
-        chunk equal to the parent commit's is taken with the parent's chain: the head's
-        chunks are kept with their chains."""
+        """The chain a stored chunk is read through, if the store has the chunk and it reads
+        through that chain (a writer never reuses a delta whose bases are gone); else
+        ``None``. A chunk equal to the parent commit's is taken with the parent's chain."""
         if parent is not None and parent.id == chunk_id:
             if not self._objects.exists(chunk_key(chunk_id)):
                 return None
             chain = parent.bases
         else:
             chain = self.reader.bases_of(chunk_id)
-        if chain and not all(self._objects.exists(chunk_key(base)) for base in chain):
+        if chain and not self._reads_through(chain):
             log.warning("chunk %s is a delta whose bases are gone; storing it whole again", chunk_id)
             return None
         return chain
+
+    def _reads_through(self, chain: tuple[str, ...]) -> bool:
+        """Whether every base of a delta's ``chain`` is stored the way a reader reads it: with
+        the rest of the chain, or whole (one small ranged read each)."""
+        for i, base in enumerate(chain):
+            stored = self.reader.bases_of(base)
+            if stored is None or (stored and stored != chain[i + 1 :]):
+                return False
+        return True
 
     def _put_chunk(self, chunk_id: str, parts: list) -> bool | None:
         """Store a chunk's encoding create-only; where the store holds the chunk as a delta
@@ -352,7 +360,7 @@ class Pipeline:
                 if self._objects.put_if_absent(key, parts):
                     return True
                 continue
-            if not chain or all(self._objects.exists(chunk_key(base)) for base in chain):
+            if not chain or self._reads_through(chain):
                 return None  # readable as stored (another writer's)
             try:
                 _, version = self._objects.get_versioned(key)
