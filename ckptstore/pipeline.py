@@ -305,22 +305,16 @@ class Pipeline:
         self.recent = RecentChunks(recent_chunks_bytes)
         self._scratch = _Scratch()
 
-    def _check_unchanged(self, sources: dict[int, BlobSource], refs: list[ChunkRef], order: list[int], *, chunk_size_bytes: int) -> None:
-        """Raise :class:`SourceChanged` if a blob of the caller's memory no longer hashes to
-        the chunks stored for it: the state changed while it was committed (nothing is
-        published then)."""
-        checks = []
-        positions: dict[int, int] = {}
-        for index, ref in zip(order, refs):
-            position = positions.get(index, 0)
-            positions[index] = position + 1
-            source = sources[index]
-            if not source.private:
-                view = source.data[position * chunk_size_bytes : position * chunk_size_bytes + ref.size]
-                checks.append((len(view), lambda v=view, r=ref, s=source: None if content_id(v) == r.id else s.path))
-        for path in self._run(checks) if checks else ():
-            if path is not None:
-                raise SourceChanged(path)
+    def _drop_if_not(self, chunk_id: str, size: int, *, stored: bool | None) -> None:
+        """After this call stored a chunk from bytes that changed while they were written,
+        remove the object unless it reads back as its id (it may hold neither version)."""
+        if not stored:
+            return  # another writer's: its bytes are its own
+        try:
+            self.reader.read_into(ChunkRef(chunk_id, size, self.reader.bases_of(chunk_id) or ()), self._scratch.get("check", size))
+        except IntegrityError:
+            log.warning("chunk %s: its source changed while it was written; removing what was stored", chunk_id)
+            self._objects.delete(chunk_key(chunk_id))
 
     def _stored_chain(self, chunk_id: str, parent: ChunkRef | None) -> tuple[str, ...] | None:
         """The chain a stored chunk is read through, if the store has the chunk and it reads
@@ -464,31 +458,32 @@ class Pipeline:
 
             return DeltaBase((parent.id, *parent.bases), size, sample, load)
 
-        def store_chunk(source: memoryview, parent: ChunkRef | None, group: int, blob: BlobSource) -> tuple[ChunkRef, bool, int]:
-            """Store one chunk of ``blob``. The bytes stored are the bytes hashed: a chunk of
-            the caller's memory is copied and the copy hashed again before it is encoded (a
-            private copy, made at snapshot time or from a device, is stable already)."""
-            chunk_id = content_id(source)
-            size = len(source)
+        def store_chunk(view: memoryview, parent: ChunkRef | None, group: int, blob: BlobSource) -> tuple[ChunkRef, bool, int]:
+            """Store one chunk of ``blob``. The bytes stored are the bytes hashed: unless the
+            blob is a private copy (made at snapshot time or from a device, so stable), the
+            caller's bytes are hashed again after they were encoded and after they were
+            written, and a chunk whose bytes changed meanwhile is :class:`SourceChanged`, with
+            nothing stored under its id that is not its bytes."""
+            chunk_id = content_id(view)
+            size = len(view)
             if parent is not None and parent.id != chunk_id:
                 superseded.add(parent.id)
             known = self._stored_chain(chunk_id, parent)
             if known is not None:
-                keep(chunk_id, source, group, whole=delta == "on")
+                keep(chunk_id, view, group, whole=delta == "on")
                 return ChunkRef(chunk_id, size, known), False, 0
-            view = source
-            if not blob.private:  # stable bytes to encode and write: the caller may write to its own
-                view = memoryview(self._scratch.get("chunk", size))
-                np.frombuffer(view, dtype=np.uint8)[:] = np.frombuffer(source, dtype=np.uint8)
-                if content_id(view) != chunk_id:
-                    raise SourceChanged(blob.path)
             base = base_for(parent, size, group)
             encoded = encode_object(
                 Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
                 base=base, delta="on" if delta == "on" else "auto",
                 scratch=self._scratch.get("encode", 2 * size),
             )  # fmt: skip
+            if not blob.private and encoded.codec is not Codec.RAW and content_id(view) != chunk_id:
+                raise SourceChanged(blob.path)  # the encoder read other bytes: nothing stored
             stored = self._put_chunk(chunk_id, encoded.parts)
+            if not blob.private and content_id(view) != chunk_id:  # (a raw body is written from the caller's bytes)
+                self._drop_if_not(chunk_id, size, stored=stored)
+                raise SourceChanged(blob.path)
             if stored is None:  # another writer stored it first
                 known = self.reader.bases_of(chunk_id)
                 if known is None:
@@ -531,7 +526,6 @@ class Pipeline:
         finally:  # once no task reads them: the parent's chunks that changed are no base now
             if delta != "off":
                 self.recent.retire(superseded)
-        self._check_unchanged(sources, [r[0] for r in results], order, chunk_size_bytes=chunk_size_bytes)  # type: ignore[index]
         out = WriteResult()
         for index in sources:
             manifest.blobs[index].chunks = []
