@@ -75,9 +75,11 @@ DEFAULT_WRITER_TIMEOUT_S = LEGACY_RECORD_TTL_S
 #: Chunks go in descending order of their delta chain's length, so that a delta is always
 #: deleted before its bases.
 DELETION_ORDER = ("commits/", "shallow/", "demotions/", "manifests/", "chunks/")
-#: Every prefix the store's objects live under; GC touches nothing else (a store's
-#: directory may hold other files, or another store).
-STORE_PREFIXES = ("chunks/", "manifests/", "commits/", "refs/", "demotions/", "shallow/", "locks/")
+#: Every prefix the store's objects live under (besides ``config``), in the reverse of write
+#: order: GC and ``du`` touch nothing else (a store's directory may hold other files, or
+#: another store), and a listing in this order that shows a commit shows its manifest and
+#: chunks too, unless a collector removed it meanwhile.
+STORE_PREFIXES = (*DELETION_ORDER, "refs/", "locks/")
 
 
 def commit_key(commit_id: str) -> str:

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
-from .gc import DELETION_ORDER, Repository, chunk_key, commit_key, manifest_chunks, manifest_key
+from .gc import STORE_PREFIXES, Repository, chunk_key, commit_key, manifest_chunks, manifest_key
 from .objectstore import ObjectStore
 from .refs import RefKind
 
@@ -30,10 +30,6 @@ log = logging.getLogger("ckptstore.usage")
 
 T = TypeVar("T")
 
-#: The store's own keys besides ``config`` (``docs/design.md``, "Store layout"), listed in
-#: the reverse of write order (commits first, chunks last): a commit that is listed has its
-#: manifest and chunks listed too, unless a collector removed it meanwhile.
-STORE_PREFIXES = (*DELETION_ORDER, "refs/", "locks/")
 CONFIG_KEY = "config"
 #: How often a read that a collector races is tried, and the first pause between tries
 #: (doubling each time).
