@@ -28,7 +28,8 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     └── StorageError .................. OSError       the backend failed (the cause is chained)
         ├── ObjectNotFound ............ FileNotFoundError
         ├── PreconditionFailed ........ a create-only or versioned write found another value
-        └── ConditionalWritesUnsupported  an S3 endpoint that ignores If-None-Match / If-Match
+        ├── ConditionalWritesUnsupported  an S3 endpoint that ignores If-None-Match / If-Match
+        └── ReadOnlyStore ............. PermissionError  a write to a store that can only be read
 """
 
 from __future__ import annotations
@@ -234,6 +235,19 @@ class ConditionalWritesUnsupported(StorageError):
     def __init__(self, message: str, *, endpoint: str) -> None:
         self.endpoint = endpoint
         super().__init__(message)
+
+
+class ReadOnlyStore(StorageError, PermissionError):
+    """A write to a store that can only be read: a read-only mount, a directory this user
+    may not write, S3 credentials that allow only reads. ``url`` names the store, ``action``
+    and ``key`` what was refused (the storage's own error is chained). Raised before the
+    store changed: reads of it work as ever."""
+
+    def __init__(self, url: str, *, action: str, key: str | None = None, reason: str = "") -> None:
+        self.url = url
+        self.action = action
+        what = f"{action} object {key}" if key else action
+        super().__init__(f"store {url} is read-only: could not {what}" + (f" ({reason})" if reason else ""), key=key)
 
 
 class CollectedWhileReading(CkptStoreError, LookupError):
