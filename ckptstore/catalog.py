@@ -23,6 +23,11 @@ What a file catalog's failures mean (:func:`_failure`):
   later statement): this process goes on with an in-memory catalog (a copy of the file's
   rows where they can be read), logged once, and the file is left as it is.
 
+The catalog of a store that cannot be written (a read-only mount) is opened ``read_only``:
+the file is read once, through SQLite's read-only URI (``mode=ro``, else ``immutable=1``
+where a WAL file's index cannot be made), into memory, and nothing is written beside it:
+no lock file, no WAL, nothing moved aside.
+
 Opening (checking, moving aside, creating) holds an exclusive ``flock`` on
 ``catalog.sqlite.lock``, so processes opening one new store at once never take each
 other's fresh catalog for a damaged one. What GC deletes is never decided from the catalog.
@@ -38,6 +43,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -152,15 +158,20 @@ class Catalog:
     Never fails because of the file: one that cannot be written (or stays locked past
     :data:`BUSY_TIMEOUT_S`) is left as it is and the catalog is kept in memory from then on
     (:attr:`in_memory`), starting from a copy of the file's rows where they can be read.
+    With ``read_only`` (the file is in a store that cannot be written) the catalog is such a
+    copy from the start, and the file is only read.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.RLock()
-        #: Whether the catalog is kept in memory: no path, or the file could not be used.
-        self.in_memory = path is None
+        #: Whether the catalog is kept in memory: no path, read-only, or the file could not be used.
+        self.in_memory = path is None or read_only
         if path is None:
             self.db = self._memory()
+            return
+        if read_only:
+            self.db = self._copy_of(path)
             return
         try:
             self.db = self._open_file(path)
@@ -219,6 +230,30 @@ class Catalog:
         db = sqlite_utils.Database(sqlite3.connect(":memory:", check_same_thread=False))
         self._create_schema(db)
         return db
+
+    def _copy_of(self, path: str) -> sqlite_utils.Database:
+        """An in-memory copy of the rows of the catalog file at ``path``, which is opened
+        read-only and never written (nor anything beside it); empty where the file is
+        missing, unreadable, damaged or of another schema (the store's sync fills it)."""
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path))
+        for mode in ("mode=ro", "immutable=1"):  # a WAL file's index (-shm) cannot be made on a read-only mount
+            memory = sqlite3.connect(":memory:", check_same_thread=False)
+            try:
+                with contextlib.closing(sqlite3.connect(f"{uri}?{mode}", uri=True, check_same_thread=False)) as conn:
+                    problems = conn.execute("PRAGMA integrity_check").fetchall()
+                    if problems != [("ok",)]:
+                        raise _Damaged(f"integrity check: {problems[0][0]}")
+                    conn.backup(memory)
+                copy = sqlite_utils.Database(memory)
+                self._create_schema(copy)
+            except sqlite3.DatabaseError as exc:
+                memory.close()
+                log.debug("catalog %s could not be read (%s) with %s", path, exc, mode)
+                continue
+            log.debug("catalog %s is in a store that cannot be written; serving a copy of it from memory", path)
+            return copy
+        log.debug("catalog %s could not be read; building it in memory from the store", path)
+        return self._memory()
 
     def _fall_back(self, exc: sqlite3.DatabaseError) -> None:
         """Go on in memory, from a copy of the file's rows if they can still be read (else

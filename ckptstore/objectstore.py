@@ -30,6 +30,9 @@ The contract (every backend passes one shared test suite, ``tests/test_objectsto
 ``remove_abandoned_uploads(older_than_s)``
     Remove what crashed writers left half-written (local temp files) older than this, under
     the store's own key prefixes only.
+``writable()``
+    Whether this process may write to the store, by an attempt that leaves nothing behind
+    (local: a temp file created and removed; S3 cannot tell without writing: True).
 ``get_versioned(key) -> (data, version)``, ``put_if_version(key, data, version=...)``,
 ``delete_if_version(key, version=...)``
     Compare-and-swap for mutable objects (refs). ``version=None`` means "only if absent".
@@ -40,7 +43,11 @@ Keys are relative, ``/``-separated, and use a safe alphabet (letters, digits, ``
 
 Failures. Every backend error leaves as a :class:`StorageError` (an ``OSError`` whose
 ``errno`` is the backend's where it had one, so a full disk reads ``errno.ENOSPC``), including
-errors from reading a :meth:`~ObjectStore.reader`. Transient failures are retried in one
+errors from reading a :meth:`~ObjectStore.reader`. A write refused because the store can only
+be read (a read-only mount, a directory this user may not write: ``EROFS``, ``EACCES``,
+``EPERM``; S3 credentials without write permission: ``AccessDenied``) is a
+:class:`ReadOnlyStore` naming the store and the object, so every writer gets the same typed
+error before anything changed. Transient failures are retried in one
 layer only, the lowest that can: S3 requests by botocore (a response body that fails midway,
 which botocore does not retry, by ``read_attempts`` here); a local system call that fails with
 a transient errno (:data:`TRANSIENT_ERRNOS`: a network or FUSE file system) by the local
@@ -81,6 +88,7 @@ from .errors import (
     ConditionalWritesUnsupported,
     ObjectNotFound,
     PreconditionFailed,
+    ReadOnlyStore,
     StorageError,
     StoreNotFound,
 )
@@ -193,6 +201,12 @@ class ObjectStore(ABC):
         """Free the room :meth:`reserve_space` kept; whether there was any."""
         return False
 
+    def writable(self) -> bool:
+        """Whether this process may write to the store (False: every write raises
+        :class:`ReadOnlyStore`). Leaves nothing behind. A backend that cannot tell without
+        writing answers True, and its writes raise :class:`ReadOnlyStore` when refused."""
+        return True
+
     @abstractmethod
     def get_versioned(self, key: str) -> tuple[bytes, str]: ...
 
@@ -211,9 +225,23 @@ class ObjectStore(ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
+#: The actions (as :func:`_translated` names them) that change the store: refused with
+#: :class:`ReadOnlyStore` where the storage says it may not be written.
+_WRITING_ACTIONS = frozenset({"write", "update", "delete", "sync", "create the store directory of", "clean up temp files of"})
+#: What a local file system answers a write to a read-only mount or to a directory this
+#: user may not write (s3fs answers S3's ``AccessDenied`` with ``PermissionError``).
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _is_refused_write(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store may not be written (rather than that a write failed)."""
+    return isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in _READ_ONLY_ERRNOS)
+
+
 @contextlib.contextmanager
-def _translated(key: str, action: str) -> Iterator[None]:
-    """Turn a backend exception into the matching :class:`StorageError`, cause chained."""
+def _translated(url: str, key: str, action: str) -> Iterator[None]:
+    """Turn a backend exception into the matching :class:`StorageError`, cause chained; a
+    write refused by read-only storage into :class:`ReadOnlyStore` naming the store ``url``."""
     try:
         yield
     except CkptStoreError:
@@ -225,6 +253,10 @@ def _translated(key: str, action: str) -> Iterator[None]:
     except Exception as exc:
         if _is_precondition_failure(exc):
             raise PreconditionFailed(f"object {key} changed concurrently", key=key) from exc
+        if action in _WRITING_ACTIONS and _is_refused_write(exc):
+            refused = ReadOnlyStore(url, action=action if key else action.removesuffix(" of"), key=key or None, reason=getattr(exc, "strerror", None) or str(exc))
+            refused.errno = getattr(exc, "errno", None) or errno.EACCES
+            raise refused from exc
         error = StorageError(f"could not {action} object {key}: {type(exc).__name__}: {exc}", key=key)
         if isinstance(exc, OSError) and exc.errno is not None:
             error.errno, error.strerror = exc.errno, exc.strerror  # ENOSPC stays ENOSPC
@@ -419,7 +451,7 @@ class LocalObjectStore(ObjectStore):
         self._fs = fsspec.filesystem("file")
         self._known_dirs: set[str] = set()
         self._host = socket.gethostname()
-        with _translated("", "create the store directory of"):
+        with _translated(self.url, "", "create the store directory of"):
             self._ensure_dir(self.root)
 
     def _path(self, key: str) -> str:
@@ -431,7 +463,7 @@ class LocalObjectStore(ObjectStore):
         applied before it failed)."""
         for n in range(self.io_attempts):
             try:
-                with _translated(key, action):
+                with _translated(self.url, key, action):
                     return attempt(n > 0)
             except StorageError as exc:
                 if exc.errno not in TRANSIENT_ERRNOS or n + 1 == self.io_attempts:
@@ -668,6 +700,21 @@ class LocalObjectStore(ObjectStore):
             with contextlib.suppress(OSError):
                 os.unlink(probe)
 
+    def writable(self) -> bool:
+        """Create and remove an empty temp file at the top of the store (as root,
+        permissions alone say nothing: only the attempt tells a read-only mount). Refused
+        (``EROFS``, ``EACCES``, ``EPERM``): False. Any other failure (no inodes left) is no
+        answer: True, and the write that needs the room reports it."""
+        probe = os.path.join(self.root, f".tmp-{uuid.uuid4().hex}")  # removed by gc if this process dies here
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            return not _is_refused_write(exc)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return True
+
     #: The room kept aside for a collection on a full disk: a hidden file, never listed.
     reserve_bytes = 1 << 20
 
@@ -885,7 +932,7 @@ class _FsspecObjectStore(ObjectStore):
         precondition) is never redone."""
         for attempt in range(self.read_attempts):
             try:
-                with _translated(key, action):
+                with _translated(self.url, key, action):
                     return fn()
             except (ObjectNotFound, PreconditionFailed):
                 raise
@@ -927,7 +974,7 @@ class _FsspecObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        with contextlib.suppress(ObjectNotFound), _translated(key, "delete"):
+        with contextlib.suppress(ObjectNotFound), _translated(self.url, key, "delete"):
             self._fs.rm_file(path)
 
     def info(self, key: str) -> ObjectInfo:
@@ -1001,7 +1048,7 @@ class MemoryObjectStore(_FsspecObjectStore):
 
     def put_if_absent(self, key: str, data: Data) -> bool:
         path = self._path(key)
-        with self._lock, _translated(key, "write"):
+        with self._lock, _translated(self.url, key, "write"):
             if self._fs.exists(path):
                 return False
             self._fs.pipe_file(path, _joined(data))
@@ -1014,7 +1061,7 @@ class MemoryObjectStore(_FsspecObjectStore):
 
     def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
         path = self._path(key)
-        with self._lock, _translated(key, "update"):
+        with self._lock, _translated(self.url, key, "update"):
             current = content_id(self._fs.cat_file(path)) if self._fs.exists(path) else None
             if current != version:
                 raise PreconditionFailed(f"object {key} changed concurrently", key=key)
@@ -1023,7 +1070,7 @@ class MemoryObjectStore(_FsspecObjectStore):
 
     def delete_if_version(self, key: str, *, version: str) -> None:
         path = self._path(key)
-        with self._lock, _translated(key, "delete"):
+        with self._lock, _translated(self.url, key, "delete"):
             current = content_id(self._fs.cat_file(path)) if self._fs.exists(path) else None
             if current != version:
                 raise PreconditionFailed(f"object {key} changed concurrently", key=key)
@@ -1119,7 +1166,7 @@ class S3ObjectStore(_FsspecObjectStore):
         owned = tuple(store_prefix + p for p in prefixes)
         cutoff = self.clock_s() - older_than_s
         removed = 0
-        with _translated("", "list the multipart uploads of"):
+        with _translated(self.url, "", "list the multipart uploads of"):
             response = self._fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=store_prefix)
             for upload in response.get("Uploads", []):
                 if upload["Key"].startswith(owned) and _modified_s({"LastModified": upload["Initiated"]}) < cutoff:
@@ -1165,7 +1212,7 @@ class S3ObjectStore(_FsspecObjectStore):
         path = self._path(key)
         token = uuid.uuid4().hex
         try:
-            with _translated(key, "write"):
+            with _translated(self.url, key, "write"):
                 self._fs.pipe_file(path, _joined(data), mode="create", chunksize=self.part_size_bytes, Metadata={WRITE_TOKEN: token})
         except StorageError as exc:
             if self._written_by(key, token) is not None:
@@ -1180,7 +1227,7 @@ class S3ObjectStore(_FsspecObjectStore):
         cannot be told) None."""
         bucket, object_key, _ = self._fs.split_path(self._path(key))
         try:
-            with _translated(key, "stat"):
+            with _translated(self.url, key, "stat"):
                 head = self._fs.call_s3("head_object", Bucket=bucket, Key=object_key)
         except StorageError:
             return None
@@ -1190,7 +1237,7 @@ class S3ObjectStore(_FsspecObjectStore):
         paths = [self._path(key) for key in keys]
         for start in range(0, len(paths), 1000):
             batch = paths[start : start + 1000]
-            with contextlib.suppress(ObjectNotFound), _translated(batch[0][len(self._root) + 1 :], "delete"):
+            with contextlib.suppress(ObjectNotFound), _translated(self.url, batch[0][len(self._root) + 1 :], "delete"):
                 self._fs.rm(batch)  # s3fs sends one DeleteObjects request per 1,000 keys
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
@@ -1215,10 +1262,10 @@ class S3ObjectStore(_FsspecObjectStore):
         token = uuid.uuid4().hex
         try:
             if version is None:
-                with _translated(key, "update"):
+                with _translated(self.url, key, "update"):
                     response = self._fs.pipe_file(path, data, mode="create", Metadata={WRITE_TOKEN: token})
             else:
-                with _missing_is_mismatch(key), _translated(key, "update"):
+                with _missing_is_mismatch(key), _translated(self.url, key, "update"):
                     response = self._fs.pipe_file(path, data, IfMatch=version, Metadata={WRITE_TOKEN: token})
         except StorageError:
             etag = self._written_by(key, token)
@@ -1234,7 +1281,7 @@ class S3ObjectStore(_FsspecObjectStore):
         :class:`PreconditionFailed`, as for any object already gone.)"""
         bucket, object_key, _ = self._fs.split_path(self._path(key))
         try:
-            with _missing_is_mismatch(key), _translated(key, "delete"):
+            with _missing_is_mismatch(key), _translated(self.url, key, "delete"):
                 self._fs.call_s3("delete_object", Bucket=bucket, Key=object_key, IfMatch=version)
         except StorageError as exc:
             if _was_retried(exc) and not self._exists_quietly(key):
