@@ -13,23 +13,28 @@ committing a directory larger than RAM streams it: pages are read as the pipelin
 Symlinks: the checkpoint files read here (safetensors shards and their index, weights,
 ``optimizer.pt`` and the other Trainer pickles, ``trainer_state.json``) may be symlinks, and
 are followed wherever they point, since a Hugging Face cache snapshot is a folder of symlinks
-into ``blobs/``. Nothing else in a folder is read.
+into ``blobs/``. A directory's other files (``config.json``, tokenizer files, subfolders such
+as ``1_Pooling/``) are kept under ``files`` as their bytes (:func:`read_extra_files`): regular
+files only, never through a symlink, each at most :data:`MAX_EXTRA_FILE_BYTES`.
 
 Writing takes a lock beside the target (:class:`ExportBusy` for a second export to it at the
 same time; a killed exporter's lock is taken over), writes every file to a temp file created
 exclusively with a random name in its directory, fsyncs it and renames it into place. A
 directory is built whole beside the target and then swapped in (:func:`write_directory`).
-File names are ours (``model.safetensors``, ``model-00001-of-00003.safetensors``); tensor
-names only ever go inside the files, so no name can make an export write outside its
-directory.
+File names are ours (``model.safetensors``, ``model-00001-of-00003.safetensors``) or those of
+a commit's ``files``, each checked to be a relative POSIX path without ``..`` before anything
+is written (:func:`check_file_name`); tensor names only ever go inside the files, so no name
+can make an export write outside its directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -44,7 +49,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .errors import ExportBusy, InvalidCheckpoint, UnsupportedValue
+from .errors import ExportBusy, InvalidCheckpoint, InvalidFileName, UnsupportedValue
 from .objectstore import fsync_directory
 
 log = logging.getLogger("ckptstore.shards")
@@ -272,7 +277,22 @@ def read_directory(path: str) -> dict[str, torch.Tensor]:
 #: component each becomes. They are pickles: read with ``torch.load(weights_only=True)``,
 #: which refuses anything but tensors and plain containers.
 TRAINER_FILES = {"optimizer.pt": "optimizer", "scheduler.pt": "scheduler", "scaler.pt": "scaler", "rng_state.pth": "rng_state"}
+#: Each process's RNG states in a multi-process Trainer run: component ``rng_state_<rank>``.
+RANK_RNG_FILE = re.compile(r"rng_state_(\d+)\.pth")
 WEIGHT_FILES = ("pytorch_model.bin",)
+TRAINER_STATE_KEY = "trainer_state"
+#: The component that holds a checkpoint directory's other files (``config.json``, tokenizer
+#: files, ``1_Pooling/config.json``): relative POSIX path → the file's bytes as a uint8 tensor.
+FILES_KEY = "files"
+#: A file of a checkpoint directory larger than this is left out of the commit (logged).
+MAX_EXTRA_FILE_BYTES = 256 << 20
+#: Files a Trainer writes into ``checkpoint-N`` that are no part of a model directory: kept
+#: in a commit (and written back by the Trainer integration), never exported.
+TRAINER_ONLY_FILES = frozenset({"training_args.bin"})
+#: Other copies of a directory's weights (PyTorch pickles, TensorFlow, Flax), not kept as files.
+_WEIGHT_COPY = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?|tf_model\.h5|flax_model\.msgpack")
+#: A Trainer's checkpoint folder in its ``output_dir``.
+CHECKPOINT_FOLDER = re.compile(r"checkpoint-(\d+)")
 
 
 #: NumPy arrays (a Trainer's ``rng_state.pth`` holds ``np.random.get_state()``), allowed in
@@ -283,18 +303,33 @@ NUMPY_SAFE_GLOBALS = [
 ]  # fmt: skip
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # pickle protocol 2, then torch's 10-byte magic number
+
+
 def load_weights_only(path: str) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, plain containers and NumPy arrays
     only, no code. ``path`` must be a regular file (or a symlink to one); a file torch
-    cannot load so is :class:`InvalidCheckpoint` naming it."""
+    cannot load so is :class:`InvalidCheckpoint` naming it and saying why (what
+    ``weights_only`` refused, say a class of the file's own; or that it is no ``torch.save``
+    file at all). A zip file (``torch.save``'s format since torch 1.6) is memory-mapped; a
+    legacy one (``_use_new_zipfile_serialization=False``, an old hub ``pytorch_model.bin``),
+    which torch cannot map, is read whole."""
     allow_numpy = torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS) if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()
-    with open_checkpoint_file(path):  # checked first: torch would block on a FIFO
+    with open_checkpoint_file(path) as f:  # checked first: torch would block on a FIFO
+        magic = f.read(4)
+        f.seek(0)
+        is_zip = magic == _ZIP_MAGIC
         try:
             with allow_numpy:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(path if is_zip else f, map_location="cpu", weights_only=True, mmap=is_zip)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, RecursionError, ...
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            raise InvalidCheckpoint(path, f"cannot be loaded with weights_only=True: {type(exc).__name__}: {first_line}") from exc
+            text = str(exc)
+            refused = re.search(r"WeightsUnpickler error: (.*?)(?:\.\s|\n|$)", text)  # torch's own reason, not its advice
+            why = f"{type(exc).__name__}: {refused[1] if refused else (text.splitlines()[0] if text else '')}"
+            if not (is_zip or magic == _LEGACY_MAGIC):
+                raise InvalidCheckpoint(path, f"is not a file torch.save writes (neither zip nor legacy format); torch.load(weights_only=True) failed: {why}") from exc
+            raise InvalidCheckpoint(path, f"cannot be loaded with weights_only=True: {why}") from exc
 
 
 def read_trainer_state(path: str) -> tuple[dict[str, Any], int | None]:
@@ -313,30 +348,47 @@ def read_trainer_state(path: str) -> tuple[dict[str, Any], int | None]:
 def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state, metadata)`` of a checkpoint on disk: a ``.safetensors`` file or a directory
     of them (``{"model": tensors}``), a Trainer ``checkpoint-N`` folder (``model``,
-    ``optimizer``, ``scheduler``, ``rng_state``, ``trainer_state``; metadata ``step``), or a
-    ``.pt``/``.pth``/``.bin`` file (its dict as the state). Reads only the checkpoint files
-    it names (symlinks to them are followed; see the module's notes); a malformed one is
-    :class:`InvalidCheckpoint` naming it, raised before anything is returned."""
+    ``optimizer``, ``scheduler``, ``scaler``, ``rng_state``, ``rng_state_<rank>``,
+    ``trainer_state``; metadata ``step`` and ``epoch``), or a ``.pt``/``.pth``/``.bin`` file
+    (its dict as the state). A directory's other files (``config.json``, tokenizer files,
+    ``1_Pooling/config.json``) go under ``files`` (see :func:`read_extra_files`). Reads only
+    the checkpoint files it names (symlinks to them are followed; see the module's notes); a
+    malformed one is :class:`InvalidCheckpoint` naming it, raised before anything is returned."""
     if os.path.isdir(path):
         state: dict[str, Any] = {}
         metadata: dict[str, Any] = {}
-        has_safetensors = os.path.lexists(os.path.join(path, INDEX_NAME)) or any(f.endswith(".safetensors") for f in os.listdir(path))
+        names = sorted(os.listdir(path))
+        has_safetensors = INDEX_NAME in names or any(f.endswith(".safetensors") for f in names)
         if has_safetensors:
             state["model"] = read_directory(path)
         else:
             for name in WEIGHT_FILES:
-                if os.path.lexists(os.path.join(path, name)):
+                if name in names:
                     state["model"] = load_weights_only(os.path.join(path, name))
         for name, component in TRAINER_FILES.items():
-            if os.path.lexists(os.path.join(path, name)):
+            if name in names:
                 state[component] = load_weights_only(os.path.join(path, name))
-        trainer_state = os.path.join(path, TRAINER_STATE_NAME)
-        if os.path.lexists(trainer_state):
-            state["trainer_state"], step = read_trainer_state(trainer_state)
+        for name in names:
+            rank = RANK_RNG_FILE.fullmatch(name)
+            if rank:
+                state[f"rng_state_{rank[1]}"] = load_weights_only(os.path.join(path, name))
+        if TRAINER_STATE_NAME in names:
+            state[TRAINER_STATE_KEY], step = read_trainer_state(os.path.join(path, TRAINER_STATE_NAME))
             if step is not None:
                 metadata["step"] = step
+            epoch = _number(state[TRAINER_STATE_KEY].get("epoch"))
+            if epoch is not None:
+                metadata["epoch"] = epoch
         if not state:
             raise FileNotFoundError(f"{path} holds no safetensors, pytorch_model.bin or Trainer checkpoint files")
+        read = {*TRAINER_FILES, TRAINER_STATE_NAME, *WEIGHT_FILES}
+
+        def is_read(name: str) -> bool:
+            return name in read or RANK_RNG_FILE.fullmatch(name) is not None or (has_safetensors and (name == INDEX_NAME or name.endswith(".safetensors")))
+
+        files = read_extra_files(path, skip=is_read)
+        if files:
+            state[FILES_KEY] = files
         return state, metadata
     if path.endswith(".safetensors"):
         return {"model": read_safetensors(path)[0]}, {}
@@ -344,6 +396,200 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         loaded = load_weights_only(path)
         return (loaded if isinstance(loaded, dict) and all(isinstance(k, str) for k in loaded) else {"model": loaded}), {}
     raise FileNotFoundError(f"no checkpoint at {path}")
+
+
+def read_extra_files(path: str, *, skip: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:
+    """The other files of the checkpoint directory ``path``, by relative POSIX path
+    (``config.json``, ``tokenizer.json``, ``1_Pooling/config.json``), each as its bytes in a
+    uint8 tensor, so an unchanged file is stored once across commits. ``skip(name)`` names
+    the top-level entries read as checkpoint files. Also left out: hidden entries (``.git``,
+    ``.gitattributes``), other copies of the weights at the top (``pytorch_model*.bin`` and
+    its index, ``tf_model.h5``, ``flax_model.msgpack``), ``checkpoint-N`` subfolders
+    (checkpoints of their own), and, with a warning, symlinks (only checkpoint files are
+    followed), other non-regular files and files over :data:`MAX_EXTRA_FILE_BYTES`."""
+    files: dict[str, torch.Tensor] = {}
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+        for entry in entries:
+            if entry.name.startswith(".") or (not prefix and (skip(entry.name) or _WEIGHT_COPY.fullmatch(entry.name))):
+                continue
+            if entry.is_symlink():
+                log.warning("not committing %s: a symlink, and not a checkpoint file", entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                if CHECKPOINT_FOLDER.fullmatch(entry.name):
+                    log.info("not committing %s: a checkpoint of its own", entry.path)
+                else:
+                    walk(entry.path, f"{prefix}{entry.name}/")
+            else:
+                data = _read_small_file(entry.path)
+                if data is not None:
+                    files[prefix + entry.name] = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+    walk(path, "")
+    return files
+
+
+def _read_small_file(path: str) -> bytearray | None:
+    """The bytes of the regular file ``path`` (not through a symlink), or ``None`` (with a
+    warning) if it is something else or larger than :data:`MAX_EXTRA_FILE_BYTES`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        log.warning("not committing %s: a symlink, and not a checkpoint file", path)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            log.warning("not committing %s: not a regular file", path)
+            return None
+        data = bytearray(f.read(MAX_EXTRA_FILE_BYTES + 1))
+    if len(data) > MAX_EXTRA_FILE_BYTES:
+        log.warning("not committing %s (%d bytes): larger than %d bytes", path, max(info.st_size, len(data)), MAX_EXTRA_FILE_BYTES)
+        return None
+    return data
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a JSON number a float can hold, else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def trainer_step_metrics(log_history: Any, step: int) -> dict[str, float]:
+    """Every number a Trainer logged at ``step`` in ``log_history`` (``trainer_state.json``'s
+    list of log entries), by name: ``loss``, ``learning_rate``, ``grad_norm``, ``eval_loss``,
+    ``eval_*``. Values logged at other steps are left out, so ``best`` only ever points at a
+    commit that was evaluated; entries that are not objects, and values that are not
+    numbers, are skipped."""
+    out: dict[str, float] = {}
+    for entry in log_history if isinstance(log_history, list) else ():
+        if not isinstance(entry, dict) or entry.get("step") != step:
+            continue
+        for name, value in entry.items():
+            number = _number(value)
+            if name not in ("step", "epoch") and number is not None:
+                out[name] = number
+    return out
+
+
+def trainer_best_step(trainer_state: Mapping[str, Any]) -> int | None:
+    """The step of a Trainer run's best checkpoint: ``best_global_step``, or (older
+    transformers) the number in ``best_model_checkpoint``; ``None`` if it names none."""
+    step = trainer_state.get("best_global_step")
+    if type(step) is int and step > 0:
+        return step
+    folder = trainer_state.get("best_model_checkpoint")
+    match = CHECKPOINT_FOLDER.fullmatch(os.path.basename(os.path.normpath(folder))) if isinstance(folder, str) and folder else None
+    return int(match[1]) if match else None
+
+
+def trainer_best_metric(trainer_state: Mapping[str, Any], steps: Iterable[int], *, greater_is_better: bool | None = None) -> tuple[str, bool] | None:
+    """The metric a Trainer run chose its best checkpoint by, and its direction, as far as
+    ``trainer_state.json`` tells (it does not record ``metric_for_best_model``): the one
+    ``eval_*`` value logged at :func:`trainer_best_step` that equals ``best_metric``, and
+    ``greater_is_better`` if given, else the direction in which that value is the best of
+    those logged at ``steps`` (the name's own first: lower for a ``loss``). ``None`` if that
+    is not one metric and one direction."""
+    best_step, value = trainer_best_step(trainer_state), _number(trainer_state.get("best_metric"))
+    history = trainer_state.get("log_history")
+    if best_step is None or value is None or math.isnan(value):
+        return None
+    names = [name for name, logged in trainer_step_metrics(history, best_step).items() if name.startswith("eval_") and logged == value]
+    if len(names) != 1:
+        return None
+    name = names[0]
+    logged = [v for step in steps for v in [trainer_step_metrics(history, step).get(name)] if v is not None and not math.isnan(v)]
+    default = not name.endswith("loss")
+    for greater in (greater_is_better,) if greater_is_better is not None else (default, not default):
+        if value == (max(logged, default=value) if greater else min(logged, default=value)):
+            return name, greater
+    return None
+
+
+def run_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """The ``checkpoint-N`` folders of the Trainer ``output_dir`` as ``(N, path)``, in step
+    order; empty if it has none (or is no directory). Two folders of one step
+    (``checkpoint-5``, ``checkpoint-05``) are :class:`InvalidCheckpoint`."""
+    if not os.path.isdir(output_dir):
+        return []
+    found: dict[int, str] = {}
+    for name in sorted(os.listdir(output_dir)):
+        match = CHECKPOINT_FOLDER.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            step = int(match[1])
+            if step in found:
+                raise InvalidCheckpoint(path, f"is step {step}, as {found[step]} is")
+            found[step] = path
+    return sorted(found.items())
+
+
+def check_file_name(name: Any) -> str:
+    """``name`` if it is a relative POSIX path that stays inside its folder: ``/``-separated
+    segments, none empty, ``.`` or ``..``, and no NUL; else :class:`InvalidFileName`."""
+    if not isinstance(name, str) or not name:
+        raise InvalidFileName(name, "is not a relative path")
+    if name.startswith("/"):
+        raise InvalidFileName(name, "is an absolute path; a file name must be relative to the folder it is written into")
+    if "\0" in name:
+        raise InvalidFileName(name, "holds a NUL character")
+    for segment in name.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidFileName(name, f"has a segment {segment!r}; only plain names separated by '/' stay inside the folder")
+    return name
+
+
+def check_files(files: Mapping[Any, Any]) -> dict[str, bytes | bytearray | memoryview]:
+    """``files`` (relative POSIX path → bytes, or a 1-D uint8 tensor of them) with every name
+    checked (:func:`check_file_name`; a name inside another file's name is
+    :class:`InvalidFileName` too) and every value as bytes (else :class:`UnsupportedValue`)."""
+    out: dict[str, bytes | bytearray | memoryview] = {}
+    for name, data in files.items():
+        check_file_name(name)
+        if isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.dim() == 1:
+            out[name] = memoryview(data.cpu().contiguous().numpy())
+        elif isinstance(data, (bytes, bytearray)):
+            out[name] = data
+        else:
+            raise UnsupportedValue(f"{FILES_KEY}/{name}", "is not a file's bytes (a 1-D uint8 tensor)")
+    for name in out:
+        segments = name.split("/")
+        for i in range(1, len(segments)):
+            if "/".join(segments[:i]) in out:
+                raise InvalidFileName(name, f"is inside {'/'.join(segments[:i])!r}, which is a file")
+    return out
+
+
+def write_files(directory: str, files: Mapping[Any, Any]) -> list[str]:
+    """Write ``files`` (see :func:`check_files`) into the existing folder ``directory``,
+    making subfolders as needed; returns their names. Every name is checked before anything
+    is written, so no name (a commit is data from outside) can write outside ``directory``;
+    nor is a symlink inside it followed. Each file is written whole or not at all."""
+    checked = check_files(files)
+    _write_checked_files(directory, checked)
+    return list(checked)
+
+
+def _write_checked_files(directory: str, files: Mapping[str, bytes | bytearray | memoryview]) -> None:
+    for name, data in files.items():
+        *folders, _ = name.split("/")
+        parent = directory
+        for folder in folders:
+            parent = os.path.join(parent, folder)
+            try:
+                os.mkdir(parent)
+            except FileExistsError:
+                if os.path.islink(parent) or not os.path.isdir(parent):
+                    raise NotADirectoryError(f"cannot write {name} into {directory}: {parent} is not a folder") from None
+        _write_atomically(os.path.join(directory, name), lambda f, data=data: f.write(data))
 
 
 @dataclass(frozen=True)
@@ -386,21 +632,25 @@ def write_directory(
     shards: list[list[ExportedTensor]],
     read_shard: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
     *,
+    files: Mapping[Any, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[str]:
     """Write ``shards`` as the Hugging Face style directory ``directory``:
     ``model.safetensors`` (one shard) or numbered shards plus
     ``model.safetensors.index.json``; ``read_shard`` returns one shard's tensors by name.
-    Returns the file names written.
+    ``files`` (relative POSIX path → bytes: ``config.json``, tokenizer files,
+    ``1_Pooling/config.json``) are written beside them, in the same swap; their names are
+    checked before anything is written (:class:`InvalidFileName`), and one that is an
+    export's own file name is left out, with a warning. Returns the names written.
 
     Atomic: the files are written into a new folder beside ``directory``, which then takes
     its place, so ``directory`` holds one export whole, never a mix of two; an export that
     fails or is killed leaves it as it was (a kill in the instant between the two renames of
     the swap leaves it missing, and the next export puts it back). An export owns only its
-    own file names (``model.safetensors``, the index, ``model-NNNNN-of-NNNNN.safetensors``):
-    every other entry of ``directory`` (``config.json``, a README, subfolders) is kept,
-    hard-linked into the new folder before the swap; one added during the export is left in
+    own file names (``model.safetensors``, the index, ``model-NNNNN-of-NNNNN.safetensors``)
+    and those of ``files``: every other entry of ``directory`` (a README, subfolders) is
+    kept, hard-linked into the new folder before the swap; one added during the export is left in
     a ``.NAME.export-old-*`` folder beside it, with a warning. A ``directory`` that is a
     symlink exports into the folder it points to. A second export to ``directory`` while one
     runs raises :class:`ExportBusy`."""
@@ -408,6 +658,10 @@ def write_directory(
     parent, name = os.path.split(target)
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"cannot export into {directory}: it is not a directory")
+    extra = check_files(files or {})
+    for file in [f for f in extra if is_export_file(f.split("/", 1)[0])]:
+        log.warning("not writing file %r into %s: the export writes a file of that name", file, directory)
+        del extra[file]
     os.makedirs(parent, exist_ok=True)
     with export_lock(target):
         _recover_interrupted(target)
@@ -415,11 +669,13 @@ def write_directory(
         os.mkdir(staging, 0o777)
         try:
             names = _write_shards(staging, shards, read_shard, metadata, progress)
+            _write_checked_files(staging, extra)
+            names += list(extra)
             if os.path.isdir(target):
                 shutil.copymode(target, staging)
                 _link_entries(target, staging, top=True)
             fsync_directory(staging)
-            _swap_in(staging, target)
+            _swap_in(staging, target, owned=frozenset(extra))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # our files, and links to files still in target
             raise
@@ -520,24 +776,29 @@ def _write_shards(
 
 def _link_entries(source: str, destination: str, *, top: bool) -> None:
     """Hard-link every entry of ``source`` into ``destination`` (symlinks as themselves,
-    subfolders as new folders of the same mode, filled alike), except, at the top, an
-    export's own files."""
+    subfolders as folders of the same mode, filled alike), except, at the top, an export's
+    own files, and anything the export wrote in its place."""
     with os.scandir(source) as entries:
         for entry in entries:
             into = os.path.join(destination, entry.name)
+            exists = os.path.lexists(into)
             if entry.is_dir(follow_symlinks=False):
-                os.mkdir(into)
-                shutil.copymode(entry.path, into)
+                if not exists:
+                    os.mkdir(into)
+                    shutil.copymode(entry.path, into)
+                elif os.path.islink(into) or not os.path.isdir(into):
+                    continue  # a file the export wrote
                 _link_entries(entry.path, into, top=False)
                 fsync_directory(into)
-            elif not (top and is_export_file(entry.name)):
+            elif not (exists or (top and is_export_file(entry.name))):
                 os.link(entry.path, into, follow_symlinks=False)
 
 
-def _swap_in(staging: str, target: str) -> None:
+def _swap_in(staging: str, target: str, *, owned: frozenset[str] = frozenset()) -> None:
     """Put the folder ``staging`` at ``target``: renamed there, or, if ``target`` exists,
     renamed there after ``target`` is renamed aside, which is then emptied of what the new
-    folder holds (the same files) and of the export's own files, and removed."""
+    folder holds (the same files), of the export's own files and of those it replaced
+    (``owned``, relative paths), and removed."""
     parent, name = os.path.split(target)
     if not os.path.isdir(target):
         os.rename(staging, target)
@@ -551,7 +812,7 @@ def _swap_in(staging: str, target: str) -> None:
         os.rename(old, target)
         raise
     fsync_directory(parent)
-    _remove_replaced(old, target)
+    _remove_replaced(old, target, owned=owned)
 
 
 def _recover_interrupted(target: str) -> None:
@@ -575,27 +836,28 @@ def _recover_interrupted(target: str) -> None:
             _remove_replaced(old, target)
 
 
-def _remove_replaced(old: str, new: str) -> None:
+def _remove_replaced(old: str, new: str, *, owned: frozenset[str] = frozenset()) -> None:
     """Empty and remove the folder ``old`` that ``new`` replaced: unlink the export's own
-    files and every entry that is the very file ``new`` holds at the same place; keep (with a
-    warning) anything else, something added to ``old`` while the export ran."""
+    files, those it wrote in their place (``owned``), and every entry that is the very file
+    ``new`` holds at the same place; keep (with a warning) anything else, something added to
+    ``old`` while the export ran."""
     try:
-        if _remove_entries(old, new, top=True):
+        if _remove_entries(old, new, owned, prefix=""):
             return
         log.warning("%s: entries added while it was exported were kept in %s", new, old)
     except OSError as exc:
         log.warning("%s: could not remove the folder it replaced, %s: %s", new, old, exc)
 
 
-def _remove_entries(old: str, new: str, *, top: bool) -> bool:
+def _remove_entries(old: str, new: str, owned: frozenset[str], *, prefix: str) -> bool:
     kept = False
     with os.scandir(old) as entries:
         for entry in entries:
             twin = os.path.join(new, entry.name)
             is_dir = entry.is_dir(follow_symlinks=False)
             if is_dir and os.path.isdir(twin) and not os.path.islink(twin):
-                kept |= not _remove_entries(entry.path, twin, top=False)
-            elif not is_dir and ((top and is_export_file(entry.name)) or _same_file(entry, twin)):
+                kept |= not _remove_entries(entry.path, twin, owned, prefix=f"{prefix}{entry.name}/")
+            elif not is_dir and ((not prefix and is_export_file(entry.name)) or prefix + entry.name in owned or _same_file(entry, twin)):
                 os.unlink(entry.path)
             else:
                 kept = True

@@ -20,10 +20,12 @@ Each save of the Trainer (``checkpoint-N``: weights, ``optimizer.pt``, ``schedul
 ``trainer.train(resume_from_checkpoint=...)`` resumes exactly as from the folder the
 Trainer wrote (same weights, optimizer and scheduler state, RNG states and data position).
 Pickled files (``optimizer.pt``, ``rng_state.pth``) are read with ``weights_only=True``;
-``training_args.bin`` is kept as bytes and never unpickled.
+``training_args.bin`` is kept as bytes and never unpickled. ``store.export(commit, dir)``
+writes the model with its ``files`` (``training_args.bin`` left out), a directory that
+``AutoModel.from_pretrained(dir)`` loads.
 
-Not handled: DeepSpeed, FSDP and per-rank optimizer shards (``rank*-of-N-optimizer.pt``)
-and sub-folders of a checkpoint (multi-adapter PEFT). In a multi-process run only the
+Not handled: DeepSpeed, FSDP and per-rank optimizer shards (``rank*-of-N-optimizer.pt``);
+sub-folders of a checkpoint (multi-adapter PEFT) are kept as files, not as tensors. In a multi-process run only the
 world's process zero commits; it reads the ``rng_state_<rank>.pth`` files present when
 its own save returns.
 """
@@ -33,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -48,13 +49,19 @@ from transformers import (
 )
 
 from ..commit import Commit
-from ..errors import CkptStoreError, ComponentsUnavailable, UnknownRef
+from ..errors import CkptStoreError, UnknownRef
 from ..formats import (
-    INDEX_NAME,
+    FILES_KEY,
+    MAX_EXTRA_FILE_BYTES,
+    RANK_RNG_FILE,
     TRAINER_FILES,
-    WEIGHT_FILES,
-    load_weights_only,
+    TRAINER_ONLY_FILES,
+    TRAINER_STATE_KEY,
+    TRAINER_STATE_NAME,
     read_checkpoint,
+    trainer_best_step,
+    trainer_step_metrics,
+    write_files,
 )
 from ..store import LATEST, Store
 from ..training import BRANCH_ENV, REF_ENV
@@ -62,13 +69,6 @@ from ..training import BRANCH_ENV, REF_ENV
 log = logging.getLogger("ckptstore.huggingface")
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
-TRAINER_STATE_NAME = "trainer_state.json"
-#: Components besides the model, each written back as the file it came from.
-FILES_KEY = "files"
-TRAINER_STATE_KEY = "trainer_state"
-_RANK_RNG_FILE = re.compile(r"rng_state_(\d+)\.pth")
-#: Other files of a checkpoint folder larger than this are left out of the commit (logged).
-MAX_EXTRA_FILE_BYTES = 256 << 20
 
 
 def checkpoint_folder(step: int) -> str:
@@ -76,50 +76,22 @@ def checkpoint_folder(step: int) -> str:
 
 
 def read_trainer_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state, metadata)`` of a Trainer ``checkpoint-N`` folder: what
-    :func:`ckptstore.formats.read_checkpoint` reads (``model``, ``optimizer``, ``scheduler``,
-    ``scaler``, ``rng_state``, ``trainer_state``), each ``rng_state_<rank>.pth`` as
-    ``rng_state_<rank>``, and every other plain file, not a symlink (``config.json``,
-    ``generation_config.json``, tokenizer files, ``training_args.bin``) under ``files`` as its
-    bytes (a uint8 tensor, so an unchanged file is stored once across commits)."""
-    state, metadata = read_checkpoint(path)
-    names = sorted(os.listdir(path))
-    has_safetensors = INDEX_NAME in names or any(n.endswith(".safetensors") for n in names)
-    read = {*TRAINER_FILES, TRAINER_STATE_NAME} | ({INDEX_NAME} if has_safetensors else set(WEIGHT_FILES))
-    files: dict[str, torch.Tensor] = {}
-    for name in names:
-        full = os.path.join(path, name)
-        rank = _RANK_RNG_FILE.fullmatch(name)
-        if rank:
-            state[f"rng_state_{rank[1]}"] = load_weights_only(full)
-        elif name in read or (has_safetensors and name.endswith(".safetensors")) or name.startswith(".") or not os.path.isfile(full):
-            continue
-        elif os.path.islink(full):  # only checkpoint files are followed (see ckptstore.formats)
-            log.warning("not committing %s: a symlink, and not a checkpoint file", full)
-        elif os.path.getsize(full) > MAX_EXTRA_FILE_BYTES:
-            log.warning("not committing %s (%d bytes): larger than %d bytes", full, os.path.getsize(full), MAX_EXTRA_FILE_BYTES)
-        else:
-            with open(full, "rb") as f:
-                data = bytearray(f.read())
-            files[name] = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    if files:
-        state[FILES_KEY] = files
-    return state, metadata
+    """``(state, metadata)`` of a Trainer ``checkpoint-N`` folder, as
+    :func:`ckptstore.formats.read_checkpoint` reads it: ``model``, ``optimizer``,
+    ``scheduler``, ``scaler``, ``rng_state``, each ``rng_state_<rank>.pth`` as
+    ``rng_state_<rank>``, ``trainer_state``, and every other plain file, not a symlink
+    (``config.json``, ``generation_config.json``, tokenizer files, ``training_args.bin``)
+    under ``files`` as its bytes (a uint8 tensor, so an unchanged file is stored once across
+    commits; the same routine as :meth:`Store.import_checkpoint`)."""
+    return read_checkpoint(path)
 
 
 def step_metrics(state: TrainerState, step: int | None = None) -> dict[str, float]:
     """Every number the Trainer logged at ``step`` (default: the current step), by name:
     ``loss``, ``learning_rate``, ``grad_norm``, ``eval_loss``, ``eval_*``. Values logged at
-    other steps are left out, so ``best`` only ever points at a commit that was evaluated."""
-    step = state.global_step if step is None else step
-    out: dict[str, float] = {}
-    for entry in state.log_history:
-        if entry.get("step") != step:
-            continue
-        for name, value in entry.items():
-            if name not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[name] = float(value)
-    return out
+    other steps are left out, so ``best`` only ever points at a commit that was evaluated
+    (:func:`ckptstore.formats.trainer_step_metrics`, which imports use too)."""
+    return trainer_step_metrics(state.log_history, state.global_step if step is None else step)
 
 
 def best_metric_options(args: TrainingArguments) -> dict[str, Any]:
@@ -241,7 +213,7 @@ def _materialize(store: Store, ref: str | None, directory: str, *, best: bool) -
         raise CkptStoreError(f"commit {commit.short_id} records no step")
     path = os.path.join(directory, checkpoint_folder(step))
     written = [path]
-    best_step = _best_step(trainer_state)
+    best_step = trainer_best_step(trainer_state)
     if best_step == step:
         trainer_state = {**trainer_state, "best_model_checkpoint": path}
     elif best and best_step is not None:
@@ -251,29 +223,19 @@ def _materialize(store: Store, ref: str | None, directory: str, *, best: bool) -
         if wrote:
             written.append(best_path)
     with _building(path) as tmp:
-        store.export(commit.id, tmp, component="model")
-        _write_files(tmp, state.get(FILES_KEY) or {})
+        store.export(commit.id, tmp, component="model")  # the weights and the model directory's files
+        write_files(tmp, {name: data for name, data in (state.get(FILES_KEY) or {}).items() if name in TRAINER_ONLY_FILES})
         for file, component in TRAINER_FILES.items():
             if component in state:
                 torch.save(state[component], os.path.join(tmp, file))
         for component, value in state.items():
-            if _RANK_RNG_FILE.fullmatch(f"{component}.pth"):
+            if RANK_RNG_FILE.fullmatch(f"{component}.pth"):
                 torch.save(value, os.path.join(tmp, f"{component}.pth"))
         if state.get(TRAINER_STATE_KEY) is not None:
             with open(os.path.join(tmp, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:
                 f.write(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
     log.info("materialized %s (%s) at %s", ref, commit.short_id, path)
     return written
-
-
-def _best_step(trainer_state: Mapping[str, Any]) -> int | None:
-    """The step of the best checkpoint: ``best_global_step``, or (older transformers)
-    the number in ``best_model_checkpoint``."""
-    step = trainer_state.get("best_global_step")
-    if isinstance(step, int) and step > 0:
-        return step
-    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(trainer_state.get("best_model_checkpoint") or "")))
-    return int(match[1]) if match else None
 
 
 def _materialize_best(store: Store, commit: Commit, best_step: int, directory: str) -> tuple[str | None, bool]:
@@ -289,13 +251,8 @@ def _materialize_best(store: Store, commit: Commit, best_step: int, directory: s
         log.warning("no commit of step %d behind %s: load_best_model_at_end will not find it", best_step, commit.short_id)
         return None, False
     try:
-        try:
-            files = store.checkout(ancestor.id, include=[FILES_KEY]).get(FILES_KEY, {})
-        except ComponentsUnavailable:
-            files = {}
         with _building(path) as tmp:
-            store.export(ancestor.id, tmp, component="model")
-            _write_files(tmp, files)
+            store.export(ancestor.id, tmp, component="model")  # the weights and the model directory's files
     except CkptStoreError as exc:  # e.g. GC dropped its model
         log.warning("cannot write the best checkpoint (step %d) from %s: %s", best_step, ancestor.short_id, exc)
         return None, False
@@ -321,11 +278,4 @@ class _building:
             shutil.rmtree(self.path)
         os.replace(self.tmp, self.path)
 
-
-def _write_files(directory: str, files: Mapping[str, Any]) -> None:
-    for name, data in files.items():
-        if os.path.basename(name) != name or name in ("", ".", ".."):
-            raise CkptStoreError(f"refusing to write file {name!r} outside {directory}")
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(data.numpy().tobytes() if isinstance(data, torch.Tensor) else bytes(data))
 
