@@ -15,7 +15,8 @@ Symlinks: the checkpoint files read here (safetensors shards and their index, we
 are followed wherever they point, since a Hugging Face cache snapshot is a folder of symlinks
 into ``blobs/``. A directory's other files (``config.json``, tokenizer files, subfolders such
 as ``1_Pooling/``) are kept under ``files`` as their bytes (:func:`read_extra_files`): regular
-files only, never through a symlink, each at most :data:`MAX_EXTRA_FILE_BYTES`.
+files only, never through a symlink (except a cache snapshot's links into its own ``blobs/``),
+each at most :data:`MAX_EXTRA_FILE_BYTES`.
 
 Writing takes a lock beside the target (:class:`ExportBusy` for a second export to it at the
 same time; a killed exporter's lock is taken over), writes every file to a temp file created
@@ -406,8 +407,11 @@ def read_extra_files(path: str, *, skip: Callable[[str], bool] = lambda name: Fa
     ``.gitattributes``), other copies of the weights at the top (``pytorch_model*.bin`` and
     its index, ``tf_model.h5``, ``flax_model.msgpack``), ``checkpoint-N`` subfolders
     (checkpoints of their own), and, with a warning, symlinks (only checkpoint files are
-    followed), other non-regular files and files over :data:`MAX_EXTRA_FILE_BYTES`."""
+    followed, and, in a Hugging Face cache snapshot, links into that repository's ``blobs/``:
+    see :func:`hub_cache_blobs`), other non-regular files and files over
+    :data:`MAX_EXTRA_FILE_BYTES`."""
     files: dict[str, torch.Tensor] = {}
+    blobs = hub_cache_blobs(path)
 
     def walk(folder: str, prefix: str) -> None:
         with os.scandir(folder) as scan:
@@ -416,7 +420,13 @@ def read_extra_files(path: str, *, skip: Callable[[str], bool] = lambda name: Fa
             if entry.name.startswith(".") or (not prefix and (skip(entry.name) or _WEIGHT_COPY.fullmatch(entry.name))):
                 continue
             if entry.is_symlink():
-                log.warning("not committing %s: a symlink, and not a checkpoint file", entry.path)
+                target = os.path.realpath(entry.path)
+                if blobs is not None and os.path.dirname(target) == blobs:
+                    data = _read_small_file(target)
+                    if data is not None:
+                        files[prefix + entry.name] = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+                else:
+                    log.warning("not committing %s: a symlink, and not a checkpoint file", entry.path)
             elif entry.is_dir(follow_symlinks=False):
                 if CHECKPOINT_FOLDER.fullmatch(entry.name):
                     log.info("not committing %s: a checkpoint of its own", entry.path)
@@ -429,6 +439,19 @@ def read_extra_files(path: str, *, skip: Callable[[str], bool] = lambda name: Fa
 
     walk(path, "")
     return files
+
+
+def hub_cache_blobs(path: str) -> str | None:
+    """The ``blobs/`` folder of the Hugging Face cache repository whose snapshot ``path`` is
+    (``models--ORG--NAME/snapshots/REVISION``), or ``None`` if ``path`` is not a snapshot.
+    A snapshot's files are symlinks into that folder; those, and only those, are read as its
+    other files."""
+    real = os.path.realpath(path)
+    snapshots = os.path.dirname(real)
+    if os.path.basename(snapshots) != "snapshots":
+        return None
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    return blobs if os.path.isdir(blobs) and not os.path.islink(blobs) else None
 
 
 def _read_small_file(path: str) -> bytearray | None:

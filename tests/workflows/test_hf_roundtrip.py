@@ -143,3 +143,36 @@ def test_a_file_name_that_leaves_the_export_is_refused_and_nothing_is_written(tm
         store.export(commit.id, str(work / "export"))
     assert info.value.name == name and repr(name) in str(info.value)
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(work) == []  # no evil beside it, no export
+
+
+def test_a_hub_cache_snapshot_imports_its_files_through_the_links_into_blobs(tmp_path):
+    """A ``from_pretrained`` download is a folder of symlinks into the cache's ``blobs/``:
+    its config and tokenizer files are kept (so the export loads), while a link that leaves
+    the cache repository is still not followed."""
+    repo = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"
+    snapshot = repo / "snapshots" / "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
+    (repo / "blobs").mkdir(parents=True)
+    for name, data in _tree(minilm.get_model_path()).items():
+        if name.startswith("."):
+            continue
+        blob = repo / "blobs" / f"{len(name):04x}{abs(hash(name)):x}"
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the model")
+    os.symlink(secret, snapshot / "notes.txt")
+
+    store = ckptstore.open(str(tmp_path / "store"))
+    commit = store.import_checkpoint(str(snapshot))
+    files = store.checkout(commit.id, include=["files"])["files"]
+    assert {"config.json", "tokenizer.json", "vocab.txt", "1_Pooling/config.json"} <= set(files)
+    assert "notes.txt" not in files
+
+    export = tmp_path / "export"
+    store.export(commit.id, str(export))
+    model = transformers.AutoModel.from_pretrained(str(export))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(export))
+    _same_weights(model, transformers.AutoModel.from_pretrained(str(minilm.get_model_path())))
+    assert tokenizer(SENTENCE)["input_ids"] == transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))(SENTENCE)["input_ids"]
