@@ -12,7 +12,8 @@ commit's tree maps each rank to its state (``checkout(rev)[rank]``).
 ``StoreWriter`` / ``StoreReader`` plug a store into ``dcp.save`` / ``dcp.load`` (and
 ``dcp.async_save``): DCP plans the save (deduplicating replicated tensors across ranks) and
 the load (resharding to the loading world), and the store keeps the bytes. DCP's metadata is
-stored as plain values in the commit's tree, never pickled.
+stored as plain values in the commit's tree, never pickled (see :mod:`ckptstore.dcp_layout`,
+which also lets the store export such a commit as whole tensors).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+from collections.abc import Iterable
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +51,7 @@ from torch.distributed.checkpoint.storage import (
 from torch.futures import Future
 
 from .commit import Commit
+from .dcp_layout import RECORD_KEY, DcpRecord, DcpSave, TensorInfo, item_key
 from .errors import CkptStoreError, IntegrityError, UnsupportedValue, WriterExpired
 from .gc import manifest_key
 from .lease import WriterMarker, wait_while_collector_sweeps, writing
@@ -58,12 +61,12 @@ from .manifest import (
     build_tensor,
     encode_state,
     merge_manifests,
-    unpack_value,
 )
+from .pipeline import DeltaMode, check_delta_mode
 from .pipeline import WriteResult as ChunkWrites
+from .refs import RefKind
 from .store import Store
-
-DCP_FORMAT = 1
+from .training import resume_ref
 
 
 def _sum_writes(parts: list[ChunkWrites]) -> ChunkWrites:
@@ -118,54 +121,62 @@ def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup |
 
 
 def _item_key(index: MetadataIndex) -> str:
-    offset = "-" if index.offset is None else ",".join(map(str, index.offset))
-    return f"{index.fqn}|{offset}|{index.index}"
+    return item_key(index.fqn, index.offset, index.index)
 
 
-def _encode_metadata(metadata: Metadata, locations: Mapping[str, tuple[int, str]]) -> dict[str, Any]:
-    """DCP's ``Metadata`` as plain values (no pickle): per fqn, its kind, dtype, size and
-    chunks; and where each stored item lives (rank, item key)."""
-    entries: dict[str, Any] = {}
+def _record(metadata: Metadata, locations: Mapping[str, tuple[int, str]]) -> DcpRecord:
+    """DCP's ``Metadata`` as the plain values of a :class:`DcpRecord` (no pickle), with
+    where each stored item lives (rank, item key)."""
+    entries: dict[str, TensorInfo | None] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
-            entries[fqn] = {"kind": "bytes"}
+            entries[fqn] = None
         else:
-            entries[fqn] = {
-                "kind": "tensor", "dtype": md.properties.dtype, "requires_grad": md.properties.requires_grad,
-                "size": list(md.size), "chunks": [[list(c.offsets), list(c.sizes)] for c in md.chunks],
-            }  # fmt: skip
-    stored = [[key, rank, local] for key, (rank, local) in sorted(locations.items())]
+            chunks = tuple((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
+            entries[fqn] = TensorInfo(md.properties.dtype, md.properties.requires_grad, tuple(md.size), chunks)
     planner_data = metadata.planner_data
     try:
         encode_state({"p": planner_data}, inline_threshold_bytes=0)
     except UnsupportedValue:
         planner_data = None  # not plain values: DCP's default planners rebuild it
-    return {"format": DCP_FORMAT, "entries": entries, "stored": stored, "planner_data": planner_data, "version": metadata.version}
+    return DcpRecord(entries, dict(locations), planner_data, metadata.version)
 
 
-def _decode_metadata(doc: Any, key: str) -> tuple[Metadata, dict[str, tuple[int, str]]]:
-    try:
-        if doc["format"] != DCP_FORMAT:
-            raise IntegrityError(f"unknown DCP format {doc['format']!r}", key=key)
-        state_dict_metadata: dict[str, Any] = {}
-        for fqn, e in doc["entries"].items():
-            if e["kind"] == "bytes":
-                state_dict_metadata[fqn] = BytesStorageMetadata()
-            else:
-                props = TensorProperties(dtype=e["dtype"], requires_grad=bool(e["requires_grad"]))
-                chunks = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in e["chunks"]]
-                state_dict_metadata[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(e["size"]), chunks=chunks)
-        locations = {k: (int(r), str(local)) for k, r, local in doc["stored"]}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IntegrityError(f"malformed DCP metadata: {exc}", key=key) from exc
-    metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=doc.get("planner_data"), version=doc.get("version"))
-    return metadata, locations
+def _metadata(record: DcpRecord) -> Metadata:
+    """The ``Metadata`` DCP saved, from its record."""
+    state_dict_metadata: dict[str, Any] = {}
+    for fqn, info in record.entries.items():
+        if info is None:
+            state_dict_metadata[fqn] = BytesStorageMetadata()
+        else:
+            props = TensorProperties(dtype=info.dtype, requires_grad=info.requires_grad)
+            chunks = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(n)) for o, n in info.chunks]
+            state_dict_metadata[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(info.size), chunks=chunks)
+    return Metadata(state_dict_metadata=state_dict_metadata, planner_data=record.planner_data, version=record.version)
+
+
+def _without_rank(path: str) -> str | None:
+    """The key path of a DCP commit's tensor in the rank-local manifest of whichever rank
+    saves that item (``1/model.w|0,0|0`` → ``model.w|0,0|0``): items are matched to their
+    delta bases by item key, whichever rank saved them."""
+    return path.partition("/")[2] or None
 
 
 class StoreWriter(StorageWriter):
-    """``dcp.save(state_dict, storage_writer=StoreWriter(store))``: every rank writes the
-    chunks of its items; the coordinator commits (options as :meth:`Store.commit`'s). The
-    commit is :attr:`commit` on the coordinator.
+    """``dcp.save(state_dict, storage_writer=StoreWriter(store, ...))``: every rank writes the
+    chunks of its items; the coordinator commits them as one commit, :attr:`commit` (on the
+    coordinator; ``None`` elsewhere).
+
+    Options, as :meth:`Store.commit`'s: ``branch`` (default: the store's default branch,
+    created if missing), ``message``, ``metadata``, ``metrics``, ``tags``, ``best_metric``,
+    ``greater_is_better``, and ``delta`` ("off", "on", "auto"; default: the store's
+    setting). Every rank constructs its writer with the same options; a bad one raises
+    its typed error from the constructor, before anything is written. The commit's parent
+    is the branch head (re-parented, as every commit, onto a head another writer set
+    meanwhile). Each rank looks up the branch head when it writes and stores its changed
+    float chunks as deltas against the head's chunks of the same item (fqn and chunk
+    offsets), whichever rank saved that item then: DCP's planner may give a replicated
+    item to another rank from one save to the next, and it still finds its base.
 
     Writer markers (:mod:`ckptstore.lease`) protect what the ranks reuse: the coordinator
     takes one in ``prepare_global_plan``, before any rank writes, and holds it (renewed)
@@ -175,10 +186,29 @@ class StoreWriter(StorageWriter):
     stops renewing it.
     """
 
-    def __init__(self, store: Store, **commit_options: Any) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        branch: str | None = None,
+        message: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+        best_metric: str | None = None,
+        greater_is_better: bool | None = None,
+        delta: DeltaMode | None = None,
+    ) -> None:
         super().__init__()
+        check_delta_mode(delta)
         self.store = store
-        self.commit_options = commit_options
+        self.branch = branch or store.config.default_branch
+        self.delta = delta
+        self.commit_options: dict[str, Any] = dict(
+            branch=self.branch, message=message, metadata=metadata, metrics=metrics, tags=list(tags),
+            best_metric=best_metric, greater_is_better=greater_is_better,
+        )  # fmt: skip
+        store.publisher(**self.commit_options)  # refuse bad options now, before dcp.save starts
         self.commit: Commit | None = None
         self.rank = 0
         self.is_coordinator = True
@@ -228,7 +258,8 @@ class StoreWriter(StorageWriter):
         marker = self._hold_marker()  # held until the coordinator publishes
         try:
             manifest, sources = encode_state(items, inline_threshold_bytes=self.store.config.inline_threshold_bytes)
-            written = self.store.write_chunks(manifest, sources)
+            head = self.store.refs.get(RefKind.BRANCH, self.branch)  # inside the marker, as Store.commit reads it
+            written = self.store.write_chunks(manifest, sources, parent=head, delta=self.delta, parent_key_path=_without_rank)
         except BaseException:
             marker.release()
             self._marker = None
@@ -259,7 +290,7 @@ class StoreWriter(StorageWriter):
         try:
             if own is None:
                 raise WriterExpired("the coordinator wrote no data of its own; nothing was published")
-            merged = merge_manifests(manifests, extra={"dcp": _encode_metadata(metadata, locations)})
+            merged = merge_manifests(manifests, extra={RECORD_KEY: _record(metadata, locations).to_doc()})
             publish = self.store.publisher(**self.commit_options)
             self.commit = publish(merged, _sum_writes(writes), fence=_fence(self.store, own, markers))
         finally:  # the other ranks' markers go too: their heartbeats stop when they find them gone
@@ -284,14 +315,19 @@ def _nbytes(value: Any) -> int:
 
 
 class StoreReader(StorageReader):
-    """``dcp.load(state_dict, storage_reader=StoreReader(store, "latest"))``: DCP reshards
-    what a ``StoreWriter`` saved onto the loading world; each rank reads only the chunks of
-    the items it needs, verified as every checkout is."""
+    """``dcp.load(state_dict, storage_reader=StoreReader(store))``: DCP reshards what a
+    ``StoreWriter`` saved onto the loading world; each rank reads only the chunks of the
+    items it needs, verified as every checkout is.
 
-    def __init__(self, store: Store, rev: str = "latest") -> None:
+    ``rev`` is the revision to load. By default a job resumes its own branch's head, as
+    every integration does (:func:`ckptstore.training.resume_ref`): ``$CKPTSTORE_REF``, else
+    the head of ``$CKPTSTORE_BRANCH``, else of the store's default branch; never ``latest``,
+    which another branch's commits move."""
+
+    def __init__(self, store: Store, rev: str | None = None) -> None:
         super().__init__()
         self.store = store
-        self.rev = rev
+        self.rev = resume_ref(store, ref=rev)
 
     def reset(self, checkpoint_id: Any = None) -> None:
         if checkpoint_id is not None:
@@ -301,16 +337,11 @@ class StoreReader(StorageReader):
         commit = self.store.commit_of(self.rev)
         self._key = manifest_key(commit.manifest)
         self._manifest = self.store.manifest_of(commit)
-        tensors = [TensorRef(i) for i in range(len(self._manifest.tensors))]
-        tree = unpack_value(self._manifest.tree, key=self._key, tensors=tensors)
-        if not isinstance(tree, dict) or "dcp" not in tree:
+        save = DcpSave.of(self._manifest, key=self._key)
+        if save is None:
             raise IntegrityError(f"commit {commit.id[:12]} was not saved through torch.distributed.checkpoint", key=self._key)
-        metadata, locations = _decode_metadata(tree["dcp"], self._key)
-        try:
-            self._values = {key: tree[rank][local] for key, (rank, local) in locations.items()}
-        except (KeyError, TypeError) as exc:
-            raise IntegrityError(f"DCP item {exc} is not in the commit", key=self._key) from None
-        return metadata
+        self._values = save.items
+        return _metadata(save.record)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if not hasattr(self, "_manifest"):
