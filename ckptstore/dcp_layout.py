@@ -207,7 +207,8 @@ class DcpSave:
         selected = {fqn: p for fqn, p in paths.items() if path_under(p, prefix) and p != prefix and selection.selected(p)}
         not_tensors = sorted(p for fqn, p in selected.items() if record.entries[fqn] is None)
         if not_tensors:
-            raise NotExportable(commit_id, f"{', '.join(not_tensors[:5])}{' ...' if len(not_tensors) > 5 else ''} {'is not a tensor' if len(not_tensors) == 1 else 'are not tensors'} (DCP saved {'it' if len(not_tensors) == 1 else 'them'} as bytes): select only tensors (include=, exclude=)", path=not_tensors[0])
+            shown = ", ".join(not_tensors[:5]) + (f" and {len(not_tensors) - 5} more" if len(not_tensors) > 5 else "")
+            raise NotExportable(commit_id, f"values that are not tensors are selected (DCP saved them as bytes): {shown}; select only tensors with include= or exclude=", path=not_tensors[0])
         if not selected:
             wanted = [component] if component else list(selection.include or ["(selected tensors)"])
             raise ComponentsUnavailable(commit_id, missing=wanted, available=[str(t) for t in tops])
