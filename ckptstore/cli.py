@@ -23,7 +23,8 @@ import click
 
 from . import __version__
 from .commit import Commit
-from .errors import CkptStoreError, StoreNotFound
+from .errors import CkptStoreError, RefExists, StoreNotFound
+from .formats import run_checkpoints
 from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, commit_key, dropped_components
 from .manifest import Manifest
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
@@ -662,27 +663,47 @@ def export_(ctx: _Context, rev: str, path: str, component: str | None, include: 
 
 
 @cli.command(name="import")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--branch", help="Branch to commit on (default: the store's default branch).")
-@click.option("-m", "--message", help="Commit message (default: import NAME).")
-@click.option("--tag", "tags", multiple=True, help="Tag the commit. Repeatable.")
-@click.option("--json", "as_json", is_flag=True, help="Print the commit as JSON.")
+@click.option("-m", "--message", help="Commit message (default: import NAME; checkpoint-N for a run's checkpoints).")
+@click.option("--tag", "tags", multiple=True, help="Tag the last commit. Repeatable.")
+@click.option("--append", is_flag=True, help="Let a Trainer run go onto a branch that already has commits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the commit as JSON (a list when there are several).")
 @pass_ctx
-def import_(ctx: _Context, path: str, branch: str | None, message: str | None, tags: tuple[str, ...], as_json: bool) -> None:
-    """Commit a checkpoint from disk: a .safetensors file, a sharded safetensors directory,
-    a Trainer checkpoint-N folder, or a .pt file (loaded with weights_only=True).
+def import_(ctx: _Context, paths: tuple[str, ...], branch: str | None, message: str | None, tags: tuple[str, ...], append: bool, as_json: bool) -> None:
+    """Commit checkpoints from disk, each PATH in order: a .safetensors file, a Hugging Face
+    model directory (safetensors or pytorch_model.bin, with its config and tokenizer files),
+    a Trainer checkpoint-N folder, a .pt file (loaded with weights_only=True), or a Trainer
+    output directory (one holding checkpoint-N folders: one commit per checkpoint, in step
+    order, with the metrics and best of its trainer_state.json).
 
     \b
-    Example:
+    Examples:
       ckpt import ./gpt2-finetuned --branch main --tag imported
+      ckpt import ./output --branch run-1
     """
     store = ctx.store(create=True)
+    runs = [bool(run_checkpoints(path)) for path in paths]
+    target = branch or store.config.default_branch
+    if not append and (True in runs[1:] or (runs[0] and target in store.branches())):
+        raise RefExists(
+            f"branch {target!r} already has commits, or gets them from an earlier PATH, and a Trainer run starts its branch; "
+            "import the run onto a new branch (--branch NAME), or pass --append to commit it on top"
+        )  # fmt: skip
+    commits = []
     with _progress(not as_json) as progress:
-        commit = store.import_checkpoint(path, branch=branch, message=message, tags=tags, progress=progress)
+        for i, (path, is_run) in enumerate(zip(paths, runs)):
+            options = {"branch": branch, "message": message, "tags": tags if i == len(paths) - 1 else (), "progress": progress}
+            if progress is not None and len(paths) > 1:  # a bar per PATH
+                options["progress"] = lambda phase, done, total, name=os.path.basename(os.path.normpath(path)): progress(f"{name} {phase}", done, total)
+            made = store.import_run(path, append=True, **options) if is_run else [store.import_checkpoint(path, **options)]
+            commits += made
+            if not as_json:
+                for commit in made:
+                    named = f" {_printable(commit.message)}" if is_run else ""
+                    click.echo(f"{_short(commit.id)}{named} on {_printable(commit.branch)}: {_human(commit.stats.logical_bytes)}, {_human(commit.stats.new_bytes)} newly stored")
     if as_json:
-        _echo_json(_commit_json(commit))
-    else:
-        click.echo(f"{_short(commit.id)} on {commit.branch}: {_human(commit.stats.logical_bytes)}, {_human(commit.stats.new_bytes)} newly stored")
+        _echo_json(_commit_json(commits[0]) if len(commits) == 1 and not any(runs) else [_commit_json(c) for c in commits])
 
 
 @cli.command(name="rev-parse")

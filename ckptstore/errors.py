@@ -23,6 +23,9 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── IntegrityError ................ ValueError    stored bytes that fail verification, or are missing
     ├── UnsupportedFormat ............. ValueError    an object or store of an unknown format version
     ├── InvalidCheckpoint ............. ValueError    a checkpoint file to import that is malformed (names the file)
+    ├── InvalidFileName ............... ValueError    a stored file's name that could write outside an export's folder
+    ├── NotExportable ................. ValueError    a commit that cannot be exported as named whole tensors (says why)
+    ├── InvalidOption ................. ValueError    an option that is not one of its allowed values (names it)
     ├── ExportBusy .................... another export is writing to the same path
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
     └── StorageError .................. OSError       the backend failed (the cause is chained)
@@ -271,6 +274,38 @@ class InvalidCheckpoint(CkptStoreError, ValueError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         super().__init__(f"{path}: {message}")
+
+
+class InvalidFileName(CkptStoreError, ValueError):
+    """A name in a commit's ``files`` that cannot be written inside the export's folder: not
+    a relative POSIX path (absolute, with an empty, ``.`` or ``..`` segment, a NUL), or a name
+    inside another file's name. ``name`` names it. Nothing was written."""
+
+    def __init__(self, name: object, message: str) -> None:
+        self.name = name
+        super().__init__(f"file {name!r}: {message}")
+
+
+class NotExportable(CkptStoreError, ValueError):
+    """A commit, or the part of it selected, that cannot be exported as whole tensors under
+    their names, and why: a ``torch.distributed.checkpoint`` save whose stored chunks do not
+    cover a tensor, that lacks the planner data naming its tensors, or whose selection holds
+    values that are not tensors. ``commit_id`` names the commit, ``path`` the key path at
+    fault where there is one. Nothing was written."""
+
+    def __init__(self, commit_id: str, message: str, *, path: str | None = None) -> None:
+        self.commit_id = commit_id
+        self.path = path
+        super().__init__(f"commit {commit_id[:12]} cannot be exported: {message}")
+
+
+class InvalidOption(CkptStoreError, ValueError):
+    """An option given a value it does not take (a delta mode other than ``off``, ``on``,
+    ``auto``); ``name`` names the option. Refused before anything is written."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {message}")
 
 
 class ExportBusy(CkptStoreError):

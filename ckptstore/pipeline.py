@@ -38,7 +38,7 @@ from .codec import (
     read_header,
     sample_of,
 )  # fmt: skip
-from .errors import IntegrityError, ObjectNotFound, OutOfMemory, PreconditionFailed, SourceChanged
+from .errors import IntegrityError, InvalidOption, ObjectNotFound, OutOfMemory, PreconditionFailed, SourceChanged
 from .ids import content_id
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
 from .objectstore import ObjectStore
@@ -49,6 +49,12 @@ log = logging.getLogger("ckptstore")
 #: base, or where it is clearly smaller.
 DeltaMode = Literal["off", "on", "auto"]
 DELTA_MODES = ("off", "on", "auto")
+
+
+def check_delta_mode(delta: str | None) -> None:
+    """Refuse a delta mode other than those of :data:`DELTA_MODES` (``None``: the store's)."""
+    if delta is not None and delta not in DELTA_MODES:
+        raise InvalidOption("delta", f"must be one of {', '.join(DELTA_MODES)}, not {delta!r}")
 
 #: ``progress(phase, done, total)``: called as long work advances (bytes, for commit and
 #: checkout), from worker threads but never concurrently.
@@ -422,8 +428,7 @@ class Pipeline:
         changed one may be stored as the XOR against the parent's chunk at the same place,
         as long as that makes a chain of at most ``max_delta_chain`` bases (else it is stored
         whole: a keyframe). A chunk the store already holds is reused as it is stored."""
-        if delta not in DELTA_MODES:
-            raise ValueError(f"delta must be one of {', '.join(DELTA_MODES)}, not {delta!r}")
+        check_delta_mode(delta)
         if not 0 <= max_delta_chain <= MAX_DELTA_CHAIN:
             raise ValueError(f"max_delta_chain must be between 0 and {MAX_DELTA_CHAIN}")
         parent_chunks = parent_chunks or {}

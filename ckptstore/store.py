@@ -31,13 +31,16 @@ from .catalog import Catalog
 from .codec import DTYPES as DTYPES_BY_NAME
 from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
 from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
+from .dcp_layout import DcpSave
 from .errors import (
     AmbiguousRef,
     CkptStoreError,
     ComponentsUnavailable,
     IntegrityError,
+    InvalidCheckpoint,
     InvalidRefName,
     ObjectNotFound,
+    ReadOnlyStore,
     RefConflict,
     RefExists,
     StoreNotFound,
@@ -48,10 +51,17 @@ from .errors import (
 )
 from .formats import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
+    FILES_KEY,
+    TRAINER_ONLY_FILES,
+    TRAINER_STATE_KEY,
     ExportedTensor,
     check_exportable,
     plan_shards,
     read_checkpoint,
+    run_checkpoints,
+    trainer_best_metric,
+    trainer_best_step,
+    trainer_step_metrics,
     write_directory,
     write_file,
     write_torch_file,
@@ -102,6 +112,7 @@ from .pipeline import (
     Pipeline,
     Progress,
     WriteResult,
+    check_delta_mode,
     default_threads,
 )
 from .refs import RefKind, RefStore
@@ -271,6 +282,7 @@ class Store:
         *,
         config: StoreConfig,
         catalog_path: str | None,
+        catalog_read_only: bool = False,
         threads: int,
         max_inflight_bytes: int,
         delta_base_cache_bytes: int = 1 << 30,
@@ -279,7 +291,7 @@ class Store:
         self.objects = objects
         self.config = config
         self.refs = RefStore(objects)
-        self.catalog = Catalog(catalog_path)
+        self.catalog = Catalog(catalog_path, read_only=catalog_read_only)
         self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes, recent_chunks_bytes=delta_base_cache_bytes)
         self.max_ref_retries = max_ref_retries
         self._commits = CommitQueue(objects.url)
@@ -514,7 +526,7 @@ class Store:
         ``delta`` ("off", "on", "auto"; default: the store's setting) stores changed float
         chunks as deltas against the branch head's (see :mod:`ckptstore.codec`).
         """
-        _check_delta_mode(delta)
+        check_delta_mode(delta)
         publish = self.publisher(
             message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
             best_metric=best_metric, greater_is_better=greater_is_better,
@@ -559,6 +571,7 @@ class Store:
         progress: Progress | None = None,
         parent: str | None = None,
         delta: DeltaMode | None = None,
+        parent_key_path: Callable[[str], str | None] | None = None,
     ) -> WriteResult:
         """Store the chunks of ``sources`` (from :func:`~ckptstore.manifest.encode_state`) and
         fill in the manifest's chunk lists. Idempotent. Call it inside
@@ -566,22 +579,26 @@ class Store:
 
         ``parent``: a commit whose tensors of the same key path, dtype and shape are the
         bases of deltas (with ``delta``, default the store's setting) and whose unchanged
-        chunks are reused without reading them."""
-        _check_delta_mode(delta)
+        chunks are reused without reading them. ``parent_key_path`` maps a key path of
+        ``parent`` to the one the same tensor has in ``manifest`` (``None``: none); by
+        default they are the same. One process of a multi-process commit writes a part of
+        the commit's tree: the commit's key paths have a prefix its own lack."""
+        check_delta_mode(delta)
         return self.pipeline.write_blobs(
             manifest,
             sources,
             chunk_size_bytes=self.config.chunk_size_bytes,
             compression_level=self.config.compression_level,
-            parent_chunks=self._parent_chunks(manifest, parent) if parent else None,
+            parent_chunks=self._parent_chunks(manifest, parent, parent_key_path=parent_key_path) if parent else None,
             delta=delta or self.config.delta,  # type: ignore[arg-type]
             max_delta_chain=max(0, self.config.delta_keyframe_interval - 1),
             progress=progress,
         )
 
-    def _parent_chunks(self, manifest: Manifest, parent: str) -> dict[int, list[ChunkRef]]:
+    def _parent_chunks(self, manifest: Manifest, parent: str, *, parent_key_path: Callable[[str], str | None] | None = None) -> dict[int, list[ChunkRef]]:
         """Blob index → the chunks of the same tensor (key path, dtype, shape, layout) in the
-        commit ``parent``, for blobs whose parent holds all its components."""
+        commit ``parent``, for blobs whose parent holds all its components. ``parent``'s key
+        paths are mapped by ``parent_key_path`` first (see :meth:`write_chunks`)."""
         try:
             commit = self.get_commit(parent)
             old = self.manifest_of(commit)
@@ -589,7 +606,8 @@ class Store:
         except CkptStoreError as exc:  # no bases then: the commit itself must not fail
             log.warning("commit %s cannot serve as a delta base: %s", parent, exc)
             return {}
-        by_path = {e.path: e for e in old.tensors if not any(path_under(e.path, d) for d in dropped)}
+        kept = [e for e in old.tensors if not any(path_under(e.path, d) for d in dropped)]
+        by_path = {path: e for e in kept if (path := e.path if parent_key_path is None else parent_key_path(e.path)) is not None}
         out: dict[int, list[ChunkRef]] = {}
         for entry in manifest.tensors:
             match = by_path.get(entry.path)
@@ -959,11 +977,15 @@ class Store:
 
     def import_checkpoint(self, path: str, *, message: str | None = None, **commit_options: Any) -> Commit:
         """Commit a checkpoint from disk: a ``.safetensors`` file, a Hugging Face style
-        directory of safetensors shards (with ``model.safetensors.index.json``), a Trainer
-        ``checkpoint-N`` folder, or a ``.pt`` file (read with ``weights_only=True``).
-        Safetensors files are memory-mapped (once per file) and stream through the pipeline.
-        Other options are :meth:`commit`'s; a ``step`` found in the checkpoint goes into the
-        metadata.
+        directory of safetensors shards (with ``model.safetensors.index.json``) or with a
+        ``pytorch_model.bin``, a Trainer ``checkpoint-N`` folder, or a ``.pt`` file (read with
+        ``weights_only=True``; legacy, non-zip files too). Safetensors files are
+        memory-mapped (once per file) and stream through the pipeline. A directory's other
+        files (``config.json``, tokenizer files, ``README.md``, ``1_Pooling/config.json``)
+        become the ``files`` component, so that :meth:`export` writes the directory back
+        whole (see :func:`ckptstore.formats.read_extra_files` for what is left out). Other
+        options are :meth:`commit`'s; a Trainer folder's ``step`` and ``epoch`` go into the
+        metadata, and what its ``trainer_state.json`` logged at that step into the metrics.
 
         Everything is checked before anything is stored: a malformed file (a safetensors
         header with overlapping tensors, holes or a name twice, an index that disagrees with
@@ -971,10 +993,73 @@ class Store:
         :class:`InvalidCheckpoint` naming it, and the store is left as it was. The checkpoint
         files read (shards, index, weights, Trainer pickles, ``trainer_state.json``) may be
         symlinks, which are followed wherever they point, as in a Hugging Face cache
-        snapshot; no other file is read."""
+        snapshot; other files are kept only if they are regular files, not symlinks."""
         state, found = read_checkpoint(path)
         metadata = {**found, **dict(commit_options.pop("metadata", None) or {})}
-        return self.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, **commit_options)
+        metrics = {**_logged_metrics(state, found.get("step")), **dict(commit_options.pop("metrics", None) or {})}
+        return self.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, metrics=metrics, **commit_options)
+
+    def import_run(self, output_dir: str, *, branch: str | None = None, message: str | None = None, append: bool = False, **commit_options: Any) -> list[Commit]:
+        """Commit every ``checkpoint-N`` folder of the Trainer ``output_dir``, in step order,
+        one commit each with its parent the one before, on ``branch`` (default: the store's
+        default branch); returns the commits, oldest first. Each is what
+        :meth:`import_checkpoint` makes of its folder, with message ``checkpoint-N`` (or
+        ``MESSAGE (checkpoint-N)``) and as metrics what the run logged at that step in the
+        ``log_history`` of its newest ``trainer_state.json`` (which holds the whole history).
+        ``tags`` go on the last commit; ``progress`` phases are prefixed ``checkpoint-N``.
+        Other options are :meth:`commit`'s. Chunks the checkpoints share (frozen weights,
+        the config) are stored once.
+
+        ``best`` follows the metric the run chose its ``best_model_checkpoint`` by
+        (``best_metric=``/``greater_is_better=`` if given, else the ``eval_*`` value logged
+        there that equals the run's ``best_metric``; see
+        :func:`ckptstore.formats.trainer_best_metric`), as it moves for any commit. If that
+        cannot be told, ``best`` is set to the commit of ``best_model_checkpoint``'s step.
+
+        A ``branch`` that already has commits is refused with :class:`RefExists` (the run
+        would be chained onto another history, or imported twice) unless ``append=True``,
+        which commits it on top of the head. Every folder is read and checked before the
+        first commit (tensors stay memory-mapped, so this holds little memory): a malformed
+        file, or a folder whose ``global_step`` is not its ``N``, is
+        :class:`InvalidCheckpoint` and the store is left as it was."""
+        checkpoints = run_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"no checkpoint-N folder in {output_dir}")
+        if not commit_options.pop("blocking", True):
+            raise ValueError("import_run commits blocking (each checkpoint's files stay mapped until committed)")
+        branch = check_ref_name(branch or self.config.default_branch, kind="branch")
+        head = self.refs.get(RefKind.BRANCH, branch)
+        if head is not None and not append:
+            raise RefExists(f"branch {branch!r} already has commits (head {head[:12]}); import the run onto a new branch, or pass append=True to commit it on top")
+        read = []
+        for step, path in checkpoints:
+            state, found = read_checkpoint(path)
+            if found.get("step", step) != step:
+                raise InvalidCheckpoint(os.path.join(path, "trainer_state.json"), f"has global_step {found['step']}, but its folder is checkpoint-{step}")
+            read.append((step, path, state, {"step": step, **found}))
+        newest = next((state[TRAINER_STATE_KEY] for *_, state, _ in reversed(read) if isinstance(state.get(TRAINER_STATE_KEY), dict)), {})
+        steps = [step for step, *_ in read]
+        chosen = None if commit_options.get("best_metric") else trainer_best_metric(newest, steps, greater_is_better=commit_options.get("greater_is_better"))
+        if chosen is not None:
+            commit_options["best_metric"], commit_options["greater_is_better"] = chosen
+        metadata, metrics = dict(commit_options.pop("metadata", None) or {}), dict(commit_options.pop("metrics", None) or {})
+        tags, progress = commit_options.pop("tags", ()), commit_options.pop("progress", None)
+        commits: list[Commit] = []
+        for i, (step, path, state, found) in enumerate(read):
+            name = os.path.basename(path)
+            read[i] = (step, path, None, found)  # its memory maps go with the commit
+            commits.append(self.commit(
+                state, branch=branch, message=f"{message} ({name})" if message else name, metadata={**found, **metadata},
+                metrics={**_logged_metrics(state, step), **trainer_step_metrics(newest.get("log_history"), step), **metrics},
+                tags=tags if i == len(read) - 1 else (),
+                progress=(lambda phase, done, total, name=name: progress(f"{name} {phase}", done, total)) if progress else None,
+                **commit_options,
+            ))  # fmt: skip
+            del state
+        best_step = trainer_best_step(newest)
+        if best_step in steps and commit_options.get("best_metric") is None:
+            self._advance_tag(BEST, commits[steps.index(best_step)], newer=lambda current: False)
+        return commits
 
     def export(
         self,
@@ -997,15 +1082,41 @@ class Store:
         written (names inside ``path``, or ``path`` itself). Selecting no tensor raises
         :class:`ComponentsUnavailable`.
 
+        A commit saved through ``torch.distributed.checkpoint`` (:class:`~ckptstore.distributed.StoreWriter`)
+        exports the same way: each tensor whole, laid together from every rank's chunks,
+        named by its path in the state dict that was saved (``model/bert.pooler.dense.bias``
+        as ``bert.pooler.dense.bias``). Where that cannot be done (a tensor its chunks do not
+        cover, no DCP planner data to tell the nesting, a selected value that is not a
+        tensor) it raises :class:`NotExportable` saying why, and writes nothing.
+
+        A directory export of the ``model`` component also writes the commit's ``files``
+        (``config.json``, ``generation_config.json``, tokenizer files, ``1_Pooling/config.json``:
+        what an import or the Trainer integration kept) beside the weights, so that
+        ``AutoModel.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load
+        it; Trainer-only files (``training_args.bin``) are left out. Each name is checked
+        first: one that is not a relative POSIX path inside ``path`` (absolute, ``..``) raises
+        :class:`InvalidFileName` and nothing is written. Single-file exports write no files.
+
         Atomic: a directory is built beside ``path`` (its parent must be writable) and
         swapped in whole, so ``path`` holds exactly one export, never a mix of two, and a
         failed or killed export leaves it as it was. The export replaces only its own files
-        there (``model.safetensors``, the index, ``model-NNNNN-of-NNNNN.safetensors``) and
-        keeps every other entry (``config.json``, a README). Each file is written to a temp
+        there (``model.safetensors``, the index, ``model-NNNNN-of-NNNNN.safetensors``, the
+        commit's files) and keeps every other entry (a README of your own). Each file is written to a temp
         file created exclusively under a random name, fsync'd and renamed into place. A
         second export to the same ``path`` while one runs raises :class:`ExportBusy`."""
         commit = self.commit_of(rev)
         manifest = self.manifest_of(commit)
+        key = manifest_key(commit.manifest)
+        dcp_save = DcpSave.of(manifest, key=key)
+        if dcp_save is not None:  # saved through torch.distributed.checkpoint: each tensor whole, from every rank's chunks
+            tensors, read_whole = dcp_save.exported(
+                commit.id, component=component, selection=KeySelection.of(include, exclude), dropped=dropped_components(self.objects, commit.id),
+                read_blobs=lambda blobs: self.pipeline.read_blobs(manifest, blobs, manifest_key=key),
+            )  # fmt: skip
+            check_exportable(tensors)
+            if path.endswith(".pt"):
+                return write_torch_file(path, read_whole(tensors))
+            return self._write_export(path, commit, tensors, read_whole, with_files=False, max_shard_size_bytes=max_shard_size_bytes, progress=progress)
         held_at = [(e, p) for e, paths in zip(manifest.tensors, manifest.key_paths) for p in paths]  # every path of every tensor
         tops = sorted({p.split("/", 1)[0] for _, p in held_at})
         if component is None and "model" in tops:
@@ -1034,17 +1145,49 @@ class Store:
         if not tensors:
             raise ComponentsUnavailable(commit.id, missing=[component or "(selected tensors)"] if component else list(include or ["(selected tensors)"]), available=tops)
         check_exportable(tensors)
-        key = manifest_key(commit.manifest)
 
         def read_shard(shard: list[ExportedTensor]) -> dict[str, torch.Tensor]:
             wanted = [entries[t.key_path] for t in shard]
             buffers = self.pipeline.read_blobs(manifest, sorted({e.blob for e in wanted}), manifest_key=key)
             return {t.name: build_tensor(e, buffers[e.blob]) for t, e in zip(shard, wanted)}
 
+        return self._write_export(path, commit, tensors, read_shard, with_files=component == "model", max_shard_size_bytes=max_shard_size_bytes, progress=progress)
+
+    def _write_export(
+        self,
+        path: str,
+        commit: Commit,
+        tensors: list[ExportedTensor],
+        read_shard: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
+        *,
+        with_files: bool,
+        max_shard_size_bytes: int,
+        progress: Progress | None,
+    ) -> list[str]:
+        """Write ``tensors`` as :meth:`export` does (a directory ``with_files`` gets the
+        commit's model files too)."""
         if path.endswith(".safetensors"):  # one file, whatever its size
             return write_file(path, tensors, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress)
         shards = plan_shards(tensors, max_shard_size_bytes=max_shard_size_bytes)
-        return write_directory(path, shards, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress)
+        files = self._model_files(commit) if with_files else {}
+        return write_directory(path, shards, read_shard, files=files, metadata={"ckptstore_commit": commit.id}, progress=progress)
+
+    def _model_files(self, commit: Commit) -> Mapping[Any, Any]:
+        """The ``files`` of ``commit`` that belong in a model directory (all but
+        :data:`~ckptstore.formats.TRAINER_ONLY_FILES`); none if it has none, or GC dropped them
+        (a warning)."""
+        try:
+            state = self.checkout(commit.id, include=[FILES_KEY])
+        except ComponentsUnavailable as exc:
+            if exc.dropped:
+                log.warning("exporting %s without its files: %s", commit.short_id, exc)
+            return {}
+        files = state.get(FILES_KEY) if isinstance(state, dict) else None
+        if files is None:
+            return {}
+        if not isinstance(files, Mapping):
+            raise UnsupportedValue(FILES_KEY, f"is a {type(files).__name__}, not a mapping of file names to bytes")
+        return {name: data for name, data in files.items() if name not in TRAINER_ONLY_FILES}
 
     # -- garbage collection and checks -----------------------------------------------------
 
@@ -1093,6 +1236,12 @@ class Store:
             self, read_data=read_data, read_data_subset=read_data_subset, repair=repair,
             threads=self.pipeline.threads, progress=progress,
         )  # fmt: skip
+
+
+def _logged_metrics(state: Mapping[str, Any], step: int | None) -> dict[str, float]:
+    """What a Trainer checkpoint's own ``trainer_state.json`` logged at its ``step``."""
+    trainer_state = state.get(TRAINER_STATE_KEY)
+    return trainer_step_metrics(trainer_state.get("log_history"), step) if step is not None and isinstance(trainer_state, dict) else {}
 
 
 def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
@@ -1165,11 +1314,6 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _check_delta_mode(delta: str | None) -> None:
-    if delta is not None and delta not in DELTA_MODES:
-        raise ValueError(f"delta must be one of {', '.join(DELTA_MODES)}, not {delta!r}")
-
-
 def open_store(
     url: str = "ckpts",
     *,
@@ -1206,6 +1350,11 @@ def open_store(
     :class:`ConditionalWritesUnsupported`, unless ``single_writer`` (default:
     ``$CKPTSTORE_SINGLE_WRITER``) says that only one process at a time ever writes to the
     store (commits, branches, tags and gc all count as writes).
+
+    A new store is logged (INFO, ``created a new store at URL``). A store that cannot be
+    written (a read-only mount, S3 credentials that allow only reads) opens and reads as any
+    other, changing nothing in it (a local one's catalog is served from a read-only copy in
+    memory); every write to it raises :class:`ReadOnlyStore`.
     """
     objects = open_object_store(url, storage_options=storage_options, create=create)
     if single_writer is None:
@@ -1229,17 +1378,19 @@ def open_store(
         overrides["compression_level"] = compression_level
     if "chunk_size_bytes" in overrides and overrides["chunk_size_bytes"] < 1:
         raise ValueError("chunk_size_bytes must be positive")
-    _check_delta_mode(delta)
+    check_delta_mode(delta)
     if delta_keyframe_interval is not None and not 1 <= delta_keyframe_interval <= MAX_DELTA_CHAIN + 1:
         raise ValueError(f"delta_keyframe_interval must be between 1 and {MAX_DELTA_CHAIN + 1}")
     if "default_branch" in overrides:
         check_ref_name(overrides["default_branch"], kind="branch")
     config = _load_or_create_config(objects, overrides, create=create)
     config = StoreConfig(**{**config.__dict__, **overrides})
+    catalog_read_only = False
     if objects.is_ephemeral:
         catalog_path = None
     elif objects.local_root is not None:
         catalog_path = os.path.join(objects.local_root, ".catalog", "catalog.sqlite")
+        catalog_read_only = not objects.writable()  # a read-only mount: its catalog is only read
     else:
         digest = hashlib.sha256(objects.url.encode()).hexdigest()[:24]
         catalog_path = os.path.join(cache_dir or _cache_dir(), digest, "catalog.sqlite")
@@ -1247,6 +1398,7 @@ def open_store(
         objects,
         config=config,
         catalog_path=catalog_path,
+        catalog_read_only=catalog_read_only,
         threads=threads or default_threads(objects),
         max_inflight_bytes=max_inflight_bytes,
         delta_base_cache_bytes=delta_base_cache_bytes,
@@ -1272,7 +1424,11 @@ def _check_conditional_writes(objects: ObjectStore, cache_dir: str) -> None:
             return
     except OSError:
         pass
-    check()
+    try:
+        check()
+    except ReadOnlyStore as exc:  # credentials that may only read: no writer to guard (the probe changed nothing)
+        log.debug("not checking the conditional writes of %s: %s", endpoint, exc)
+        return
     _CONDITIONAL_WRITES_OK.add(endpoint)
     try:
         os.makedirs(os.path.dirname(stamp), exist_ok=True)
@@ -1290,7 +1446,8 @@ def _load_or_create_config(objects: ObjectStore, settings: dict[str, Any], *, cr
             if not create:
                 raise StoreNotFound(f"no ckptstore store at {objects.url}") from None
             fresh = StoreConfig(**settings)
-            objects.put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, fresh.to_bytes(), compression_level=None))
+            if objects.put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, fresh.to_bytes(), compression_level=None)):
+                log.info("created a new store at %s", objects.url)  # never silently: a typo'd URL starts afresh
             objects.reserve_space()  # so that gc can run on a disk that fills up
             continue
         return StoreConfig.from_bytes(decode_object(data, key=CONFIG_KEY, kind=Kind.CONFIG, max_raw_size=1 << 20))

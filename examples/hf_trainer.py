@@ -8,7 +8,7 @@ from the store when rerun.
 
 The model is built from a config (nothing is downloaded) and the data are random token
 sequences. Checkpoint folders are deleted once committed, so a rerun really resumes from the
-store: ``materialize`` writes ``latest`` (or ``$CKPTSTORE_REF``) back as a ``checkpoint-N``
+store: ``materialize`` writes the branch's head (or ``$CKPTSTORE_REF``) back as a ``checkpoint-N``
 folder for ``trainer.train(resume_from_checkpoint=...)``. The losses after a resume are the
 ones an uninterrupted run logs, dropout and shuffling included.
 """
@@ -93,7 +93,7 @@ def main() -> None:
         callbacks=[callback, StopAfter(args.stop_after)],
     )  # fmt: skip
 
-    resume = callback.materialize(output_dir)  # None when the store has no `latest` yet
+    resume = callback.materialize(output_dir)  # None when the branch has no commit yet
     done = store.commit_of(callback.ref).metadata["step"] if resume else 0
     if done >= args.steps:  # a Trainer resumed at max_steps would still take one more step
         print(f"{callback.ref} is already at step {done}: nothing to train\n")

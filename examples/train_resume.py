@@ -2,9 +2,10 @@
 
     python examples/train_resume.py ckpts --steps 40 --save-every 5      # trains, commits
     python examples/train_resume.py ckpts --steps 40 --kill-after 20     # dies by SIGKILL at step 20
-    python examples/train_resume.py ckpts --steps 40                     # resumes from `latest`
+    python examples/train_resume.py ckpts --steps 40                     # resumes from main's head
 
-The store URL may also come from $CKPTSTORE_URL, the ref to resume from from $CKPTSTORE_REF.
+The store URL may also come from $CKPTSTORE_URL, the ref to resume from from $CKPTSTORE_REF
+(default: the head of the branch it commits to, $CKPTSTORE_BRANCH or main).
 The run is deterministic (CPU, deterministic algorithms): the losses after a resume are the
 ones the uninterrupted run prints, bit for bit, dropout and shuffling included.
 """

@@ -263,7 +263,7 @@ def _load_export(directory: Path, printed: str, *, cwd: Path, max_shard_size: in
     files = sorted(os.listdir(directory))
     assert sorted(Path(line).name for line in printed.splitlines()) == files
     assert all((cwd / line).parent == directory for line in printed.splitlines())
-    if files == ["model.safetensors"]:
+    if "model.safetensors" in files:  # one shard (beside it, the commit's files: config.json)
         return load_file(str(directory / "model.safetensors"))
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -300,10 +300,12 @@ import json, os, torch, ckptstore
 
 options = json.loads(os.environ.get("CKPTSTORE_STORAGE_OPTIONS") or "null")
 with ckptstore.open(os.environ["CKPTSTORE_URL"], storage_options=options) as store:
-    model = dict(store.checkout("main")["model"])
+    base = store.checkout("main")
+    model = dict(base["model"])
     model[{CHANGED!r}] = model[{CHANGED!r}] + 0.25
     model[{ADDED!r}] = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    print(store.commit({{"model": model}}, message="finetune", metadata={{"step": 10}}, metrics={{"eval_loss": 1.25}}).id)
+    state = {{"model": model, "files": base["files"]}}  # the imported config.json goes on with the model
+    print(store.commit(state, message="finetune", metadata={{"step": 10}}, metrics={{"eval_loss": 1.25}}).id)
 """
 
 
@@ -362,9 +364,9 @@ def test_import_commit_branch_tag_diff_export(backend, tmp_path, request):
     assert re.fullmatch(rf"\+ model/{re.escape(ADDED)}  bfloat16 \(64, 128\)  16\.38 kB", lines[0]), lines[0]
     assert re.fullmatch(rf"~ model/{re.escape(CHANGED)}  max \|Δ\| 0\.25, relative 0\.\d+  131\.07 kB", lines[1]), lines[1]
     # (The summary goes on "; non-tensor values differ": an added tensor sets values_changed.)
-    assert lines[2].startswith("1 added (16.38 kB), 0 removed (0 B), 1 changed (131.07 kB), 8 unchanged"), lines[2]
+    assert lines[2].startswith("1 added (16.38 kB), 0 removed (0 B), 1 changed (131.07 kB), 9 unchanged"), lines[2]  # 8 tensors, config.json
     d = json.loads(diff_json.out)
-    assert (d["a"], d["b"], d["unchanged"]) == (base["id"], top.id, 8)
+    assert (d["a"], d["b"], d["unchanged"]) == (base["id"], top.id, 9)
     assert [c["path"] for c in d["added"]] == [f"model/{ADDED}"] and d["removed"] == []
     assert [c["path"] for c in d["changed"]] == [f"model/{CHANGED}"]
     assert d["changed"][0]["max_abs_change"] == pytest.approx(0.25, rel=1e-5)
@@ -378,6 +380,7 @@ def test_import_commit_branch_tag_diff_export(backend, tmp_path, request):
     assert not torch.equal(released[CHANGED], original[CHANGED])
     _tensors_equal({n: t for n, t in released.items() if n not in (CHANGED, ADDED)}, {n: t for n, t in original.items() if n != CHANGED})
     _tensors_equal(_load_export(base_dir, export_base.out, cwd=tmp_path), original)
+    assert (out_dir / "config.json").read_bytes() == (base_dir / "config.json").read_bytes() == (tmp_path / "hf" / "config.json").read_bytes()
     assert export_pt.out == f"{sweep_pt}\n"
     _tensors_equal(torch.load(sweep_pt, weights_only=True), original)
 

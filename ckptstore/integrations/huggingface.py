@@ -63,8 +63,8 @@ from ..formats import (
     trainer_step_metrics,
     write_files,
 )
-from ..store import LATEST, Store
-from ..training import BRANCH_ENV, REF_ENV
+from ..store import Store
+from ..training import BRANCH_ENV, resume_ref
 
 log = logging.getLogger("ckptstore.huggingface")
 
@@ -110,8 +110,9 @@ class CkptStoreCallback(TrainerCallback):
     """A ``TrainerCallback`` that commits each checkpoint the Trainer saves.
 
     ``branch`` (default ``$CKPTSTORE_BRANCH``, else the store's default branch) is where
-    commits go; ``ref`` (default ``$CKPTSTORE_REF``, else ``branch`` if given, else
-    ``latest``) is what :meth:`materialize` resumes from. With ``keep_checkpoint_dirs=False``
+    commits go; ``ref`` (default ``$CKPTSTORE_REF``, else that branch's head, never
+    ``latest``: see :func:`ckptstore.training.resume_ref`) is what :meth:`materialize`
+    resumes from. With ``keep_checkpoint_dirs=False``
     each ``checkpoint-N`` folder is deleted once committed, except the best one while
     ``load_best_model_at_end`` needs it (deleted when training ends). ``metadata`` is added
     to every commit's. :attr:`commits` lists the commits made, oldest first.
@@ -128,7 +129,7 @@ class CkptStoreCallback(TrainerCallback):
     ) -> None:
         self.store = store
         self.branch = branch or os.environ.get(BRANCH_ENV) or None
-        self.ref = ref or os.environ.get(REF_ENV) or self.branch or LATEST
+        self.ref = resume_ref(store, ref=ref, branch=self.branch)
         self.keep_checkpoint_dirs = keep_checkpoint_dirs
         self.metadata = dict(metadata or {})
         self.commits: list[Commit] = []
@@ -180,7 +181,9 @@ class CkptStoreCallback(TrainerCallback):
 
 
 def materialize(store: Store, ref: str | None, directory: str, *, best: bool = True) -> str | None:
-    """Write commit ``ref`` (default ``$CKPTSTORE_REF``, else ``latest``) as the Trainer
+    """Write commit ``ref`` (default ``$CKPTSTORE_REF``, else the head of
+    ``$CKPTSTORE_BRANCH``, else of the store's default branch: the branch a
+    :class:`CkptStoreCallback` commits to, see :func:`ckptstore.training.resume_ref`) as the Trainer
     folder ``directory/checkpoint-N`` and return its path, for
     ``trainer.train(resume_from_checkpoint=...)``; ``None`` if the store has no such ref.
 
@@ -195,7 +198,7 @@ def materialize(store: Store, ref: str | None, directory: str, *, best: bool = T
 
 def _materialize(store: Store, ref: str | None, directory: str, *, best: bool) -> list[str]:
     """:func:`materialize`; returns the folders written, the checkpoint's first."""
-    ref = ref or os.environ.get(REF_ENV) or LATEST
+    ref = resume_ref(store, ref=ref)
     try:
         commit = store.commit_of(ref)
     except UnknownRef:
