@@ -51,7 +51,7 @@ from torch.futures import Future
 
 from .commit import Commit
 from .dcp_layout import RECORD_KEY, DcpRecord, DcpSave, TensorInfo, item_key
-from .errors import CkptStoreError, IntegrityError, UnsupportedValue, WriterExpired
+from .errors import CkptStoreError, IntegrityError, RefConflict, UnsupportedValue, WriterExpired
 from .gc import manifest_key
 from .lease import WriterMarker, wait_while_collector_sweeps, writing
 from .manifest import (
@@ -334,6 +334,7 @@ class StoreReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         commit = self.store.commit_of(self.rev)
+        self._commit_id = commit.id
         self._key = manifest_key(commit.manifest)
         self._manifest = self.store.manifest_of(commit)
         save = DcpSave.of(self._manifest, key=self._key)
@@ -347,9 +348,15 @@ class StoreReader(StorageReader):
             self.read_metadata()
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        return dataclasses.replace(plan, storage_data=self._commit_id)  # for the coordinator's check
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """On the coordinator: every rank resolved :attr:`rev` on its own; refuse a load in
+        which they found different commits (one landed on the branch meanwhile), rather than
+        let the ranks restore two different checkpoints."""
+        found = sorted({plan.storage_data for plan in plans if plan.storage_data is not None})
+        if len(found) > 1:
+            raise RefConflict(self.rev, expected=found[0], actual=found[-1])  # the ranks found two commits: load again
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:

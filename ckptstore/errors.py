@@ -37,9 +37,28 @@ derives from the builtin exception a caller would naturally catch, so ``except K
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CkptStoreError(Exception):
-    """Base class of every error ckptstore raises on purpose."""
+    """Base class of every error ckptstore raises on purpose.
+
+    Every one pickles and unpickles as itself, attributes included (without calling its
+    ``__init__`` again), so it crosses process boundaries whole: ``multiprocessing``, or
+    ``torch.distributed`` handing one rank's error to the others."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(cls: type[CkptStoreError], args: tuple[Any, ...], state: dict[str, Any]) -> CkptStoreError:
+    try:
+        error = cls.__new__(cls, *args)
+    except TypeError:  # MemoryError's __new__ refuses subclasses (OutOfMemory)
+        error = BaseException.__new__(cls, *args)
+    super(CkptStoreError, error).__init__(*args)  # the builtin's own (OSError's sets errno from args)
+    error.__dict__.update(state)
+    return error
 
 
 class RefError(CkptStoreError):

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 import ckptstore
 import ckptstore.distributed
-from ckptstore.distributed import StoreReader
+from ckptstore.distributed import StoreReader, StoreWriter
 from tests.dist_worker import reference
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -55,6 +55,22 @@ def test_dcp_save_on_4_ranks_loads_on_2_and_on_1(saved):
     state = {"model": {k: torch.zeros_like(v) for k, v in ref.items()}, "step": 0}
     dcp.load(state, storage_reader=StoreReader(ckptstore.open(url, create=False), dcp_commit))
     assert all(torch.equal(state["model"][k], ref[k]) for k in ref) and state["step"] == 7
+
+
+def test_ranks_that_resolve_the_revision_to_different_commits_refuse_the_load(saved):
+    """Each rank resolves the revision itself; if a commit lands on the branch in between,
+    they would restore two checkpoints. Two ranks given two commits stand for that race: the
+    coordinator refuses the load on every rank."""
+    url, results, tmp = saved
+    store = ckptstore.open(url, create=False)
+    ref = reference()
+    again = StoreWriter(store, branch="again", message="the same state, saved in one process")
+    dcp.save({"model": ref, "step": 7}, storage_writer=again)
+    loaded = _torchrun(2, "load", url, f"{results[0]['dcp_commit']},{again.commit.id}", tmp_path=tmp)
+    for r in loaded:
+        assert "equal" not in r and "changed concurrently" in r["error"], r
+
+    assert all(r["equal"] for r in _torchrun(2, "load", url, f"{again.commit.id},{again.commit.id}", tmp_path=tmp))
 
 
 def test_replicated_tensors_are_stored_once(saved):

@@ -449,3 +449,26 @@ def test_nan_metric_never_becomes_best():
     a = store.commit({"s": 1}, metrics={"eval_loss": 1.0})
     store.commit({"s": 2}, metrics={"eval_loss": float("nan")})
     assert store.resolve("best") == a.id
+
+
+def test_every_error_pickles_as_itself_with_its_attributes():
+    """Errors cross process boundaries (torch.distributed hands a rank's error to the others,
+    multiprocessing returns a worker's): each comes back as its own class, same message and
+    attributes, although most take keyword-only arguments that pickle's default would lose."""
+    import inspect
+    import pickle
+
+    from ckptstore import errors
+
+    classes = [c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, errors.CkptStoreError)]
+    assert len(classes) > 20
+    for cls in classes:
+        params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        positional = [f"{p.name}-value" for p in params if p.default is p.empty and p.kind is not p.KEYWORD_ONLY]
+        keywords = {p.name: f"{p.name}-value" for p in params if p.default is p.empty and p.kind is p.KEYWORD_ONLY}
+        try:
+            error = cls(*positional, **keywords)
+        except (TypeError, AttributeError, ValueError):  # wants a non-str argument: the message form is enough
+            error = errors._rebuild_error(cls, ("message",), {"detail": 1})
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is cls and str(copy) == str(error) and vars(copy) == vars(error), cls.__name__
