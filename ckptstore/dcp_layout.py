@@ -30,7 +30,7 @@ import torch
 from .codec import DTYPE_NAMES
 from .errors import ComponentsUnavailable, IntegrityError, NotExportable
 from .formats import ExportedTensor
-from .manifest import KeySelection, Manifest, TensorEntry, TensorRef, build_tensor, key_segment, path_under, split_key_path, unpack_value
+from .manifest import KeySelection, Manifest, TensorEntry, TensorRef, build_tensor, dotted_name, key_segment, path_under, split_key_path, unpack_value
 
 #: Version of the record's layout.
 DCP_FORMAT = 1
@@ -226,8 +226,7 @@ class DcpSave:
             assert info is not None
             parts = tuple(self._piece(fqn, offsets, k, info) for offsets, k in pieces[fqn])
             _check_cover(commit_id, path, info.size, [(p.offsets, p.entry.shape) for p in parts])
-            name = ".".join(map(str, split_key_path(path[len(prefix) :].lstrip("/")))).replace("/", ".")
-            whole.append(WholeTensor(name, path, info.dtype, info.size, parts))
+            whole.append(WholeTensor(dotted_name(path[len(prefix) :]), path, info.dtype, info.size, parts))
         return whole
 
     def exported(

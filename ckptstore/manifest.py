@@ -255,6 +255,13 @@ def key_segment(key: str | int) -> str:
     return f'~"{text}"' if _NUMBER_LIKE.fullmatch(text) else text
 
 
+def dotted_name(path: str) -> str:
+    """The name an export gives the tensor at key path ``path`` (relative to the exported
+    component): its keys joined by ``.``, a ``/`` inside a key included, as Hugging Face
+    names weights (``encoder/layer/0/weight`` → ``encoder.layer.0.weight``)."""
+    return ".".join(map(str, split_key_path(path.lstrip("/")))).replace("/", ".")
+
+
 def split_key_path(path: str) -> list[str | int]:
     """The keys of a key path (the inverse of how :func:`key_segment` writes them): ints for
     digit segments, str for the rest, unescaped."""

@@ -97,11 +97,11 @@ from .manifest import (
     TensorEntry,
     TensorKind,
     build_tensor,
+    dotted_name,
     encode_state,
     key_segment,
     pack_value,
     path_under,
-    split_key_path,
     tree_key_paths,
     unpack_value,
 )
@@ -1139,7 +1139,7 @@ class Store:
         if lost:
             raise ComponentsUnavailable(commit.id, dropped=lost)
         tensors = [
-            ExportedTensor(".".join(map(str, split_key_path(path_[len(prefix) :]))).replace("/", "."), DTYPES_BY_NAME[e.dtype], e.shape, e.nbytes, path_)
+            ExportedTensor(dotted_name(path_[len(prefix) :]), DTYPES_BY_NAME[e.dtype], e.shape, e.nbytes, path_)
             for path_, e in entries.items()
         ]
         if not tensors:

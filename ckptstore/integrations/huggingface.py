@@ -52,7 +52,6 @@ from ..commit import Commit
 from ..errors import CkptStoreError, UnknownRef
 from ..formats import (
     FILES_KEY,
-    MAX_EXTRA_FILE_BYTES,
     RANK_RNG_FILE,
     TRAINER_FILES,
     TRAINER_ONLY_FILES,
