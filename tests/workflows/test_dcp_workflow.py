@@ -151,6 +151,20 @@ def test_dcp_in_one_process_delta_resave_export_and_branch_rule(tmp_path):
     target_opt.load_state_dict(state["optimizer"])
     assert _equal(_tensors(target_model, target_opt), _tensors(model, opt))
 
+    # GC next to DCP deltas: collecting the first save, whose chunks are the bases of the
+    # second's deltas, keeps every chunk the second reads through; it loads and exports as before.
+    first_id = store.log("main")[1].id
+    plan = store.gc(ckptstore.KeepLast(1), grace_period_s=0)
+    assert first_id in plan.removed_commits and plan.deleted_objects > 0
+    assert store.fsck(read_data=True).ok
+    target_model, target_opt = _fresh_target()
+    state = _state(target_model, target_opt)
+    dcp.load(state, storage_reader=StoreReader(store, second.id))
+    target_model.load_state_dict(state["model"])
+    target_opt.load_state_dict(state["optimizer"])
+    assert _equal(_tensors(target_model, target_opt), _tensors(model, opt))
+    _export_loads_bit_exact(store, second.id, tmp_path / "export-after-gc", model)
+
 
 def test_dcp_exports_that_cannot_be_named_or_made_whole_are_refused(tmp_path):
     store = ckptstore.open(str(tmp_path / "store"))
