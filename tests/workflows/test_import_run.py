@@ -37,25 +37,29 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> str:
-    """A Trainer ``output_dir`` with checkpoint-2 ... checkpoint-12, each evaluated. Only the
-    last block's MLP and the final layer norm train (a fifth of the weights; eval_loss is
-    lowest at step 8 and then turns back up), so what the checkpoints share is most of each."""
-    output_dir = tmp_path_factory.mktemp("run") / "output"
+def _trainer(output_dir, *, max_steps: int, callbacks=()) -> transformers.Trainer:
+    """The run's Trainer: only the last block's MLP and the final layer norm train (a fifth
+    of the weights; eval_loss is lowest at step 8 and then turns back up)."""
     transformers.set_seed(0)
     config = transformers.GPT2Config(vocab_size=512, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)
     model = transformers.GPT2LMHeadModel(config)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith(("transformer.h.1.mlp", "transformer.ln_f"))
     args = transformers.TrainingArguments(
-        output_dir=str(output_dir), max_steps=SAVES * SAVE_STEPS, save_steps=SAVE_STEPS, eval_strategy="steps",
+        output_dir=str(output_dir), max_steps=max_steps, save_steps=SAVE_STEPS, eval_strategy="steps",
         eval_steps=SAVE_STEPS, logging_steps=1, metric_for_best_model="eval_loss", save_total_limit=None,
         per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=0.05, seed=0, use_cpu=True,
         report_to=[], dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True,
     )  # fmt: skip
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(48, seed=1), eval_dataset=Tokens(8, seed=2))
-    trainer.train()
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(48, seed=1), eval_dataset=Tokens(8, seed=2), callbacks=list(callbacks))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> str:
+    """A Trainer ``output_dir`` with checkpoint-2 ... checkpoint-12, each evaluated; what the
+    checkpoints share is most of each (see :func:`_trainer`)."""
+    output_dir = tmp_path_factory.mktemp("run") / "output"
+    _trainer(output_dir, max_steps=SAVES * SAVE_STEPS).train()
     return str(output_dir)
 
 
@@ -141,3 +145,29 @@ def test_ckpt_import_takes_an_output_dir_and_several_paths(tmp_path, run):
     result = runner.invoke(cli, ["--store", url, "import", first, run, "--branch", "fresh", "--append"])
     assert result.exit_code == 0, result.output
     assert [c.metadata["step"] for c in ckptstore.open(url, create=False).log("fresh")][::-1] == [4] + [SAVE_STEPS * (i + 1) for i in range(SAVES)]
+
+
+def test_a_migrated_run_goes_on_training_from_the_store_as_from_its_folders(tmp_path, run):
+    """After import_run, the Hugging Face callback resumes the imported branch's head and the
+    run goes on exactly as it would from its own last ``checkpoint-N`` folder; its commits
+    chain onto the imported history."""
+    from ckptstore.integrations.huggingface import CkptStoreCallback
+
+    last = SAVES * SAVE_STEPS
+    store = ckptstore.open(str(tmp_path / "store"))
+    imported = store.import_run(run, branch="migrated")
+    callback = CkptStoreCallback(store, branch="migrated")
+    resumed = _trainer(tmp_path / "resumed", max_steps=last + 2 * SAVE_STEPS, callbacks=[callback])
+    folder = callback.materialize(str(tmp_path / "resumed"))
+    assert folder is not None and folder.endswith(f"checkpoint-{last}")
+    resumed.train(resume_from_checkpoint=folder)
+
+    straight = _trainer(tmp_path / "straight", max_steps=last + 2 * SAVE_STEPS)
+    straight.train(resume_from_checkpoint=os.path.join(run, f"checkpoint-{last}"))
+
+    a, b = resumed.model.state_dict(), straight.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [c.metadata["step"] for c in callback.commits] == [last + SAVE_STEPS, last + 2 * SAVE_STEPS]
+    assert callback.commits[0].parents == (imported[-1].id,)
+    losses = lambda trainer: [e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > last]  # noqa: E731
+    assert losses(resumed) == losses(straight) and len(losses(resumed)) == 2 * SAVE_STEPS
