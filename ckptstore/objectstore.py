@@ -701,19 +701,15 @@ class LocalObjectStore(ObjectStore):
                 os.unlink(probe)
 
     def writable(self) -> bool:
-        """Create and remove an empty temp file at the top of the store (as root,
-        permissions alone say nothing: only the attempt tells a read-only mount). Refused
-        (``EROFS``, ``EACCES``, ``EPERM``): False. Any other failure (no inodes left) is no
-        answer: True, and the write that needs the room reports it."""
-        probe = os.path.join(self.root, f".tmp-{uuid.uuid4().hex}")  # removed by gc if this process dies here
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            return not _is_refused_write(exc)
-        os.close(fd)
+        """Whether this process may write the store's directory: not on a read-only mount
+        (``ST_RDONLY``), and allowed by ``access(W_OK)``, which also answers ``EROFS`` for
+        root. Writes nothing (the directory's mtime stays as it was). Where the filesystem
+        only refuses at write time (a read-only network export), the write itself raises
+        :class:`ReadOnlyStore`."""
         with contextlib.suppress(OSError):
-            os.unlink(probe)
-        return True
+            if os.statvfs(self.root).f_flag & os.ST_RDONLY:
+                return False
+        return os.access(self.root, os.W_OK)
 
     #: The room kept aside for a collection on a full disk: a hidden file, never listed.
     reserve_bytes = 1 << 20
