@@ -5,6 +5,12 @@ commit counted in full). *Physical* bytes are what the object store holds. The d
 is logical bytes over the raw bytes of the distinct chunks; the compression ratio is those
 raw bytes over the chunks' stored bytes.
 
+Chunks stored raw (``compression_level=None``, or an encoder that chose speed) are what
+:func:`~ckptstore.repack.repack` can shrink. A raw chunk is told by its size alone (its object
+is the raw bytes and a header), and what repack would make of them is estimated from one
+64 KiB sample (the middle of the chunk) of each of up to :data:`REPACK_SAMPLE_CHUNKS` of
+them, spread evenly by id, encoded as repack encodes, scaled to all their bytes.
+
 Only the store's own keys count (``docs/design.md``, "Store layout"): another store nested in
 its directory, or a user's file beside its objects, is not the store's. A collector in
 another process may remove commits while they are read; :func:`read_racing_collector` starts
@@ -20,11 +26,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .codec import HEADER_SIZE
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
 from .gc import STORE_PREFIXES, Repository, chunk_key, commit_key, manifest_chunks, manifest_key
 from .objectstore import ObjectStore
+from .pipeline import value_bytes
 from .refs import RefKind
+from .repack import DEFAULT_REPACK_LEVEL, encoded_for_repack
 
 log = logging.getLogger("ckptstore.usage")
 
@@ -35,6 +44,9 @@ CONFIG_KEY = "config"
 #: (doubling each time).
 READ_ATTEMPTS = 5
 FIRST_RETRY_PAUSE_S = 0.05
+#: Raw chunks read (64 KiB each) to estimate what repack would save.
+REPACK_SAMPLE_CHUNKS = 64
+REPACK_SAMPLE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,18 @@ class Usage:
     chunk_stored_bytes: int = 0
     branches: list[BranchUsage] = field(default_factory=list)
     commits: list[CommitUsage] = field(default_factory=list)
+    #: Chunks the commits need that are stored raw, and their stored bytes.
+    raw_chunks: int = 0
+    raw_chunk_bytes: int = 0
+    #: About what those chunks would take once repacked (estimated from samples of
+    #: ``repack_sampled_chunks`` of them).
+    repack_estimate_bytes: int = 0
+    repack_sampled_chunks: int = 0
+
+    @property
+    def repack_saving_bytes(self) -> int:
+        """About how many bytes ``repack`` would free."""
+        return self.raw_chunk_bytes - self.repack_estimate_bytes
 
     @property
     def dedup_ratio(self) -> float:
@@ -141,6 +165,7 @@ def _measure(repo: Repository) -> Usage:
     commits: dict[str, Commit] = {}
     needs: dict[str, set[str]] = {}
     raw_sizes: dict[str, int] = {}
+    first_user: dict[str, str] = {}  # chunk key → a commit that needs it
     for cid in repo.catalog.commit_ids():  # those stored and indexed: a damaged commit is not
         if commit_key(cid) not in sizes:
             continue
@@ -156,6 +181,7 @@ def _measure(repo: Repository) -> Usage:
             if key in sizes:  # a demoted commit's dropped chunks are gone
                 keys.add(key)
                 raw_sizes[key] = size
+                first_user.setdefault(key, cid)
         needs[cid] = keys
     users: dict[str, int] = {}
     for keys in needs.values():
@@ -163,6 +189,7 @@ def _measure(repo: Repository) -> Usage:
             users[key] = users.get(key, 0) + 1
     usage.unique_raw_bytes = sum(raw_sizes.values())
     usage.chunk_stored_bytes = sum(sizes[key] for key in raw_sizes)
+    _estimate_repack(repo, usage, {k: n for k, n in raw_sizes.items() if sizes[k] == n + HEADER_SIZE}, {k: commits[c] for k, c in first_user.items()})
     for cid, keys in needs.items():
         commit = commits[cid]
         usage.logical_bytes += commit.stats.logical_bytes
@@ -181,6 +208,40 @@ def _measure(repo: Repository) -> Usage:
             BranchUsage(name, len(history), sum(commits[c].stats.logical_bytes for c in history), sum(sizes[k] for k in keys))
         )
     return usage
+
+
+def _estimate_repack(repo: Repository, usage: Usage, raw_chunks: dict[str, int], users: dict[str, Commit]) -> None:
+    """Fill in the raw chunks' bytes and what repack would make of them (see the module's
+    docstring). ``raw_chunks``: key → raw size of each chunk stored raw; ``users``: key → a
+    commit that needs it (its manifest says what values the chunk holds)."""
+    usage.raw_chunks = len(raw_chunks)
+    usage.raw_chunk_bytes = sum(n + HEADER_SIZE for n in raw_chunks.values())
+    keys = sorted(raw_chunks)
+    picked = [keys[i * len(keys) // REPACK_SAMPLE_CHUNKS] for i in range(REPACK_SAMPLE_CHUNKS)] if len(keys) > REPACK_SAMPLE_CHUNKS else keys
+    level = repo.config.compression_level if repo.config.compression_level is not None else DEFAULT_REPACK_LEVEL
+    groups: dict[str, dict[str, int]] = {}  # manifest id → chunk id → value size
+    sampled_raw = sampled_stored = 0
+    for key in dict.fromkeys(picked):
+        commit = users[key]
+        if commit.manifest not in groups:
+            with reading_commit(repo, commit.id):
+                manifest = repo.manifest_of(commit)
+            by_blob = value_bytes(manifest)
+            groups[commit.manifest] = {ref.id: by_blob.get(i, 1) for i, blob in enumerate(manifest.blobs) for ref in blob.chunks}
+        group = groups[commit.manifest].get(key.rsplit("/", 1)[-1], 1)
+        size = raw_chunks[key]
+        n = min(size, REPACK_SAMPLE_BYTES) // 8 * 8 or size
+        start = (size - n) // 2 // 8 * 8
+        try:
+            sample = repo.objects.get_range(key, HEADER_SIZE + start, HEADER_SIZE + start + n)
+        except ObjectNotFound:
+            continue  # collected meanwhile
+        _, parts = encoded_for_repack(sample, group_bytes=group, compression_level=level)
+        sampled_raw += len(sample)
+        sampled_stored += sum(len(p) for p in parts) - HEADER_SIZE
+        usage.repack_sampled_chunks += 1
+    ratio = sampled_stored / sampled_raw if sampled_raw else 1.0
+    usage.repack_estimate_bytes = sum(round(n * ratio) + HEADER_SIZE for n in raw_chunks.values())
 
 
 def _ref_targets(repo: Repository) -> set[str]:
