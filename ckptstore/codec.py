@@ -77,11 +77,13 @@ _MIN_COMPRESS_BYTES = 256
 #: Bytes of a chunk (taken from four places) compressed first to choose its encoding.
 _SAMPLE_BYTES = 64 * 1024
 #: A compressed encoding (plain zstd, or byte planes) is kept only if it saves at least this
-#: fraction of the raw size, so that compression pays for its CPU on a commit's critical
-#: path. fp32 weights and Adam moments save about 8% as plain zstd and 17% as byte planes;
-#: the planes cost a pass over the chunk and zstd over its exponent plane, which on two cores
-#: and a fast disk made commits 0.57x as fast as writing the chunks raw (bench/README.md,
-#: "Encodings"). bf16 saves about 33% as byte planes.
+#: fraction of the raw size: the saving must pay for decoding it on every checkout, and for
+#: its CPU on commit. fp32 weights and Adam moments save about 8% as plain zstd and 17% as
+#: byte planes; the planes cost a pass over the chunk and zstd over its exponent plane, which
+#: on two cores and a fast disk made commits 0.57x as fast as writing the chunks raw
+#: (bench/README.md, "Encodings"). bf16 saves about 33% as byte planes. Whether an encoding
+#: that qualifies is worth its CPU in a given commit is the caller's ``worth`` (the pipeline
+#: weighs it against the sink's speed: see ``ckptstore.pipeline.EncodingBalance``).
 MIN_SAVING = 0.20
 #: A byte plane is compressed only if that saves this fraction of it.
 _MIN_PLANE_SAVING = 0.10
@@ -284,6 +286,7 @@ def encode_object(
     delta: Literal["on", "auto"] = "auto",
     scratch: np.ndarray | None = None,
     min_saving: float = MIN_SAVING,
+    worth: Callable[[Codec, float], bool] | None = None,
 ) -> Encoded:
     """Frame ``raw`` as an object of ``kind``.
 
@@ -292,7 +295,10 @@ def encode_object(
     compress; a compressed encoding only where it saves ``min_saving`` of the raw size. With
     a ``base`` of the same size, the XOR against it is stored instead when ``delta="on"``,
     or with ``delta="auto"`` when that is at most ``DELTA_AUTO_MAX_RATIO`` of the chunk
-    encoded whole and saves ``min_saving`` of the raw size. A raw body is
+    encoded whole and saves ``min_saving`` of the raw size. ``worth(codec, fraction)``, if
+    given, is asked once an encoding that pays is planned (its codec, ``delta`` for a delta
+    unless ``delta="on"``, and the sample's estimated stored size over its raw size) whether
+    to spend the CPU on it; ``False`` stores the object raw and whole. A raw body is
     returned as a view of ``raw``, not copied. Deterministic: the same arguments give the
     same bytes. ``scratch``: a uint8 buffer (of ``2 * len(raw)`` bytes for deltas) that the
     returned parts may view, so it must not be reused until they are written.
@@ -304,6 +310,7 @@ def encode_object(
         return Encoded(_frame(kind, Codec.RAW, len(values), [view]), Codec.RAW)
     sample = sample_of(values, group_bytes=group)
     plan = _plan(sample, group=group, level=compression_level, min_saving=min_saving)
+    residual_plan = None
     if base is not None and base.size == len(values) and len(base.sample) == len(sample) and 1 <= len(base.chain) <= MAX_DELTA_CHAIN:
         # With "auto", a delta must be much smaller than the chunk stored whole: it costs CPU
         # here, and a read of its chain on every checkout.
@@ -312,7 +319,12 @@ def encode_object(
             sample ^ base.sample, group=group, level=compression_level, min_saving=min_saving,
             residual=True, give_up_above=None if delta == "on" else limit,
         )  # fmt: skip
-        base_data = base.load() if residual_plan is not None else None
+    if worth is not None and not (residual_plan is not None and delta == "on"):
+        chosen, codec = (residual_plan, Codec.DELTA) if residual_plan is not None else (plan, plan.codec)
+        if codec is not Codec.RAW and not worth(codec, chosen.estimate_bytes / len(sample)):
+            return Encoded(_frame(kind, Codec.RAW, len(values), [view]), Codec.RAW, sample=sample)
+    if residual_plan is not None and base is not None:
+        base_data = base.load()
         base_values = np.frombuffer(base_data, dtype=np.uint8) if base_data is not None else None
         if base_values is not None and len(base_values) == len(values):
             n = len(values)
