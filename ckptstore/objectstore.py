@@ -14,6 +14,11 @@ The contract (every backend passes one shared test suite, ``tests/test_objectsto
 ``reader(key)``
     A seekable binary file over an object, for ``readinto`` straight into a caller's buffer
     (the local backend reads the file; others fetch the object whole).
+``will_read(key)``
+    A hint that the object is read soon (a reader issues it a few objects ahead of what it
+    decodes): the local backend asks the kernel to read the whole file into the page cache
+    now (``posix_fadvise(WILLNEED)``), so the disk works while decoders do; elsewhere, and
+    for a missing object, nothing. Never fails on I/O, never reads past the object.
 ``delete(key)``
     Idempotent: deleting a missing key is not an error.
 ``list(prefix)``
@@ -220,6 +225,10 @@ class ObjectStore(ABC):
         """A seekable binary file over the object ``key``, to read it straight into a
         caller's buffer with ``readinto``. A missing key raises :class:`ObjectNotFound`."""
         return io.BytesIO(self.get(key))
+
+    def will_read(self, key: str) -> None:
+        """A hint that ``key`` is read soon; returns at once. Does nothing unless the
+        backend can start the read without holding its bytes (the local page cache)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -553,6 +562,25 @@ class LocalObjectStore(ObjectStore):
         other failure as a :class:`StorageError`."""
         raw = _LocalReader(self, key, self._path(key))
         return io.BufferedReader(raw)  # type: ignore[return-value]
+
+    def will_read(self, key: str) -> None:
+        """Ask the kernel to read the object's file into the page cache now (asynchronous
+        readahead of exactly the file, ``POSIX_FADV_WILLNEED``), so that a reader finds it
+        there. The page cache, not this process, holds what it reads; a file that cannot
+        be opened is left to the read itself to report."""
+        path = self._path(key)
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         path = self._path(key)
