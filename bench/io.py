@@ -5,7 +5,8 @@ One run, on the same states:
 
 - **table**: durable writes and full reads of a GPT-2-small fp32 state with AdamW moments
   (1.49 GB) and the same state cast to bf16 (0.75 GB): ``torch.save``+fsync / ``torch.load``,
-  safetensors ``save_file``+fsync / ``load_file`` (pread), DCP ``save`` (FileSystemWriter,
+  safetensors ``save_file``+fsync / ``load_file`` (pread; and mmap with every page then
+  touched, the peer of acceptance item 4 of issue 19), DCP ``save`` (FileSystemWriter,
   2 threads, ``sync_files``) / ``load`` into a preallocated state dict, ckptstore first
   commit / checkout / re-commit after 1% of the tensors changed. Reads warm and cold
   (``posix_fadvise(POSIX_FADV_DONTNEED)`` on every file read).
@@ -65,6 +66,8 @@ MB = 1e6
 MiB = 1 << 20
 
 DTYPES = ("fp32", "bf16")
+#: safetensors' default load (mmap) with every page then touched: the issue's cold-read peer.
+ST_TOUCHED = "safetensors load_file (mmap, every page touched)"
 PEERS_SAVE = ("torch.save + fsync", "safetensors save_file + fsync", "DCP save (2 threads, sync_files)")
 
 
@@ -219,6 +222,8 @@ def _store_kwargs(args, threads: int | None = None) -> dict:
         kw["chunk_size_bytes"] = int(args.chunk_size_mb * MiB)
     if args.compression_level is not None:
         kw["compression_level"] = None if args.compression_level == "none" else int(args.compression_level)
+    if args.compression is not None:
+        kw["compression"] = args.compression
     t = threads if threads is not None else args.threads
     if t is not None:
         kw["threads"] = t
@@ -286,6 +291,20 @@ class Measure:
                 "peak_rss": self.peak, "extra_peak_rss": self.peak - self.rss_before, "peak_exact": self.exact}  # fmt: skip
 
 
+def touch_every_page(flat: dict) -> dict:
+    """Read one byte of every page of every tensor (of a state loaded with mmap, so that all
+    of it is read from the file, as a checkout reads it all)."""
+    import torch
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    touched = 0
+    for t in flat.values():
+        if t.numel():
+            b = t.reshape(-1).view(torch.uint8)
+            touched += int(b[::page].sum()) + int(b[-1])
+    return flat
+
+
 def run_child(args) -> dict:
     import torch
 
@@ -317,6 +336,7 @@ def run_child(args) -> dict:
     import torch.distributed.checkpoint as dcp
 
     import ckptstore
+    from ckptstore.codec import HEADER_SIZE, Codec
 
     source = os.path.join(work, f"source-{args.dtype}.pt")
     if args.op.startswith("s3_"):
@@ -356,6 +376,8 @@ def run_child(args) -> dict:
             return None
         if args.op == "st_load":
             return sft.load_file(target, device="cpu", backend="pread")  # every byte read, as torch.load
+        if args.op == "st_load_touched":
+            return touch_every_page(sft.load_file(target, device="cpu"))  # mmap, every page faulted in
         if args.op == "dcp_save":
             dcp.save(state, storage_writer=dcp.FileSystemWriter(target, thread_count=2, sync_files=True))
             fsync_with_directory(target)  # DCP fsyncs its files but not the directory after the rename
@@ -378,10 +400,11 @@ def run_child(args) -> dict:
     if args.op in ("ckpt_commit", "ckpt_recommit_1pct"):
         result["stats"] = _commit_stats(out)
         result["store_threads"] = store.pipeline.threads
-        result["store_config"] = {"chunk_size_bytes": store.config.chunk_size_bytes, "compression_level": store.config.compression_level}
-    if args.verify and args.op in ("torch_load", "st_load", "dcp_load", "ckpt_checkout"):
+        result["store_config"] = {"chunk_size_bytes": store.config.chunk_size_bytes, "compression_level": store.config.compression_level, "compression": store.config.compression}
+        result["stored_raw_chunks"] = sum(1 for key in store.objects.list("chunks/") if store.objects.get_range(key, 0, HEADER_SIZE)[6] == Codec.RAW)
+    if args.verify and args.op in ("torch_load", "st_load", "st_load_touched", "dcp_load", "ckpt_checkout"):
         ref = torch.load(source, weights_only=True)
-        if args.op == "st_load":
+        if args.op.startswith("st_load"):
             flat_ref, _ = flatten_for_safetensors(ref)
             ok = flat_ref.keys() == out.keys() and all(torch.equal(flat_ref[k], out[k]) for k in flat_ref)
         else:
@@ -588,7 +611,7 @@ def _child_cmd(args, op: str, target: str, result_path: str, *, dtype: str = "fp
     cmd = [sys.executable, os.path.abspath(__file__), "--op", op, "--workdir", args.workdir, "--target", target,
            "--result", result_path, "--size", args.size, "--seed", str(args.seed), "--dtype", dtype]  # fmt: skip
     t = threads if threads is not None else args.threads
-    for flag, value in (("--threads", t), ("--chunk-size-mb", args.chunk_size_mb), ("--compression-level", args.compression_level)):
+    for flag, value in (("--threads", t), ("--chunk-size-mb", args.chunk_size_mb), ("--compression-level", args.compression_level), ("--compression", args.compression)):
         if value is not None:
             cmd += [flag, str(value)]
     if verify:
@@ -695,6 +718,7 @@ def run_table(args, report: dict) -> None:
             sf = os.path.join(rdir, "state.safetensors")
             write(dtype, "safetensors save_file + fsync", "st_save", sf)
             read(dtype, "safetensors load_file (pread)", "st_load", sf, r)
+            read(dtype, ST_TOUCHED, "st_load_touched", sf, r)
             os.unlink(sf)
             dd = os.path.join(rdir, "dcp")
             write(dtype, "DCP save (2 threads, sync_files)", "dcp_save", dd)
@@ -871,8 +895,10 @@ def summarize(report: dict, args) -> str:
             pct = runs["ckptstore 1%-changed re-commit"]
             L.append(
                 f"\nckptstore ({runs['ckptstore first commit'][0]['store_threads']} threads, chunk "
-                f"{runs['ckptstore first commit'][0]['store_config']['chunk_size_bytes'] / MiB:g} MiB): first commit new_bytes {_gb(first['new_bytes'])} "
-                f"in {first['new_chunks']} chunks; 1% re-commit: {len(s['changed'])} of {s['n_candidates']} tensors changed, "
+                f"{runs['ckptstore first commit'][0]['store_config']['chunk_size_bytes'] / MiB:g} MiB, compression "
+                f"{runs['ckptstore first commit'][0]['store_config'].get('compression', 'always')!r}): first commit new_bytes {_gb(first['new_bytes'])} "
+                f"in {first['new_chunks']} chunks ({runs['ckptstore first commit'][0].get('stored_raw_chunks', '?')} stored raw; "
+                f"stored/raw {first['new_bytes'] / first['logical_bytes']:.3f}); 1% re-commit: {len(s['changed'])} of {s['n_candidates']} tensors changed, "
                 f"{_gb(s['changed_bytes'])}, new_bytes {_gb(statistics.median(r['stats']['new_bytes'] for r in pct))} "
                 f"({statistics.median(r['stats']['new_chunks'] for r in pct):g} new chunks)."
             )
@@ -895,6 +921,15 @@ def summarize(report: dict, args) -> str:
                 speed = load / co
                 check(f"(2) {dtype} checkout {cache} ≥ {need:g}× torch.load speed", speed >= need,
                       f"checkout {co:.3f} s vs torch.load {load:.3f} s: {speed:.2f}× torch.load's speed")  # fmt: skip
+        for dtype in args.dtypes:
+            runs = report["table"][dtype]
+            st, co = _med(runs[f"{ST_TOUCHED} [cold]"]), _med(runs["ckptstore checkout [cold]"])
+            check(f"(4) {dtype} checkout cold ≥ 0.9× safetensors load_file (mmap, every page touched), cold", st / co >= 0.9,
+                  f"checkout {co:.3f} s vs {st:.3f} s: {st / co:.2f}× its speed")  # fmt: skip
+            need = 1.5 if dtype == "fp32" else 1.0
+            load, co = _med(runs["torch.load [warm]"]), _med(runs["ckptstore checkout [warm]"])
+            check(f"(4) {dtype} checkout warm ≥ {need:g}× torch.load speed", load / co >= need,
+                  f"checkout {co:.3f} s vs torch.load {load:.3f} s: {load / co:.2f}×")  # fmt: skip
         for dtype in args.dtypes:
             runs = report["table"][dtype]
             peers = {n: _med(runs[n]) for n in PEERS_SAVE}
@@ -1011,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="ckptstore threads for the table and async (default: the store's default)")
     p.add_argument("--chunk-size-mb", type=float)
     p.add_argument("--compression-level")
+    p.add_argument("--compression", choices=["auto", "always", "never"], help="ckptstore's compression mode (default: the store's default, auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every run and the machine description here")
     # child-only

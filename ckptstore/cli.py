@@ -259,10 +259,11 @@ def cli(ctx: click.Context, url: str, debug: bool) -> None:
 @click.option("--greater-is-better/--lower-is-better", default=None, help="Direction of --best-metric.")
 @click.option("--delta", type=click.Choice(["off", "on", "auto"]), help="Store changed float tensors as XOR deltas against the previous commit's (default off).")
 @click.option("--delta-keyframe-interval", type=click.IntRange(1, 65), help="A full copy at least every N commits (default 8).")
+@click.option("--compression", type=click.Choice(["auto", "always", "never"]), help="When commits compress: auto (where the storage, not the CPU, bounds the commit; the default), always, or never.")
 @pass_ctx
 def init(
     ctx: _Context, chunk_size_bytes: int | None, default_branch: str | None, best_metric: str | None, greater_is_better: bool | None,
-    delta: str | None, delta_keyframe_interval: int | None,
+    delta: str | None, delta_keyframe_interval: int | None, compression: str | None,
 ) -> None:
     """Create a store (nothing changes if one exists).
 
@@ -281,7 +282,7 @@ def init(
     store = open_store(
         ctx.url, storage_options=_storage_options() or None, create=True, chunk_size_bytes=chunk_size_bytes,
         default_branch=default_branch, best_metric=best_metric, greater_is_better=greater_is_better,
-        delta=delta, delta_keyframe_interval=delta_keyframe_interval,
+        delta=delta, delta_keyframe_interval=delta_keyframe_interval, compression=compression,
     )  # fmt: skip
     click.echo(f"created store at {store.url}")
 
@@ -617,6 +618,9 @@ def du(ctx: _Context, per_commit: bool, as_json: bool) -> None:
             "physical_bytes": usage.physical_bytes, "logical_bytes": usage.logical_bytes,
             "unique_raw_bytes": usage.unique_raw_bytes, "chunk_stored_bytes": usage.chunk_stored_bytes,
             "dedup_ratio": usage.dedup_ratio, "compression_ratio": usage.compression_ratio,
+            "raw_chunks": usage.raw_chunks, "raw_chunk_bytes": usage.raw_chunk_bytes,
+            "repack_estimate_bytes": usage.repack_estimate_bytes, "repack_saving_bytes": usage.repack_saving_bytes,
+            "repack_sampled_chunks": usage.repack_sampled_chunks,
             "objects": {k: {"count": n, "bytes": b} for k, (n, b) in usage.objects.items()},
             "branches": [b.__dict__ for b in usage.branches], "commits": [c.__dict__ for c in usage.commits],
         })  # fmt: skip
@@ -626,6 +630,11 @@ def du(ctx: _Context, per_commit: bool, as_json: bool) -> None:
         click.echo(f"  {kind:<10} {n:>8}  {_human(b)}")
     click.echo(f"logical   {_human(usage.logical_bytes)} in {len(usage.commits)} commits")
     click.echo(f"dedup     {usage.dedup_ratio:.2f}x   compression {usage.compression_ratio:.2f}x")
+    if usage.raw_chunks:
+        click.echo(
+            f"raw       {_human(usage.raw_chunk_bytes)} in {usage.raw_chunks} chunks stored raw; "
+            f"ckpt repack would save about {_human(usage.repack_saving_bytes)} (estimated from {usage.repack_sampled_chunks} sampled chunks)"
+        )
     if usage.branches:
         click.echo("branches")
         width = max(len(_printable(b.name)) for b in usage.branches)
@@ -796,6 +805,31 @@ def gc(ctx: _Context, keep_last, keep_best, metric, greater_is_better, keep_ever
     for cid, prefixes in sorted(plan.demoted_commits.items()):
         click.echo(f"demote  {cid[:12]}  (without {', '.join(map(_printable, prefixes))})")
     click.echo(plan.summary())
+
+
+@cli.command()
+@click.argument("revs", metavar="[REV]...", nargs=-1)
+@click.option("--level", "compression_level", type=click.IntRange(1, 22), help="zstd level (default: the store's, else 3).")
+@click.option("--dry-run", "-n", is_flag=True, help="Show what would be rewritten; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_ctx
+def repack(ctx: _Context, revs: tuple[str, ...], compression_level: int | None, dry_run: bool, as_json: bool) -> None:
+    """Re-encode the chunks of REV... (default: every commit a branch or tag reaches) that are
+    stored raw or as plain zstd, with byte planes and zstd, each in place under its id.
+
+    Safe while other processes commit, check out and collect; run it again to finish after
+    an interruption.
+
+    \b
+    Example:
+      ckpt repack --dry-run
+    """
+    with _progress(not as_json) as progress:
+        report = ctx.store().repack(list(revs) or None, compression_level=compression_level, dry_run=dry_run, progress=progress)
+    if as_json:
+        _echo_json({**report.__dict__, "saved_bytes": report.saved_bytes})
+        return
+    click.echo(report.summary())
 
 
 @cli.command()

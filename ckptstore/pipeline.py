@@ -2,21 +2,28 @@
 
 Writing: each blob is cut into fixed-size chunks; a thread pool hashes each chunk, skips it if
 the store has it, else encodes it (see :mod:`ckptstore.codec`: raw, zstd, byte planes, or a
-delta against the same chunk of the parent commit) and writes it create-only. Reading: chunks
-are fetched, unframed (a delta through its chain of bases), re-hashed against their id and
-written into a preallocated buffer. xxhash, zstd, numpy and file I/O release the GIL, so the
+delta against the same chunk of the parent commit; with ``compression="auto"`` only while the
+sink, not the CPU, bounds the commit: :class:`EncodingBalance`) and writes it create-only. Reading: chunks
+are announced to the store a few ahead of the workers (readahead), fetched, unframed (a delta
+through its chain of bases), re-hashed against their id and written into a preallocated
+buffer. xxhash, zstd, numpy and file I/O release the GIL, so the
 pool uses every core. At most ``max_inflight_bytes`` of raw chunk data is staged at once, so
 memory stays bounded whatever the checkpoint's size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +63,20 @@ def check_delta_mode(delta: str | None) -> None:
     if delta is not None and delta not in DELTA_MODES:
         raise InvalidOption("delta", f"must be one of {', '.join(DELTA_MODES)}, not {delta!r}")
 
+#: How a commit encodes its chunks: "auto" where the sample says an encoding pays and the
+#: sink, not the CPU, bounds the commit (see :class:`EncodingBalance`); "always" wherever the
+#: sample says it pays; "never": every chunk raw and whole (no sampling, no deltas).
+CompressionMode = Literal["auto", "always", "never"]
+COMPRESSION_MODES = ("auto", "always", "never")
+
+
+def check_compression_mode(compression: str | None) -> None:
+    """Refuse a compression mode other than those of :data:`COMPRESSION_MODES` (``None``:
+    the store's)."""
+    if compression is not None and compression not in COMPRESSION_MODES:
+        raise InvalidOption("compression", f"must be one of {', '.join(COMPRESSION_MODES)}, not {compression!r}")
+
+
 #: ``progress(phase, done, total)``: called as long work advances (bytes, for commit and
 #: checkout), from worker threads but never concurrently.
 Progress = Callable[[str, int, int], None]
@@ -92,6 +113,100 @@ class ByteBudget:
         with self._cond:
             self._used -= n
             self._cond.notify_all()
+
+
+class _Rate:
+    """An amount per second as the ratio of two exponentially weighted sums (with each new
+    sample, the earlier ones weigh ``decay`` times as much): recent samples count most, and a
+    sample of almost no seconds cannot make it infinite."""
+
+    def __init__(self, decay: float = 0.8) -> None:
+        self.decay = decay
+        self.amount = 0.0
+        self.seconds = 0.0
+
+    def add(self, amount: float, seconds: float) -> None:
+        self.amount = self.amount * self.decay + amount
+        self.seconds = self.seconds * self.decay + max(0.0, seconds)
+
+    @property
+    def per_s(self) -> float | None:
+        """``None`` until something was measured; infinite if it took no time."""
+        if self.amount <= 0:
+            return None
+        return self.amount / self.seconds if self.seconds > 0 else float("inf")
+
+
+class EncodingBalance:
+    """Chooses, chunk by chunk, whether a commit spends CPU on encoding (``compression="auto"``).
+
+    It measures how fast the sink takes bytes (see :meth:`writing`), what the CPU spends per
+    raw byte on the rest of a chunk's work (hashing, sampling, the write's own system calls),
+    and what encoding costs per raw byte (CPU time, per codec and value size). A commit keeps
+    two clocks: the CPU seconds of the work chosen so far spread over the cores (at most
+    ``writers``, the threads), and the seconds the sink needs for the bytes chosen so far;
+    it finishes at about the later of the two. A chunk whose encoding pays (see
+    :func:`~ckptstore.codec.encode_object`) is encoded where that makes the later clock
+    earlier than writing it raw would: where the sink is the bottleneck and the cores have
+    time to spare. Until the sink and that encoding have both been measured, the chunk is
+    encoded (a probe). Measurements carry over from one commit to the next (recent ones count
+    most); the clocks start again with each commit. Thread-safe."""
+
+    def __init__(self, *, cores: int, writers: int) -> None:
+        self.cores = max(1, min(cores, writers))
+        self.writers = max(1, writers)
+        self._lock = threading.Lock()
+        self._sink = _Rate()  # stored bytes per second of writing
+        self._work = _Rate()  # raw bytes per CPU second of a chunk's work besides encoding
+        self._encode: dict[tuple[Codec, int], _Rate] = {}  # raw bytes per CPU second of encoding
+        self._cpu_clock_s = 0.0
+        self._sink_clock_s = 0.0
+
+    def start_commit(self) -> None:
+        with self._lock:
+            self._cpu_clock_s = self._sink_clock_s = 0.0
+
+    def choose(self, size_bytes: int, group: int, codec: Codec, stored_fraction: float) -> bool:
+        """Whether to encode a chunk of ``size_bytes`` whose encoding as ``codec`` would store
+        ``stored_fraction`` of it; the choice is added to the clocks."""
+        with self._lock:
+            sink, work, encode = self._sink.per_s, self._work.per_s, self._encode.get((codec, group))
+            encode_per_s = encode.per_s if encode is not None else None
+            work_s = size_bytes / work / self.cores if work else 0.0  # (0 until measured)
+            if sink is None or encode_per_s is None:  # a probe
+                self._cpu_clock_s += work_s
+                return True
+            encode_s = size_bytes / encode_per_s / self.cores
+            raw_finish = max(self._cpu_clock_s + work_s, self._sink_clock_s + size_bytes / sink)
+            encoded_finish = max(self._cpu_clock_s + work_s + encode_s, self._sink_clock_s + stored_fraction * size_bytes / sink)
+            encoded = encoded_finish < raw_finish
+            self._cpu_clock_s += work_s + (encode_s if encoded else 0.0)
+            self._sink_clock_s += (stored_fraction if encoded else 1.0) * size_bytes / sink
+            return encoded
+
+    def worked(self, size_bytes: int, cpu_s: float, *, encoded: tuple[Codec, int, float] | None = None) -> None:
+        """Record a chunk's CPU seconds besides encoding, and ``(codec, group, cpu_s)`` of
+        its encoding if it was encoded."""
+        with self._lock:
+            self._work.add(size_bytes, cpu_s)
+            if encoded is not None:
+                codec, group, encode_s = encoded
+                self._encode.setdefault((codec, group), _Rate()).add(size_bytes, encode_s)
+
+    @contextmanager
+    def writing(self, stored_bytes: int) -> Iterator[None]:
+        """Time one write of ``stored_bytes``, made by this thread inside the block, into the
+        sink's speed: its seconds off the CPU (its CPU seconds, copying into the page cache
+        say, count on the CPU clock) over the ``writers`` that may write at once. A sink that
+        serves one write at a time keeps every writer waiting, and the sum comes to its
+        busy time; one that serves many is credited with them."""
+        started_s, started_cpu_s = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            waited_s = max(0.0, (time.perf_counter() - started_s) - (time.thread_time() - started_cpu_s))
+            with self._lock:
+                self._sink.add(stored_bytes, waited_s / self.writers)
 
 
 @dataclass
@@ -241,6 +356,12 @@ class ChunkReader:
             return ()
         return delta_chain(memoryview(prefix)[HEADER_SIZE:], key=key)[0]
 
+    def will_read(self, ref: ChunkRef) -> None:
+        """Tell the store that the chunk (and the bases its manifest records) is read soon:
+        :meth:`~ckptstore.objectstore.ObjectStore.will_read`, a hint that holds no memory here."""
+        for chunk_id in (ref.id, *ref.bases):
+            self._objects.will_read(chunk_key(chunk_id))
+
     def read_into(self, ref: ChunkRef, target: np.ndarray, *, path: str | None = None, needed_by: str | None = None) -> None:
         """Fill ``target`` (uint8, ``ref.size`` long) with the chunk's bytes, checked against
         its id. A delta's bases are read first, one object body in memory at a time, and
@@ -282,6 +403,44 @@ class ChunkReader:
             raise IntegrityError("chunk content does not match its id", key=key, path=path)
 
 
+class _Readahead:
+    """Readahead for one read of many chunks: as a worker starts on the chunk at one
+    position, the store is told (:meth:`ChunkReader.will_read`) of the next ``chunks``
+    chunks, each once, so that the disk reads them while the workers decode; only chunks
+    the pipeline has taken under its byte budget are announced, so no more than the budget
+    (and the delta bases of those chunks) is ever read ahead of what is decoded.
+    Thread-safe."""
+
+    def __init__(self, reader: ChunkReader, *, chunks: int) -> None:
+        self._reader = reader
+        self._chunks = chunks
+        self._refs: list[ChunkRef] = []
+        self._admitted = 0  # positions below this are under the budget
+        self._announced = 0  # positions below this were announced (or started)
+        self._lock = threading.Lock()
+
+    def add(self, ref: ChunkRef) -> int:
+        """Register the next chunk to be read; its position."""
+        with self._lock:
+            self._refs.append(ref)
+            return len(self._refs) - 1
+
+    def admitted(self, position: int) -> None:
+        """The chunk at ``position`` (and every one before it) is under the budget."""
+        with self._lock:
+            self._admitted = max(self._admitted, position + 1)
+
+    def starting(self, position: int) -> None:
+        """A worker starts reading the chunk at ``position``: announce those after it."""
+        with self._lock:
+            start = max(self._announced, position + 1)
+            end = min(position + 1 + self._chunks, self._admitted)
+            self._announced = max(self._announced, end)
+            refs = self._refs[start:end]
+        for ref in refs:
+            self._reader.will_read(ref)
+
+
 def value_bytes(manifest: Manifest) -> dict[int, int]:
     """Blob index → the size of the floating-point values it holds (2 for bf16, 4 for fp32;
     a complex number's parts), for blobs of floats: what byte grouping groups by."""
@@ -310,6 +469,7 @@ class Pipeline:
         self.reader = ChunkReader(objects)
         self.recent = RecentChunks(recent_chunks_bytes)
         self._scratch = _Scratch()
+        self.balance = EncodingBalance(cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, writers=threads)
 
     def _drop_if_not(self, chunk_id: str, size: int, *, stored: bool | None) -> None:
         """After this call stored a chunk from bytes that changed while they were written,
@@ -418,10 +578,16 @@ class Pipeline:
         parent_chunks: Mapping[int, list[ChunkRef]] | None = None,
         delta: DeltaMode = "off",
         max_delta_chain: int = 7,
+        compression: CompressionMode = "auto",
         progress: Progress | None = None,
     ) -> WriteResult:
         """Store the chunks of every blob in ``sources`` and fill in the manifest's chunk
         lists. Idempotent; every chunk is durable when this returns.
+
+        ``compression`` (with a ``compression_level``): "always" encodes each chunk the way
+        its sample says pays; "auto" does so only where :attr:`balance` finds that the sink,
+        not the CPU, bounds the commit, and writes the others raw; "never" writes every chunk
+        raw and whole. Ids never depend on it: only the stored bytes do.
 
         ``parent_chunks``: blob index → the chunks of the same tensor in the parent commit.
         A chunk equal to the parent's is reused without a read; with ``delta`` on or auto, a
@@ -429,10 +595,16 @@ class Pipeline:
         as long as that makes a chain of at most ``max_delta_chain`` bases (else it is stored
         whole: a keyframe). A chunk the store already holds is reused as it is stored."""
         check_delta_mode(delta)
+        check_compression_mode(compression)
         if not 0 <= max_delta_chain <= MAX_DELTA_CHAIN:
             raise ValueError(f"max_delta_chain must be between 0 and {MAX_DELTA_CHAIN}")
         parent_chunks = parent_chunks or {}
         groups = value_bytes(manifest)
+        if compression == "never":
+            compression_level = None
+        balance = self.balance if compression == "auto" and compression_level is not None else None
+        if balance is not None:
+            balance.start_commit()
 
         def read_base(parent: ChunkRef) -> np.ndarray | None:
             data = self._scratch.get("base", parent.size)
@@ -469,6 +641,7 @@ class Pipeline:
             caller's bytes are hashed again after they were encoded and after they were
             written, and a chunk whose bytes changed meanwhile is :class:`SourceChanged`, with
             nothing stored under its id that is not its bytes."""
+            started_s = time.thread_time()
             chunk_id = content_id(view)
             size = len(view)
             if parent is not None and parent.id != chunk_id:
@@ -478,14 +651,29 @@ class Pipeline:
                 keep(chunk_id, view, group, whole=delta == "on")
                 return ChunkRef(chunk_id, size, known), False, 0
             base = base_for(parent, size, group)
+            chosen: list[tuple[Codec, float]] = []  # (codec, thread time) of an encoding chosen
+
+            def worth(codec: Codec, stored_fraction: float) -> bool:
+                assert balance is not None
+                if balance.choose(size, group, codec, stored_fraction):
+                    chosen.append((codec, time.thread_time()))
+                    return True
+                return False
+
             encoded = encode_object(
                 Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
                 base=base, delta="on" if delta == "on" else "auto",
-                scratch=self._scratch.get("encode", 2 * size),
+                scratch=self._scratch.get("encode", 2 * size), worth=worth if balance is not None else None,
             )  # fmt: skip
+            encoded_s = time.thread_time()
             if not blob.private and encoded.codec is not Codec.RAW and content_id(view) != chunk_id:
                 raise SourceChanged(blob.path)  # the encoder read other bytes: nothing stored
-            stored = self._put_chunk(chunk_id, encoded.parts)
+            put_started_s = time.thread_time()
+            with balance.writing(encoded.stored_bytes) if balance is not None else nullcontext():
+                stored = self._put_chunk(chunk_id, encoded.parts)
+            if balance is not None:  # CPU seconds besides encoding: before it, and in the write
+                before_s = (chosen[0][1] if chosen else encoded_s) - started_s
+                balance.worked(size, before_s + time.thread_time() - put_started_s, encoded=(chosen[0][0], group, encoded_s - chosen[0][1]) if chosen else None)
             if not blob.private and content_id(view) != chunk_id:  # (a raw body is written from the caller's bytes)
                 self._drop_if_not(chunk_id, size, stored=stored)
                 raise SourceChanged(blob.path)
@@ -553,13 +741,16 @@ class Pipeline:
             first_path.setdefault(entry.blob, entry.path)
         buffers: dict[int, torch.Tensor] = {}
 
+        ahead = _Readahead(self.reader, chunks=self.threads)
+
+        def read(position: int, ref: ChunkRef, target: np.ndarray, path: str | None) -> None:
+            ahead.starting(position)
+            self.reader.read_into(ref, target, path=path, needed_by=manifest_key)
+
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index in blob_indices:
                 blob = manifest.blobs[index]
-                try:
-                    buffer = torch.empty(blob.size, dtype=torch.uint8)
-                except (RuntimeError, MemoryError) as exc:  # torch's allocator raises RuntimeError
-                    raise OutOfMemory(blob.size, key=manifest_key, path=first_path.get(index)) from exc
+                buffer = _blob_buffer(blob.size, key=manifest_key, path=first_path.get(index))
                 buffers[index] = buffer
                 if blob.inline is not None:
                     if blob.size:
@@ -571,11 +762,40 @@ class Pipeline:
                 for ref in blob.chunks:
                     target = values[offset : offset + ref.size]
                     offset += ref.size
-                    yield ref.size, (lambda r=ref, t=target, p=path: self.reader.read_into(r, t, path=p, needed_by=manifest_key))
+                    position = ahead.add(ref)
+                    yield ref.size, (lambda n=position, r=ref, t=target, p=path: read(n, r, t, p))
+                    ahead.admitted(position)  # the pipeline asks for the next task once it took this one under its budget
 
         total = sum(sum(c.size for c in manifest.blobs[i].chunks) for i in blob_indices if manifest.blobs[i].inline is None)
         self._run(tasks(), progress=progress, phase="checkout", total_bytes=total)
         return buffers
+
+
+#: ``madvise(MADV_HUGEPAGE)`` from the C library, where there is one: see :func:`_blob_buffer`.
+_madvise = None
+if hasattr(mmap, "MADV_HUGEPAGE"):
+    with contextlib.suppress(OSError, AttributeError):
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes, _madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+_HUGE_PAGE_BYTES = 2 << 20
+
+
+def _blob_buffer(size: int, *, key: str, path: str | None) -> torch.Tensor:
+    """A new uint8 CPU tensor of ``size`` bytes for a blob to be read into, backed by
+    transparent huge pages where the kernel gives them on request (``madvise``): filling
+    fresh memory costs a page fault per page, and with 4 KiB pages that doubled the time a
+    warm checkout takes to fill a buffer (torch allocates without the advice; numpy and the
+    kernel's default "madvise" mode leave it to the caller). Memory exhaustion is
+    :class:`OutOfMemory` naming ``key`` and ``path``."""
+    try:
+        buffer = torch.empty(size, dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as exc:  # torch's allocator raises RuntimeError
+        raise OutOfMemory(size, key=key, path=path) from exc
+    if _madvise is not None and size >= 2 * _HUGE_PAGE_BYTES:
+        start = -(-buffer.data_ptr() // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES  # whole huge pages inside it
+        end = (buffer.data_ptr() + size) // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
+        _madvise(start, end - start, mmap.MADV_HUGEPAGE)  # advice: a refusal changes nothing
+    return buffer
 
 
 def _read_exactly(f: Any, target: memoryview) -> bool:

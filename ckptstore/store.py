@@ -107,15 +107,20 @@ from .manifest import (
 )
 from .objectstore import ObjectStore, open_object_store
 from .pipeline import (
+    COMPRESSION_MODES,
     DELTA_MODES,
+    CompressionMode,
     DeltaMode,
     Pipeline,
     Progress,
     WriteResult,
+    check_compression_mode,
     check_delta_mode,
     default_threads,
 )
 from .refs import RefKind, RefStore
+from .repack import RepackReport
+from .repack import repack as repack_chunks
 from .retention import Retention, greater_is_better_for
 from .usage import Usage
 from .usage import measure as measure_usage
@@ -150,6 +155,9 @@ class StoreConfig:
     chunk_size_bytes: int = 16 << 20
     inline_threshold_bytes: int = 64 << 10
     compression_level: int | None = 3
+    #: When a commit encodes its chunks: "auto" (where the sample says it pays and the sink,
+    #: not the CPU, bounds the commit), "always" (where the sample says it pays) or "never".
+    compression: str = "auto"
     #: Store changed float chunks as deltas against the parent commit's: "off", "on" or
     #: "auto" (where the delta is at most 0.4 of the chunk stored whole, as for bf16 weights;
     #: not for fp32 weights, whose deltas are about half); a keyframe at least every
@@ -216,6 +224,7 @@ _CONFIG_FIELDS: dict[str, Callable[[Any], bool]] = {
     "chunk_size_bytes": lambda v: _is_int(v, 1),
     "inline_threshold_bytes": lambda v: _is_int(v, 0),
     "compression_level": lambda v: v is None or _is_int(v, -(1 << 17), 22),
+    "compression": lambda v: v in COMPRESSION_MODES,
     "delta": lambda v: v in DELTA_MODES,
     "delta_keyframe_interval": lambda v: _is_int(v, 1, MAX_DELTA_CHAIN + 1),
     "default_branch": _is_branch_name,
@@ -497,6 +506,7 @@ class Store:
         progress: Progress | None = None,
         blocking: bool = True,
         delta: DeltaMode | None = None,
+        compression: CompressionMode | None = None,
     ) -> Commit | CommitFuture[Commit]:
         """Store ``state`` as a new commit on ``branch`` (default: the store's default branch,
         created if missing) and return it.
@@ -525,8 +535,11 @@ class Store:
 
         ``delta`` ("off", "on", "auto"; default: the store's setting) stores changed float
         chunks as deltas against the branch head's (see :mod:`ckptstore.codec`).
+        ``compression`` ("auto", "always", "never"; default: the store's setting) says when
+        chunks are encoded (see :meth:`write_chunks`).
         """
         check_delta_mode(delta)
+        check_compression_mode(compression)
         publish = self.publisher(
             message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
             best_metric=best_metric, greater_is_better=greater_is_better,
@@ -536,7 +549,7 @@ class Store:
             for attempt in range(WRITER_ATTEMPTS):
                 with writing(self.objects) as marker:  # a collector deletes nothing until the branch has moved
                     head = self.refs.get(RefKind.BRANCH, branch or self.config.default_branch)
-                    written = self.write_chunks(manifest, sources, progress=progress, parent=head, delta=delta)
+                    written = self.write_chunks(manifest, sources, progress=progress, parent=head, delta=delta, compression=compression)
                     try:
                         return publish(manifest, written, fence=marker.check)
                     except WriterExpired as exc:  # a collector may have judged this writer dead
@@ -572,6 +585,7 @@ class Store:
         parent: str | None = None,
         delta: DeltaMode | None = None,
         parent_key_path: Callable[[str], str | None] | None = None,
+        compression: CompressionMode | None = None,
     ) -> WriteResult:
         """Store the chunks of ``sources`` (from :func:`~ckptstore.manifest.encode_state`) and
         fill in the manifest's chunk lists. Idempotent. Call it inside
@@ -582,8 +596,15 @@ class Store:
         chunks are reused without reading them. ``parent_key_path`` maps a key path of
         ``parent`` to the one the same tensor has in ``manifest`` (``None``: none); by
         default they are the same. One process of a multi-process commit writes a part of
-        the commit's tree: the commit's key paths have a prefix its own lack."""
+        the commit's tree: the commit's key paths have a prefix its own lack.
+
+        ``compression`` (default the store's setting): "always" encodes every chunk whose
+        sample says an encoding pays; "auto" only while the sink, not the CPU, bounds the
+        write (it measures both as it goes: see :class:`~ckptstore.pipeline.EncodingBalance`),
+        writing the others raw; "never" writes every chunk raw and whole. Only the stored
+        bytes depend on it, never the ids."""
         check_delta_mode(delta)
+        check_compression_mode(compression)
         return self.pipeline.write_blobs(
             manifest,
             sources,
@@ -592,6 +613,7 @@ class Store:
             parent_chunks=self._parent_chunks(manifest, parent, parent_key_path=parent_key_path) if parent else None,
             delta=delta or self.config.delta,  # type: ignore[arg-type]
             max_delta_chain=max(0, self.config.delta_keyframe_interval - 1),
+            compression=compression or self.config.compression,  # type: ignore[arg-type]
             progress=progress,
         )
 
@@ -1221,6 +1243,25 @@ class Store:
             writer_timeout_s=writer_timeout_s, progress=progress,
         )  # fmt: skip
 
+    def repack(
+        self,
+        revs: Iterable[str] | None = None,
+        *,
+        compression_level: int | None = None,
+        dry_run: bool = False,
+        threads: int | None = None,
+        progress: Progress | None = None,
+    ) -> RepackReport:
+        """Re-encode the chunks of ``revs`` (default: every commit a branch or tag reaches)
+        that are stored raw or as plain zstd, with byte planes and zstd at
+        ``compression_level`` (default the store's, else 3), replacing each object under the
+        same id where that is smaller (see :mod:`ckptstore.repack`). Safe while other
+        processes commit, check out and collect: each swap is atomic and made under a writer
+        marker; a chunk removed meanwhile is never written again. ``dry_run`` writes nothing.
+        Idempotent; a killed repack leaves every commit whole."""
+        commit_ids = None if revs is None else [self.resolve(rev) for rev in revs]
+        return repack_chunks(self, commit_ids, compression_level=compression_level, dry_run=dry_run, threads=threads, progress=progress)
+
     def fsck(
         self,
         *,
@@ -1322,6 +1363,7 @@ def open_store(
     chunk_size_bytes: int | None = None,
     inline_threshold_bytes: int | None = None,
     compression_level: int | None | object = ...,
+    compression: CompressionMode | None = None,
     delta: DeltaMode | None = None,
     delta_keyframe_interval: int | None = None,
     default_branch: str | None = None,
@@ -1339,6 +1381,10 @@ def open_store(
     ``storage_options`` go to s3fs and are never logged. Settings given here are written
     into a new store's config; for an existing store they override the stored ones for this
     session (``chunk_size_bytes`` then only affects new writes).
+
+    ``compression`` ("auto", the default; "always"; "never") says when a commit encodes its
+    chunks: "auto" where the sample says an encoding pays and the storage, not the CPU,
+    bounds the commit (measured as it runs), "always" wherever the sample says it pays.
 
     ``delta`` ("off", the default; "on"; "auto") stores changed float chunks as XOR deltas
     against the parent commit's, with a keyframe at least every ``delta_keyframe_interval``
@@ -1366,6 +1412,7 @@ def open_store(
         for k, v in {
             "chunk_size_bytes": chunk_size_bytes,
             "inline_threshold_bytes": inline_threshold_bytes,
+            "compression": compression,
             "delta": delta,
             "delta_keyframe_interval": delta_keyframe_interval,
             "default_branch": default_branch,
@@ -1379,6 +1426,7 @@ def open_store(
     if "chunk_size_bytes" in overrides and overrides["chunk_size_bytes"] < 1:
         raise ValueError("chunk_size_bytes must be positive")
     check_delta_mode(delta)
+    check_compression_mode(compression)
     if delta_keyframe_interval is not None and not 1 <= delta_keyframe_interval <= MAX_DELTA_CHAIN + 1:
         raise ValueError(f"delta_keyframe_interval must be between 1 and {MAX_DELTA_CHAIN + 1}")
     if "default_branch" in overrides:

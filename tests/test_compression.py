@@ -281,7 +281,7 @@ def test_auto_deltas_choose_alike_whether_bases_are_kept_sampled_or_read_back(tm
     states = list(_auto_states())
     manifests = {}
     for name, cache in (("probe", cache_bytes), ("reference", 0)):
-        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="auto", delta_keyframe_interval=3, delta_base_cache_bytes=cache)
+        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="auto", delta_keyframe_interval=3, delta_base_cache_bytes=cache, compression="always")  # the codec's rule, not the sink's speed
         commits = []
         for step, state in enumerate(states):
             commits.append(store.commit(state))
