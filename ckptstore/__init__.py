@@ -40,6 +40,7 @@ from .errors import (
 )
 from .fsck import FsckReport, Problem
 from .gc import GcPlan
+from .repack import RepackReport
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from .store import Diff, Store, StoreConfig, TensorChange
 from .usage import Usage
@@ -78,6 +79,7 @@ __all__ = [
     "PreconditionFailed",
     "Problem",
     "ReadOnlyStore",
+    "RepackReport",
     "RefConflict",
     "RefError",
     "RefExists",
