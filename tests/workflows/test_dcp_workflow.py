@@ -60,6 +60,17 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _dcp_loaded(reader: StoreReader) -> dict[str, torch.Tensor]:
+    """The model's and optimizer's tensors after ``dcp.load`` through ``reader`` into a fresh
+    model and optimizer (whose values all differ from any saved)."""
+    model, opt = _fresh_target()
+    state = _state(model, opt)
+    dcp.load(state, storage_reader=reader)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return _tensors(model, opt)
+
+
 def _export_loads_bit_exact(store, rev: str, directory: Path, expected) -> None:
     """``store.export`` of a DCP commit: the model's weights under their own names, which
     ``AutoModel.from_pretrained`` loads (with the config written beside them) bit-exact."""
@@ -103,12 +114,7 @@ def test_dcp_on_two_ranks_delta_resave_export_and_resume(tmp_path, monkeypatch):
     # commit on another branch (it moves `latest`) changes nothing.
     store.commit({"other": torch.ones(3)}, branch="other")
     monkeypatch.setenv(BRANCH_ENV, "ft")
-    model, opt = _fresh_target()
-    state = _state(model, opt)
-    dcp.load(state, storage_reader=StoreReader(store))
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    assert _equal(_tensors(model, opt), _tensors(expected_model, expected_opt))
+    assert _equal(_dcp_loaded(StoreReader(store)), _tensors(expected_model, expected_opt))
 
     # Rank 0 saving alone (no_dist=True) stored only its half of each sharded weight:
     # DCP accepts that, but the tensors cannot be made whole, and the export says so.
@@ -144,12 +150,7 @@ def test_dcp_in_one_process_delta_resave_export_and_branch_rule(tmp_path):
     other_model, other_opt = _fresh_target()
     dcp.save(_state(other_model, other_opt), storage_writer=StoreWriter(store, branch="sweep"))
     assert store.tags()["latest"] != second.id
-    target_model, target_opt = _fresh_target()
-    state = _state(target_model, target_opt)
-    dcp.load(state, storage_reader=StoreReader(store))
-    target_model.load_state_dict(state["model"])
-    target_opt.load_state_dict(state["optimizer"])
-    assert _equal(_tensors(target_model, target_opt), _tensors(model, opt))
+    assert _equal(_dcp_loaded(StoreReader(store)), _tensors(model, opt))
 
     # GC next to DCP deltas: collecting the first save, whose chunks are the bases of the
     # second's deltas, keeps every chunk the second reads through; it loads and exports as before.
@@ -157,12 +158,7 @@ def test_dcp_in_one_process_delta_resave_export_and_branch_rule(tmp_path):
     plan = store.gc(ckptstore.KeepLast(1), grace_period_s=0)
     assert first_id in plan.removed_commits and plan.deleted_objects > 0
     assert store.fsck(read_data=True).ok
-    target_model, target_opt = _fresh_target()
-    state = _state(target_model, target_opt)
-    dcp.load(state, storage_reader=StoreReader(store, second.id))
-    target_model.load_state_dict(state["model"])
-    target_opt.load_state_dict(state["optimizer"])
-    assert _equal(_tensors(target_model, target_opt), _tensors(model, opt))
+    assert _equal(_dcp_loaded(StoreReader(store, second.id)), _tensors(model, opt))
     _export_loads_bit_exact(store, second.id, tmp_path / "export-after-gc", model)
 
 
