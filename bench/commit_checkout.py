@@ -13,7 +13,7 @@ so that "extra peak RSS" is exactly what the operation added.
     python bench/commit_checkout.py --size tiny     # ~50 MB, quick check
     python bench/commit_checkout.py --json out.json --compression-level none --threads 2
 
-See bench/README.md for what is measured and the figures on the reference machine.
+See bench/README.md for the current figures, and bench/HISTORY.md for what is measured and earlier runs.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def model_dir() -> Path:
 
 #: The order of the four stores, commit after commit: over every four commits each store comes
 #: at each place once, and right after each other store once. A commit is slower right after
-#: some stores' commits than after others' (by up to 20 % on the machine in bench/README.md),
+#: some stores' commits than after others' (by up to 20 % on the machine in bench/HISTORY.md),
 #: so a fixed cyclic order favours one store.
 WILLIAMS_SQUARE = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 

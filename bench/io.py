@@ -26,7 +26,7 @@ operation, as bench/commit_checkout.py does.
     python bench/io.py --memory           # the 6 GiB peak-RSS check
     python bench/io.py --quick            # small states, 1 repeat: checks the script works
 
-See bench/README.md for what is measured and the figures on the reference machine.
+See bench/README.md for the current figures, and bench/HISTORY.md for what is measured and earlier runs.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ objects deleted, against the safetensors files of the same kept checkpoints.
     python bench/lora_retention.py --size tiny           # quick check
     python bench/lora_retention.py --base-dtype bf16 --rank 16 --json out.json
 
-See bench/README.md ("LoRA run and retention") for the figures on the reference machine.
+See bench/HISTORY.md ("LoRA run and retention") for the figures on the reference machine.
 """
 
 from __future__ import annotations
