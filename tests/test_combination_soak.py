@@ -67,6 +67,8 @@ MAX_SECONDS = {"local": SOAK_SECONDS * (1.5 if SOAK else 6), "s3": SOAK_SECONDS 
 #: Python process, and collectors that never pause would starve the committer there.
 GC_ROUNDS = {"local": (4, 40), "s3": (2, 10)}
 GC_PAUSE_S = {"local": {"api": 0.05, "cli": 0.5}, "s3": {"api": 0.3, "cli": 3.0}}
+#: The longest the API's collector waits for the CLI's to get a turn (see ``cli_waiting``).
+CLI_TURN_WAIT_S = 30.0
 #: The first rollback after ``side`` is forked afresh waits up to this long for a collector
 #: to leave one of side's old delta chunks stored without its base (then goes back at once).
 GAP_WAIT_S = {"local": 0.5, "s3": 3.0}
@@ -102,6 +104,10 @@ class Soak:
         self.log = tmp_path / "commits.jsonl"
         self.stop_file = tmp_path / "stop"
         self.stop = threading.Event()
+        #: Set while the CLI's collector has found the lease taken twice in a row: the API's
+        #: loop then waits (up to CLI_TURN_WAIT_S) for it to get a turn, so that on a slow
+        #: backend a CLI collection still finishes.
+        self.cli_waiting = threading.Event()
         self.runs: list[dict] = []  # committer runs: run, rc, killed, stderr tail
         self.collections: list[dict] = []  # kind, killed; deleted, removed, elapsed_s; or busy, or error
         self.errors: list[str] = []  # a thread that failed
@@ -157,7 +163,11 @@ class Soak:
 
     def _collect_in_a_loop(self, rng: random.Random, kind: str, collect_once) -> None:
         spans: list[float] = []  # how long the collector processes that were not killed ran
+        busy_in_a_row = 0
         while not self.stop.is_set():
+            waited_until = time.monotonic() + CLI_TURN_WAIT_S
+            while kind == "api" and self.cli_waiting.is_set() and not self.stop.is_set() and time.monotonic() < waited_until:
+                time.sleep(0.1)
             typical_s = sorted(spans)[len(spans) // 2] if spans else (0.5 if kind == "api" else 2.5)
             forced = kind == "api" and len(spans) >= 2 and not any(c["killed"] for c in self.collections if c["kind"] == kind)
             kill_after_s = None
@@ -166,6 +176,9 @@ class Soak:
             rc, elapsed_s, entries = collect_once(kill_after_s)
             if rc == 0:
                 spans.append(elapsed_s)
+            if kind == "cli":
+                busy_in_a_row = busy_in_a_row + 1 if any("busy" in e for e in entries) else 0
+                (self.cli_waiting.set if busy_in_a_row >= 2 else self.cli_waiting.clear)()
             self.collections += entries
             # A killed collector is restarted after a moment, a finished one at once.
             time.sleep(rng.uniform(0.3, 2.0) if rc == -9 else rng.uniform(0, self.gc_pause_s[kind]))
