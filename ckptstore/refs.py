@@ -3,10 +3,12 @@
 ``refs/heads/NAME`` is a branch, ``refs/tags/NAME`` a tag; each holds one commit id in an
 object frame. A ref is created only if absent and updated or deleted only if it still holds
 the value the caller read, so a lost race is a :class:`RefConflict`, never a lost commit.
+Every name passes :func:`check_ref_name`, the one set of rules for branch and tag names.
 """
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 from .codec import Kind, decode_object, encode_object_bytes
@@ -17,8 +19,17 @@ from .errors import (
     PreconditionFailed,
     RefConflict,
 )
-from .ids import check_ref_name, is_full_id
+from .ids import is_full_id
 from .objectstore import ObjectStore
+
+LATEST = "latest"
+BEST = "best"
+#: Tags the store moves itself: no branch may take their names, and no one may set them by hand.
+STORE_TAGS = (LATEST, BEST)
+MAX_NAME_LENGTH = 200
+# A portable alphabet, safe as an object key on every backend; git allows more.
+_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+_FORBIDDEN = "~^:?*[\\"
 
 
 class RefKind(Enum):
@@ -30,8 +41,47 @@ class RefKind(Enum):
         return "branch" if self is RefKind.BRANCH else "tag"
 
 
+def _broken_rule(kind: RefKind, name: str, *, existing: bool) -> str | None:
+    """The first rule ``name`` breaks as a name of ``kind``, or ``None``."""
+    parts = name.split("/")
+    rules = (  # git check-ref-format's, then the portable alphabet's, then the reserved names
+        (not name, "it is empty"),
+        (len(name) > MAX_NAME_LENGTH, f"it is longer than {MAX_NAME_LENGTH} characters"),
+        (any(c <= " " or c == "\x7f" for c in name), "it contains a space or a control character"),
+        (any(c in _FORBIDDEN for c in name), f"it contains {next((c for c in name if c in _FORBIDDEN), '')!r} (none of ~ ^ : ? * [ \\ may appear)"),
+        (".." in name, "it contains '..'"),
+        ("@{" in name, "it contains '@{'"),
+        (name == "@", "it is '@'"),
+        (name.startswith("-"), "it starts with '-'"),
+        (name.startswith("/") or name.endswith("/") or "//" in name, "it starts or ends with '/', or contains '//'"),
+        (name.endswith("."), "it ends with '.'"),
+        (any(p.startswith(".") for p in parts), "a /-separated part of it starts with '.'"),
+        (any(p.endswith(".lock") for p in parts), "a /-separated part of it ends with '.lock'"),
+        (any(_PART_RE.fullmatch(p) is None for p in parts), "each /-separated part must start with a letter or digit and hold only letters, digits and . _ -"),
+        (is_full_id(name), "it looks like a commit id (32 hex digits)"),
+        (not existing and name == "HEAD", "'HEAD' is reserved (git's name for the current commit)"),
+        (not existing and (name == "refs" or name.startswith("refs/")), "names starting with 'refs/' are reserved (branch and tag names are given without it)"),
+        (not existing and kind is RefKind.BRANCH and name in STORE_TAGS, f"{name!r} is a tag the store moves itself"),
+    )  # fmt: skip
+    return next((rule for broken, rule in rules if broken), None)
+
+
+def check_ref_name(name: str, *, kind: RefKind, existing: bool = False) -> str:
+    """Return ``name`` if it may name a ref of ``kind``; else raise :class:`InvalidRefName`
+    naming it and the rule it breaks. The rules are git's (``git check-ref-format``), with
+    parts of letters, digits and ``. _ -`` only, no 32-hex-digit name (it would read as an
+    id), and reserved names: ``HEAD``, ``refs/...``, and ``latest``/``best`` for a branch.
+    ``existing``: skip the reserved names, to read or delete a ref made before they were."""
+    if not isinstance(name, str):
+        raise InvalidRefName(f"{kind.noun} name must be a str, not {type(name).__name__}", rule="not a str")
+    rule = _broken_rule(kind, name, existing=existing)
+    if rule is not None:
+        raise InvalidRefName(f"invalid {kind.noun} name {name!r}: {rule}", name=name, rule=rule)
+    return name
+
+
 def ref_key(kind: RefKind, name: str) -> str:
-    return f"refs/{kind.value}/{check_ref_name(name, kind=kind.noun)}"
+    return f"refs/{kind.value}/{check_ref_name(name, kind=kind, existing=True)}"
 
 
 class RefStore:
@@ -99,7 +149,7 @@ class RefStore:
         both a ref and a folder of refs."""
         for other in self.names(kind):
             if other.startswith(name + "/") or name.startswith(other + "/"):
-                raise InvalidRefName(f"{kind.noun} {name!r} clashes with existing {kind.noun} {other!r}")
+                raise InvalidRefName(f"{kind.noun} {name!r} clashes with existing {kind.noun} {other!r}", name=name, rule=f"it would be both a {kind.noun} and a folder of them")
 
     def delete_ref_if_equals(self, kind: RefKind, name: str, *, expected: str) -> None:
         """Delete ``name`` if it points at ``expected``; raise :class:`RefConflict` if not.
