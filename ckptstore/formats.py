@@ -18,10 +18,14 @@ as ``1_Pooling/``) are kept under ``files`` as their bytes (:func:`read_extra_fi
 files only, never through a symlink (except a cache snapshot's links into its own ``blobs/``),
 each at most :data:`MAX_EXTRA_FILE_BYTES`.
 
-Writing takes a lock beside the target (:class:`ExportBusy` for a second export to it at the
-same time; a killed exporter's lock is taken over), writes every file to a temp file created
-exclusively with a random name in its directory, fsyncs it and renames it into place. A
-directory is built whole beside the target and then swapped in (:func:`write_directory`).
+Writing never replaces what is at the target unless forced (:func:`check_export_target`:
+an existing file, or a directory with entries, is :class:`TargetExists`; a missing parent,
+a file where a directory goes or the reverse, and every other failure of the filesystem is
+:class:`StorageError` naming the path, never a bare ``OSError``). It takes a lock beside the
+target (:class:`ExportBusy` for a second export to it at the same time; a killed exporter's
+lock is taken over), writes every file to a temp file created exclusively with a random name
+in its directory, fsyncs it and links (or, forced, renames) it into place. A directory is
+built whole beside the target and then swapped in (:func:`write_directory`).
 File names are ours (``model.safetensors``, ``model-00001-of-00003.safetensors``) or those of
 a commit's ``files``, each checked to be a relative POSIX path without ``..`` before anything
 is written (:func:`check_file_name`); tensor names only ever go inside the files, so no name
@@ -33,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -43,15 +48,18 @@ import shutil
 import stat
 import struct
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import numpy as np
-import torch
-
-from .errors import ExportBusy, InvalidCheckpoint, InvalidFileName, UnsupportedValue
+from .errors import CkptStoreError, ExportBusy, InvalidCheckpoint, InvalidFileName, StorageError, TargetExists, UnsupportedValue
+from .manifest import key_segment
 from .objectstore import fsync_directory
+
+if TYPE_CHECKING:  # imported where files are read or written: the CLI starts without them
+    import numpy as np
+    import torch
 
 log = logging.getLogger("ckptstore.shards")
 
@@ -61,16 +69,29 @@ TRAINER_STATE_NAME = "trainer_state.json"
 #: Largest safetensors header we read (the format's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 DEFAULT_MAX_SHARD_SIZE_BYTES = 5 * 10**9
+#: What an export writes: a Hugging Face style directory, one safetensors file, one ``torch.save`` file.
+EXPORT_FORMATS = ("hf", "safetensors", "pt")
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
-}  # fmt: skip
-for _name, _dtype in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _dtype):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _dtype)
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+@functools.cache
+def safetensors_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name → torch dtype (those this torch has)."""
+    import torch
+
+    dtypes = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+    }  # fmt: skip
+    for name, dtype in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+        if hasattr(torch, dtype):
+            dtypes[name] = getattr(torch, dtype)
+    return dtypes
+
+
+@functools.cache
+def safetensors_names() -> dict[torch.dtype, str]:
+    """Torch dtype → safetensors dtype name: the inverse of :func:`safetensors_dtypes`."""
+    return {dtype: name for name, dtype in safetensors_dtypes().items()}
 
 
 def open_checkpoint_file(path: str) -> BinaryIO:
@@ -152,6 +173,8 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     as the safetensors format requires: a JSON object header, no name twice, a
     ``__metadata__`` of strings, and tensors that tile the data exactly (no overlap, no hole,
     nothing after the last). A malformed file raises :class:`InvalidCheckpoint` naming it."""
+    import numpy as np
+    import torch
     with open_checkpoint_file(path) as f:
         file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
@@ -196,7 +219,7 @@ def _tensor_layout(path: str, header: dict[str, Any], data_size: int) -> dict[st
         try:
             if not isinstance(info, dict):
                 raise TypeError
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = safetensors_dtypes()[info["dtype"]]
             shape, offsets = info["shape"], info["data_offsets"]
             if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
                 raise TypeError
@@ -296,12 +319,16 @@ _WEIGHT_COPY = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?|tf_
 CHECKPOINT_FOLDER = re.compile(r"checkpoint-(\d+)")
 
 
-#: NumPy arrays (a Trainer's ``rng_state.pth`` holds ``np.random.get_state()``), allowed in
-#: ``weights_only`` loads as transformers allows them: they rebuild arrays, never run code.
-NUMPY_SAFE_GLOBALS = [
-    (np._core if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
-    *(type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)),
-]  # fmt: skip
+@functools.cache
+def numpy_safe_globals() -> list[Any]:
+    """NumPy arrays (a Trainer's ``rng_state.pth`` holds ``np.random.get_state()``), allowed in
+    ``weights_only`` loads as transformers allows them: they rebuild arrays, never run code."""
+    import numpy as np
+
+    return [
+        (np._core if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+        *(type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)),
+    ]  # fmt: skip
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -316,7 +343,8 @@ def load_weights_only(path: str) -> Any:
     file at all). A zip file (``torch.save``'s format since torch 1.6) is memory-mapped; a
     legacy one (``_use_new_zipfile_serialization=False``, an old hub ``pytorch_model.bin``),
     which torch cannot map, is read whole."""
-    allow_numpy = torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS) if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()
+    import torch
+    allow_numpy = torch.serialization.safe_globals(numpy_safe_globals()) if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()
     with open_checkpoint_file(path) as f:  # checked first: torch would block on a FIFO
         magic = f.read(4)
         f.seek(0)
@@ -410,6 +438,7 @@ def read_extra_files(path: str, *, skip: Callable[[str], bool] = lambda name: Fa
     followed, and, in a Hugging Face cache snapshot, links into that repository's ``blobs/``:
     see :func:`hub_cache_blobs`), other non-regular files and files over
     :data:`MAX_EXTRA_FILE_BYTES`."""
+    import torch
     files: dict[str, torch.Tensor] = {}
     blobs = hub_cache_blobs(path)
 
@@ -574,6 +603,7 @@ def check_files(files: Mapping[Any, Any]) -> dict[str, bytes | bytearray | memor
     """``files`` (relative POSIX path → bytes, or a 1-D uint8 tensor of them) with every name
     checked (:func:`check_file_name`; a name inside another file's name is
     :class:`InvalidFileName` too) and every value as bytes (else :class:`UnsupportedValue`)."""
+    import torch
     out: dict[str, bytes | bytearray | memoryview] = {}
     for name, data in files.items():
         check_file_name(name)
@@ -643,11 +673,58 @@ def plan_shards(tensors: Iterable[ExportedTensor], *, max_shard_size_bytes: int)
 def check_exportable(tensors: Iterable[ExportedTensor]) -> None:
     seen: dict[str, str] = {}
     for t in tensors:
-        if t.dtype not in SAFETENSORS_NAMES:
+        if t.dtype not in safetensors_names():
             raise UnsupportedValue(t.key_path, f"dtype {t.dtype} has no safetensors equivalent")
         if t.name in seen:
             raise UnsupportedValue(t.key_path, f"exports under the same name {t.name!r} as {seen[t.name]}")
         seen[t.name] = t.key_path
+
+
+def check_export_target(path: str, *, directory: bool, force: bool = False) -> None:
+    """Refuse an export to ``path`` (a ``directory``, or else one file) before anything is
+    read or written. :class:`TargetExists` if a file (or symlink) is there, or a directory
+    with entries, unless ``force``; an empty directory is exported into. :class:`StorageError`
+    naming the path, forced or not, if its parent is missing or not a directory, the target
+    is of the other kind (a file where a directory goes, or the reverse), which no export
+    replaces, or the filesystem refuses to tell."""
+    target = os.path.realpath(path) if directory else os.path.abspath(path)
+    parent = os.path.dirname(target)
+    with _export_errors(path):
+        try:
+            if not stat.S_ISDIR(os.stat(parent).st_mode):
+                raise NotADirectoryError
+        except FileNotFoundError:
+            raise StorageError(f"cannot export to {path}: its parent directory {parent} does not exist") from None
+        except NotADirectoryError:
+            raise StorageError(f"cannot export to {path}: {parent} is not a directory") from None
+        try:
+            mode = os.lstat(target).st_mode
+        except FileNotFoundError:
+            return
+        kind = "directory" if directory else "file"
+        if stat.S_ISDIR(mode) != directory:
+            there = "a file" if directory else "a directory"
+            raise StorageError(f"cannot export a {kind} to {path}: {there} is there, which an export never replaces with a {kind}")
+        if force:
+            return
+        if not directory:
+            raise TargetExists(path, "already exists")
+        with os.scandir(target) as entries:
+            if next(entries, None) is not None:
+                raise TargetExists(path, "is a directory with files in it")
+
+
+@contextlib.contextmanager
+def _export_errors(path: str) -> Iterator[None]:
+    """Turn a failure of the filesystem in the block (permission denied, read-only, full) into
+    :class:`StorageError` naming ``path`` and the file at fault; ours pass as they are."""
+    try:
+        yield
+    except CkptStoreError:
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and exc.filename != path else ""
+        raise StorageError(f"cannot export to {path}: {exc.strerror or exc}{where}") from exc
 
 
 def write_directory(
@@ -658,6 +735,7 @@ def write_directory(
     files: Mapping[Any, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    force: bool = False,
 ) -> list[str]:
     """Write ``shards`` as the Hugging Face style directory ``directory``:
     ``model.safetensors`` (one shard) or numbered shards plus
@@ -676,18 +754,19 @@ def write_directory(
     kept, hard-linked into the new folder before the swap; one added during the export is left in
     a ``.NAME.export-old-*`` folder beside it, with a warning. A ``directory`` that is a
     symlink exports into the folder it points to. A second export to ``directory`` while one
-    runs raises :class:`ExportBusy`."""
+    runs raises :class:`ExportBusy`. A ``directory`` with entries is :class:`TargetExists`
+    unless ``force`` (then the swap replaces the export's files and keeps the others), and
+    its parent must exist (:func:`check_export_target`)."""
+    check_export_target(directory, directory=True, force=force)
     target = os.path.realpath(directory)
     parent, name = os.path.split(target)
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(f"cannot export into {directory}: it is not a directory")
     extra = check_files(files or {})
     for file in [f for f in extra if is_export_file(f.split("/", 1)[0])]:
         log.warning("not writing file %r into %s: the export writes a file of that name", file, directory)
         del extra[file]
-    os.makedirs(parent, exist_ok=True)
-    with export_lock(target):
+    with _export_errors(directory), export_lock(target):
         _recover_interrupted(target)
+        check_export_target(directory, directory=True, force=force)  # again, with what an interrupted export had moved aside put back
         staging = os.path.join(parent, f".{name}.export-new-{uuid.uuid4().hex}")
         os.mkdir(staging, 0o777)
         try:
@@ -712,23 +791,65 @@ def write_file(
     *,
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    force: bool = False,
 ) -> list[str]:
     """Write ``tensors`` as one safetensors file at ``path``, whole or not at all, under the
-    export lock of ``path`` (:class:`ExportBusy` if another export is writing it)."""
-    with export_lock(os.path.abspath(path)):
-        _write_safetensors(path, tensors, read_tensors(tensors), metadata)
+    export lock of ``path`` (:class:`ExportBusy` if another export is writing it). A file
+    already there is :class:`TargetExists` unless ``force`` (:func:`check_export_target`)."""
+    check_export_target(path, directory=False, force=force)
+    with _export_errors(path):
+        with export_lock(os.path.abspath(path)):
+            _write_safetensors(path, tensors, read_tensors(tensors), metadata, replace=force)
     if progress is not None:
         total = sum(t.nbytes for t in tensors)
         progress("export", total, total)
     return [path]
 
 
-def write_torch_file(path: str, state: Any) -> list[str]:
-    """Write ``state`` with ``torch.save`` as the file ``path``, whole or not at all, under
-    the export lock of ``path`` (:class:`ExportBusy` if another export is writing it)."""
-    with export_lock(os.path.abspath(path)):
-        _write_atomically(path, lambda f: torch.save(state, f))
+def write_torch_file(path: str, read_state: Callable[[], Any], *, force: bool = False) -> list[str]:
+    """Write the state ``read_state()`` returns with ``torch.save`` as the file ``path``, whole
+    or not at all, under the export lock of ``path`` (:class:`ExportBusy` if another export
+    is writing it). The file loads with ``torch.load(path, weights_only=True)`` as the state
+    it was, tensors that shared storage (tied weights) still sharing it: a value that would
+    not (:func:`check_weights_only`) is :class:`UnsupportedValue` naming its key path, and
+    nothing is written. A file already there is :class:`TargetExists` unless ``force``
+    (checked before the state is read: :func:`check_export_target`)."""
+    import torch
+    check_export_target(path, directory=False, force=force)
+    with _export_errors(path):
+        with export_lock(os.path.abspath(path)):
+            state = read_state()
+            check_weights_only(state)
+            _write_atomically(path, lambda f: torch.save(state, f), replace=force)
     return [path]
+
+
+#: What ``torch.load(weights_only=True)`` reads back as itself, besides containers, tensors,
+#: and torch dtype, device and Size.
+_WEIGHTS_ONLY_LEAVES = (type(None), bool, int, float, str, bytes)
+
+
+def check_weights_only(value: Any, path: str = "") -> None:
+    """Raise :class:`UnsupportedValue` naming the key path of the first value in ``value`` that
+    ``torch.load(weights_only=True)`` would not read back as it is: anything but ``None``,
+    bool, int, float, str, bytes, dict (OrderedDict with its ``_metadata``), list, tuple,
+    tensors and parameters, torch dtype, device and Size (a numpy array, say)."""
+    import torch
+
+    if type(value) in _WEIGHTS_ONLY_LEAVES or type(value) in (torch.Tensor, torch.nn.Parameter, torch.dtype, torch.device, torch.Size):
+        return
+    if type(value) in (dict, OrderedDict):
+        items: Iterable[tuple[Any, Any]] = value.items()
+        meta = getattr(value, "_metadata", None)
+        if meta is not None:
+            check_weights_only(meta, f"{path}/_metadata" if path else "_metadata")
+    elif type(value) in (list, tuple):
+        items = enumerate(value)
+    else:
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise UnsupportedValue(path, f"a {kind} cannot go into a .pt file that torch.load(weights_only=True) reads; exclude it, or export it another way")
+    for key, item in items:
+        check_weights_only(item, f"{path}/{key_segment(key)}" if path else key_segment(key))
 
 
 _EXPORT_FILE = re.compile(r"model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors|\.export-[0-9a-f]{32}\.tmp")
@@ -896,18 +1017,19 @@ def _same_file(entry: os.DirEntry, path: str) -> bool:
         return False
 
 
-def _write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+def _write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, *, replace: bool = True) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for t in shard:
-        header[t.name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": safetensors_names()[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    _write_atomically(path, lambda f: f.writelines(_safetensors_parts(encoded, shard, tensors)))
+    _write_atomically(path, lambda f: f.writelines(_safetensors_parts(encoded, shard, tensors)), replace=replace)
 
 
 def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor]) -> Iterable[bytes | memoryview]:
+    import torch
     yield struct.pack("<Q", len(header))
     yield header
     for t in shard:
@@ -916,11 +1038,12 @@ def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapp
             yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _write_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
+def _write_atomically(path: str, write: Callable[[BinaryIO], Any], *, replace: bool = True) -> None:
     """Write the file ``path`` whole or not at all, the one way every export writes: ``write``
     fills a temp file created exclusively (``O_EXCL``, so never through a planted symlink)
-    under a random name in the same directory; it is fsync'd and renamed over ``path``, and
-    the directory fsync'd."""
+    under a random name in the same directory; it is fsync'd and renamed over ``path`` (or,
+    unless ``replace``, hard-linked there, which fails with :class:`TargetExists` if anything
+    is there by then, leaving it as it was), and the directory fsync'd."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".export-{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -929,7 +1052,14 @@ def _write_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise TargetExists(path, "already exists") from None
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
