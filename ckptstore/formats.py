@@ -642,7 +642,7 @@ def _write_checked_files(directory: str, files: Mapping[str, bytes | bytearray |
             except FileExistsError:
                 if os.path.islink(parent) or not os.path.isdir(parent):
                     raise NotADirectoryError(f"cannot write {name} into {directory}: {parent} is not a folder") from None
-        _write_atomically(os.path.join(directory, name), lambda f, data=data: f.write(data))
+        write_atomically(os.path.join(directory, name), lambda f, data=data: f.write(data))
 
 
 @dataclass(frozen=True)
@@ -777,7 +777,7 @@ def write_directory(
                 shutil.copymode(target, staging)
                 _link_entries(target, staging, top=True)
             fsync_directory(staging)
-            _swap_in(staging, target, owned=frozenset(extra))
+            _swap_in(staging, target, remove_old=lambda old: _remove_replaced(old, target, owned=frozenset(extra)))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # our files, and links to files still in target
             raise
@@ -820,7 +820,7 @@ def write_torch_file(path: str, read_state: Callable[[], Any], *, force: bool = 
         with export_lock(os.path.abspath(path)):
             state = read_state()
             check_weights_only(state)
-            _write_atomically(path, lambda f: torch.save(state, f), replace=force)
+            write_atomically(path, lambda f: torch.save(state, f), replace=force)
     return [path]
 
 
@@ -913,7 +913,7 @@ def _write_shards(
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         encoded = json.dumps(index, indent=2).encode()
-        _write_atomically(os.path.join(directory, INDEX_NAME), lambda f: f.write(encoded))
+        write_atomically(os.path.join(directory, INDEX_NAME), lambda f: f.write(encoded))
         names.append(INDEX_NAME)
     return names
 
@@ -938,11 +938,21 @@ def _link_entries(source: str, destination: str, *, top: bool) -> None:
                 os.link(entry.path, into, follow_symlinks=False)
 
 
-def _swap_in(staging: str, target: str, *, owned: frozenset[str] = frozenset()) -> None:
+def replace_directory(staging: str, target: str) -> None:
+    """Put the complete folder ``staging`` (written with :func:`write_atomically`) at
+    ``target`` in one rename, durably: ``staging`` is fsync'd, swapped in
+    (:func:`_swap_in`), and the folder it replaced, if any, removed whole. A kill leaves
+    ``target`` as it was, or, in the instant between the swap's two renames, beside it as
+    ``.NAME.export-old-*``."""
+    with _export_errors(target):
+        fsync_directory(staging)
+        _swap_in(staging, target, remove_old=lambda old: shutil.rmtree(old, ignore_errors=True))
+
+
+def _swap_in(staging: str, target: str, *, remove_old: Callable[[str], None]) -> None:
     """Put the folder ``staging`` at ``target``: renamed there, or, if ``target`` exists,
-    renamed there after ``target`` is renamed aside, which is then emptied of what the new
-    folder holds (the same files), of the export's own files and of those it replaced
-    (``owned``, relative paths), and removed."""
+    renamed there after ``target`` is renamed aside, which ``remove_old`` then clears away
+    (given its path), the parent fsync'd in between."""
     parent, name = os.path.split(target)
     if not os.path.isdir(target):
         os.rename(staging, target)
@@ -956,7 +966,7 @@ def _swap_in(staging: str, target: str, *, owned: frozenset[str] = frozenset()) 
         os.rename(old, target)
         raise
     fsync_directory(parent)
-    _remove_replaced(old, target, owned=owned)
+    remove_old(old)
 
 
 def _recover_interrupted(target: str) -> None:
@@ -1025,7 +1035,7 @@ def _write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[
         offset += t.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    _write_atomically(path, lambda f: f.writelines(_safetensors_parts(encoded, shard, tensors)), replace=replace)
+    write_atomically(path, lambda f: f.writelines(_safetensors_parts(encoded, shard, tensors)), replace=replace)
 
 
 def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor]) -> Iterable[bytes | memoryview]:
@@ -1038,8 +1048,9 @@ def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapp
             yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _write_atomically(path: str, write: Callable[[BinaryIO], Any], *, replace: bool = True) -> None:
-    """Write the file ``path`` whole or not at all, the one way every export writes: ``write``
+def write_atomically(path: str, write: Callable[[BinaryIO], Any], *, replace: bool = True) -> None:
+    """Write the file ``path`` whole or not at all, the one way every export (and a Trainer
+    folder :func:`~ckptstore.integrations.huggingface.materialize` builds) writes: ``write``
     fills a temp file created exclusively (``O_EXCL``, so never through a planted symlink)
     under a random name in the same directory; it is fsync'd and renamed over ``path`` (or,
     unless ``replace``, hard-linked there, which fails with :class:`TargetExists` if anything
