@@ -847,7 +847,7 @@ def check_weights_only(value: Any, path: str = "") -> None:
         items = enumerate(value)
     else:
         kind = f"{type(value).__module__}.{type(value).__qualname__}"
-        raise UnsupportedValue(path, f"a {kind} cannot go into a .pt file that torch.load(weights_only=True) reads; exclude it, or export it another way")
+        raise UnsupportedValue(path, f"is a {kind}, which a weights-only torch.load cannot read back; leave it out of the export, or export another format")
     for key, item in items:
         check_weights_only(item, f"{path}/{key_segment(key)}" if path else key_segment(key))
 
