@@ -172,6 +172,8 @@ def test_new_data_bytes_never_exceed_logical_bytes(tmp_path, capsys):
     code, out, err = ckpt(capsys, "--store", url, "show", tiny.id)
     size = next(line for line in out.splitlines() if line.startswith("size "))
     assert size.startswith(f"size     {tiny.stats.logical_bytes} B logical, {tiny.stats.new_data_bytes} B data + {tiny.stats.new_metadata_bytes} B metadata newly stored")
+    usage = {c["id"]: c for c in json.loads(ckpt(capsys, "--store", url, "du", "--json")[1])["commits"]}
+    assert (usage[tiny.id]["new_bytes"], usage[tiny.id]["new_metadata_bytes"]) == (tiny.stats.new_bytes, tiny.stats.new_metadata_bytes)
     code, out, err = ckpt(capsys, "--store", url, "log", "-n", "1")
     assert f"Size:    {tiny.stats.logical_bytes} B logical, {tiny.stats.new_data_bytes} B data + {tiny.stats.new_metadata_bytes} B metadata new\n" in out
 
