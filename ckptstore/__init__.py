@@ -26,6 +26,7 @@ from .errors import (
     OutOfMemory,
     PolicyMatchesNothing,
     PreconditionFailed,
+    ProtectedBranch,
     ReadOnlyStore,
     RefConflict,
     RefError,
@@ -33,10 +34,12 @@ from .errors import (
     SourceChanged,
     StorageError,
     StoreNotFound,
+    TargetExists,
     UnknownRef,
     UnsupportedFormat,
     UnsupportedValue,
     WriterExpired,
+    WrongRefKind,
 )
 from .fsck import FsckReport, Problem
 from .gc import GcPlan
@@ -78,6 +81,7 @@ __all__ = [
     "PolicyMatchesNothing",
     "PreconditionFailed",
     "Problem",
+    "ProtectedBranch",
     "ReadOnlyStore",
     "RepackReport",
     "RefConflict",
@@ -89,11 +93,13 @@ __all__ = [
     "Store",
     "StoreConfig",
     "StoreNotFound",
+    "TargetExists",
     "TensorChange",
     "UnknownRef",
     "UnsupportedFormat",
     "UnsupportedValue",
     "Usage",
     "WriterExpired",
+    "WrongRefKind",
     "open",
 ]

@@ -2,7 +2,7 @@
 
 The object store is the truth; the catalog is a cache of it that can be deleted at any
 time and is rebuilt (and reconciled with the refs) when a store is opened. This is the only
-module that imports sqlite-utils.
+module that imports sqlite3.
 
 Tables::
 
@@ -47,8 +47,6 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-import sqlite_utils
-
 log = logging.getLogger("ckptstore.catalog")
 
 SCHEMA_VERSION = 4
@@ -64,6 +62,7 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "metrics": ({"commit": str, "name": str, "value": float}, ("commit", "name")),
     "refs": ({"kind": str, "name": str, "commit": str}, ("kind", "name")),
 }
+_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "FLOAT", bytes: "BLOB"}
 
 #: How long opening the catalog, or one statement, waits for other processes before this
 #: process gives up on the file (and keeps its catalog in memory).
@@ -150,10 +149,18 @@ def _exclusive(lock_path: str, *, deadline: float) -> Iterator[None]:
         os.close(fd)  # drops the flock
 
 
+def _insert(db: sqlite3.Connection, table: str, rows: Iterable[dict]) -> None:
+    """Insert ``rows`` (column → value) into ``table``, each replacing the row of its primary
+    key. In the caller's transaction."""
+    for row in rows:
+        columns = ", ".join(f"[{c}]" for c in row)
+        db.execute(f"INSERT OR REPLACE INTO [{table}] ({columns}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+
+
 class Catalog:
     """A SQLite catalog at ``path`` (``None``: in memory). Thread-safe; every method is
-    one transaction (sqlite-utils would commit each insert on its own, and a process killed
-    between two would leave a commit without its parents).
+    one transaction (a process killed between two would otherwise leave a commit without
+    its parents).
 
     Never fails because of the file: one that cannot be written (or stays locked past
     :data:`BUSY_TIMEOUT_S`) is left as it is and the catalog is kept in memory from then on
@@ -182,7 +189,7 @@ class Catalog:
             self.in_memory = True
             self.db = self._memory()
 
-    def _open_file(self, path: str) -> sqlite_utils.Database:
+    def _open_file(self, path: str) -> sqlite3.Connection:
         """Open the catalog file, checked, with its schema, under the open lock: waits out
         other processes (busy), and moves a corrupt file aside once and starts a new one."""
         deadline = time.monotonic() + BUSY_TIMEOUT_S
@@ -208,7 +215,7 @@ class Catalog:
                     else:
                         raise
 
-    def _connect(self, path: str, *, timeout_s: float) -> sqlite_utils.Database:
+    def _connect(self, path: str, *, timeout_s: float) -> sqlite3.Connection:
         """The checked catalog file with its schema; its statements wait ``timeout_s`` for
         other processes while opening, :data:`BUSY_TIMEOUT_S` afterwards."""
         conn = sqlite3.connect(path, check_same_thread=False, timeout=timeout_s)
@@ -218,20 +225,19 @@ class Catalog:
             problems = conn.execute("PRAGMA integrity_check").fetchall()
             if problems != [("ok",)]:
                 raise _Damaged(f"integrity check: {problems[0][0]}")
-            db = sqlite_utils.Database(conn)
-            self._create_schema(db)
+            self._create_schema(conn)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         except BaseException:
             conn.close()
             raise
-        return db
+        return conn
 
-    def _memory(self) -> sqlite_utils.Database:
-        db = sqlite_utils.Database(sqlite3.connect(":memory:", check_same_thread=False))
+    def _memory(self) -> sqlite3.Connection:
+        db = sqlite3.connect(":memory:", check_same_thread=False)
         self._create_schema(db)
         return db
 
-    def _copy_of(self, path: str) -> sqlite_utils.Database:
+    def _copy_of(self, path: str) -> sqlite3.Connection:
         """An in-memory copy of the rows of the catalog file at ``path``, which is opened
         read-only and never written (nor anything beside it); empty where the file is
         missing, unreadable, damaged or of another schema (the store's sync fills it)."""
@@ -244,7 +250,7 @@ class Catalog:
                     if problems != [("ok",)]:
                         raise _Damaged(f"integrity check: {problems[0][0]}")
                     conn.backup(memory)
-                copy = sqlite_utils.Database(memory)
+                copy = memory
                 self._create_schema(copy)
             except sqlite3.DatabaseError as exc:
                 memory.close()
@@ -261,14 +267,14 @@ class Catalog:
         self._warn(exc)
         memory = sqlite3.connect(":memory:", check_same_thread=False)
         try:
-            self.db.conn.backup(memory)
-            copy = sqlite_utils.Database(memory)
+            self.db.backup(memory)
+            copy = memory
             self._create_schema(copy)
         except sqlite3.DatabaseError:
             memory.close()
             copy = self._memory()
         with contextlib.suppress(sqlite3.Error):
-            self.db.conn.close()
+            self.db.close()
         self.db = copy
         self.in_memory = True
 
@@ -289,36 +295,38 @@ class Catalog:
         """One write transaction, its lock taken at the start (``BEGIN IMMEDIATE``, waiting
         for other processes' writers): a transaction that read first could not upgrade.
         Run by a :func:`_falls_back` method, which holds the catalog's lock."""
-        self.db.conn.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            if self.db.conn.in_transaction:  # SQLite ends it itself on some errors (disk full)
+            if self.db.in_transaction:  # SQLite ends it itself on some errors (disk full)
                 with contextlib.suppress(sqlite3.Error):
-                    self.db.conn.execute("ROLLBACK")
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.conn.execute("COMMIT")
+        self.db.execute("COMMIT")
 
     @staticmethod
-    def _create_schema(db: sqlite_utils.Database) -> None:
+    def _create_schema(db: sqlite3.Connection) -> None:
         """Create the tables, or rebuild a catalog of another schema version. One exclusive
         transaction, so processes opening a new store at once never see half a schema."""
-        with db.conn:
-            db.conn.execute("BEGIN EXCLUSIVE")
-            meta = db["meta"]
-            if meta.exists():
+        with db:
+            db.execute("BEGIN EXCLUSIVE")
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            if "meta" in tables:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if row is not None and row[0] == str(SCHEMA_VERSION):
                     for name, (columns, _) in TABLES.items():
-                        if list(db[name].columns_dict) != list(columns):
-                            raise _Damaged(f"catalog table {name} has columns {list(db[name].columns_dict)}")
+                        found = [r[1] for r in db.execute(f"PRAGMA table_info([{name}])")]
+                        if found != list(columns):
+                            raise _Damaged(f"catalog table {name} has columns {found}")
                     return
-                for name in db.table_names():
-                    db[name].drop()  # an older catalog: it is a cache, rebuild it
+                for name in tables:
+                    db.execute(f"DROP TABLE [{name}]")  # an older catalog: it is a cache, rebuild it
             for name, (columns, pk) in TABLES.items():
-                db[name].create(columns, pk=pk)
-            db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
-            db["parents"].create_index(["parent"])
+                keys = ", ".join(f"[{c}]" for c in ((pk,) if isinstance(pk, str) else pk))
+                db.execute(f"CREATE TABLE [{name}] ({', '.join(f'[{c}] {_SQL_TYPES[t]}' for c, t in columns.items())}, PRIMARY KEY ({keys}))")
+            _insert(db, "meta", [{"key": "schema", "value": str(SCHEMA_VERSION)}])
+            db.execute("CREATE INDEX [idx_parents_parent] ON [parents] ([parent])")
 
     @_falls_back
     def clear(self) -> None:
@@ -329,7 +337,7 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
-            self.db.conn.close()
+            self.db.close()
 
     # -- commits ---------------------------------------------------------------------------
 
@@ -337,13 +345,9 @@ class Catalog:
     def add_commit(self, row: dict, parents: Iterable[str], metrics: dict[str, float]) -> None:
         """Index one commit. Idempotent."""
         with self._write():
-            self.db["commits"].insert(row, replace=True)
-            self.db["parents"].insert_all(
-                ({"commit": row["id"], "position": i, "parent": p} for i, p in enumerate(parents)), replace=True
-            )
-            self.db["metrics"].insert_all(
-                ({"commit": row["id"], "name": k, "value": v} for k, v in metrics.items()), replace=True
-            )
+            _insert(self.db, "commits", [row])
+            _insert(self.db, "parents", ({"commit": row["id"], "position": i, "parent": p} for i, p in enumerate(parents)))
+            _insert(self.db, "metrics", ({"commit": row["id"], "name": k, "value": v} for k, v in metrics.items()))
 
     @_falls_back
     def remove_commits(self, ids: Iterable[str]) -> None:
@@ -356,7 +360,8 @@ class Catalog:
     @_falls_back
     def commit_rows(self) -> list[dict]:
         """Every commit's id, manifest, created_at and step, and its metrics as a dict."""
-        rows = [dict(r) for r in self.db.query("SELECT id, manifest, created_at, step FROM commits")]
+        columns = ("id", "manifest", "created_at", "step")
+        rows = [dict(zip(columns, r)) for r in self.db.execute(f"SELECT {', '.join(columns)} FROM commits")]
         metrics: dict[str, dict[str, float]] = {}
         for commit_id, name, value in self.db.execute("SELECT [commit], name, value FROM metrics"):
             metrics.setdefault(commit_id, {})[name] = value
@@ -395,11 +400,11 @@ class Catalog:
             if commit_id is None:
                 self.db.execute("DELETE FROM refs WHERE kind = ? AND name = ?", [kind, name])
             else:
-                self.db["refs"].insert({"kind": kind, "name": name, "commit": commit_id}, replace=True)
+                _insert(self.db, "refs", [{"kind": kind, "name": name, "commit": commit_id}])
 
     @_falls_back
     def replace_refs(self, kind: str, refs: dict[str, str]) -> None:
         """Make the catalog's refs of ``kind`` exactly ``refs``."""
         with self._write():
             self.db.execute("DELETE FROM refs WHERE kind = ?", [kind])
-            self.db["refs"].insert_all(({"kind": kind, "name": n, "commit": c} for n, c in refs.items()), replace=True)
+            _insert(self.db, "refs", ({"kind": kind, "name": n, "commit": c} for n, c in refs.items()))

@@ -1,7 +1,8 @@
 """``ckpt``: the command line (also ``python -m ckptstore``).
 
 Every command takes ``--store URL`` (or ``CKPTSTORE_URL``; default ``./ckpts``). Errors are
-one line on stderr and exit status 1; usage errors exit 2; ``--debug`` shows the traceback.
+one line on stderr and exit status 1; usage errors, and malformed or reserved ref names
+(``InvalidRefName``), exit 2; ``--debug`` shows the traceback.
 Progress bars appear on a terminal only. Storage options (credentials) come from
 ``CKPTSTORE_STORAGE_OPTIONS`` (JSON) and are never printed.
 """
@@ -23,9 +24,9 @@ import click
 
 from . import __version__
 from .commit import Commit
-from .errors import CkptStoreError, RefExists, StoreNotFound
+from .errors import CkptStoreError, InvalidRefName, RefExists, StoreNotFound
 from .formats import run_checkpoints
-from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, commit_key, dropped_components
+from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, commit_key, demoted_commit_ids, dropped_components, unreferenced_since
 from .manifest import Manifest
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from .store import LATEST, Diff, Store, open_store
@@ -141,6 +142,35 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]
             bar.__exit__(None, None, None)
 
 
+def _duration(seconds: float) -> str:
+    """Seconds as the largest unit that holds them whole (``1h``, ``90s``), as ``--grace-period`` takes them."""
+    for unit, size in sorted(_DURATION_UNITS_S.items(), key=lambda kv: -kv[1]):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+@contextmanager
+def _reporting_interrupt(store: Store) -> Iterator[None]:
+    """Around a command that writes commits: on Ctrl-C, say what it stored that no commit
+    references (left for ``gc`` after the grace period) and exit with status 130."""
+    since_s = store.objects.clock_s() - 1.0  # S3 stamps to the second
+    try:
+        yield
+    except KeyboardInterrupt:
+        left = unreferenced_since(store, since_s=since_s)
+        chunks = sum(info.key.startswith("chunks/") for info in left)
+        manifests = len(left) - chunks
+        what = f"{chunks} chunks" + (f" and {manifests} manifests" if manifests else "")
+        click.echo(
+            f"interrupted: {what} ({_human(sum(info.size_bytes for info in left))}) written and not referenced by any commit; "
+            f"`ckpt gc` reclaims them after the grace period ({_duration(DEFAULT_GRACE_PERIOD_S)})"
+            if left else "interrupted: nothing it wrote is left unreferenced",
+            err=True,
+        )  # fmt: skip
+        sys.exit(130)
+
+
 def _echo_json(doc: Any) -> None:
     click.echo(_json_text(doc, indent=2))
 
@@ -222,7 +252,37 @@ def _commit_json(commit: Commit) -> dict[str, Any]:
         "created_at": commit.created_at.isoformat(), "step": _step(commit), "metadata": commit.metadata,
         "metrics": commit.metrics, "logical_bytes": commit.stats.logical_bytes, "new_bytes": commit.stats.new_bytes,
         "reused_bytes": commit.stats.reused_bytes, "new_chunks": commit.stats.new_chunks, "reused_chunks": commit.stats.reused_chunks,
+        "new_data_bytes": commit.stats.new_data_bytes, "new_metadata_bytes": commit.stats.new_metadata_bytes,
     }  # fmt: skip
+
+
+def _new_bytes(commit: Commit) -> str:
+    """The bytes a commit newly stored: tensor data and metadata apart (one figure for a
+    commit written before they were told apart)."""
+    stats = commit.stats
+    if stats.new_data_bytes is None:
+        return _human(stats.new_bytes)
+    return f"{_human(stats.new_data_bytes)} data + {_human(stats.new_metadata_bytes or 0)} metadata"
+
+
+def _gc_marks(store: Store, commit: Commit, collected: list[str], dropped: tuple[str, ...]) -> list[str]:
+    """What gc took from a commit, one line each: its collected parents (and where its
+    history goes on), the components it dropped."""
+    lines = []
+    if collected:
+        goes_on = store.parents_of(commit)
+        lines.append(
+            f"parent {', '.join(p[:12] for p in collected)} collected by gc; "
+            + (f"history goes on at {', '.join(p[:12] for p in goes_on)}" if goes_on else "history ends here")
+        )  # fmt: skip
+    if dropped:
+        lines.append(f"{', '.join(map(_printable, dropped))} dropped by gc")
+    return lines
+
+
+def _gc_marks_json(store: Store, commit: Commit, collected: list[str], dropped: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`_gc_marks` as JSON fields (``history_parents``: the parents history follows)."""
+    return {"collected_parents": collected, "history_parents": store.parents_of(commit), "dropped_components": list(dropped)}
 
 
 def _oneline(commit: Commit, decorations: dict[str, list[str]]) -> str:
@@ -304,10 +364,16 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
       ckpt log lr-sweep -n 5 --json
     """
     store = ctx.store()
+
+    def marks_of(commits: list[Commit]) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+        demoted = demoted_commit_ids(store.objects) if commits else set()
+        return {c.id: (store.collected_parents(c), dropped_components(store.objects, c.id) if c.id in demoted else ()) for c in commits}
+
     if graph:
         commits = _all_commits(store, max_count)
         if as_json:
-            _echo_json([_commit_json(c) for c in commits])
+            marks = marks_of(commits)
+            _echo_json([_commit_json(c) | _gc_marks_json(store, c, *marks[c.id]) for c in commits])
             return
         parents = {c.id: store.parents_of(c) for c in commits}
         for line in draw_graph(commits, parents, _decorations(store), _oneline):
@@ -320,13 +386,15 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
             click.echo(f"no commits yet on {store.config.default_branch}", err=True)
         return
     commits = store.log(rev, limit=max_count)
+    marks = marks_of(commits)
     if as_json:
-        _echo_json([_commit_json(c) for c in commits])
+        _echo_json([_commit_json(c) | _gc_marks_json(store, c, *marks[c.id]) for c in commits])
         return
     decorations = _decorations(store)
     for commit in commits:
+        notes = _gc_marks(store, commit, *marks[commit.id])
         if oneline:
-            click.echo(_oneline(commit, decorations))
+            click.echo(_oneline(commit, decorations) + "".join(f" [{note}]" for note in notes))
             continue
         names = f" ({', '.join(decorations[commit.id])})" if decorations.get(commit.id) else ""
         click.echo(f"commit {click.style(commit.id, fg='yellow')}{names}")
@@ -336,7 +404,9 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
             click.echo(f"Step:    {_printable(_step(commit))}")
         if commit.metrics:
             click.echo("Metrics: " + _metrics(commit, ", "))
-        click.echo(f"Size:    {_human(commit.stats.logical_bytes)} logical, {_human(commit.stats.new_bytes)} new")
+        click.echo(f"Size:    {_human(commit.stats.logical_bytes)} logical, {_new_bytes(commit)} new")
+        for note in notes:
+            click.echo(f"Note:    {note}")
         if commit.message:
             click.echo(f"\n    {_printable(commit.message)}")
         click.echo()
@@ -433,8 +503,9 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
     """
     store = ctx.store()
 
-    def read() -> tuple[Commit, Manifest, CommitUsage | None, tuple[str, ...]]:
+    def read() -> tuple[Commit, Manifest, CommitUsage | None, tuple[str, ...], list[str]]:
         commit_id = store.resolve(rev)
+        crossed = store.collected_on_walk(rev) if "~" in rev or "^" in rev else []
         with reading_commit(store, commit_id):
             commit = store.get_commit(commit_id)
             manifest = store.manifest_of(commit)
@@ -442,19 +513,27 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
             usage = {c.id: c for c in store.du().commits}.get(commit_id)
             if usage is None:  # du did not find it: if it is gone, a collector removed it
                 store.objects.size(commit_key(commit_id))
-        return commit, manifest, usage, dropped
+        return commit, manifest, usage, dropped, crossed
 
-    commit, manifest, usage, dropped = read_racing_collector(read)
+    commit, manifest, usage, dropped, crossed = read_racing_collector(read)
     tensors = [{"path": e.path, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes} for e in manifest.tensors]
-    doc = _commit_json(commit) | {
+    collected = store.collected_parents(commit)
+    doc = _commit_json(commit) | _gc_marks_json(store, commit, collected, dropped) | {
         "manifest": commit.manifest, "exclusive_bytes": usage.exclusive_bytes if usage else None,
-        "dropped_components": list(dropped), "tensors": tensors,
+        "tensors": tensors, "collected_on_walk": crossed,
     }  # fmt: skip
     if as_json:
         _echo_json(doc)
         return
+    if crossed:
+        click.echo(
+            f"note: {_printable(rev)} counts the commits gc kept: its walk went across "
+            f"{', '.join(c[:12] for c in crossed)}, collected by gc", err=True,
+        )  # fmt: skip
     click.echo(f"commit   {click.style(commit.id, fg='yellow')}")
     click.echo(f"parents  {' '.join(commit.parents) or '(none)'}")
+    for line in _gc_marks(store, commit, collected, dropped):
+        click.echo(f"         {line}")
     click.echo(f"branch   {_printable(commit.branch)}")
     click.echo(f"date     {commit.created_at.astimezone().isoformat(timespec='seconds')}")
     if commit.message:
@@ -464,9 +543,7 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
     if commit.metrics:
         click.echo("metrics  " + _metrics(commit, ", "))
     exclusive = f", {_human(usage.exclusive_bytes)} stored for this commit alone" if usage else ""
-    click.echo(f"size     {_human(commit.stats.logical_bytes)} logical, {_human(commit.stats.new_bytes)} newly stored{exclusive}")
-    if dropped:
-        click.echo(f"demoted  no longer holds {', '.join(map(_printable, dropped))}")
+    click.echo(f"size     {_human(commit.stats.logical_bytes)} logical, {_new_bytes(commit)} newly stored{exclusive}")
     click.echo(f"tensors  {len(tensors)}")
     width = max((len(_printable(t["path"])) for t in tensors), default=0)
     for t in tensors:
@@ -476,12 +553,13 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("name", required=False)
 @click.argument("start", required=False)
-@click.option("-d", "--delete", "delete", is_flag=True, help="Delete branch NAME.")
+@click.option("-d", "--delete", "delete", is_flag=True, help="Delete branch NAME (refused for the default branch, or the only ref to some commits, unless forced).")
+@click.option("-D", "force_delete", is_flag=True, help="Delete branch NAME even so (-d --force).")
 @click.option("-m", "--move", "rename", is_flag=True, help="Rename branch NAME to START.")
-@click.option("-f", "--force", is_flag=True, help="Move NAME to START if it exists.")
+@click.option("-f", "--force", is_flag=True, help="Move NAME to START if it exists; with -d, delete even the default branch or the only ref to commits.")
 @click.option("--json", "as_json", is_flag=True, help="List as JSON.")
 @pass_ctx
-def branch(ctx: _Context, name: str | None, start: str | None, delete: bool, rename: bool, force: bool, as_json: bool) -> None:
+def branch(ctx: _Context, name: str | None, start: str | None, delete: bool, force_delete: bool, rename: bool, force: bool, as_json: bool) -> None:
     """List branches, or create NAME at START (default: latest), delete one (-d NAME) or
     rename one (-m OLD NEW).
 
@@ -491,16 +569,17 @@ def branch(ctx: _Context, name: str | None, start: str | None, delete: bool, ren
       ckpt branch lr-sweep best
       ckpt branch -m lr-sweep sweep/lr
       ckpt branch -d sweep/lr
+      ckpt branch -D scratch
     """
     store = ctx.store()
     if name is None:
-        if delete or rename or force or start:
+        if delete or force_delete or rename or force or start:
             raise click.UsageError("name a branch")
         _list_refs(store.branches, store, as_json, current=store.config.default_branch)
         return
-    if delete:
-        store.delete_branch(name)
-        click.echo(f"deleted branch {name}")
+    if delete or force_delete:
+        old = store.delete_branch(name, force=force or force_delete)
+        click.echo(f"Deleted branch {_printable(name)} (was {_short(old)}).")
     elif rename:
         if start is None:
             raise click.UsageError("ckpt branch -m OLD NEW: name the new branch")
@@ -535,8 +614,8 @@ def tag(ctx: _Context, name: str | None, at: str | None, delete: bool, force: bo
         _list_refs(store.tags, store, as_json)
         return
     if delete:
-        store.delete_tag(name)
-        click.echo(f"deleted tag {name}")
+        old = store.delete_tag(name)
+        click.echo(f"Deleted tag {_printable(name)} (was {_short(old)}).")
     else:
         commit = store.tag(name, at=at or LATEST, force=force)
         click.echo(f"tag {name} at {_short(commit.id)}")
@@ -653,19 +732,23 @@ def du(ctx: _Context, per_commit: bool, as_json: bool) -> None:
 @click.option("--include", multiple=True, metavar="PATTERN", help="Only these key paths (glob or prefix). Repeatable.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Not these key paths. Repeatable.")
 @click.option("--max-shard-size", "max_shard_size_bytes", type=ByteSize(), default="5GB", show_default=True, help="Largest shard.")
+@click.option("--format", "format_", type=click.Choice(["hf", "safetensors", "pt"]), help="hf: a safetensors directory; safetensors: one file; pt: the whole state as one torch.save file (default: by PATH's suffix).")
+@click.option("--force", is_flag=True, help="Replace a file at PATH, or export into a directory that has files in it.")
 @pass_ctx
-def export_(ctx: _Context, rev: str, path: str, component: str | None, include: tuple[str, ...], exclude: tuple[str, ...], max_shard_size_bytes: int) -> None:
+def export_(ctx: _Context, rev: str, path: str, component: str | None, include: tuple[str, ...], exclude: tuple[str, ...], max_shard_size_bytes: int, format_: str | None, force: bool) -> None:
     """Write REV as a Hugging Face style safetensors directory PATH (or one PATH.pt file).
+    Nothing at PATH is replaced without --force.
 
     \b
     Examples:
       ckpt export best ./release
       ckpt export main model.pt
+      ckpt export main state.pt --format pt --exclude optimizer
     """
     with _progress(True) as progress:
         files = ctx.store().export(
             rev, path, component=component, include=list(include) or None, exclude=list(exclude) or None,
-            max_shard_size_bytes=max_shard_size_bytes, progress=progress,
+            max_shard_size_bytes=max_shard_size_bytes, format=format_, force=force, progress=progress,
         )  # fmt: skip
     for name in files:
         click.echo(os.path.join(path, name) if not name.startswith(path) else name)
@@ -700,7 +783,7 @@ def import_(ctx: _Context, paths: tuple[str, ...], branch: str | None, message: 
             "import the run onto a new branch (--branch NAME), or pass --append to commit it on top"
         )  # fmt: skip
     commits = []
-    with _progress(not as_json) as progress:
+    with _reporting_interrupt(store), _progress(not as_json) as progress:
         for i, (path, is_run) in enumerate(zip(paths, runs)):
             options = {"branch": branch, "message": message, "tags": tags if i == len(paths) - 1 else (), "progress": progress}
             if progress is not None and len(paths) > 1:  # a bar per PATH
@@ -710,7 +793,7 @@ def import_(ctx: _Context, paths: tuple[str, ...], branch: str | None, message: 
             if not as_json:
                 for commit in made:
                     named = f" {_printable(commit.message)}" if is_run else ""
-                    click.echo(f"{_short(commit.id)}{named} on {_printable(commit.branch)}: {_human(commit.stats.logical_bytes)}, {_human(commit.stats.new_bytes)} newly stored")
+                    click.echo(f"{_short(commit.id)}{named} on {_printable(commit.branch)}: {_human(commit.stats.logical_bytes)}, {_new_bytes(commit)} newly stored")
     if as_json:
         _echo_json(_commit_json(commits[0]) if len(commits) == 1 and not any(runs) else [_commit_json(c) for c in commits])
 
@@ -756,6 +839,7 @@ def _plan_json(plan: GcPlan) -> dict[str, Any]:
         "kept_commits": plan.kept_commits,
         "removed_commits": plan.removed_commits,
         "demoted_commits": {k: list(v) for k, v in plan.demoted_commits.items()},
+        "newly_demoted": {k: list(v) for k, v in plan.newly_demoted.items()},
         "shallow_commits": plan.shallow_commits,
         "objects": plan.counts(),
         "planned_bytes": plan.planned_bytes,
@@ -802,7 +886,7 @@ def gc(ctx: _Context, keep_last, keep_best, metric, greater_is_better, keep_ever
         return
     for cid in plan.removed_commits:
         click.echo(f"remove  {cid[:12]}")
-    for cid, prefixes in sorted(plan.demoted_commits.items()):
+    for cid, prefixes in sorted(plan.newly_demoted.items()):
         click.echo(f"demote  {cid[:12]}  (without {', '.join(map(_printable, prefixes))})")
     click.echo(plan.summary())
 
@@ -855,6 +939,7 @@ def fsck(ctx: _Context, read_data: bool, read_data_subset: float | None, repair:
             "ok": report.ok, "problems": [p.__dict__ for p in report.problems], "orphans": report.orphans,
             "commits": report.commits, "manifests": report.manifests, "chunks": report.chunks,
             "chunks_read": report.chunks_read, "bytes_read": report.bytes_read, "catalog_repaired": report.catalog_repaired,
+            "data_read": report.data_read,
         })  # fmt: skip
     else:
         for problem in report.problems:
@@ -880,9 +965,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             raise
-        if isinstance(exc, (CkptStoreError, OSError, ValueError)):
+        if isinstance(exc, CkptStoreError):
+            message = exc.cli_message()  # options as ckpt spells them: --force, not force=True
+        elif isinstance(exc, (OSError, ValueError)):
             message = str(exc)
         else:  # not one of ours: say what it is, in one line
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         click.echo(f"ckpt: error: {_printable(message)}", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, InvalidRefName) else 1)  # a malformed or reserved name is a usage error

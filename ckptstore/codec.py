@@ -45,19 +45,22 @@ no zstd frame may produce more than the size its place in the body allows.
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-import numpy as np
-import torch
 import zstandard
 
 from .errors import IntegrityError, UnsupportedFormat
+
+if TYPE_CHECKING:  # imported where bytes or tensors are handled, so that reading refs and commits never loads them
+    import numpy as np
+    import torch
 
 MAGIC = b"CKPT"
 OBJECT_FORMAT_VERSION = 1
@@ -163,6 +166,7 @@ class DeltaBase:
     @classmethod
     def of(cls, data: bytes | memoryview | np.ndarray, chain: tuple[str, ...], *, group_bytes: int) -> DeltaBase:
         """A base whose bytes are in hand."""
+        import numpy as np
         values = np.frombuffer(data, dtype=np.uint8)
         return cls(chain, len(values), sample_of(values, group_bytes=group_bytes), lambda: values)
 
@@ -197,6 +201,7 @@ def _planes(values: np.ndarray, group: int, scratch: np.ndarray | None = None) -
     """``values`` (uint8) as ``group`` rows of byte planes, in ``scratch`` if it is given and
     large enough (a fresh buffer costs a page fault per 4 KiB, more than the copy itself);
     trailing bytes are left out."""
+    import numpy as np
     count = len(values) // group
     if scratch is None or len(scratch) < count * group:
         scratch = np.empty(count * group, dtype=np.uint8)
@@ -216,6 +221,7 @@ def sample_of(values: np.ndarray, *, group_bytes: int) -> np.ndarray:
     """What :func:`encode_object` chooses an encoding on: about ``_SAMPLE_BYTES`` of
     ``values`` (uint8) from four places, each a whole number of values (a view if that is
     all of them)."""
+    import numpy as np
     group = group_bytes if group_bytes in GROUP_SIZES else 1
     if len(values) <= 2 * _SAMPLE_BYTES:
         return values
@@ -304,10 +310,12 @@ def encode_object(
     returned parts may view, so it must not be reused until they are written.
     """
     view = memoryview(raw).cast("B")
-    values = np.frombuffer(view, dtype=np.uint8)
     group = group_bytes if group_bytes in GROUP_SIZES else 1
-    if compression_level is None or len(values) < _MIN_COMPRESS_BYTES:
-        return Encoded(_frame(kind, Codec.RAW, len(values), [view]), Codec.RAW)
+    if compression_level is None or len(view) < _MIN_COMPRESS_BYTES:
+        return Encoded(_frame(kind, Codec.RAW, len(view), [view]), Codec.RAW)
+    import numpy as np
+
+    values = np.frombuffer(view, dtype=np.uint8)
     sample = sample_of(values, group_bytes=group)
     plan = _plan(sample, group=group, level=compression_level, min_saving=min_saving)
     residual_plan = None
@@ -450,6 +458,7 @@ def _decompress(body: memoryview, size: int, *, key: str, path: str | None, out:
 def _plane_buffer(size: int, index: int = 0) -> np.ndarray:
     """Per-thread buffer ``index`` for a decompressed byte plane (reused: a fresh buffer
     costs a page fault per 4 KiB)."""
+    import numpy as np
     buffers = getattr(_local, "planes", None)
     if buffers is None:
         buffers = _local.planes = {}
@@ -460,6 +469,7 @@ def _plane_buffer(size: int, index: int = 0) -> np.ndarray:
 
 
 def _put(target: np.ndarray, data: bytes | memoryview | np.ndarray, *, xor: bool) -> None:
+    import numpy as np
     source = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if xor:
         np.bitwise_xor(target, source, out=target)
@@ -489,6 +499,7 @@ def decode_into(frame: Frame, target: np.ndarray, *, xor: bool = False, key: str
 
 
 def _decode_grouped(body: memoryview, target: np.ndarray, *, xor: bool, key: str, path: str | None) -> None:
+    import numpy as np
     if not len(body) or body[0] not in GROUP_SIZES:
         raise IntegrityError(f"grouped body has group size {body[0] if len(body) else None}", key=key, path=path)
     group = body[0]
@@ -539,6 +550,8 @@ def decode_object(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_siz
         return frame.body
     if frame.codec is Codec.ZSTD:
         return _decompress(frame.body, frame.raw_size, key=key, path=path)
+    import numpy as np  # byte planes: tensor chunks only
+
     out = np.empty(frame.raw_size, dtype=np.uint8)
     decode_into(frame, out, key=key, path=path)
     return memoryview(out)
@@ -547,26 +560,54 @@ def decode_object(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_siz
 # --------------------------------------------------------------------------------------------
 # Tensors ↔ bytes
 
-_DTYPE_NAMES = [
-    "float64", "float32", "float16", "bfloat16",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "complex32", "complex64", "complex128",
-    "int8", "int16", "int32", "int64",
-    "uint8", "uint16", "uint32", "uint64",
-    "bool",
-]  # fmt: skip
-DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)}
-DTYPE_NAMES: dict[torch.dtype, str] = {dt: n for n, dt in DTYPES.items()}
+class DtypeInfo(NamedTuple):
+    """What a store needs to know of a torch dtype, known without importing torch (the
+    attributes are ``torch.dtype``'s own)."""
+
+    itemsize: int
+    is_floating_point: bool
+    is_complex: bool
+
+
+#: The torch dtypes a store holds, by name.
+DTYPE_INFO: dict[str, DtypeInfo] = {
+    "float64": DtypeInfo(8, True, False), "float32": DtypeInfo(4, True, False),
+    "float16": DtypeInfo(2, True, False), "bfloat16": DtypeInfo(2, True, False),
+    "float8_e4m3fn": DtypeInfo(1, True, False), "float8_e4m3fnuz": DtypeInfo(1, True, False),
+    "float8_e5m2": DtypeInfo(1, True, False), "float8_e5m2fnuz": DtypeInfo(1, True, False),
+    "float8_e8m0fnu": DtypeInfo(1, True, False),
+    "complex32": DtypeInfo(4, False, True), "complex64": DtypeInfo(8, False, True), "complex128": DtypeInfo(16, False, True),
+    "int8": DtypeInfo(1, False, False), "int16": DtypeInfo(2, False, False),
+    "int32": DtypeInfo(4, False, False), "int64": DtypeInfo(8, False, False),
+    "uint8": DtypeInfo(1, False, False), "uint16": DtypeInfo(2, False, False),
+    "uint32": DtypeInfo(4, False, False), "uint64": DtypeInfo(8, False, False),
+    "bool": DtypeInfo(1, False, False),
+}  # fmt: skip
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Name → torch dtype, for the dtypes of :data:`DTYPE_INFO` that this torch has."""
+    import torch
+
+    return {n: getattr(torch, n) for n in DTYPE_INFO if hasattr(torch, n)}
+
+
+@functools.cache
+def torch_dtype_names() -> dict[torch.dtype, str]:
+    """Torch dtype → name: the inverse of :func:`torch_dtypes`."""
+    return {dt: n for n, dt in torch_dtypes().items()}
 
 
 def dtype_from_name(name: str, *, key: str | None = None, path: str | None = None) -> torch.dtype:
     try:
-        return DTYPES[name]
+        return torch_dtypes()[name]
     except (KeyError, TypeError):
         raise IntegrityError(f"unknown tensor dtype {name!r}", key=key, path=path) from None
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, as a zero-copy view."""
+    import torch
     flat = tensor.reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")

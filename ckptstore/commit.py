@@ -29,9 +29,11 @@ class CommitStats:
 
     ``logical_bytes``: bytes of the checkpoint (tensor data, each shared storage once, plus
     the encoded tree). ``new_bytes``: bytes this commit added to the store (new chunks as
-    stored, compressed or not, plus a new manifest). ``reused_bytes``: raw bytes of chunks
-    that were already stored. ``delta_chunks``: new chunks stored as deltas against the
-    parent's.
+    stored, compressed or not, plus a new manifest), of which ``new_metadata_bytes`` are not
+    tensor data: the chunks' frames and the manifest but for the inline tensors it carries
+    (``None`` in commits written before it was recorded); ``new_data_bytes`` is the rest,
+    never more than the tensor data it stores. ``reused_bytes``: raw bytes of chunks that
+    were already stored. ``delta_chunks``: new chunks stored as deltas against the parent's.
     """
 
     logical_bytes: int = 0
@@ -40,6 +42,13 @@ class CommitStats:
     reused_chunks: int = 0
     reused_bytes: int = 0
     delta_chunks: int = 0
+    new_metadata_bytes: int | None = None
+
+    @property
+    def new_data_bytes(self) -> int | None:
+        """Tensor bytes this commit added to the store, as stored (``None`` where the commit
+        predates the split)."""
+        return None if self.new_metadata_bytes is None else self.new_bytes - self.new_metadata_bytes
 
     @property
     def dedup_ratio(self) -> float:
@@ -117,6 +126,8 @@ def encode_commit(
         "stats": stats.to_list(),
         "manifest_size": manifest_size_bytes,  # a field older readers ignore
     }
+    if stats.new_metadata_bytes is not None:
+        doc["new_metadata_bytes"] = stats.new_metadata_bytes  # as is this one
     data = msgpack.packb(doc, use_bin_type=True)
     if len(data) > MAX_COMMIT_BYTES:
         raise UnsupportedValue("metadata", commit_too_large(len(data)))
@@ -148,6 +159,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
         stats = doc["stats"]
         metrics = doc["metrics"]
         manifest_size = doc.get("manifest_size")
+        new_metadata_bytes = doc.get("new_metadata_bytes")
         ok = (
             is_full_id(doc["manifest"])
             and all(isinstance(p, str) and is_full_id(p) for p in parents)
@@ -159,6 +171,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
             and all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items())
             and isinstance(stats, list) and len(stats) in (5, 6) and all(type(s) is int for s in stats)
             and (manifest_size is None or (type(manifest_size) is int and 0 < manifest_size < 2**62))
+            and (new_metadata_bytes is None or (type(new_metadata_bytes) is int and 0 <= new_metadata_bytes <= stats[1]))
         )  # fmt: skip
         if not ok:
             raise ValueError("a field has the wrong type")
@@ -172,7 +185,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
             branch=doc["branch"],
             metadata=metadata,
             metrics=metrics,
-            stats=CommitStats(*stats),
+            stats=CommitStats(*stats, new_metadata_bytes=new_metadata_bytes),
             manifest_size_bytes=manifest_size,
         )
     except CkptStoreError:

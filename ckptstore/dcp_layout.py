@@ -23,14 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .codec import DTYPE_NAMES
-from .errors import ComponentsUnavailable, IntegrityError, NotExportable
+from .codec import torch_dtype_names
+from .errors import ComponentsUnavailable, IntegrityError, NotExportable, Said
 from .formats import ExportedTensor
 from .manifest import KeySelection, Manifest, TensorEntry, TensorRef, build_tensor, dotted_name, key_segment, path_under, split_key_path, unpack_value
+
+if TYPE_CHECKING:  # imported where a tensor is made whole
+    import torch
 
 #: Version of the record's layout.
 DCP_FORMAT = 1
@@ -138,6 +139,7 @@ class WholeTensor:
     def assemble(self, buffers: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """The whole tensor from its pieces' blob buffers (a view of the buffer where one
         piece is the whole tensor, else a new tensor with each piece copied in place)."""
+        import torch
         if len(self.pieces) == 1 and self.pieces[0].entry.shape == self.shape:
             return build_tensor(self.pieces[0].entry, buffers[self.pieces[0].entry.blob])
         whole = torch.empty(self.shape, dtype=self.dtype)
@@ -208,7 +210,8 @@ class DcpSave:
         not_tensors = sorted(p for fqn, p in selected.items() if record.entries[fqn] is None)
         if not_tensors:
             shown = ", ".join(not_tensors[:5]) + (f" and {len(not_tensors) - 5} more" if len(not_tensors) > 5 else "")
-            raise NotExportable(commit_id, f"values that are not tensors are selected (DCP saved them as bytes): {shown}; select only tensors with include= or exclude=", path=not_tensors[0])
+            selecting = Said("include= or exclude=", "--include or --exclude")
+            raise NotExportable(commit_id, [f"values that are not tensors are selected (DCP saved them as bytes): {shown}; select only tensors with ", selecting], path=not_tensors[0])
         if not selected:
             wanted = [component] if component else list(selection.include or ["(selected tensors)"])
             raise ComponentsUnavailable(commit_id, missing=wanted, available=[str(t) for t in tops])
@@ -255,7 +258,7 @@ class DcpSave:
         if not isinstance(value, TensorRef):
             raise IntegrityError(f"DCP item {item} should be a tensor", key=self.key)
         entry = self.manifest.tensors[value.index]
-        if DTYPE_NAMES.get(info.dtype) != entry.dtype or len(offsets) != len(info.size) or len(entry.shape) != len(info.size):
+        if torch_dtype_names().get(info.dtype) != entry.dtype or len(offsets) != len(info.size) or len(entry.shape) != len(info.size):
             raise IntegrityError(f"DCP item {item} is stored as {entry.dtype} {tuple(entry.shape)}, not as a chunk of {fqn}'s {info.dtype} {info.size}", key=self.key)
         return Piece(offsets, entry)
 

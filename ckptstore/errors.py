@@ -2,14 +2,21 @@
 
 Every error the package raises on purpose is a :class:`CkptStoreError`. Each class also
 derives from the builtin exception a caller would naturally catch, so ``except KeyError``,
-``except TypeError`` or ``except OSError`` keep working::
+``except TypeError`` or ``except OSError`` keep working.
+
+A message that tells the reader to use an option names it the way the reader calls ckptstore:
+``force=True`` from Python, ``--force`` from ``ckpt``. Such an error keeps the option as a
+:class:`Said` among its message's :attr:`~CkptStoreError.parts`; ``str()`` spells it for
+Python, :meth:`~CkptStoreError.cli_message` for the command line::
 
     CkptStoreError
     ├── RefError
     │   ├── UnknownRef ................ LookupError   a name, id or prefix that resolves to nothing
+    │   │   └── WrongRefKind .......... LookupError   a tag named where a branch was asked for, or the reverse
     │   ├── AmbiguousRef .............. LookupError   an id prefix matching several commits
-    │   ├── InvalidRefName ............ ValueError    a branch/tag name or revision that is malformed
+    │   ├── InvalidRefName ............ ValueError    a branch/tag name or revision that is malformed (says which rule)
     │   ├── RefExists ................. FileExistsError  creating a branch/tag that already exists
+    │   ├── ProtectedBranch ........... deleting the default branch, or the only ref to some commits, unforced
     │   └── RefConflict ............... a compare-and-swap on a ref lost a race
     ├── UnsupportedValue .............. TypeError     a value that cannot be stored (names its key path)
     ├── ComponentsUnavailable ......... KeyError      components a commit lacks, or that GC dropped (demotion)
@@ -27,6 +34,7 @@ derives from the builtin exception a caller would naturally catch, so ``except K
     ├── NotExportable ................. ValueError    a commit that cannot be exported as named whole tensors (says why)
     ├── InvalidOption ................. ValueError    an option that is not one of its allowed values (names it)
     ├── ExportBusy .................... another export is writing to the same path
+    ├── TargetExists .................. FileExistsError  an export's target holds a file, or a non-empty folder (names it)
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
     └── StorageError .................. OSError       the backend failed (the cause is chained)
         ├── ObjectNotFound ............ FileNotFoundError
@@ -37,7 +45,33 @@ derives from the builtin exception a caller would naturally catch, so ``except K
 
 from __future__ import annotations
 
-from typing import Any
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+
+
+@dataclass(frozen=True)
+class Said:
+    """A piece of a message that Python callers and the command line spell differently: an
+    option (:func:`option`), or the call or command that does something."""
+
+    python: str
+    cli: str
+
+
+def option(name: str, value: Any = True, *, flag: str | None = None) -> Said:
+    """Option ``name`` set to ``value``: ``force=True`` for Python, ``--force`` (or ``flag``)
+    for the command line; a list value is the flag repeated (``--exclude optimizer``)."""
+    flag = flag or "--" + name.replace("_", "-")
+    values = value if isinstance(value, (list, tuple)) else [value]
+    cli = flag if value is True else " ".join(f"{flag} {shlex.quote(str(v))}" for v in values)
+    return Said(f"{name}={list(value) if isinstance(value, tuple) else value!r}", cli)
+
+
+def python_text(parts: Sequence[str | Said]) -> str:
+    """A message's ``parts`` as Python callers read it."""
+    return "".join(p if isinstance(p, str) else p.python for p in parts)
 
 
 class CkptStoreError(Exception):
@@ -46,6 +80,21 @@ class CkptStoreError(Exception):
     Every one pickles and unpickles as itself, attributes included (without calling its
     ``__init__`` again), so it crosses process boundaries whole: ``multiprocessing``, or
     ``torch.distributed`` handing one rank's error to the others."""
+
+    #: The message in pieces, some spelled differently for the command line (:class:`Said`);
+    #: empty where ``str()`` reads the same to both.
+    parts: tuple[str | Said, ...] = ()
+
+    @classmethod
+    def saying(cls, *parts: str | Said) -> Self:
+        """This error (of a class whose only argument is its message) with message ``parts``."""
+        error = cls(python_text(parts))
+        error.parts = parts
+        return error
+
+    def cli_message(self) -> str:
+        """The message as ``ckpt`` says it: options as flags (``--force``), commands as commands."""
+        return "".join(p if isinstance(p, str) else p.cli for p in self.parts) if self.parts else str(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_error, (type(self), self.args, self.__dict__))
@@ -94,12 +143,52 @@ class AmbiguousRef(RefError, LookupError):
         return self.args[0]
 
 
+class WrongRefKind(UnknownRef):
+    """A name given as one kind of ref (``asked``: ``"branch"``) that is a ref of the other
+    kind (``found``: ``"tag"``); ``hint`` says what to do with it instead."""
+
+    def __init__(self, ref: str, *, asked: str, found: str, hint: Sequence[str | Said] = ()) -> None:
+        self.ref = ref
+        self.suggestions: list[str] = []
+        self.asked = asked
+        self.found = found
+        self.parts = (f"no {asked} {ref!r}: {ref!r} is a {found}", *(("; ", *hint) if hint else ()))
+        RefError.__init__(self, python_text(self.parts))
+
+
 class InvalidRefName(RefError, ValueError):
-    """A branch or tag name, or a revision expression, that is not well formed."""
+    """A branch or tag name, or a revision expression, that is not well formed, or a name
+    that is reserved. ``name`` names it and ``rule`` says what it breaks, where known."""
+
+    def __init__(self, message: str, *, name: str | None = None, rule: str | None = None) -> None:
+        self.name = name
+        self.rule = rule
+        super().__init__(message)
 
 
 class RefExists(RefError, FileExistsError):
     """A branch or tag that was to be created already exists."""
+
+
+class ProtectedBranch(RefError):
+    """Deleting branch ``name`` (at ``commit_id``) was refused: it is the store's default
+    branch, or no other branch or tag (``latest`` and ``best``, which the store moves itself,
+    do not count) reaches its head, so garbage collection would take the ``lost_commits``
+    commits only it reaches. Nothing was deleted; deleting with force does it anyway."""
+
+    def __init__(self, name: str, commit_id: str, *, default: bool, lost_commits: int, force: Said) -> None:
+        self.name = name
+        self.commit_id = commit_id
+        self.default = default
+        self.lost_commits = lost_commits
+        why = []
+        if default:
+            why.append("it is the default branch (commits that name no branch go to it)")
+        if lost_commits:
+            noun = "commit" if lost_commits == 1 else "commits"
+            why.append(f"it is the only ref to {lost_commits} {noun}, which gc would then delete")
+        self.parts = (f"not deleting branch {name!r} (at {commit_id[:12]}): {'; '.join(why)}; delete it anyway with ", force)
+        super().__init__(python_text(self.parts))
 
 
 class RefConflict(RefError):
@@ -135,17 +224,16 @@ class ComponentsUnavailable(CkptStoreError, KeyError):
         self.missing = list(missing)
         self.dropped = list(dropped)
         self.available = list(available)
-        parts = []
+        parts: list[str | Said] = []
         if self.dropped:
             names = ", ".join(map(repr, self.dropped))
-            parts.append(
-                f"commit {commit_id[:12]} was demoted by garbage collection and no longer holds {names}; "
-                f"check out the rest with exclude=[{names}]"
-            )
+            parts += [f"commit {commit_id[:12]} was demoted by garbage collection and no longer holds {names}; check out the rest with ", option("exclude", self.dropped)]
         if self.missing:
             has = ", ".join(map(repr, self.available)) or "nothing"
-            parts.append(f"commit {commit_id[:12]} has no component {', '.join(map(repr, self.missing))}; it has {has}")
-        super().__init__("; ".join(parts))
+            parts += ["; "] if parts else []
+            parts += [f"commit {commit_id[:12]} has no component {', '.join(map(repr, self.missing))}; it has {has}"]
+        self.parts = tuple(parts)
+        super().__init__(python_text(self.parts))
 
     def __str__(self) -> str:
         return self.args[0]
@@ -175,10 +263,9 @@ class SourceChanged(CkptStoreError, RuntimeError):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        super().__init__(
-            f"{path or '<root>'}: its bytes changed while the commit read them; nothing was published "
-            "(commit with blocking=False to snapshot the state first, or do not write to it while committing)"
-        )
+        advice = Said("commit with blocking=False to snapshot the state first, or do not write to it while committing", "do not change the files while ckpt reads them")
+        self.parts = (f"{path or '<root>'}: its bytes changed while the commit read them; nothing was published (", advice, ")")
+        super().__init__(python_text(self.parts))
 
 
 class ClockSkew(CkptStoreError):
@@ -312,10 +399,11 @@ class NotExportable(CkptStoreError, ValueError):
     values that are not tensors. ``commit_id`` names the commit, ``path`` the key path at
     fault where there is one. Nothing was written."""
 
-    def __init__(self, commit_id: str, message: str, *, path: str | None = None) -> None:
+    def __init__(self, commit_id: str, message: str | Sequence[str | Said], *, path: str | None = None) -> None:
         self.commit_id = commit_id
         self.path = path
-        super().__init__(f"commit {commit_id[:12]} cannot be exported: {message}")
+        self.parts = (f"commit {commit_id[:12]} cannot be exported: ", *([message] if isinstance(message, str) else message))
+        super().__init__(python_text(self.parts))
 
 
 class InvalidOption(CkptStoreError, ValueError):
@@ -334,3 +422,18 @@ class ExportBusy(CkptStoreError):
     def __init__(self, path: str) -> None:
         self.path = path
         super().__init__(f"another export is writing to {path}")
+
+
+class TargetExists(CkptStoreError, FileExistsError):
+    """An export's target ``path`` already holds a file, or a folder with entries in it, and
+    the export was not forced to replace it. ``what`` says what is there. Nothing was
+    written, and what is there is unchanged."""
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        self.what = what
+        self.parts = (f"{path} {what}; nothing was written (", option("force"), " replaces it)")
+        super().__init__(python_text(self.parts))
+
+    def __str__(self) -> str:  # FileExistsError would otherwise show only the first of several args
+        return self.args[0]

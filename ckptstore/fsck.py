@@ -18,8 +18,6 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from .codec import (
     CHAIN_PREFIX_BYTES,
     HEADER_SIZE,
@@ -80,13 +78,16 @@ class FsckReport:
     chunks_read: int = 0
     bytes_read: int = 0
     catalog_repaired: bool = False
+    #: Whether chunks were read and re-hashed (``read_data``): without it, ``ok`` vouches for
+    #: the structure (every object present, headers and manifests sound), not the data.
+    data_read: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def summary(self) -> str:
-        state = "healthy" if self.ok else f"{len(self.problems)} problem(s)"
+        state = f"{len(self.problems)} problem(s)" if not self.ok else "healthy" if self.data_read else "structure ok (data not read; use --read-data)"
         read = f", read and re-hashed {self.chunks_read} chunks ({self.bytes_read:,} bytes)" if self.chunks_read else ""
         repaired = "; catalog rebuilt" if self.catalog_repaired else ""
         return (
@@ -111,7 +112,7 @@ def check(
         raise ValueError(f"read_data_subset must be a fraction in (0, 1], not {read_data_subset!r}")
     read_data = read_data or read_data_subset is not None
     objects = repo.objects
-    report = FsckReport()
+    report = FsckReport(data_read=read_data)
 
     # Refs.
     targets: dict[str, str] = {}
@@ -239,6 +240,8 @@ def check(
             if not bases:  # stored whole (maybe again, where a manifest records a delta): it needs no base
                 stored_whole.add(chunk_id)
             if chunk_id in to_read:  # every byte, through the delta chain
+                import numpy as np
+
                 reader.read_into(ref, np.empty(ref.size, dtype=np.uint8), path=path)
                 return None, ref.size
         except (CkptStoreError, ValueError) as exc:

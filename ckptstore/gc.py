@@ -121,6 +121,12 @@ def dropped_components(objects: ObjectStore, commit_id: str) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
+def demoted_commit_ids(objects: ObjectStore) -> set[str]:
+    """The ids of every commit with a demotion record (one listing: cheaper than reading
+    each commit's record where few commits are demoted)."""
+    return {key.rsplit("/", 1)[-1] for key in objects.list(demotion_key(""))}
+
+
 def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str]) -> tuple[str, ...]:
     """Add ``prefixes`` to what commit ``commit_id`` no longer holds (compare-and-swap,
     retried). Idempotent. Returns the whole set."""
@@ -182,6 +188,27 @@ def effective_parents(objects: ObjectStore, commit: Commit, *, exists: Callable[
         if found is not None:
             return found[0]
     return [p for p in commit.parents if exists(p)]
+
+
+def unreferenced_since(repo: Repository, *, since_s: float) -> list[ObjectInfo]:
+    """The manifests and chunks stored at or after ``since_s`` (by the storage's clock) that
+    no commit references: what an interrupted or killed writer left behind, for a
+    collection after the grace period to reclaim. Reads only the commits made since."""
+    objects = repo.objects
+    fresh = [info for prefix in ("manifests/", "chunks/") for info in objects.list_info(prefix) if info.modified_s >= since_s]
+    if not fresh:
+        return []
+    referenced: set[str] = set()
+    for info in objects.list_info("commits/"):
+        if info.modified_s < since_s:
+            continue  # an older commit's chunks were stored before (but for one repaired in place since)
+        try:
+            commit = repo.get_commit(info.key.rsplit("/", 1)[-1])
+            referenced.add(manifest_key(commit.manifest))
+            referenced.update(chunk_key(c) for c in manifest_chunks(repo, commit))
+        except CkptStoreError:  # unreadable, or collected meanwhile: it references nothing
+            continue
+    return [info for info in fresh if info.key not in referenced]
 
 
 class Repository(Protocol):
@@ -258,6 +285,9 @@ class GcPlan:
     removed_commits: list[str] = field(default_factory=list)
     #: Commit id → every key-path prefix it no longer holds (earlier demotions included).
     demoted_commits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Commit id → the prefixes this collection drops that no earlier one did (what this
+    #: run demotes; what the summary counts).
+    newly_demoted: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: Kept commits whose parents are removed → their nearest kept ancestors (their parents
     #: from now on; empty where the history ends).
     shallow_commits: dict[str, list[str]] = field(default_factory=dict)
@@ -291,10 +321,10 @@ class GcPlan:
     def summary(self) -> str:
         counts = ", ".join(f"{n} {kind}" for kind, n in self.counts().items()) or "nothing"
         head = (
-            f"removed {len(self.removed_commits)} commits, demoted {len(self.demoted_commits)}, kept {len(self.kept_commits)}; "
+            f"removed {len(self.removed_commits)} commits, demoted {len(self.newly_demoted)}, kept {len(self.kept_commits)}; "
             f"deleted {self.deleted_objects} objects ({self.freed_bytes:,} bytes)"
             if self.executed
-            else f"would remove {len(self.removed_commits)} commits, demote {len(self.demoted_commits)}, keep {len(self.kept_commits)}; "
+            else f"would remove {len(self.removed_commits)} commits, demote {len(self.newly_demoted)}, keep {len(self.kept_commits)}; "
             f"would delete {counts} ({self.planned_bytes:,} bytes)"
         )
         if self.young_objects:
@@ -387,6 +417,9 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         new = _dropped_by_all(drops[cid])
         if earlier or new:
             demoted[cid] = tuple(sorted(set(earlier) | new))
+        fresh = {p for p in new if not any(path_under(p, q) for q in earlier)}
+        if fresh:
+            result.newly_demoted[cid] = tuple(sorted(fresh))
 
     # What the kept commits need.
     needed: set[str] = set()

@@ -1,4 +1,4 @@
-"""Object ids, ref names and revision expressions.
+"""Object ids and revision expressions (ref names: :func:`ckptstore.refs.check_ref_name`).
 
 An id is the xxh3-128 digest of an object's raw, uncompressed bytes, written as 32 lowercase
 hex digits. Chunks are named by their bytes, manifests and commits by their encoded bytes,
@@ -19,9 +19,6 @@ ID_HEX_LENGTH = 32
 MIN_PREFIX_LENGTH = 4
 
 _HEX_RE = re.compile(r"[0-9a-f]+")
-# Branch and tag names: git's check-ref-format rules, narrowed to a portable alphabet that is
-# safe as an object key on every backend.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
 _REVISION_RE = re.compile(r"(?P<base>[^~^]+)(?P<ops>(?:~\d*|\^)*)")
 
 
@@ -44,33 +41,6 @@ def is_full_id(text: str) -> bool:
 
 def is_id_prefix(text: str) -> bool:
     return MIN_PREFIX_LENGTH <= len(text) <= ID_HEX_LENGTH and _HEX_RE.fullmatch(text) is not None
-
-
-def check_ref_name(name: str, *, kind: str = "ref") -> str:
-    """Return ``name`` if it is a valid branch or tag name, else raise :class:`InvalidRefName`.
-
-    Valid names are ``/``-separated components that each start with a letter or digit and
-    use only letters, digits and ``. _ -``; no ``..``, and no trailing ``.`` or ``.lock``.
-    """
-    if not isinstance(name, str):
-        raise InvalidRefName(f"{kind} name must be a str, not {type(name).__name__}")
-    bad = (
-        not name
-        or len(name) > 200
-        or _NAME_RE.fullmatch(name) is None
-        or ".." in name
-        or "//" in name
-        or "/." in name
-        or name.endswith(("/", ".", ".lock"))
-    )
-    if bad:
-        raise InvalidRefName(
-            f"invalid {kind} name {name!r}: use /-separated parts of letters, digits and . _ - "
-            "(each starting with a letter or digit; no '..', no trailing '.' or '.lock')"
-        )
-    if is_full_id(name):
-        raise InvalidRefName(f"invalid {kind} name {name!r}: it looks like a commit id")
-    return name
 
 
 @dataclass(frozen=True)

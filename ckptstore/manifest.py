@@ -32,15 +32,17 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
-import numpy as np
-import torch
 
-from .codec import DTYPE_NAMES, DTYPES, MAX_DELTA_CHAIN, tensor_bytes
+from .codec import DTYPE_INFO, MAX_DELTA_CHAIN, tensor_bytes, torch_dtype_names, torch_dtypes
 from .errors import CkptStoreError, IntegrityError, UnsupportedFormat, UnsupportedValue
 from .ids import is_full_id
+
+if TYPE_CHECKING:  # imported where tensors are handled: reading a manifest needs neither
+    import numpy as np
+    import torch
 
 MANIFEST_FORMAT_VERSION = 2
 READABLE_MANIFEST_FORMATS = (1, 2)
@@ -107,8 +109,10 @@ class TensorEntry(NamedTuple):
     @property
     def itemsize(self) -> int:
         if self.kind is TensorKind.NDARRAY:
+            import numpy as np
+
             return np.dtype(self.dtype).itemsize
-        return DTYPES[self.dtype].itemsize
+        return DTYPE_INFO[self.dtype].itemsize
 
     @property
     def numel(self) -> int:
@@ -230,6 +234,7 @@ class BlobSource:
         """This source with ``data`` copied into memory of its own (unless it already is),
         so the caller may change the state right away. ``spare``: buffers by size to reuse
         (a fresh buffer costs a page fault per 4 KiB, several times the copy itself)."""
+        import torch
         if self.private or not len(self.data):
             return self
         free = (spare or {}).get(len(self.data))
@@ -331,6 +336,9 @@ class _TreeEncoder:
                 return self._encode_dict(value, path, depth)
         if t is dict:
             return self._encode_dict(value, path, depth)
+        import numpy as np  # only values of other types come this far
+        import torch
+
         if t is torch.Tensor or t is torch.nn.Parameter or t is np.ndarray:
             return self._encode_array(value, path)
         if t is TensorRef:
@@ -389,6 +397,8 @@ class _TreeEncoder:
         return msgpack.ExtType(Ext.DICT, _pack([list(p) for p in pairs]))
 
     def _encode_array(self, value: Any, path: str) -> Any:
+        import numpy as np
+        import torch
         if not self.allow_tensors:
             raise UnsupportedValue(path, "tensors and arrays are not allowed here (commit metadata)")
         if isinstance(value, np.ndarray):
@@ -397,7 +407,7 @@ class _TreeEncoder:
         else:
             if value.layout != torch.strided:
                 raise UnsupportedValue(path, f"tensor with layout {value.layout} is not supported (dense tensors only)")
-            if value.is_quantized or value.dtype not in DTYPE_NAMES:
+            if value.is_quantized or value.dtype not in torch_dtype_names():
                 raise UnsupportedValue(path, f"tensor dtype {value.dtype} is not supported")
             if value.device.type == "meta":
                 raise UnsupportedValue(path, "tensor is on the meta device and has no data")
@@ -418,6 +428,8 @@ def _storage_span(t: torch.Tensor) -> tuple[int, int]:
 def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int) -> tuple[list[TensorEntry], list[Blob], dict[int, BlobSource]]:
     """Group tensors by shared storage; return entries, blobs (inline ones filled) and the
     sources of the blobs still to be chunked, by blob index."""
+    import numpy as np
+    import torch
     groups: dict[tuple, list[int]] = {}
     for i, (_, t) in enumerate(tensors):
         shareable = (
@@ -474,6 +486,7 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
 def _to_host(t: torch.Tensor, copies: list[torch.Tensor]) -> torch.Tensor:
     """``t`` on the CPU. A CUDA tensor is copied into pinned memory without blocking (the
     caller synchronises once for all of them); other devices copy as ``.cpu()`` does."""
+    import torch
     if t.device.type == "cpu":
         return t
     if t.device.type == "cuda":
@@ -485,8 +498,9 @@ def _to_host(t: torch.Tensor, copies: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _torch_entry(path: str, t: torch.Tensor, stride: tuple[int, ...] | None, blob: int, offset: int) -> TensorEntry:
+    import torch
     kind = TensorKind.PARAMETER if type(t) is torch.nn.Parameter else TensorKind.TENSOR
-    return TensorEntry(path, DTYPE_NAMES[t.dtype], tuple(t.shape), stride, blob, offset, kind, bool(t.requires_grad))
+    return TensorEntry(path, torch_dtype_names()[t.dtype], tuple(t.shape), stride, blob, offset, kind, bool(t.requires_grad))
 
 
 def encode_state(state: Any, *, inline_threshold_bytes: int) -> tuple[Manifest, dict[int, BlobSource]]:
@@ -577,18 +591,26 @@ def unpack_value(data: bytes | memoryview, *, key: str, tensors: Sequence[Any] =
             return int.from_bytes(payload, "little", signed=True)
         if code == Ext.NPSCALAR:
             dtype_str, raw = inner()
+            import numpy as np
+
             dtype = np.dtype(dtype_str)
             if dtype.kind not in _NUMPY_KINDS or dtype.itemsize != len(raw):
                 raise IntegrityError(f"bad numpy scalar of dtype {dtype_str!r}", key=key)
             return np.frombuffer(raw, dtype=dtype)[0]
         if code == Ext.DTYPE:
+            import torch
+
             dtype = getattr(torch, payload.decode(), None)
             if not isinstance(dtype, torch.dtype):
                 raise IntegrityError(f"unknown torch dtype {payload!r}", key=key)
             return dtype
         if code == Ext.DEVICE:
+            import torch
+
             return torch.device(payload.decode())
         if code == Ext.SIZE:
+            import torch
+
             return torch.Size(inner())
         raise IntegrityError(f"unknown tree extension type {code}", key=key)
 
@@ -741,6 +763,7 @@ class _ManifestReader:
         return TensorEntry(path, dtype, shape, stride, blob, offset, _TENSOR_KINDS[kind], requires_grad)
 
     def numpy_itemsize(self, dtype: str, path: str) -> int:
+        import numpy as np
         size = self.numpy_itemsizes.get(dtype)
         if size is None:
             try:
@@ -765,9 +788,9 @@ class _ManifestReader:
 
 _COUNT_LIMIT = 2**62
 _TENSOR_KINDS = tuple(TensorKind)
-_TORCH_DTYPE_NAMES = {name: name for name in DTYPES}
-_TORCH_DTYPE_GRADS = {name: dtype.is_floating_point or dtype.is_complex for name, dtype in DTYPES.items()}
-_TORCH_ITEMSIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+_TORCH_DTYPE_NAMES = {name: name for name in DTYPE_INFO}
+_TORCH_DTYPE_GRADS = {name: dtype.is_floating_point or dtype.is_complex for name, dtype in DTYPE_INFO.items()}
+_TORCH_ITEMSIZES = {name: dtype.itemsize for name, dtype in DTYPE_INFO.items()}
 
 
 def _is_count(value: Any) -> bool:
@@ -785,10 +808,12 @@ def _are_counts(values: tuple) -> bool:
 def build_tensor(entry: TensorEntry, blob_buffer: torch.Tensor) -> Any:
     """Make the tensor or array of ``entry`` as a view of its blob's uint8 buffer (so tensors
     sharing a blob stay tied)."""
+    import numpy as np
+    import torch
     if entry.kind is TensorKind.NDARRAY:
         flat = blob_buffer.numpy()[entry.offset : entry.offset + entry.nbytes]
         return flat.view(np.dtype(entry.dtype)).reshape(entry.shape)
-    dtype = DTYPES[entry.dtype]
+    dtype = torch_dtypes()[entry.dtype]
     stride = entry.stride if entry.stride is not None else _contiguous_stride(entry.shape)
     t = torch.empty(0, dtype=dtype, device=blob_buffer.device)
     t.set_(blob_buffer.untyped_storage(), entry.offset // entry.itemsize, entry.shape, stride)

@@ -19,17 +19,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from .codec import (
     CHAIN_PREFIX_BYTES,
-    DTYPES,
+    DTYPE_INFO,
     HEADER_SIZE,
     MAX_DELTA_CHAIN,
     Codec,
@@ -46,6 +43,10 @@ from .errors import IntegrityError, InvalidOption, ObjectNotFound, OutOfMemory, 
 from .ids import content_id
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
 from .objectstore import ObjectStore
+
+if TYPE_CHECKING:  # imported where chunks are read or written: sizing a store needs neither
+    import numpy as np
+    import torch
 
 log = logging.getLogger("ckptstore")
 
@@ -213,6 +214,9 @@ class WriteResult:
     reused_chunks: int = 0
     reused_bytes: int = 0
     delta_chunks: int = 0
+    #: Of ``new_bytes``, what is not tensor data: each new chunk's frame, and whatever its
+    #: encoding takes beyond its raw size.
+    new_frame_bytes: int = 0
 
 
 class _Scratch(threading.local):
@@ -220,6 +224,7 @@ class _Scratch(threading.local):
     4 KiB, more than the work done in it)."""
 
     def get(self, name: str, size: int) -> np.ndarray:
+        import numpy as np
         buffer = self.__dict__.get(name)
         if buffer is None or len(buffer) < size:
             buffer = self.__dict__[name] = np.empty(size, dtype=np.uint8)
@@ -273,6 +278,7 @@ class RecentChunks:
         self._put(chunk_id, sample, whole=False)
 
     def _put(self, chunk_id: str, data: bytes | memoryview | np.ndarray, *, whole: bool) -> None:
+        import numpy as np
         size = len(data)
         if size > self.limit_bytes:
             return
@@ -446,10 +452,12 @@ def value_bytes(manifest: Manifest) -> dict[int, int]:
         if entry.blob in out:
             continue
         if entry.kind is TensorKind.NDARRAY:
+            import numpy as np
+
             dtype = np.dtype(entry.dtype)
             floats, size = dtype.kind in "fc", dtype.itemsize // (2 if dtype.kind == "c" else 1)
         else:
-            torch_dtype = DTYPES[entry.dtype]
+            torch_dtype = DTYPE_INFO[entry.dtype]
             floats = torch_dtype.is_floating_point or torch_dtype.is_complex
             size = torch_dtype.itemsize // (2 if torch_dtype.is_complex else 1)
         out[entry.blob] = size if floats else 1
@@ -555,11 +563,16 @@ class Pipeline:
                 budget.release(size)
 
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ckptstore-io") as pool:
-            for size, fn in tasks:
-                if failed.is_set():
-                    break
-                budget.acquire(size)
-                futures.append(pool.submit(guarded, size, fn))
+            try:
+                for size, fn in tasks:
+                    if failed.is_set():
+                        break
+                    budget.acquire(size)
+                    futures.append(pool.submit(guarded, size, fn))
+                wait(futures)
+            except BaseException:  # Ctrl-C: tasks not yet started are skipped, the pool ends with those running
+                failed.set()
+                raise
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
@@ -689,6 +702,7 @@ class Pipeline:
         def keep(chunk_id: str, view: memoryview, group: int, *, whole: bool, sample: np.ndarray | None = None) -> None:
             """Keep a chunk that the next commit may take as a base: its bytes, or its sample
             (``sample``, if encoding took it already)."""
+            import numpy as np
             if delta == "off" or group == 1:
                 return
             if whole:
@@ -724,6 +738,7 @@ class Pipeline:
             if written:
                 out.new_chunks += 1
                 out.new_bytes += stored
+                out.new_frame_bytes += stored - min(stored - HEADER_SIZE, ref.size)
                 out.delta_chunks += bool(ref.bases)
             else:
                 out.reused_chunks += 1
@@ -774,6 +789,7 @@ def _blob_buffer(size: int, *, key: str, path: str | None) -> torch.Tensor:
     here was measured: it halves the page faults of filling fresh memory, but where the page
     cache holds the files just read, the kernel compacts memory to find huge pages on each
     fault, and a warm checkout took 2.3 s instead of 0.5 s. So no advice.)"""
+    import torch
     try:
         return torch.empty(size, dtype=torch.uint8)
     except (RuntimeError, MemoryError) as exc:  # torch's allocator raises RuntimeError

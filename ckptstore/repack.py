@@ -35,8 +35,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .codec import HEADER_SIZE, Codec, Kind, decode_object, encode_object, read_header
 from .commit import Commit
@@ -47,6 +46,9 @@ from .lease import DEFAULT_MARKER_TTL_S, writing
 from .objectstore import ObjectStore
 from .pipeline import Progress, chunk_key, value_bytes
 from .refs import RefKind
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("ckptstore.repack")
 

@@ -20,16 +20,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
-import torch
 
 from .background import CommitFuture, CommitQueue
 from .catalog import Catalog
-from .codec import DTYPES as DTYPES_BY_NAME
-from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
+from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes, torch_dtypes
 from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
 from .dcp_layout import DcpSave
 from .errors import (
@@ -38,23 +35,30 @@ from .errors import (
     ComponentsUnavailable,
     IntegrityError,
     InvalidCheckpoint,
+    InvalidOption,
     InvalidRefName,
     ObjectNotFound,
+    ProtectedBranch,
     ReadOnlyStore,
     RefConflict,
     RefExists,
+    Said,
     StoreNotFound,
     UnknownRef,
     UnsupportedFormat,
     UnsupportedValue,
     WriterExpired,
+    WrongRefKind,
+    option,
 )
 from .formats import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
+    EXPORT_FORMATS,
     FILES_KEY,
     TRAINER_ONLY_FILES,
     TRAINER_STATE_KEY,
     ExportedTensor,
+    check_export_target,
     check_exportable,
     plan_shards,
     read_checkpoint,
@@ -82,7 +86,6 @@ from .gc import (
 from .ids import (
     HASH_ALGORITHM,
     check_hash_algorithm,
-    check_ref_name,
     content_id,
     is_full_id,
     is_id_prefix,
@@ -118,12 +121,16 @@ from .pipeline import (
     check_delta_mode,
     default_threads,
 )
-from .refs import RefKind, RefStore
+from .refs import BEST, LATEST, STORE_TAGS, RefKind, RefStore, check_ref_name
 from .repack import RepackReport
 from .repack import repack as repack_chunks
 from .retention import Retention, greater_is_better_for
 from .usage import Usage
 from .usage import measure as measure_usage
+
+if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and commits start without them
+    import numpy as np
+    import torch
 
 log = logging.getLogger("ckptstore")
 
@@ -134,9 +141,7 @@ READABLE_STORE_FORMATS = (1, 2, 3)
 #: The first store format whose config carries a checksum.
 CHECKSUMMED_CONFIG_FORMAT = 3
 CONFIG_KEY = "config"
-LATEST = "latest"
-BEST = "best"
-RESERVED_TAGS = (LATEST, BEST)
+RESERVED_TAGS = STORE_TAGS
 
 #: Caps on what a header may declare for these objects before they are decompressed.
 MAX_MANIFEST_BYTES = 1 << 32
@@ -213,8 +218,8 @@ def _is_int(value: Any, low: int, high: int = 2**62) -> bool:
 
 def _is_branch_name(value: Any) -> bool:
     try:
-        check_ref_name(value, kind="branch")
-    except (InvalidRefName, TypeError):
+        check_ref_name(value, kind=RefKind.BRANCH)
+    except InvalidRefName:
         return False
     return True
 
@@ -439,15 +444,35 @@ class Store:
 
     def resolve(self, rev: str) -> str:
         """The full commit id of a revision: a branch, a tag, a full id, a unique id prefix
-        (4+ hex digits), any of them followed by ``~N`` or ``^`` (first parents)."""
+        (4+ hex digits), any of them followed by ``~N`` or ``^`` (first parents). Each step
+        follows the history as :meth:`log` shows it: where GC collected a first parent, the
+        step goes to the nearest kept ancestor, so ``~N`` counts kept commits (see
+        :meth:`collected_on_walk`)."""
+        return self._walk(rev)[0]
+
+    def collected_on_walk(self, rev: str) -> list[str]:
+        """The first parents, collected by GC, that the ``~N``/``^`` steps of ``rev`` went
+        across (each step then went to the nearest kept ancestor); empty if none."""
+        return self._walk(rev)[1]
+
+    def _walk(self, rev: str) -> tuple[str, list[str]]:
         revision = parse_revision(rev)
         commit_id = self._resolve_base(revision.base, rev)
+        crossed: list[str] = []
         for step in range(revision.ancestors):
-            parents = self.parents_of(self.get_commit(commit_id))
+            commit = self.get_commit(commit_id)
+            parents = self.parents_of(commit)
+            if commit.parents and (not parents or parents[0] != commit.parents[0]):
+                crossed.append(commit.parents[0])
             if not parents:
                 raise UnknownRef(rev, suggestions=[f"{revision.base}~{step}"] if step else [])
             commit_id = parents[0]
-        return commit_id
+        return commit_id, crossed
+
+    def collected_parents(self, commit: Commit) -> list[str]:
+        """The parents of ``commit`` that no longer exist (GC collected them; history goes on
+        at :meth:`parents_of`)."""
+        return [p for p in commit.parents if not self._has_commit(p)]
 
     def _resolve_base(self, base: str, rev: str) -> str:
         if is_full_id(base):
@@ -655,7 +680,7 @@ class Store:
         that publishes a manifest whose chunks are stored: manifest → commit object → branch
         ref (the commit point) → ``latest``, ``tags``, ``best``. :meth:`commit` and the
         multi-process writers of :mod:`ckptstore.distributed` use it."""
-        branch = check_ref_name(branch or self.config.default_branch, kind="branch")
+        branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
         tags = [self._check_tag_name(t) for t in tags]
         self._check_namespace(RefKind.BRANCH, [branch])
         self._check_namespace(RefKind.TAG, tags)
@@ -691,13 +716,17 @@ class Store:
         manifest_is_new = self._put_object(Kind.MANIFEST, manifest_key(manifest_id), manifest_raw)
         # A manifest already stored also carries the inline tensors and the tree already.
         in_manifest = manifest.logical_bytes - sum(b.size for b in manifest.blobs if b.inline is None)
+        manifest_stored = self.objects.size(manifest_key(manifest_id)) if manifest_is_new else 0
+        # A new manifest's inline tensors are tensor data (at most what it takes stored); the rest of it is metadata.
+        inline_stored = min(sum(b.size for b in manifest.blobs if b.inline is not None), manifest_stored)
         stats = CommitStats(
             logical_bytes=manifest.logical_bytes,
-            new_bytes=written.new_bytes + (self.objects.size(manifest_key(manifest_id)) if manifest_is_new else 0),
+            new_bytes=written.new_bytes + manifest_stored,
             new_chunks=written.new_chunks,
             reused_chunks=written.reused_chunks,
             reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
             delta_chunks=written.delta_chunks,
+            new_metadata_bytes=written.new_frame_bytes + manifest_stored - inline_stored,
         )
         return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats, fence=fence)
 
@@ -708,10 +737,11 @@ class Store:
             if (other is RefKind.TAG and name in RESERVED_TAGS) or self.refs.get(other, name) is not None:
                 raise InvalidRefName(f"{name!r} is a {other.noun}; branches and tags share one namespace")
 
-    def _check_tag_name(self, name: str) -> str:
-        check_ref_name(name, kind="tag")
+    def _check_tag_name(self, name: str, *, existing: bool = False) -> str:
+        check_ref_name(name, kind=RefKind.TAG, existing=existing)
         if name in RESERVED_TAGS:
-            raise InvalidRefName(f"tag {name!r} is managed by the store and cannot be set by hand")
+            rule = "the store moves it itself; it cannot be set or deleted by hand"
+            raise InvalidRefName(f"tag {name!r} is managed by the store: {rule}", name=name, rule=rule)
         return name
 
     def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
@@ -812,6 +842,8 @@ class Store:
                 raise ComponentsUnavailable(commit.id, missing=missing, available=available)
         blob_indices = sorted({e.blob for e, paths in zip(manifest.tensors, selected) if paths})
         buffers = self.pipeline.read_blobs(manifest, blob_indices, manifest_key=key, progress=progress)
+        import torch
+
         device = torch.device(map_location) if map_location is not None else None
         tensors: list[Any] = []
         moved: dict[int, torch.Tensor] = {}
@@ -864,7 +896,7 @@ class Store:
     def branch(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create branch ``name`` at revision ``at`` (zero-copy: only a ref is written). An
         existing branch is an error unless ``force``, which moves it."""
-        check_ref_name(name, kind="branch")
+        check_ref_name(name, kind=RefKind.BRANCH)
         return self._set_ref(RefKind.BRANCH, name, at=at, force=force)
 
     def tag(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
@@ -872,28 +904,58 @@ class Store:
         self._check_tag_name(name)
         return self._set_ref(RefKind.TAG, name, at=at, force=force)
 
-    def delete_branch(self, name: str) -> None:
-        """Delete branch ``name`` (its commits stay until garbage collection)."""
-        self._delete_ref(RefKind.BRANCH, name)
+    def delete_branch(self, name: str, *, force: bool = False) -> str:
+        """Delete branch ``name`` and return the commit id it pointed at (its commits stay
+        until garbage collection, which takes those no other ref reaches). Unless ``force``,
+        refuses with :class:`ProtectedBranch`, deleting nothing, the default branch and a
+        branch whose head no other branch or tag reaches (``latest`` and ``best`` do not
+        count: the store moves them). A concurrent move of the branch raises :class:`RefConflict`."""
+        head = self._ref_to_delete(RefKind.BRANCH, name)
+        if not force:
+            default = name == self.config.default_branch
+            lost = self._reached_only_by(head, [c for n, c in self.branches().items() if n != name] + [c for n, c in self.tags().items() if n not in RESERVED_TAGS])
+            if default or lost:
+                raise ProtectedBranch(name, head, default=default, lost_commits=lost, force=option("force", flag="-D"))
+        self._delete_ref(RefKind.BRANCH, name, expected=head)
+        return head
+
+    def _reached_only_by(self, head: str, others: Iterable[str]) -> int:
+        """How many commits ``head`` reaches (along every parent, across what GC removed) that
+        none of ``others`` does."""
+        def walk(starts: Iterable[str], stop: set[str]) -> set[str]:
+            seen: set[str] = set()
+            todo = [c for c in starts if c not in stop]
+            while todo:
+                commit_id = todo.pop()
+                if commit_id not in seen:
+                    seen.add(commit_id)
+                    todo += [p for p in self.parents_of(self.get_commit(commit_id)) if p not in stop]
+            return seen
+
+        others = set(others)
+        return 0 if head in others else len(walk([head], walk(others, set())))
 
     def rename_branch(self, old: str, new: str) -> Commit:
         """Rename branch ``old`` to ``new`` (create ``new`` at its head, then delete ``old`` if
         it still points there; a concurrent move of ``old`` raises :class:`RefConflict` and
         leaves both)."""
-        head = self.refs.get(RefKind.BRANCH, check_ref_name(old, kind="branch"))
+        head = self.refs.get(RefKind.BRANCH, check_ref_name(old, kind=RefKind.BRANCH, existing=True))
         if head is None:
             raise UnknownRef(old, suggestions=difflib.get_close_matches(old, self.refs.names(RefKind.BRANCH), n=3))
         commit = self.branch(new, at=head)
         self.refs.delete_ref_if_equals(RefKind.BRANCH, old, expected=head)
         self.catalog.set_ref(RefKind.BRANCH.value, old, None)
         if self.config.default_branch == old:
-            log.warning("renamed the default branch %r; commits without branch= will recreate it", old)
+            log.warning("renamed the default branch %r; commits that name no branch will recreate it", old)
         return commit
 
-    def delete_tag(self, name: str) -> None:
-        """Delete tag ``name``."""
-        self._check_tag_name(name)
-        self._delete_ref(RefKind.TAG, name)
+    def delete_tag(self, name: str) -> str:
+        """Delete tag ``name`` and return the commit id it pointed at. A concurrent move of
+        the tag raises :class:`RefConflict`."""
+        self._check_tag_name(name, existing=True)
+        target = self._ref_to_delete(RefKind.TAG, name)
+        self._delete_ref(RefKind.TAG, name, expected=target)
+        return target
 
     def _set_ref(self, kind: RefKind, name: str, *, at: str, force: bool) -> Commit:
         """Create (or with ``force`` move) a ref by compare-and-swap; a concurrent change
@@ -904,17 +966,26 @@ class Store:
             commit = self.read_commit(target)  # it must still be in the store
             current = self.refs.get(kind, name)
             if current is not None and not force:
-                raise RefExists(f"{kind.noun} {name!r} already exists (at {current[:12]}); use force=True to move it")
+                raise RefExists.saying(f"{kind.noun} {name!r} already exists (at {current[:12]}); use ", option("force"), " to move it")
             marker.check()  # still honoured: the commit read above is still there
             self.refs.set_ref_if_equals(kind, name, target, expected=current)
         self.catalog.set_ref(kind.value, name, target)
         return commit
 
-    def _delete_ref(self, kind: RefKind, name: str) -> None:
-        current = self.refs.get(kind, name)
-        if current is None:
-            raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.refs.names(kind), n=3))
-        self.refs.delete_ref_if_equals(kind, name, expected=current)
+    def _ref_to_delete(self, kind: RefKind, name: str) -> str:
+        """The commit id ref ``name`` holds; :class:`WrongRefKind` if it is a ref of the other
+        kind, :class:`UnknownRef` if neither."""
+        current = self.refs.get(kind, check_ref_name(name, kind=kind, existing=True))
+        if current is not None:
+            return current
+        other = RefKind.TAG if kind is RefKind.BRANCH else RefKind.BRANCH
+        if self.refs.get(other, name) is not None:
+            how = Said(f"delete_{other.noun}({name!r})", f"ckpt {other.noun} -d {name}")
+            raise WrongRefKind(name, asked=kind.noun, found=other.noun, hint=["delete it with ", how])
+        raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.refs.names(kind), n=3))
+
+    def _delete_ref(self, kind: RefKind, name: str, *, expected: str) -> None:
+        self.refs.delete_ref_if_equals(kind, name, expected=expected)
         self.catalog.set_ref(kind.value, name, None)
 
     # -- history -------------------------------------------------------------------------
@@ -973,6 +1044,8 @@ class Store:
         """Whether two tensors of different fingerprints hold the same bytes: read only where
         a fingerprint may differ for another reason than the values (a layout that differs, or
         a view of a storage that may have changed elsewhere)."""
+        import numpy as np
+        import torch
         if (ea.dtype, ea.shape, ea.kind) != (eb.dtype, eb.shape, eb.kind):
             return False
         whole = lambda e, m: e.stride is None and e.offset == 0 and m.blobs[e.blob].size == e.nbytes  # noqa: E731
@@ -1049,10 +1122,10 @@ class Store:
             raise FileNotFoundError(f"no checkpoint-N folder in {output_dir}")
         if not commit_options.pop("blocking", True):
             raise ValueError("import_run commits blocking (each checkpoint's files stay mapped until committed)")
-        branch = check_ref_name(branch or self.config.default_branch, kind="branch")
+        branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
         head = self.refs.get(RefKind.BRANCH, branch)
         if head is not None and not append:
-            raise RefExists(f"branch {branch!r} already has commits (head {head[:12]}); import the run onto a new branch, or pass append=True to commit it on top")
+            raise RefExists.saying(f"branch {branch!r} already has commits (head {head[:12]}); import the run onto a new branch, or pass ", option("append"), " to commit it on top")
         read = []
         for step, path in checkpoints:
             state, found = read_checkpoint(path)
@@ -1092,6 +1165,8 @@ class Store:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+        format: str | None = None,
+        force: bool = False,
         progress: Progress | None = None,
     ) -> list[str]:
         """Write the tensors of ``rev`` under ``component`` (default: ``model`` if the commit
@@ -1100,9 +1175,22 @@ class Store:
         ``model.safetensors.index.json``. Tensor names are key paths below the component with
         ``/`` turned into ``.``. One shard's chunks are read at a time. A ``path`` ending in
         ``.safetensors`` gets one safetensors file, and one ending in ``.pt`` the selected
-        state (``include``/``exclude`` applied) as one ``torch.save`` file. Returns the files
-        written (names inside ``path``, or ``path`` itself). Selecting no tensor raises
+        state of the component (``include``/``exclude`` applied) as one ``torch.save`` file.
+        ``format`` (one of ``hf``, ``safetensors``, ``pt``) says which whatever the path's
+        suffix; ``format="pt"`` writes the whole state (or ``component``), with
+        ``include``/``exclude`` applied, exactly as :meth:`checkout` returns it, as one file
+        that ``torch.load(path, weights_only=True)`` reads back bit-exact, tied tensors still
+        sharing storage; a value that it could not read (a numpy array) raises
+        :class:`UnsupportedValue` naming its key path. Returns the files written (names
+        inside ``path``, or ``path`` itself). Selecting no tensor raises
         :class:`ComponentsUnavailable`.
+
+        Nothing is replaced unless ``force``: a file already at ``path`` (or a directory
+        with entries, for a directory export) raises :class:`TargetExists`, checked before
+        anything is read, and left byte for byte as it was. An empty directory is exported
+        into. A missing parent directory, a file where the directory goes (or the reverse,
+        which ``force`` does not replace either), a permission denied or a read-only
+        filesystem raise :class:`StorageError` naming the path.
 
         A commit saved through ``torch.distributed.checkpoint`` (:class:`~ckptstore.distributed.StoreWriter`)
         exports the same way: each tensor whole, laid together from every rank's chunks,
@@ -1121,12 +1209,18 @@ class Store:
 
         Atomic: a directory is built beside ``path`` (its parent must be writable) and
         swapped in whole, so ``path`` holds exactly one export, never a mix of two, and a
-        failed or killed export leaves it as it was. The export replaces only its own files
+        failed or killed export leaves it as it was. A forced export replaces only its own files
         there (``model.safetensors``, the index, ``model-NNNNN-of-NNNNN.safetensors``, the
         commit's files) and keeps every other entry (a README of your own). Each file is written to a temp
-        file created exclusively under a random name, fsync'd and renamed into place. A
+        file created exclusively under a random name, fsync'd and linked (forced: renamed) into place. A
         second export to the same ``path`` while one runs raises :class:`ExportBusy`."""
+        whole_state = format == "pt"  # asked for by name: the whole state, not the model's
+        if format is None:
+            format = "safetensors" if path.endswith(".safetensors") else "pt" if path.endswith(".pt") else "hf"
+        elif format not in EXPORT_FORMATS:
+            raise InvalidOption("format", f"is {format!r}; it is one of {', '.join(EXPORT_FORMATS)}")
         commit = self.commit_of(rev)
+        check_export_target(path, directory=format == "hf", force=force)  # before any tensor is read
         manifest = self.manifest_of(commit)
         key = manifest_key(commit.manifest)
         dcp_save = DcpSave.of(manifest, key=key)
@@ -1136,21 +1230,25 @@ class Store:
                 read_blobs=lambda blobs: self.pipeline.read_blobs(manifest, blobs, manifest_key=key),
             )  # fmt: skip
             check_exportable(tensors)
-            if path.endswith(".pt"):
-                return write_torch_file(path, read_whole(tensors))
-            return self._write_export(path, commit, tensors, read_whole, with_files=False, max_shard_size_bytes=max_shard_size_bytes, progress=progress)
+            if format == "pt":
+                return write_torch_file(path, lambda: read_whole(tensors), force=force)
+            return self._write_export(path, commit, tensors, read_whole, format=format, with_files=False, max_shard_size_bytes=max_shard_size_bytes, force=force, progress=progress)
         held_at = [(e, p) for e, paths in zip(manifest.tensors, manifest.key_paths) for p in paths]  # every path of every tensor
         tops = sorted({p.split("/", 1)[0] for _, p in held_at})
-        if component is None and "model" in tops:
+        if component is None and "model" in tops and not whole_state:
             component = "model"
         selection = KeySelection.of(include, exclude)
-        if path.endswith(".pt"):
-            state = self.checkout(commit.id, include=include if include is not None or component is None else [component], exclude=exclude)
-            if component is not None:
-                if not isinstance(state, dict) or component not in state:
-                    raise ComponentsUnavailable(commit.id, missing=[component], available=sorted(map(str, state)) if isinstance(state, dict) else [])
-                state = state[component]
-            return write_torch_file(path, state)
+        if format == "pt":
+
+            def read_state() -> Any:
+                state = self.checkout(commit.id, include=include if include is not None or component is None else [component], exclude=exclude)
+                if component is not None:
+                    if not isinstance(state, dict) or component not in state:
+                        raise ComponentsUnavailable(commit.id, missing=[component], available=sorted(map(str, state)) if isinstance(state, dict) else [])
+                    state = state[component]
+                return state
+
+            return write_torch_file(path, read_state, force=force)
         prefix = "" if component is None else component.strip("/") + "/"
         entries = {}
         for entry, path_ in held_at:
@@ -1161,7 +1259,7 @@ class Store:
         if lost:
             raise ComponentsUnavailable(commit.id, dropped=lost)
         tensors = [
-            ExportedTensor(dotted_name(path_[len(prefix) :]), DTYPES_BY_NAME[e.dtype], e.shape, e.nbytes, path_)
+            ExportedTensor(dotted_name(path_[len(prefix) :]), torch_dtypes()[e.dtype], e.shape, e.nbytes, path_)
             for path_, e in entries.items()
         ]
         if not tensors:
@@ -1173,7 +1271,7 @@ class Store:
             buffers = self.pipeline.read_blobs(manifest, sorted({e.blob for e in wanted}), manifest_key=key)
             return {t.name: build_tensor(e, buffers[e.blob]) for t, e in zip(shard, wanted)}
 
-        return self._write_export(path, commit, tensors, read_shard, with_files=component == "model", max_shard_size_bytes=max_shard_size_bytes, progress=progress)
+        return self._write_export(path, commit, tensors, read_shard, format=format, with_files=component == "model", max_shard_size_bytes=max_shard_size_bytes, force=force, progress=progress)
 
     def _write_export(
         self,
@@ -1182,17 +1280,19 @@ class Store:
         tensors: list[ExportedTensor],
         read_shard: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
         *,
+        format: str,
         with_files: bool,
         max_shard_size_bytes: int,
+        force: bool,
         progress: Progress | None,
     ) -> list[str]:
-        """Write ``tensors`` as :meth:`export` does (a directory ``with_files`` gets the
-        commit's model files too)."""
-        if path.endswith(".safetensors"):  # one file, whatever its size
-            return write_file(path, tensors, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress)
+        """Write ``tensors`` as :meth:`export` does in ``format`` ``safetensors`` or ``hf`` (a
+        directory ``with_files`` gets the commit's model files too)."""
+        if format == "safetensors":  # one file, whatever its size
+            return write_file(path, tensors, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress, force=force)
         shards = plan_shards(tensors, max_shard_size_bytes=max_shard_size_bytes)
         files = self._model_files(commit) if with_files else {}
-        return write_directory(path, shards, read_shard, files=files, metadata={"ckptstore_commit": commit.id}, progress=progress)
+        return write_directory(path, shards, read_shard, files=files, metadata={"ckptstore_commit": commit.id}, progress=progress, force=force)
 
     def _model_files(self, commit: Commit) -> Mapping[Any, Any]:
         """The ``files`` of ``commit`` that belong in a model directory (all but
@@ -1301,6 +1401,7 @@ def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
 
 
 def _with_change_stats(change: TensorChange, old: Any, new: Any) -> TensorChange:
+    import torch
     if not isinstance(old, torch.Tensor):
         old, new = torch.from_numpy(old), torch.from_numpy(new)
     if old.is_complex() or old.dtype == torch.bool or not old.numel():
@@ -1430,7 +1531,7 @@ def open_store(
     if delta_keyframe_interval is not None and not 1 <= delta_keyframe_interval <= MAX_DELTA_CHAIN + 1:
         raise ValueError(f"delta_keyframe_interval must be between 1 and {MAX_DELTA_CHAIN + 1}")
     if "default_branch" in overrides:
-        check_ref_name(overrides["default_branch"], kind="branch")
+        check_ref_name(overrides["default_branch"], kind=RefKind.BRANCH)
     config = _load_or_create_config(objects, overrides, create=create)
     config = StoreConfig(**{**config.__dict__, **overrides})
     catalog_read_only = False

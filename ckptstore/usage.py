@@ -57,6 +57,9 @@ class CommitUsage:
     new_bytes: int
     #: Stored bytes of the objects no other commit needs (what removing it would free).
     exclusive_bytes: int
+    #: Of ``new_bytes``, what is not tensor data (see :class:`~ckptstore.commit.CommitStats`;
+    #: ``None`` for a commit written before it was recorded).
+    new_metadata_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ def _measure(repo: Repository) -> Usage:
         commit = commits[cid]
         usage.logical_bytes += commit.stats.logical_bytes
         exclusive = sum(sizes[k] for k in keys if users[k] == 1)
-        usage.commits.append(CommitUsage(cid, commit.stats.logical_bytes, commit.stats.new_bytes, exclusive))
+        usage.commits.append(CommitUsage(cid, commit.stats.logical_bytes, commit.stats.new_bytes, exclusive, commit.stats.new_metadata_bytes))
     usage.commits.sort(key=lambda c: commits[c.id].created_at, reverse=True)
 
     for name, head in sorted(heads.items()):

@@ -169,7 +169,7 @@ def instrument(store, log, kill: list | None) -> None:
     def trace(statement: str) -> None:
         enter("sql", " ".join(statement.split()[:3]))
 
-    store.catalog.db.conn.set_trace_callback(trace)
+    store.catalog.db.set_trace_callback(trace)
 
 
 # --------------------------------------------------------------------------------------------

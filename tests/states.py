@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptstore.codec import DTYPES
+from ckptstore.codec import torch_dtypes
 
 
 class TinyNet(torch.nn.Module):
@@ -51,7 +51,7 @@ def trained(seed: int = 0, steps: int = 3) -> tuple[TinyNet, torch.optim.Optimiz
 def every_dtype(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, dtype in DTYPES.items():
+    for name, dtype in torch_dtypes().items():
         itemsize = torch.empty(0, dtype=dtype).element_size()
         raw = torch.randint(0, 256, (5 * 3 * itemsize,), dtype=torch.uint8, generator=g)
         if dtype is torch.bool:

@@ -272,7 +272,7 @@ def _full_disk(directory: str) -> None:
     kept = {"w": torch.arange(1000, dtype=torch.float32)}
     with ckptstore.open(str(root)) as store:
         store.commit({"noise": torch.randn(1 << 16)}, message="dropped", branch="scratch")  # 256 KiB
-        store.delete_branch("scratch")
+        store.delete_branch("scratch", force=True)
         store.commit(kept, message="kept")  # and ``latest``
     before = _digest(root / CATALOG)
     filler = _fill(directory)

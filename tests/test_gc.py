@@ -325,7 +325,7 @@ class GcMachine(RuleBasedStateMachine):
         choices = [("branch", b) for b in sorted(self.branches)] + [("tag", t) for t in sorted(self.user_tags)]
         kind, name = data.draw(st.sampled_from(choices), label="delete")
         if kind == "branch":
-            self.store.delete_branch(name)
+            self.store.delete_branch(name, force=True)
             del self.branches[name]
         else:
             self.store.delete_tag(name)

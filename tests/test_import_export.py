@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.errors import ExportBusy, InvalidCheckpoint
+from ckptstore.errors import ExportBusy, InvalidCheckpoint, TargetExists
 from ckptstore.formats import INDEX_NAME, read_safetensors
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -383,8 +383,8 @@ def test_failed_export_leaves_the_previous_export_whole(tmp_path):
     assert chunks_of_last
     for key in chunks_of_last:
         os.unlink(tmp_path / "store" / key)
-    with pytest.raises(ckptstore.CkptStoreError):
-        store.export(c.id, str(out), max_shard_size_bytes=256)
+    with pytest.raises(ckptstore.IntegrityError):
+        store.export(c.id, str(out), max_shard_size_bytes=256, force=True)
     assert _snapshot(out) == before
     assert _leftovers(out) == []
 
@@ -402,9 +402,9 @@ def test_export_keeps_a_users_files_and_replaces_only_its_own(tmp_path):
     inode = (out / "config.json").stat().st_ino
     user_files = {k: v for k, v in _snapshot(out).items()}
 
-    store.export(a.id, str(out), max_shard_size_bytes=256)
+    store.export(a.id, str(out), max_shard_size_bytes=256, force=True)
     assert {k for k in _snapshot(out) if k not in user_files} == {INDEX_NAME, *(f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5))}
-    files = store.export(b.id, str(out))  # one shard: the four and the index go
+    files = store.export(b.id, str(out), force=True)  # one shard: the four and the index go
     assert files == ["model.safetensors"]
     after = _snapshot(out)
     assert {k: v for k, v in after.items() if k != "model.safetensors"} == user_files
@@ -430,7 +430,7 @@ def progress(phase, done, total):
         while not os.path.exists(release) and time.monotonic() < deadline:
             time.sleep(0.02)
 
-store.export({rev!r}, {out!r}, max_shard_size_bytes=256, progress=progress)
+store.export({rev!r}, {out!r}, max_shard_size_bytes=256, force=True, progress=progress)
 print("exported")
 """
 
@@ -465,7 +465,7 @@ def test_a_second_export_to_the_same_directory_is_refused_while_one_runs(tmp_pat
     assert child.returncode == 0 and "exported" in stdout, stderr[-2000:]
     back = {k: v for name in os.listdir(out) if name.endswith(".safetensors") for k, v in safetensors_torch.load_file(str(out / name)).items()}
     assert set(back) == set(_state(1)) and all(torch.equal(back[k], v) for k, v in _state(1).items())
-    store.export(b.id, str(out), max_shard_size_bytes=256)  # the lock went with the first export
+    store.export(b.id, str(out), max_shard_size_bytes=256, force=True)  # the lock went with the first export
     assert _leftovers(out) == []
 
 
@@ -479,7 +479,7 @@ def test_a_killed_export_leaves_the_old_export_and_its_lock_is_taken_over(tmp_pa
     child.communicate(timeout=CHILD_TIMEOUT_S)
     assert child.returncode == -signal.SIGKILL
     assert _snapshot(out) == before
-    store.export(b.id, str(out), max_shard_size_bytes=256)  # not ExportBusy: the holder is dead
+    store.export(b.id, str(out), max_shard_size_bytes=256, force=True)  # not ExportBusy: the holder is dead
     assert _leftovers(out) == []
     back = {k: v for name in os.listdir(out) if name.endswith(".safetensors") for k, v in safetensors_torch.load_file(str(out / name)).items()}
     assert set(back) == set(_state(2)) and all(torch.equal(back[k], v) for k, v in _state(2).items())
@@ -497,7 +497,10 @@ def test_an_export_killed_between_the_renames_of_its_swap_is_put_back(tmp_path):
     os.rename(out, tmp_path / f".out.export-old-{'a' * 32}")
     (tmp_path / f".out.export-new-{'b' * 32}").mkdir()
     (tmp_path / f".out.export-new-{'b' * 32}" / "model.safetensors").write_bytes(b"half")
-    store.export(b.id, str(out))
+    with pytest.raises(TargetExists):  # put back, and then not replaced unforced
+        store.export(b.id, str(out))
+    assert sorted(os.listdir(out)) == ["config.json", "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors", INDEX_NAME]
+    store.export(b.id, str(out), force=True)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert (out / "config.json").read_text() == '{"model_type": "gpt2"}'
     back = safetensors_torch.load_file(str(out / "model.safetensors"))
@@ -511,7 +514,7 @@ def test_export_through_a_symlinked_directory_writes_where_it_points(tmp_path):
     real.mkdir(parents=True)
     (real / "README.md").write_text("kept")
     os.symlink(real, tmp_path / "release")
-    store.export(a.id, str(tmp_path / "release"))
+    store.export(a.id, str(tmp_path / "release"), force=True)
     assert os.path.islink(tmp_path / "release")
     assert sorted(os.listdir(real)) == ["README.md", "model.safetensors"]
 
@@ -522,7 +525,7 @@ def test_pt_export_honours_include_and_exclude(tmp_path):
     out = tmp_path / "model.pt"
     store.export(commit.id, str(out), include=["model/layer1.weight", "model/layer2.weight"], exclude=["model/layer2.weight"])
     assert set(torch.load(out, weights_only=True)) == {"layer1.weight"}
-    store.export(commit.id, str(out))
+    store.export(commit.id, str(out), force=True)
     assert set(torch.load(out, weights_only=True)) == set(_state(1))
 
 

@@ -110,7 +110,7 @@ def test_a_young_delta_keeps_its_old_bases(tmp_path):
         manifest, sources = ckptstore.manifest.encode_state(states[1], inline_threshold_bytes=256)
         written = store.write_chunks(manifest, sources, parent=head)
     assert written.delta_chunks > 0
-    store.delete_branch("main")  # nothing keeps the old commit or its chunks...
+    store.delete_branch("main", force=True)  # nothing keeps the old commit or its chunks...
     store.commit({"model": {"other": torch.zeros(4096)}}, branch="side")
     store.gc(KeepLast(1), grace_period_s=3600)  # ...but the deltas are young, so their bases stay
     assert_no_delta_without_its_bases(store)

@@ -173,7 +173,9 @@ def test_branch_tag_log_and_revisions():
 
     with pytest.raises(ckptstore.RefExists):
         store.branch("sweep", at="main")
-    store.delete_branch("sweep")
+    with pytest.raises(ckptstore.ProtectedBranch):  # its commit "on sweep" has no other ref
+        store.delete_branch("sweep")
+    assert store.delete_branch("sweep", force=True) == sweep.id
     assert list(store.branches()) == ["main"]
     with pytest.raises(ckptstore.InvalidRefName):
         store.tag("latest", at="main")

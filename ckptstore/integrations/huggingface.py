@@ -58,8 +58,10 @@ from ..formats import (
     TRAINER_STATE_KEY,
     TRAINER_STATE_NAME,
     read_checkpoint,
+    replace_directory,
     trainer_best_step,
     trainer_step_metrics,
+    write_atomically,
     write_files,
 )
 from ..store import Store
@@ -229,13 +231,13 @@ def _materialize(store: Store, ref: str | None, directory: str, *, best: bool) -
         write_files(tmp, {name: data for name, data in (state.get(FILES_KEY) or {}).items() if name in TRAINER_ONLY_FILES})
         for file, component in TRAINER_FILES.items():
             if component in state:
-                torch.save(state[component], os.path.join(tmp, file))
+                write_atomically(os.path.join(tmp, file), lambda f, value=state[component]: torch.save(value, f))
         for component, value in state.items():
             if RANK_RNG_FILE.fullmatch(f"{component}.pth"):
-                torch.save(value, os.path.join(tmp, f"{component}.pth"))
+                write_atomically(os.path.join(tmp, f"{component}.pth"), lambda f, value=value: torch.save(value, f))
         if state.get(TRAINER_STATE_KEY) is not None:
-            with open(os.path.join(tmp, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:
-                f.write(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+            encoded = (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode()
+            write_atomically(os.path.join(tmp, TRAINER_STATE_NAME), lambda f: f.write(encoded))
     log.info("materialized %s (%s) at %s", ref, commit.short_id, path)
     return written
 
@@ -262,7 +264,8 @@ def _materialize_best(store: Store, commit: Commit, best_step: int, directory: s
 
 
 class _building:
-    """A temporary folder beside ``path`` that replaces ``path`` when the block succeeds."""
+    """A temporary folder beside ``path`` that replaces ``path`` when the block succeeds, in
+    one durable rename (:func:`~ckptstore.formats.replace_directory`)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -276,8 +279,6 @@ class _building:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if os.path.isdir(self.path):
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
+        replace_directory(self.tmp, self.path)
 
 

@@ -76,11 +76,11 @@ def test_an_imported_minilm_directory_exports_whole_and_loads_bit_exact(tmp_path
     assert tokenizer(SENTENCE)["input_ids"] == original_tokenizer(SENTENCE)["input_ids"]
     assert torch.equal(_embedding(model.eval(), tokenizer), _embedding(original_model.eval(), original_tokenizer))
 
-    # An export over the last one replaces its files (the commit's are the newer), leaves
+    # A forced export over the last one replaces its files (the commit's are the newer), leaves
     # nothing beside it, and an unchanged re-import stores nothing new but its commit.
     (export / "config.json").write_text("{}")
     (export / "NOTES.md").write_text("mine")
-    store.export(commit.id, str(export))
+    store.export(commit.id, str(export), force=True)
     assert (export / "config.json").read_bytes() == (source / "config.json").read_bytes()
     assert (export / "NOTES.md").read_text() == "mine"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".export")]

@@ -296,7 +296,7 @@ def _read_only_mount(url: str, out: str, ids_json: str) -> None:
         refused(lambda: store.tag("new", at="main"))
         refused(lambda: store.tag("release", at="sweep", force=True))
         refused(lambda: store.delete_tag("release"))
-        refused(lambda: store.delete_branch("sweep"))
+        refused(lambda: store.delete_branch("sweep", force=True))
         refused(lambda: store.gc(Policy(keep=KeepLast(1)), grace_period_s=0))
         assert store.branches() == {"main": ids[2], "sweep": ids[3]} and store.tags()["release"] == ids[2]
 
