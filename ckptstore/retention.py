@@ -126,7 +126,7 @@ class KeepBest(Rule):
     def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:
         metric = self.metric or "eval_loss"
         if self.n and not any(metric in c.metrics and not math.isnan(c.metrics[metric]) for h in histories for c in h):
-            return [f"KeepBest({self.n}, metric={metric!r}) matches no commit: none has that metric"]
+            return [f"the rule keeping the {self.n} best commits by {metric!r} matches no commit: none has that metric"]
         return []
 
     def select(self, history: Sequence[CommitInfo], *, now_s: float) -> set[str]:
