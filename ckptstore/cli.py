@@ -369,14 +369,17 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
         demoted = demoted_commit_ids(store.objects) if commits else set()
         return {c.id: (store.collected_parents(c), dropped_components(store.objects, c.id) if c.id in demoted else ()) for c in commits}
 
+    def oneline_with_marks(marks: dict[str, tuple[list[str], tuple[str, ...]]]) -> Callable[[Commit, dict[str, list[str]]], str]:
+        return lambda c, decorations: _oneline(c, decorations) + "".join(f" [{note}]" for note in _gc_marks(store, c, *marks[c.id]))
+
     if graph:
         commits = _all_commits(store, max_count)
+        marks = marks_of(commits)
         if as_json:
-            marks = marks_of(commits)
             _echo_json([_commit_json(c) | _gc_marks_json(store, c, *marks[c.id]) for c in commits])
             return
         parents = {c.id: store.parents_of(c) for c in commits}
-        for line in draw_graph(commits, parents, _decorations(store), _oneline):
+        for line in draw_graph(commits, parents, _decorations(store), oneline_with_marks(marks)):
             click.echo(line)
         return
     if rev is None and store.config.default_branch not in store.branches():
@@ -392,10 +395,10 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
         return
     decorations = _decorations(store)
     for commit in commits:
-        notes = _gc_marks(store, commit, *marks[commit.id])
         if oneline:
-            click.echo(_oneline(commit, decorations) + "".join(f" [{note}]" for note in notes))
+            click.echo(oneline_with_marks(marks)(commit, decorations))
             continue
+        notes = _gc_marks(store, commit, *marks[commit.id])
         names = f" ({', '.join(decorations[commit.id])})" if decorations.get(commit.id) else ""
         click.echo(f"commit {click.style(commit.id, fg='yellow')}{names}")
         click.echo(f"Date:    {commit.created_at.astimezone().isoformat(timespec='seconds')}")

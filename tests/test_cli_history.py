@@ -79,6 +79,10 @@ def test_show_and_log_mark_collected_parents_and_demotions(collected, capsys):
     assert lines[1].endswith(f"[parent {ids[3][:12]} collected by gc; history goes on at {ids[1][:12]}] [optimizer dropped by gc]")
     assert "[" not in lines[0]
 
+    code, out, err = ckpt(capsys, "--store", url, "log", "--graph")
+    line = next(line for line in out.splitlines() if ids[4][:12] in line)
+    assert line.endswith(f"[parent {ids[3][:12]} collected by gc; history goes on at {ids[1][:12]}] [optimizer dropped by gc]"), out
+
     code, out, err = ckpt(capsys, "--store", url, "log", "--json")
     docs = {d["id"]: d for d in json.loads(out)}
     assert docs[ids[4]]["collected_parents"] == [ids[3]] and docs[ids[4]]["history_parents"] == [ids[1]]
