@@ -8,11 +8,9 @@ The CLI runs in this process as the ``ckpt`` script runs it (``ckptstore.cli.mai
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,30 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import ckptstore
-from ckptstore.cli import main
+from cli_run import Run, ckpt
 from ckptstore.errors import InvalidOption, StorageError, TargetExists, UnsupportedValue
-
-
-@dataclass
-class Run:
-    argv: list[str]
-    rc: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return f"ckpt {' '.join(self.argv)} -> {self.rc}\n--- stdout\n{self.out}--- stderr\n{self.err}"
-
-
-def ckpt(url: Path, *args: str) -> Run:
-    argv = ["--store", str(url), *args]
-    out, err, rc = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Run(argv, rc, out.getvalue(), err.getvalue())
 
 
 def _state(seed: int) -> dict:

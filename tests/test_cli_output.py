@@ -19,24 +19,19 @@ calls), with stdout and stderr captured as in a pipe, and the exit status from `
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 from forker import Forker
 
 import ckptstore
-from ckptstore.cli import main
+from cli_run import Run, ok
 from ckptstore.retention import KeepLast, Policy
 
 SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
@@ -52,35 +47,6 @@ FORBIDDEN = (
     {chr(c) for c in range(0x20)} - {"\n"} | {"\x7f"} | {chr(c) for c in range(0x80, 0xA0)}
     | {chr(c) for c in range(0x202A, 0x202F)} | {chr(c) for c in range(0x2066, 0x206A)} | {"\u2028", "\u2029"}
 )  # fmt: skip
-
-
-@dataclass
-class Run:
-    argv: list[str]
-    rc: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return f"ckpt {' '.join(map(repr, self.argv))} -> {self.rc}\n--- stdout\n{self.out}--- stderr\n{self.err}"
-
-
-def ckpt(url: str | Path, *args: str) -> Run:
-    """One ``ckpt`` command, run in this process as the ``ckpt`` script runs it."""
-    argv = ["--store", str(url), *args]
-    out, err, rc = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Run(argv, rc, out.getvalue(), err.getvalue())
-
-
-def ok(url: str | Path, *args: str) -> Run:
-    run = ckpt(url, *args)
-    assert run.rc == 0 and run.err == "", str(run)
-    return run
 
 
 def _strict_json(text: str):
