@@ -256,13 +256,12 @@ def _commit_json(commit: Commit) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _new_bytes(commit: Commit) -> str:
+def _new_bytes(new_bytes: int, new_metadata_bytes: int | None) -> str:
     """The bytes a commit newly stored: tensor data and metadata apart (one figure for a
     commit written before they were told apart)."""
-    stats = commit.stats
-    if stats.new_data_bytes is None:
-        return _human(stats.new_bytes)
-    return f"{_human(stats.new_data_bytes)} data + {_human(stats.new_metadata_bytes or 0)} metadata"
+    if new_metadata_bytes is None:
+        return _human(new_bytes)
+    return f"{_human(new_bytes - new_metadata_bytes)} data + {_human(new_metadata_bytes)} metadata"
 
 
 def _gc_marks(store: Store, commit: Commit, collected: list[str], dropped: tuple[str, ...]) -> list[str]:
@@ -407,7 +406,7 @@ def log(ctx: _Context, rev: str | None, max_count: int | None, oneline: bool, gr
             click.echo(f"Step:    {_printable(_step(commit))}")
         if commit.metrics:
             click.echo("Metrics: " + _metrics(commit, ", "))
-        click.echo(f"Size:    {_human(commit.stats.logical_bytes)} logical, {_new_bytes(commit)} new")
+        click.echo(f"Size:    {_human(commit.stats.logical_bytes)} logical, {_new_bytes(commit.stats.new_bytes, commit.stats.new_metadata_bytes)} new")
         for note in notes:
             click.echo(f"Note:    {note}")
         if commit.message:
@@ -546,7 +545,7 @@ def show(ctx: _Context, rev: str, as_json: bool) -> None:
     if commit.metrics:
         click.echo("metrics  " + _metrics(commit, ", "))
     exclusive = f", {_human(usage.exclusive_bytes)} stored for this commit alone" if usage else ""
-    click.echo(f"size     {_human(commit.stats.logical_bytes)} logical, {_new_bytes(commit)} newly stored{exclusive}")
+    click.echo(f"size     {_human(commit.stats.logical_bytes)} logical, {_new_bytes(commit.stats.new_bytes, commit.stats.new_metadata_bytes)} newly stored{exclusive}")
     click.echo(f"tensors  {len(tensors)}")
     width = max((len(_printable(t["path"])) for t in tensors), default=0)
     for t in tensors:
@@ -725,7 +724,7 @@ def du(ctx: _Context, per_commit: bool, as_json: bool) -> None:
     if per_commit:
         click.echo("commits")
         for c in usage.commits:
-            click.echo(f"  {_short(c.id)}  {_human(c.logical_bytes):>10} logical  {_human(c.new_bytes):>10} added  {_human(c.exclusive_bytes):>10} its own")
+            click.echo(f"  {_short(c.id)}  {_human(c.logical_bytes):>10} logical  {_new_bytes(c.new_bytes, c.new_metadata_bytes)} added  {_human(c.exclusive_bytes):>10} its own")
 
 
 @cli.command(name="export")
@@ -796,7 +795,7 @@ def import_(ctx: _Context, paths: tuple[str, ...], branch: str | None, message: 
             if not as_json:
                 for commit in made:
                     named = f" {_printable(commit.message)}" if is_run else ""
-                    click.echo(f"{_short(commit.id)}{named} on {_printable(commit.branch)}: {_human(commit.stats.logical_bytes)}, {_new_bytes(commit)} newly stored")
+                    click.echo(f"{_short(commit.id)}{named} on {_printable(commit.branch)}: {_human(commit.stats.logical_bytes)}, {_new_bytes(commit.stats.new_bytes, commit.stats.new_metadata_bytes)} newly stored")
     if as_json:
         _echo_json(_commit_json(commits[0]) if len(commits) == 1 and not any(runs) else [_commit_json(c) for c in commits])
 

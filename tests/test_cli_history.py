@@ -180,6 +180,9 @@ def test_new_data_bytes_never_exceed_logical_bytes(tmp_path, capsys):
     assert (usage[tiny.id]["new_bytes"], usage[tiny.id]["new_metadata_bytes"]) == (tiny.stats.new_bytes, tiny.stats.new_metadata_bytes)
     code, out, err = ckpt(capsys, "--store", url, "log", "-n", "1")
     assert f"Size:    {tiny.stats.logical_bytes} B logical, {tiny.stats.new_data_bytes} B data + {tiny.stats.new_metadata_bytes} B metadata new\n" in out
+    code, out, err = ckpt(capsys, "--store", url, "du", "--commits")
+    line = next(line for line in out.splitlines() if line.strip().startswith(tiny.id[:12]))
+    assert f"{tiny.stats.logical_bytes} B logical  {tiny.stats.new_data_bytes} B data + {tiny.stats.new_metadata_bytes} B metadata added" in line, line
 
     path = tmp_path / "small.safetensors"
     save_file({"x": torch.ones(5), "y": torch.zeros(2, 2)}, str(path))
