@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 import uuid
@@ -28,6 +27,7 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from soak import SOAK
 from torch import nn
 
 import ckptstore
@@ -35,7 +35,6 @@ from ckptstore.errors import ComponentsUnavailable, UnsupportedValue
 from ckptstore.manifest import _join
 from ckptstore.retention import KeepLast, Policy
 
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 CHUNK = 4096
 INLINE = 128  # small tensors take the chunked path too
 
@@ -417,6 +416,7 @@ def change_in_place(t: torch.Tensor) -> None:
             t[index] = 7 if old != 7 else 3
 
 
+@pytest.mark.slow
 @settings(max_examples=1000 if SOAK else 40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_commit_checkout_and_diff_over_random_states(data):

@@ -38,11 +38,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from soak import SOAK
 
 import ckptstore
 from ckptstore.catalog import Catalog
 
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 ROUNDS = 200 if SOAK else 12
 RANKS = 6
 CATALOG = Path(".catalog") / "catalog.sqlite"
@@ -63,6 +63,7 @@ def _moved_aside(root: Path) -> list[str]:
 # Concurrent first opens
 
 
+@pytest.mark.slow
 def test_six_processes_opening_one_new_store_at_once_all_succeed(tmp_path: Path) -> None:
     errors = [(tmp_path / f"rank-{rank}.err").open("w") for rank in range(RANKS)]
     ranks = [

@@ -27,14 +27,15 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from forker import Forker
+from soak import SOAK
 
 import ckptstore
 from cli_run import Run, ok
 from ckptstore.retention import KeepLast, Policy
 
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 #: Calls racing the collector, and the longest they may take together.
 RACE_CALLS, RACE_MAX_S = (3000, 1800.0) if SOAK else (300, 30.0)
 #: Commits that every read goes through and no collection removes, and their tensors: the
@@ -283,6 +284,7 @@ _READER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_du_and_show_racing_a_collector_in_another_process(tmp_path):
     url, stop, progress = str(tmp_path / "store"), tmp_path / "stop", tmp_path / "progress"
     with ckptstore.open(url) as store:  # tagged: every collection keeps them

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import pytest
+from soak import SOAK
 
 import ckptstore
 from ckptstore.errors import CollectorBusy, IntegrityError
@@ -46,7 +47,6 @@ from soak_child import OPEN, read_log, soak_state
 from states import assert_same
 
 CHILD = str(Path(__file__).with_name("soak_child.py"))
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 SOAK_SECONDS = float(os.environ.get("CKPTSTORE_SOAK_SECONDS", "600")) if SOAK else 15.0
 #: Chance that a committer run, or a collection, is SIGKILLed (besides the ones forced early,
 #: so that even a short run kills each side).
@@ -304,6 +304,7 @@ def _check_commit(store, cid: str, seed: int) -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_committer_with_deltas_rollbacks_and_async_commits_next_to_a_killed_gc_loop(backend, tmp_path, request):
     seed = int(os.environ.get("CKPTSTORE_SOAK_SEED") or random.randrange(1 << 30))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from soak import SOAK
 from states import assert_same, every_dtype
 
 import ckptstore
@@ -34,7 +35,6 @@ from ckptstore.codec import (
 from ckptstore.ids import content_id
 from ckptstore.pipeline import RecentChunks, chunk_key
 
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 EXAMPLES = 2000 if SOAK else 150
 
 
@@ -69,6 +69,7 @@ def _special_floats(dtype: torch.dtype, n: int, seed: int) -> bytes:
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("codec", [Codec.RAW, Codec.ZSTD, Codec.GROUPED])
 @pytest.mark.parametrize("n", [1, 3, 1000, 70_001])

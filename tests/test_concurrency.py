@@ -24,16 +24,17 @@ from pathlib import Path
 
 import pytest
 from crash_child import writer_loss, writer_state
+from soak import SOAK
 from states import assert_same
 
 import ckptstore
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 WRITERS, COMMITS_EACH = (8, 50) if SOAK else (3, 4)
 OPEN = {"chunk_size_bytes": 4096, "inline_threshold_bytes": 256}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_concurrent_writers_build_one_linear_history(backend, tmp_path, request):
     url, options = (str(tmp_path / "store"), {}) if backend == "local" else request.getfixturevalue("s3_url")

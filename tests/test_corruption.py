@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from soak import SOAK
 from states import assert_same
 
 import ckptstore
@@ -53,7 +54,6 @@ from ckptstore.gc import commit_key as _commit_key
 from ckptstore.gc import manifest_key as _manifest_key
 from ckptstore.pipeline import chunk_key as _chunk_key
 
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 OBJECT_CASES = 800 if SOAK else 40
 CATALOG_CASES = 200 if SOAK else 12
 SEED = int(os.environ.get("CKPTSTORE_CORRUPTION_SEED", "7005"))
@@ -574,6 +574,7 @@ def test_template_is_healthy(template: Template) -> None:
         store.close()
 
 
+@pytest.mark.slow
 def test_random_object_corruption_is_detected_and_never_returned(template: Template, tmp_path: Path) -> None:
     tally = Tally()
     start = time.perf_counter()
@@ -587,6 +588,7 @@ def test_random_object_corruption_is_detected_and_never_returned(template: Templ
     assert sum(tally.detected.values()) >= harmful
 
 
+@pytest.mark.slow
 def test_random_catalog_corruption_is_never_trusted(template: Template, tmp_path: Path) -> None:
     tally = Tally()
     start = time.perf_counter()
@@ -709,6 +711,7 @@ def test_fsck_checks_the_history_below_a_damaged_commit(template: Template, tmp_
 CONFIG_FLIPS = None if SOAK else 48  # every single-bit flip of the config object, or a sample
 
 
+@pytest.mark.slow
 def test_every_bit_flip_of_the_config_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "store"
     ckptstore.open(str(root), chunk_size_bytes=4096, default_branch="trunk", best_metric="acc").close()

@@ -38,12 +38,12 @@ from pathlib import Path
 import pytest
 from crash_child import OPEN, WIDE_CHUNK_BYTES, commit_state, eval_loss
 from forker import Forker
+from soak import SOAK
 from states import assert_same
 
 import ckptstore
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 
 #: Enumeration passes over every crash point of every scenario (local, S3).
 ENUM_PASSES = {"local": 3 if SOAK else 1, "s3": 1}
@@ -332,6 +332,7 @@ def _crash_points(ops: list[str], scenario: str, layers: tuple[str, ...]) -> lis
     return points
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_commit_killed_at_every_crash_point(backend, tmp_path, scratch, request):
     """For each scenario (a commit with new chunks; a re-commit of a stored state; the first
@@ -448,6 +449,7 @@ def _loop_once(forker: Forker, model: Model, oplog: Path, catalog: CatalogFindin
     return rc, elapsed, len(landed) - len(reported)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_commit_loop_killed_at_random_moments(backend, tmp_path, scratch, request):
     """A child commits step after step on main until the forker SIGKILLs it, a random time

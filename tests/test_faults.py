@@ -40,6 +40,7 @@ from faults import (
     S3FaultProxy,
     matches,
 )
+from soak import scaled
 
 import ckptstore
 from ckptstore.errors import CkptStoreError, StorageError
@@ -47,12 +48,6 @@ from ckptstore.gc import commit_key
 from ckptstore.lease import read_lease
 from ckptstore.objectstore import LocalObjectStore, open_object_store
 from ckptstore.retention import KeepLast
-
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
-
-
-def count(default: int, soak: int) -> int:
-    return soak if SOAK else default
 
 
 #: Store settings that make every commit write several chunks, some of them shared.
@@ -270,6 +265,7 @@ def local_lock_files(root: str) -> list[str]:
 # 1% transient faults: everything typed, nothing corrupt, >= 99.9% of commits succeed
 
 
+@pytest.mark.slow
 def test_local_transient_faults_soak(tmp_path):
     """1% of the store's system calls fail with EIO (some after doing their work), write
     short or read short; each waits up to 0.2 ms. The local backend's retries carry every
@@ -277,7 +273,7 @@ def test_local_transient_faults_soak(tmp_path):
     expected: dict[int, Any] = {}
     tally = Tally("local, 1% transient syscall faults (EIO, EIO after the call, short write, short read)")
     with local_store_with_faults(str(tmp_path / "store"), rate=0.01, faults=TRANSIENT_LOCAL_FAULTS, latency_s=0.0002, seed=1) as (store, faults):
-        run_workload(store, tally, expected, commits=count(30, 2000), seed=1)
+        run_workload(store, tally, expected, commits=scaled(30, 2000), seed=1)
         tally.faults = local_fault_counts(faults)
         faults.enabled = False
         check_store_whole(store, expected)
@@ -286,6 +282,7 @@ def test_local_transient_faults_soak(tmp_path):
     assert tally.checkouts_ok == tally.checkouts and tally.gcs_ok == tally.gcs, tally.figures()
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_s3_transient_faults_soak(s3_server, s3_url):
     """1% of the HTTP requests between s3fs and moto get a 500 or 503, a reset connection,
@@ -295,7 +292,7 @@ def test_s3_transient_faults_soak(s3_server, s3_url):
     expected: dict[int, Any] = {}
     tally = Tally("s3, 1% transient HTTP faults (500, 503, reset, lost answer, truncated answer)")
     with s3_store_behind_proxy(s3_server, s3_url, rate=0.01, faults=TRANSIENT_HTTP_FAULTS, latency_s=0.002, seed=2) as (store, proxy):
-        run_workload(store, tally, expected, commits=count(6, 1000), seed=2, gc_every=3)
+        run_workload(store, tally, expected, commits=scaled(6, 1000), seed=2, gc_every=3)
         tally.faults = proxy_fault_counts(proxy)
         proxy.enabled = False
         check_store_whole(store, expected)
@@ -306,6 +303,7 @@ def test_s3_transient_faults_soak(s3_server, s3_url):
 # Harsh faults, corruption among them: typed errors, never wrong data, no partial commit
 
 
+@pytest.mark.slow
 def test_local_harsh_faults_never_corrupt(tmp_path):
     """5% of the system calls fail (EIO, EIO after the call, ENOSPC) or misbehave (short
     writes, short reads, and torn reads that end a file early: corrupt data). Operations may
@@ -315,7 +313,7 @@ def test_local_harsh_faults_never_corrupt(tmp_path):
     tally = Tally("local, 5% syscall faults incl. torn reads and ENOSPC")
     kinds = (*TRANSIENT_LOCAL_FAULTS, "torn_read", "enospc")
     with local_store_with_faults(str(tmp_path / "store"), rate=0.05, faults=kinds, seed=3) as (store, faults):
-        run_workload(store, tally, expected, commits=count(40, 600), seed=3, gc_every=7)
+        run_workload(store, tally, expected, commits=scaled(40, 600), seed=3, gc_every=7)
         tally.faults = local_fault_counts(faults)
         faults.enabled = False
         assert store.branches(), "no commit at all succeeded"
@@ -325,6 +323,7 @@ def test_local_harsh_faults_never_corrupt(tmp_path):
     assert tally.faults.get("fault.torn_read") and tally.faults.get("fault.enospc")
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_s3_harsh_faults_never_corrupt(s3_server, s3_url):
     """4% of the HTTP requests get a fault, flipped bytes in answers among them (corruption
@@ -333,8 +332,8 @@ def test_s3_harsh_faults_never_corrupt(s3_server, s3_url):
     expected: dict[int, Any] = {}
     tally = Tally("s3, 4% HTTP faults incl. flipped bytes")
     with s3_store_behind_proxy(s3_server, s3_url, rate=0.04, faults=(*TRANSIENT_HTTP_FAULTS, "flip"), seed=4) as (store, proxy):
-        proxy.add_rule(matches("GET", path_contains="/chunks/"), "flip", count=count(3, 30))  # some for sure
-        run_workload(store, tally, expected, commits=count(5, 150), seed=4, gc_every=3)
+        proxy.add_rule(matches("GET", path_contains="/chunks/"), "flip", count=scaled(3, 30))  # some for sure
+        run_workload(store, tally, expected, commits=scaled(5, 150), seed=4, gc_every=3)
         tally.faults = proxy_fault_counts(proxy)
         proxy.enabled = False
         assert store.branches(), "no commit at all succeeded"
@@ -485,6 +484,7 @@ def gc_interrupted_rounds(store: ckptstore.Store, switch: Callable[[bool], None]
     return cut_mid_deletion
 
 
+@pytest.mark.slow
 def test_local_gc_cut_short_by_faults(tmp_path):
     """GCs that fail at a random ``unlink`` or ``fsync`` (4% EIO, some after the unlink was
     done; no retries), so deletions are cut short too: every ref and the history of
@@ -498,12 +498,13 @@ def test_local_gc_cut_short_by_faults(tmp_path):
             faults.enabled = on
             store.objects.io_attempts = 1 if on else LocalObjectStore.io_attempts
 
-        cut = gc_interrupted_rounds(store, switch, tally, expected, rounds=count(5, 60))
+        cut = gc_interrupted_rounds(store, switch, tally, expected, rounds=scaled(5, 60))
         tally.faults = local_fault_counts(faults)
     assert_outcomes(tally, min_commit_success=None)
     assert cut >= 1, f"no GC was cut short mid-deletion: the test proves nothing ({tally.figures()})"
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_s3_gc_cut_short_by_faults(s3_server, s3_url):
     """GCs on S3 that fail at a random write or delete request (25% of them get a 500, a
@@ -522,7 +523,7 @@ def test_s3_gc_cut_short_by_faults(s3_server, s3_url):
             proxy.enabled = on
 
         rounds = 0  # at least the count, and on until a GC failed (the faults are random)
-        while rounds < count(2, 15) or (tally.gcs_ok == tally.gcs and rounds < count(10, 30)):
+        while rounds < scaled(2, 15) or (tally.gcs_ok == tally.gcs and rounds < scaled(10, 30)):
             gc_interrupted_rounds(store, switch, tally, expected, rounds=1, commits=2)
             rounds += 1
         tally.faults = proxy_fault_counts(proxy)

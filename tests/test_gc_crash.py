@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from soak import SOAK
 
 import ckptstore
 from ckptstore.errors import CollectorBusy, ComponentsUnavailable
@@ -37,7 +38,6 @@ from gc_child import kill_policy, race_source, race_state, training_state
 from states import assert_same
 
 CHILD = str(Path(__file__).with_name("gc_child.py"))
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 RACE_COMMITS = 1000 if SOAK else 200
 #: The committer waits for one more finished (or failed) collection every RACE_PACE commits.
 RACE_PACE = 25
@@ -73,6 +73,7 @@ def _stored_commits(store) -> set[str]:
 # (2) A committer and a collector racing on one store
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_commits_racing_gc_never_reference_a_missing_chunk(backend, tmp_path, request):
     """One process commits RACE_COMMITS states on main, mostly chunks of a small pool (dedup
@@ -302,6 +303,7 @@ def _check_finished(store, origin, dry, reference_keys: set[str]) -> None:
     assert report.ok and not report.orphans, (report.problems, report.orphans)
 
 
+@pytest.mark.slow
 def test_gc_killed_at_random_points_leaves_kept_commits_whole_and_a_rerun_finishes(tmp_path, scratch):
     """SIGKILL a collector KILLS times at random points: just before a random storage call of
     planning, record writing or deletion on a fresh copy of the store, then at a random time

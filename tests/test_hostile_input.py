@@ -35,6 +35,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from soak import SOAK
 
 import ckptstore
 from ckptstore.codec import (
@@ -57,7 +58,6 @@ from ckptstore.manifest import (
 )
 from ckptstore.store import StoreConfig
 
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 EXAMPLES = 4000 if SOAK else 150
 MiB = 1 << 20
 TESTS = Path(__file__).resolve().parent
@@ -285,6 +285,7 @@ def commit_docs(draw: Any) -> bytes:
     return _pack(doc)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.binary(max_size=300) | mutated(CORPUS["frames"]),
@@ -309,6 +310,7 @@ def _build_every_inline_tensor(manifest: Manifest) -> None:
         build_tensor(entry, buffer)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=300) | mutated(CORPUS["manifests"]) | manifest_docs())
 def test_fuzz_manifest_from_bytes(data: bytes) -> None:
@@ -321,12 +323,14 @@ def test_fuzz_manifest_from_bytes(data: bytes) -> None:
             pass
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=300) | mutated(CORPUS["trees"]) | VALUES.map(_pack))
 def test_fuzz_unpack_value(data: bytes) -> None:
     _typed_or_valid(lambda d: unpack_value(d, key="m", tensors=[object()] * 3), data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=300) | mutated(CORPUS["commits"]) | commit_docs())
 def test_fuzz_decode_commit(data: bytes) -> None:
@@ -349,12 +353,14 @@ def config_docs(draw: Any) -> bytes:
     return _pack(doc)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=300) | config_docs())
 def test_fuzz_store_config_raises_only_typed_errors(data: bytes) -> None:
     _typed_or_valid(StoreConfig.from_bytes, data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(config_docs())
 def test_fuzz_store_config_accepts_only_well_typed_settings(data: bytes) -> None:

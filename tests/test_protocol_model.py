@@ -13,13 +13,12 @@ same checks and prints their state counts.
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields
 
 import protocol_model as pm
 import pytest
+from soak import SOAK
 
-SOAK = os.environ.get("CKPTSTORE_SOAK") == "1"
 CHECKS = pm.checks(soak=SOAK)
 
 
@@ -64,6 +63,7 @@ def test_old_defect_traces_are_of_their_kind() -> None:
         assert found == {c.expect}, f"{c.name}: {sorted(found)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c", _select("new:", expect_violation=False) + _select("soak, new:", expect_violation=False), ids=lambda c: c.name)
 def test_new_protocol_has_no_violation(c: pm.Check) -> None:
     result = _run(c)
