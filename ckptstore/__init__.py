@@ -9,6 +9,7 @@
 from .commit import Commit, CommitStats
 from .errors import (
     AmbiguousRef,
+    CheckpointNotFound,
     CkptStoreError,
     ClockSkew,
     CollectedWhileReading,
@@ -20,6 +21,7 @@ from .errors import (
     InvalidCheckpoint,
     InvalidFileName,
     InvalidOption,
+    InvalidOptionType,
     InvalidRefName,
     NotExportable,
     ObjectNotFound,
@@ -53,6 +55,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmbiguousRef",
+    "CheckpointNotFound",
     "CkptStoreError",
     "ClockSkew",
     "CollectedWhileReading",
@@ -69,6 +72,7 @@ __all__ = [
     "InvalidCheckpoint",
     "InvalidFileName",
     "InvalidOption",
+    "InvalidOptionType",
     "InvalidRefName",
     "KeepBest",
     "KeepEveryNSteps",

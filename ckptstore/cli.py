@@ -24,7 +24,7 @@ import click
 
 from . import __version__
 from .commit import Commit
-from .errors import CkptStoreError, InvalidRefName, RefExists, StoreNotFound
+from .errors import CkptStoreError, InvalidOption, InvalidRefName, RefExists, StoreNotFound
 from .formats import run_checkpoints
 from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, commit_key, demoted_commit_ids, dropped_components, unreferenced_since
 from .manifest import Manifest
@@ -94,9 +94,9 @@ def _storage_options() -> dict[str, Any]:
     try:
         options = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"CKPTSTORE_STORAGE_OPTIONS is not valid JSON (at position {exc.pos})") from None
+        raise InvalidOption("storage_options", f"CKPTSTORE_STORAGE_OPTIONS is not valid JSON (at position {exc.pos})") from None
     if not isinstance(options, dict):
-        raise ValueError("CKPTSTORE_STORAGE_OPTIONS must be a JSON object")
+        raise InvalidOption("storage_options", "CKPTSTORE_STORAGE_OPTIONS must be a JSON object")
     return options
 
 

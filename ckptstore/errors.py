@@ -33,9 +33,11 @@ Python, :meth:`~CkptStoreError.cli_message` for the command line::
     ├── InvalidFileName ............... ValueError    a stored file's name that could write outside an export's folder
     ├── NotExportable ................. ValueError    a commit that cannot be exported as named whole tensors (says why)
     ├── InvalidOption ................. ValueError    an option that is not one of its allowed values (names it)
+    │   └── InvalidOptionType ......... TypeError     an option given a value of a type it does not take
     ├── ExportBusy .................... another export is writing to the same path
     ├── TargetExists .................. FileExistsError  an export's target holds a file, or a non-empty folder (names it)
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
+    ├── CheckpointNotFound ............ FileNotFoundError  a checkpoint to import that is not there (names the path)
     └── StorageError .................. OSError       the backend failed (the cause is chained)
         ├── ObjectNotFound ............ FileNotFoundError
         ├── PreconditionFailed ........ a create-only or versioned write found another value
@@ -413,6 +415,25 @@ class InvalidOption(CkptStoreError, ValueError):
     def __init__(self, name: str, message: str) -> None:
         self.name = name
         super().__init__(f"{name}: {message}")
+
+
+class InvalidOptionType(InvalidOption, TypeError):
+    """An option given a value of a type it does not take (a retention that is neither a
+    ``Policy`` nor a ``Rule``, a training component without ``state_dict()``); ``name``
+    names it. Refused before anything is written."""
+
+
+class CheckpointNotFound(CkptStoreError, FileNotFoundError):
+    """A checkpoint to import that is not there: no such file or folder, or a folder that
+    holds no checkpoint files (no ``checkpoint-N`` folder, for a run). ``path`` names it.
+    Nothing was written to the store."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+    def __str__(self) -> str:  # FileNotFoundError would otherwise show only the first of several args
+        return self.args[0]
 
 
 class ExportBusy(CkptStoreError):

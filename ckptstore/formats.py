@@ -6,9 +6,10 @@ Reading checks everything before a byte is stored: a malformed file (a safetenso
 with a duplicate name, overlapping tensors or a hole between them, an index that disagrees
 with its shards, JSON that is not an object, not UTF-8 or nested too deeply, a FIFO or other
 non-regular file) raises :class:`InvalidCheckpoint` naming the file. Each safetensors file is
-memory-mapped once, copy-on-write, and its tensors are views of that one mapping (one file
-descriptor per file, not per tensor; each tensor still its own storage, so its own blob), so
-committing a directory larger than RAM streams it: pages are read as the pipeline hashes them.
+memory-mapped once, copy-on-write, and its tensors are views of that one mapping (each tensor
+still its own storage, so its own blob; the mapping holds no file descriptor, so a directory of
+thousands of shards imports under a low ``ulimit -n``), so committing a directory larger than
+RAM streams it: pages are read as the pipeline hashes them.
 
 Symlinks: the checkpoint files read here (safetensors shards and their index, weights,
 ``optimizer.pt`` and the other Trainer pickles, ``trainer_state.json``) may be symlinks, and
@@ -41,7 +42,6 @@ import functools
 import json
 import logging
 import math
-import mmap
 import os
 import re
 import shutil
@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import CkptStoreError, ExportBusy, InvalidCheckpoint, InvalidFileName, StorageError, TargetExists, UnsupportedValue
+from .errors import CheckpointNotFound, CkptStoreError, ExportBusy, InvalidCheckpoint, InvalidFileName, StorageError, TargetExists, UnsupportedValue
 from .manifest import key_segment
 from .objectstore import fsync_directory
 
@@ -173,7 +173,6 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     as the safetensors format requires: a JSON object header, no name twice, a
     ``__metadata__`` of strings, and tensors that tile the data exactly (no overlap, no hole,
     nothing after the last). A malformed file raises :class:`InvalidCheckpoint` naming it."""
-    import numpy as np
     import torch
     with open_checkpoint_file(path) as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -193,7 +192,7 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
             raise InvalidCheckpoint(path, "has a __metadata__ that is not an object of strings")
         data_start = 8 + header_size
         layout = _tensor_layout(path, header, file_size - data_start)
-        mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8) if file_size > data_start else None
+        mapped = _map_copy_on_write(path, f.fileno(), file_size) if file_size > data_start else None
     tensors = {}
     for name, (dtype, shape, begin, end) in layout.items():
         if begin == end:
@@ -208,6 +207,21 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
             raw = raw.clone()  # unaligned: view() needs aligned bytes
         tensors[name] = raw.view(dtype).reshape(shape)
     return tensors, metadata
+
+
+def _map_copy_on_write(path: str, fd: int, size_bytes: int) -> np.ndarray:
+    """The first ``size_bytes`` of the open file ``fd`` (``path``) as a copy-on-write memory
+    map, a uint8 array that keeps the map alive. The map holds no descriptor: torch's map
+    allocator closes the one it opens, where ``mmap.mmap`` keeps a duplicate open until the
+    map is freed (one per shard, so EMFILE on a directory of 300 shards under ``ulimit -n
+    256``). ``/dev/fd`` reopens the file already checked, not whatever ``path`` names now."""
+    import torch
+
+    try:
+        storage = torch.UntypedStorage.from_file(f"/dev/fd/{fd}", shared=False, nbytes=size_bytes)
+    except RuntimeError as e:  # shrunk since its size was read, say
+        raise InvalidCheckpoint(path, f"could not be memory-mapped: {e}") from None
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
 
 
 def _tensor_layout(path: str, header: dict[str, Any], data_size: int) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
@@ -277,7 +291,7 @@ def read_directory(path: str) -> dict[str, torch.Tensor]:
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
-            raise FileNotFoundError(f"no {INDEX_NAME} or *.safetensors file in {path}")
+            raise CheckpointNotFound(f"no {INDEX_NAME} or *.safetensors file in {path}", path=path)
     out: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     for name in files:
@@ -409,7 +423,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             if epoch is not None:
                 metadata["epoch"] = epoch
         if not state:
-            raise FileNotFoundError(f"{path} holds no safetensors, pytorch_model.bin or Trainer checkpoint files")
+            raise CheckpointNotFound(f"{path} holds no safetensors, pytorch_model.bin or Trainer checkpoint files", path=path)
         read = {*TRAINER_FILES, TRAINER_STATE_NAME, *WEIGHT_FILES}
 
         def is_read(name: str) -> bool:
@@ -424,7 +438,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if os.path.lexists(path):
         loaded = load_weights_only(path)
         return (loaded if isinstance(loaded, dict) and all(isinstance(k, str) for k in loaded) else {"model": loaded}), {}
-    raise FileNotFoundError(f"no checkpoint at {path}")
+    raise CheckpointNotFound(f"no checkpoint at {path}", path=path)
 
 
 def read_extra_files(path: str, *, skip: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:

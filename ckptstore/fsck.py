@@ -27,7 +27,7 @@ from .codec import (
     read_header,
 )
 from .commit import Commit
-from .errors import CkptStoreError, IntegrityError, UnsupportedFormat
+from .errors import CkptStoreError, IntegrityError, InvalidOption, UnsupportedFormat
 from .gc import (
     DELETION_ORDER,
     Progress,
@@ -109,7 +109,7 @@ def check(
     """Check ``repo``; see the module docstring. Never writes to the object store; with
     ``repair`` it rebuilds the catalog."""
     if read_data_subset is not None and not 0 < read_data_subset <= 1:
-        raise ValueError(f"read_data_subset must be a fraction in (0, 1], not {read_data_subset!r}")
+        raise InvalidOption("read_data_subset", f"must be a fraction in (0, 1], not {read_data_subset!r}")
     read_data = read_data or read_data_subset is not None
     objects = repo.objects
     report = FsckReport(data_read=read_data)

@@ -41,6 +41,7 @@ from .errors import (
     CkptStoreError,
     CollectorBusy,
     IntegrityError,
+    InvalidOption,
     ObjectNotFound,
     PolicyMatchesNothing,
     PreconditionFailed,
@@ -685,7 +686,7 @@ def collect(
 ) -> GcPlan:
     """Plan a collection and, unless ``dry_run``, execute it. See :meth:`Store.gc`."""
     if grace_period_s < 0:
-        raise ValueError(f"grace_period_s must be non-negative, not {grace_period_s!r}")
+        raise InvalidOption("grace_period_s", f"must be non-negative, not {grace_period_s!r}")
     if dry_run:
         result = plan(repo, retention, grace_period_s=grace_period_s)[0]
         for warning in result.warnings:

@@ -91,6 +91,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from .errors import (
     CkptStoreError,
     ConditionalWritesUnsupported,
+    InvalidOption,
     ObjectNotFound,
     PreconditionFailed,
     ReadOnlyStore,
@@ -122,9 +123,9 @@ def _joined(data: Data) -> bytes:
 
 
 def check_key(key: str) -> str:
-    """Return ``key`` if it is a well-formed object key, else raise ``ValueError``."""
+    """Return ``key`` if it is a well-formed object key, else raise :class:`InvalidOption` (a ``ValueError``)."""
     if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None or ".." in key.split("/"):
-        raise ValueError(f"invalid object key {key!r}")
+        raise InvalidOption("key", f"invalid object key {key!r}")
     return key
 
 
@@ -1342,7 +1343,7 @@ def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = N
         protocol, rest = "file", url
     if protocol in ("file", "local"):
         if options:
-            raise ValueError("storage_options are not used by a local store")
+            raise InvalidOption("storage_options", "not used by a local store")
         if not create and not os.path.isdir(os.path.expanduser(rest)):
             raise StoreNotFound(f"no ckptstore store at {os.path.abspath(os.path.expanduser(rest))}")
         return LocalObjectStore(rest)
@@ -1350,11 +1351,12 @@ def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = N
         return MemoryObjectStore(rest or "default")
     if protocol in ("s3", "s3a"):
         if "@" in rest.split("/", 1)[0]:  # the URL itself is not repeated: it holds a secret
-            raise ValueError("an S3 store URL cannot carry credentials (KEY:SECRET@bucket): pass them in storage_options")
+            raise InvalidOption("url", "an S3 store URL cannot carry credentials (KEY:SECRET@bucket): pass them in storage_options")
         if not rest.strip("/"):
-            raise ValueError(f"S3 store URL {url!r} names no bucket")
+            raise InvalidOption("url", f"S3 store URL {url!r} names no bucket")
         return S3ObjectStore(rest, options)
-    raise ValueError(
+    raise InvalidOption(
+        "url",
         f"unsupported store URL scheme {protocol!r} in {url!r}: use a local path, memory://NAME "
         "or s3://BUCKET/PREFIX (they are the backends with atomic create-only and "
         "compare-and-swap writes)"

@@ -607,7 +607,7 @@ class Pipeline:
         check_delta_mode(delta)
         check_compression_mode(compression)
         if not 0 <= max_delta_chain <= MAX_DELTA_CHAIN:
-            raise ValueError(f"max_delta_chain must be between 0 and {MAX_DELTA_CHAIN}")
+            raise InvalidOption("max_delta_chain", f"must be between 0 and {MAX_DELTA_CHAIN}, not {max_delta_chain!r}")
         parent_chunks = parent_chunks or {}
         groups = value_bytes(manifest)
         if compression == "never":

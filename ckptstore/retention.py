@@ -25,6 +25,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .errors import InvalidOption, InvalidOptionType
+
 
 @dataclass(frozen=True)
 class CommitInfo:
@@ -86,7 +88,7 @@ class AnyOf(Rule):
 
 def _check_count(name: str, n: int) -> None:
     if type(n) is not int or n < 0:
-        raise ValueError(f"{name} must be a non-negative int, not {n!r}")
+        raise InvalidOption(name, f"must be a non-negative int, not {n!r}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class KeepEveryNSteps(Rule):
 
     def __post_init__(self) -> None:
         if type(self.n) is not int or self.n < 1:
-            raise ValueError(f"KeepEveryNSteps.n must be a positive int, not {self.n!r}")
+            raise InvalidOption("KeepEveryNSteps.n", f"must be a positive int, not {self.n!r}")
 
     def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:
         if not any(c.step is not None for h in histories for c in h):
@@ -178,7 +180,7 @@ class KeepNewerThan(Rule):
 
     def __post_init__(self) -> None:
         if not self.max_age_s >= 0:
-            raise ValueError(f"KeepNewerThan.max_age_s must be non-negative, not {self.max_age_s!r}")
+            raise InvalidOption("KeepNewerThan.max_age_s", f"must be non-negative, not {self.max_age_s!r}")
 
     def select(self, history: Sequence[CommitInfo], *, now_s: float) -> set[str]:
         return {c.id for c in history if now_s - c.created_at_s < self.max_age_s}
@@ -205,9 +207,9 @@ class Policy:
             object.__setattr__(self, "demote", (self.demote,))
         object.__setattr__(self, "demote", tuple(p.strip("/") for p in self.demote))
         if any(not p for p in self.demote):
-            raise ValueError("Policy.demote prefixes must be non-empty key paths such as 'optimizer'")
+            raise InvalidOption("Policy.demote", "prefixes must be non-empty key paths such as 'optimizer'")
         if self.max_total_bytes is not None and self.max_total_bytes < 0:
-            raise ValueError(f"Policy.max_total_bytes must be non-negative, not {self.max_total_bytes!r}")
+            raise InvalidOption("Policy.max_total_bytes", f"must be non-negative, not {self.max_total_bytes!r}")
 
     def resolved(self, *, best_metric: str, greater_is_better: bool | None) -> Policy:
         """This policy with the store's settings filled in (see :meth:`Rule.resolved`)."""
@@ -239,7 +241,7 @@ def as_policy(value: Policy | Rule) -> Policy:
         return value
     if isinstance(value, Rule):
         return Policy(keep=value)
-    raise TypeError(f"expected a retention Policy or Rule, not {type(value).__name__}")
+    raise InvalidOptionType("retention", f"expected a retention Policy or Rule, not {type(value).__name__}")
 
 
 def policy_for(retention: Retention, branch: str) -> Policy | None:

@@ -31,6 +31,7 @@ from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit
 from .dcp_layout import DcpSave
 from .errors import (
     AmbiguousRef,
+    CheckpointNotFound,
     CkptStoreError,
     ComponentsUnavailable,
     IntegrityError,
@@ -1119,9 +1120,9 @@ class Store:
         :class:`InvalidCheckpoint` and the store is left as it was."""
         checkpoints = run_checkpoints(output_dir)
         if not checkpoints:
-            raise FileNotFoundError(f"no checkpoint-N folder in {output_dir}")
+            raise CheckpointNotFound(f"no checkpoint-N folder in {output_dir}", path=output_dir)
         if not commit_options.pop("blocking", True):
-            raise ValueError("import_run commits blocking (each checkpoint's files stay mapped until committed)")
+            raise InvalidOption("blocking", "import_run commits blocking (each checkpoint's files stay mapped until committed)")
         branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
         head = self.refs.get(RefKind.BRANCH, branch)
         if head is not None and not append:
@@ -1503,11 +1504,6 @@ def open_store(
     other, changing nothing in it (a local one's catalog is served from a read-only copy in
     memory); every write to it raises :class:`ReadOnlyStore`.
     """
-    objects = open_object_store(url, storage_options=storage_options, create=create)
-    if single_writer is None:
-        single_writer = os.environ.get("CKPTSTORE_SINGLE_WRITER", "").lower() in ("1", "true", "yes")
-    if not single_writer:
-        _check_conditional_writes(objects, cache_dir or _cache_dir())
     overrides: dict[str, Any] = {
         k: v
         for k, v in {
@@ -1525,13 +1521,18 @@ def open_store(
     if compression_level is not ...:
         overrides["compression_level"] = compression_level
     if "chunk_size_bytes" in overrides and overrides["chunk_size_bytes"] < 1:
-        raise ValueError("chunk_size_bytes must be positive")
+        raise InvalidOption("chunk_size_bytes", f"must be positive, not {overrides['chunk_size_bytes']!r}")
     check_delta_mode(delta)
     check_compression_mode(compression)
     if delta_keyframe_interval is not None and not 1 <= delta_keyframe_interval <= MAX_DELTA_CHAIN + 1:
-        raise ValueError(f"delta_keyframe_interval must be between 1 and {MAX_DELTA_CHAIN + 1}")
+        raise InvalidOption("delta_keyframe_interval", f"must be between 1 and {MAX_DELTA_CHAIN + 1}, not {delta_keyframe_interval!r}")
     if "default_branch" in overrides:
         check_ref_name(overrides["default_branch"], kind=RefKind.BRANCH)
+    objects = open_object_store(url, storage_options=storage_options, create=create)  # after the checks: a bad option creates nothing
+    if single_writer is None:
+        single_writer = os.environ.get("CKPTSTORE_SINGLE_WRITER", "").lower() in ("1", "true", "yes")
+    if not single_writer:
+        _check_conditional_writes(objects, cache_dir or _cache_dir())
     config = _load_or_create_config(objects, overrides, create=create)
     config = StoreConfig(**{**config.__dict__, **overrides})
     catalog_read_only = False

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ComponentsUnavailable, StoreNotFound, UnknownRef
+from .errors import ComponentsUnavailable, InvalidOption, InvalidOptionType, StoreNotFound, UnknownRef
 from .store import Store, StoreConfig, open_store
 
 log = logging.getLogger("ckptstore.training")
@@ -130,9 +130,9 @@ class Checkpointer:
     def __init__(self, store: Store, *, ref: str | None = None, branch: str | None = None, **components: Any) -> None:
         for name, component in components.items():
             if not (hasattr(component, "state_dict") and hasattr(component, "load_state_dict")):
-                raise TypeError(f"component {name!r} ({type(component).__name__}) has no state_dict()/load_state_dict()")
+                raise InvalidOptionType(name, f"component {name!r} ({type(component).__name__}) has no state_dict()/load_state_dict()")
             if name in (RNG_KEY, STEP_KEY, USER_KEY):
-                raise ValueError(f"component name {name!r} is reserved")
+                raise InvalidOption(name, f"component name {name!r} is reserved")
         #: The store; ``None`` after :meth:`from_env` found none, until the first :meth:`save` creates it.
         self.store: Store | None = store
         self.components = components

@@ -49,7 +49,7 @@ from transformers import (
 )
 
 from ..commit import Commit
-from ..errors import CkptStoreError, UnknownRef
+from ..errors import CheckpointNotFound, CkptStoreError, UnknownRef
 from ..formats import (
     FILES_KEY,
     RANK_RNG_FILE,
@@ -141,7 +141,7 @@ class CkptStoreCallback(TrainerCallback):
             return
         path = os.path.join(args.output_dir, checkpoint_folder(state.global_step))
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"CkptStoreCallback: the Trainer saved, but there is no {path} to commit")
+            raise CheckpointNotFound(f"CkptStoreCallback: the Trainer saved, but there is no {path} to commit", path=path)
         checkpoint, _ = read_trainer_checkpoint(path)
         metadata = {**self.metadata, "step": state.global_step}
         if state.epoch is not None:
