@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 from faults import LocalFaults, S3FaultProxy, matches
+from soak import scaled
 from test_faults import (
     STORE_SETTINGS,
     check_store_whole,
-    count,
     local_lock_files,
     make_state,
 )
@@ -228,7 +228,7 @@ def test_local_store_lost_answers(tmp_path):
     store = ckptstore.open(str(tmp_path / "store"), **STORE_SETTINGS)
     with LocalFaults(rate=1.0, faults=("eio_after",)) as faults:
         commits = []
-        for step in range(1, count(6, 40) + 1):
+        for step in range(1, scaled(6, 40) + 1):
             expected[step] = make_state(step)
             commits.append(store.commit(expected[step], metadata={"step": step}))
         store.tag("keep", at=commits[0].id)
