@@ -12,8 +12,9 @@ command runs against (``Context``, ``pass_ctx``), ``options`` the option types, 
 terminal and JSON formatting, and the commands live in one module per noun: ``storage``,
 ``history``, ``refs``, ``transfer``.
 
-Registering a command module: import it beside the others below and give it one line in
-:data:`COMMANDS` (for ``ckptstore.ui``: ``from .. import ui`` and ``ui.plot, ui.ui,``).
+Registering a command module: import it beside the others (``from . import history, ...``)
+and give it one line in :data:`COMMANDS` at the foot of this module (for ``ckptstore.ui``:
+``from .. import ui`` and ``ui.plot, ui.ui,``).
 Every command module is imported with this one (``ckpt --help`` lists them all), so it
 imports torch, numpy or plotting libraries inside the commands that need them, never at its
 top (tests/test_cli_imports.py). A command module outside this package imports nothing from
