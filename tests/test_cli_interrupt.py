@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptstore
-from ckptstore.cli import _human
+from ckptstore.cli.output import human_bytes
 from ckptstore.gc import DEFAULT_GRACE_PERIOD_S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def test_ctrl_c_during_import_says_what_it_leaves_and_gc_reclaims_it(tmp_path):
     manifests = len(left) - chunks
     expected = (
         f"interrupted: {chunks} chunks" + (f" and {manifests} manifests" if manifests else "")
-        + f" ({_human(sum(info.size_bytes for info in left))}) written and not referenced by any commit; "
+        + f" ({human_bytes(sum(info.size_bytes for info in left))}) written and not referenced by any commit; "
         "`ckpt gc` reclaims them after the grace period (1h)"
     )  # fmt: skip
     assert err.splitlines()[-1] == expected, err

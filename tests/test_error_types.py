@@ -166,9 +166,9 @@ def test_a_missing_checkpoint_is_typed_and_still_file_not_found(tmp_path: Path) 
 
 
 def test_bad_storage_options_in_the_environment_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckptstore.cli import _storage_options
+    from ckptstore.cli.context import storage_options
 
     for raw, says in (("{not json", "not valid JSON"), (json.dumps([1]), "must be a JSON object")):
         monkeypatch.setenv("CKPTSTORE_STORAGE_OPTIONS", raw)
-        error = _raised(_storage_options)
+        error = _raised(storage_options)
         assert isinstance(error, InvalidOption) and isinstance(error, ValueError) and says in str(error) and "CKPTSTORE_STORAGE_OPTIONS" in str(error)
