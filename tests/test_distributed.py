@@ -14,8 +14,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import ckptstore
-import ckptstore.distributed
-from ckptstore.distributed import StoreReader, StoreWriter
+import ckptstore.integrations.distributed
+from ckptstore.integrations.distributed import StoreReader, StoreWriter
 from tests.dist_worker import reference
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -102,7 +102,7 @@ def test_dcp_async_save_into_a_store(tmp_path):
     store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=1024, inline_threshold_bytes=128)
     state = {"w": torch.randn(100, 10), "n": 3}
     before = state["w"].clone()
-    writer = ckptstore.distributed.StoreWriter(store, message="async")
+    writer = ckptstore.integrations.distributed.StoreWriter(store, message="async")
     future = dcp.async_save(state, storage_writer=writer)
     state["w"].add_(1)  # training goes on
     future.result()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import ckptstore
-from ckptstore.training import Checkpointer, ResumableRandomSampler, capture_rng_state, restore_rng_state
+from ckptstore.integrations.training import Checkpointer, ResumableRandomSampler, capture_rng_state, restore_rng_state
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_resume.py"
 
