@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import io
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,6 @@ from torch.futures import Future
 from ..commit import Commit
 from ..dcp_layout import RECORD_KEY, DcpRecord, DcpSave, TensorInfo, item_key
 from ..errors import CkptStoreError, IntegrityError, RefConflict, UnsupportedValue, WriterExpired
-from ..gc import manifest_key
-from ..lease import WriterMarker, wait_while_collector_sweeps, writing
 from ..manifest import (
     Manifest,
     TensorRef,
@@ -61,15 +59,18 @@ from ..manifest import (
     encode_state,
     merge_manifests,
 )
-from ..pipeline import DeltaMode, check_delta_mode
-from ..pipeline import WriteResult as ChunkWrites
-from ..refs import RefKind
 from ..store import Store
 from .training import resume_ref
 
+if TYPE_CHECKING:  # the types of what Store.hold_writer_marker and Store.write_chunks return
+    from ..lease import WriterMarker
+    from ..pipeline import DeltaMode
+    from ..pipeline import WriteResult as ChunkWrites
+
 
 def _sum_writes(parts: list[ChunkWrites]) -> ChunkWrites:
-    return ChunkWrites(*(sum(getattr(w, f.name) for w in parts) for f in dataclasses.fields(ChunkWrites)))
+    """The write statistics of several ranks' :meth:`Store.write_chunks` as one (``parts``: at least one)."""
+    return dataclasses.replace(parts[0], **{f.name: sum(getattr(w, f.name) for w in parts) for f in dataclasses.fields(parts[0])})
 
 
 def _fence(store: Store, own: WriterMarker, marker_keys: list[str]) -> Callable[[], None]:
@@ -80,7 +81,7 @@ def _fence(store: Store, own: WriterMarker, marker_keys: list[str]) -> Callable[
     def check() -> None:
         own.check()
         for key in marker_keys:
-            if key != own.key and not store.objects.exists(key):
+            if key != own.key and not store.writer_marker_exists(key):
                 raise WriterExpired(f"writer marker {key} of another rank lapsed before the commit was published; nothing was published")
 
     return check
@@ -95,7 +96,8 @@ def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup |
     """
     rank = dist.get_rank(group)
     publish = store.publisher(**commit_options) if rank == coordinator else None
-    with writing(store.objects) as marker:  # held until the coordinator has published
+    marker = store.hold_writer_marker()  # held until the coordinator has published
+    try:
         dist.barrier(group=group)  # so every rank's first "already stored?" comes after the coordinator's marker
         manifest, sources = encode_state(state, inline_threshold_bytes=store.config.inline_threshold_bytes)
         written = store.write_chunks(manifest, sources)
@@ -110,6 +112,8 @@ def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup |
             except Exception as exc:  # tell the other ranks, then raise here
                 result[0] = exc
         dist.broadcast_object_list(result, src=coordinator, group=group)
+    finally:
+        marker.release()
     if isinstance(result[0], Exception):
         raise result[0]
     return store.get_commit(result[0])
@@ -177,7 +181,7 @@ class StoreWriter(StorageWriter):
     offsets), whichever rank saved that item then: DCP's planner may give a replicated
     item to another rank from one save to the next, and it still finds its base.
 
-    Writer markers (:mod:`ckptstore.lease`) protect what the ranks reuse: the coordinator
+    Writer markers (:meth:`Store.hold_writer_marker`) protect what the ranks reuse: the coordinator
     takes one in ``prepare_global_plan``, before any rank writes, and holds it (renewed)
     until it has published; each rank holds its own from its ``write_data`` on. DCP calls no
     hook on the other ranks after their ``write_data``, so the coordinator removes every
@@ -199,7 +203,7 @@ class StoreWriter(StorageWriter):
         delta: DeltaMode | None = None,
     ) -> None:
         super().__init__()
-        check_delta_mode(delta)
+        store.check_write_options(delta=delta)
         self.store = store
         self.branch = branch or store.config.default_branch
         self.delta = delta
@@ -237,13 +241,7 @@ class StoreWriter(StorageWriter):
 
     def _hold_marker(self) -> WriterMarker:
         if self._marker is None or self._marker.lost:
-            marker = self._marker = WriterMarker.create(self.store.objects)
-            try:
-                wait_while_collector_sweeps(self.store.objects, marker)
-            except BaseException:
-                marker.release()
-                self._marker = None
-                raise
+            self._marker = self.store.hold_writer_marker()
         return self._marker
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -257,7 +255,7 @@ class StoreWriter(StorageWriter):
         marker = self._hold_marker()  # held until the coordinator publishes
         try:
             manifest, sources = encode_state(items, inline_threshold_bytes=self.store.config.inline_threshold_bytes)
-            head = self.store.refs.get(RefKind.BRANCH, self.branch)  # inside the marker, as Store.commit reads it
+            head = self.store.branch_head(self.branch)  # inside the marker, as Store.commit reads it
             written = self.store.write_chunks(manifest, sources, parent=head, delta=self.delta, parent_key_path=_without_rank)
         except BaseException:
             marker.release()
@@ -296,7 +294,7 @@ class StoreWriter(StorageWriter):
             for key in markers:
                 if own is None or key != own.key:
                     with contextlib.suppress(CkptStoreError):
-                        self.store.objects.delete(key)
+                        self.store.remove_writer_marker(key)
             if own is not None:
                 own.release()
             self._marker = None
@@ -335,7 +333,8 @@ class StoreReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         commit = self.store.commit_of(self.rev)
         self._commit_id = commit.id
-        self._key = manifest_key(commit.manifest)
+        self._commit = commit
+        self._key = self.store.manifest_key_of(commit)
         self._manifest = self.store.manifest_of(commit)
         save = DcpSave.of(self._manifest, key=self._key)
         if save is None:
@@ -363,7 +362,7 @@ class StoreReader(StorageReader):
         manifest = self._manifest
         refs = {req.storage_index: self._values[_item_key(req.storage_index)] for req in plan.items}
         blobs = sorted({manifest.tensors[v.index].blob for v in refs.values() if isinstance(v, TensorRef)})
-        buffers = self.store.pipeline.read_blobs(manifest, blobs, manifest_key=self._key)
+        buffers = self.store.read_blobs(self._commit, blobs, manifest=manifest)
         for req in plan.items:
             value = refs[req.storage_index]
             if req.type == LoadItemType.BYTE_IO:
