@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 import ckptstore
-from ckptstore.distributed import StoreWriter
+from ckptstore.integrations.distributed import StoreWriter
 
 
 def training_state() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

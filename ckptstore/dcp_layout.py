@@ -1,7 +1,7 @@
 """The record of a ``torch.distributed.checkpoint`` save in a commit's tree, and the whole
 tensors it holds.
 
-A commit made through :class:`ckptstore.distributed.StoreWriter` has the tree::
+A commit made through :class:`ckptstore.integrations.distributed.StoreWriter` has the tree::
 
     {0: {item key: value, ...}, 1: {...}, ..., "dcp": record}
 

@@ -133,6 +133,8 @@ if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and co
     import numpy as np
     import torch
 
+    from .lease import WriterMarker
+
 log = logging.getLogger("ckptstore")
 
 #: Version 2 added GC's records (``locks/``, ``demotions/``, ``shallow/``); version 3 a
@@ -1311,6 +1313,68 @@ class Store:
         if not isinstance(files, Mapping):
             raise UnsupportedValue(FILES_KEY, f"is a {type(files).__name__}, not a mapping of file names to bytes")
         return {name: data for name, data in files.items() if name not in TRAINER_ONLY_FILES}
+
+    # -- for writers beside commit() (the ranks of a multi-process commit) -------------------
+
+    def hold_writer_marker(self) -> WriterMarker:
+        """Create a writer marker (``locks/writers/ID``, kept fresh by a heartbeat) and return
+        it once no live collector is deleting: from then until it is released, and while it is
+        fresh, no object a writer finds stored is deleted. Call its ``check()`` right before
+        publishing (:class:`WriterExpired` if it may have been judged dead), and its
+        ``release()`` (idempotent, never raises) after. :meth:`commit` holds one per commit;
+        this is for a writer whose marker outlives one call."""
+        from .lease import WriterMarker, wait_while_collector_sweeps
+
+        marker = WriterMarker.create(self.objects)
+        try:
+            wait_while_collector_sweeps(self.objects, marker)
+        except BaseException:
+            marker.release()
+            raise
+        return marker
+
+    def writer_marker_exists(self, key: str) -> bool:
+        """Whether the writer marker ``key`` (a marker's ``key``, of any process) is still
+        stored: a marker that lapsed removed itself, and a collector removes those it judged
+        dead. Reads only."""
+        return self.objects.exists(self._writer_marker_key(key))
+
+    def remove_writer_marker(self, key: str) -> None:
+        """Delete the writer marker ``key`` (another process's, which then stops renewing it
+        at its next heartbeat). Idempotent: a marker already gone is no error."""
+        self.objects.delete(self._writer_marker_key(key))
+
+    def _writer_marker_key(self, key: str) -> str:
+        from .lease import WRITERS_PREFIX
+
+        if not isinstance(key, str) or not key.startswith(WRITERS_PREFIX) or "/" in key[len(WRITERS_PREFIX) :]:
+            raise InvalidOption("key", f"{key!r} is not the key of a writer marker")
+        return key
+
+    def branch_head(self, name: str) -> str | None:
+        """The commit id branch ``name`` points at, read from the store now (never the
+        catalog), or ``None`` if there is no such branch. Read it inside a writer marker to
+        use the head's chunks as delta bases (as :meth:`commit` does)."""
+        return self.refs.get(RefKind.BRANCH, check_ref_name(name, kind=RefKind.BRANCH))
+
+    def check_write_options(self, *, delta: DeltaMode | None = None, compression: CompressionMode | None = None) -> None:
+        """Refuse a ``delta`` or ``compression`` that :meth:`write_chunks` does not take
+        (:class:`InvalidOption`) now, before anything is written. Reads nothing."""
+        check_delta_mode(delta)
+        check_compression_mode(compression)
+
+    def manifest_key_of(self, commit: Commit) -> str:
+        """The key of ``commit``'s manifest object: what an :class:`IntegrityError` about the
+        manifest's contents names."""
+        return manifest_key(commit.manifest)
+
+    def read_blobs(self, commit: Commit, blob_indices: Iterable[int], *, manifest: Manifest | None = None, progress: Progress | None = None) -> dict[int, torch.Tensor]:
+        """The blobs ``blob_indices`` of ``commit``'s manifest (``manifest``: that manifest, if
+        already read with :meth:`manifest_of`), each in a new uint8 CPU tensor; every chunk is
+        verified against its id (:class:`IntegrityError` naming the chunk, the key path and the
+        manifest). Reads only. :func:`ckptstore.manifest.build_tensor` makes a tensor of one."""
+        manifest = self.manifest_of(commit) if manifest is None else manifest
+        return self.pipeline.read_blobs(manifest, blob_indices, manifest_key=manifest_key(commit.manifest), progress=progress)
 
     # -- garbage collection and checks -----------------------------------------------------
 

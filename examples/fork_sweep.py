@@ -13,7 +13,7 @@ import sys
 import torch
 
 import ckptstore
-from ckptstore.training import Checkpointer
+from ckptstore.integrations.training import Checkpointer
 
 
 def make_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

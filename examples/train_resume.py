@@ -20,7 +20,7 @@ import signal
 import torch
 
 import ckptstore
-from ckptstore.training import Checkpointer, ResumableRandomSampler
+from ckptstore.integrations.training import Checkpointer, ResumableRandomSampler
 
 
 class Net(torch.nn.Module):

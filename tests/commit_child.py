@@ -4,7 +4,7 @@
 forks one child per ``HOW`` (before any store, thread or signal handler of ckptstore exists,
 so each is what a fresh script would be after its imports). Each child opens the local store
 ``DIRECTORY/HOW``, makes an asynchronous commit of :func:`big_state` (or, for
-``checkpointer``, saves it through a :class:`~ckptstore.training.Checkpointer` with
+``checkpointer``, saves it through a :class:`~ckptstore.integrations.training.Checkpointer` with
 ``blocking=False``), prints ``pending`` if the commit has not finished yet, and ends as
 ``HOW`` says, through the interpreter's normal exit (its output goes to ``DIRECTORY/HOW.out``
 and ``.err``):
@@ -87,7 +87,7 @@ def exit_after_async_commit(how: str, root: str) -> None:
     import torch
 
     import ckptstore
-    from ckptstore.training import Checkpointer
+    from ckptstore.integrations.training import Checkpointer
 
     store = ckptstore.open(root, chunk_size_bytes=CHUNK_SIZE_BYTES)
     if how.startswith("fail"):

@@ -1,7 +1,7 @@
 """A rank of the distributed tests (run by tests/test_distributed.py through torchrun).
 
     dist_worker.py save URL    # 4 ranks: dcp.save of sharded and replicated DTensors, then
-                               # ckptstore.distributed.commit of per-rank states
+                               # ckptstore.integrations.distributed.commit of per-rank states
     dist_worker.py load URL    # N ranks: dcp.load of the DCP commit, resharded to N
     dist_worker.py bert URL    # 2 ranks (tests/workflows/test_dcp_workflow.py): a BERT's weights
                                # sharded, its AdamW state replicated; dcp.save, 1% changed,
@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
 import ckptstore
-from ckptstore.distributed import StoreReader, StoreWriter, commit
+from ckptstore.integrations.distributed import StoreReader, StoreWriter, commit
 
 
 def reference() -> dict[str, torch.Tensor]:

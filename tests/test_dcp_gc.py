@@ -28,7 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import ckptstore
-from ckptstore.distributed import StoreReader, StoreWriter
+from ckptstore.integrations.distributed import StoreReader, StoreWriter
 from ckptstore.gc import shallow_key
 from ckptstore.pipeline import chunk_key
 

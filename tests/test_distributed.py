@@ -14,8 +14,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import ckptstore
-import ckptstore.distributed
-from ckptstore.distributed import StoreReader, StoreWriter
+import ckptstore.integrations.distributed
+from ckptstore.integrations.distributed import StoreReader, StoreWriter
 from tests.dist_worker import reference
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -102,7 +102,7 @@ def test_dcp_async_save_into_a_store(tmp_path):
     store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=1024, inline_threshold_bytes=128)
     state = {"w": torch.randn(100, 10), "n": 3}
     before = state["w"].clone()
-    writer = ckptstore.distributed.StoreWriter(store, message="async")
+    writer = ckptstore.integrations.distributed.StoreWriter(store, message="async")
     future = dcp.async_save(state, storage_writer=writer)
     state["w"].add_(1)  # training goes on
     future.result()
@@ -110,3 +110,39 @@ def test_dcp_async_save_into_a_store(tmp_path):
     dcp.load(out, storage_reader=StoreReader(store, "latest"))
     assert torch.equal(out["w"], before) and out["n"] == 3
     assert writer.commit is not None and store.tags()["latest"] == writer.commit.id
+
+
+def test_the_store_methods_a_rank_writes_through(tmp_path):
+    """What the DCP writer and reader use instead of the store's internals: writer markers
+    (held, seen by key, removed by another process), the branch head, option checks, blob reads."""
+    from ckptstore.errors import InvalidOption, InvalidRefName
+    from ckptstore.manifest import build_tensor
+
+    store = ckptstore.open(str(tmp_path / "store"))
+    marker = store.hold_writer_marker()
+    assert store.writer_marker_exists(marker.key)
+    marker.check()  # fresh
+    store.remove_writer_marker(marker.key)
+    store.remove_writer_marker(marker.key)  # idempotent
+    assert not store.writer_marker_exists(marker.key)
+    marker.release()  # idempotent too, after another process removed it
+    for key in ("refs/heads/main", "locks/gc", "locks/writers/../config", 7):
+        with pytest.raises(InvalidOption):
+            store.remove_writer_marker(key)  # type: ignore[arg-type]
+    with pytest.raises(InvalidOption):
+        store.check_write_options(delta="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(InvalidOption):
+        store.check_write_options(compression="maybe")  # type: ignore[arg-type]
+    store.check_write_options(delta="on", compression="never")
+
+    assert store.branch_head("main") is None
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    commit = store.commit({"w": w})
+    assert store.branch_head("main") == commit.id
+    with pytest.raises(InvalidRefName):
+        store.branch_head("../x")
+    manifest = store.manifest_of(commit)
+    for given in (None, manifest):
+        buffers = store.read_blobs(commit, [manifest.tensors[0].blob], manifest=given)
+        assert torch.equal(build_tensor(manifest.tensors[0], buffers[manifest.tensors[0].blob]), w)
+    assert commit.manifest in store.manifest_key_of(commit)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import ckptstore
-from ckptstore.training import Checkpointer, ResumableRandomSampler, capture_rng_state, restore_rng_state
+from ckptstore.integrations.training import Checkpointer, ResumableRandomSampler, capture_rng_state, restore_rng_state
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_resume.py"
 
@@ -109,3 +109,17 @@ def test_from_env_opens_the_store_named_by_the_environment(monkeypatch, tmp_path
     run.save(3)
     again = Checkpointer.from_env(model=torch.nn.Linear(2, 2))
     assert again.store.url == str(tmp_path / "from-env") and again.resume() == 3
+
+
+def test_the_former_module_names_are_the_same_modules():
+    """``ckptstore.training`` and ``ckptstore.distributed``, the names before the move into
+    ``integrations/``, still import, as the very same modules (one set of classes)."""
+    import ckptstore.distributed
+    import ckptstore.integrations.distributed
+    import ckptstore.integrations.training
+    import ckptstore.training
+    from ckptstore.distributed import StoreWriter
+    from ckptstore.training import Checkpointer as Former
+
+    assert ckptstore.training is ckptstore.integrations.training and Former is Checkpointer
+    assert ckptstore.distributed is ckptstore.integrations.distributed and StoreWriter is ckptstore.integrations.distributed.StoreWriter

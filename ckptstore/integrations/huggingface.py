@@ -65,7 +65,7 @@ from ..formats import (
     write_files,
 )
 from ..store import Store
-from ..training import BRANCH_ENV, resume_ref
+from .training import BRANCH_ENV, resume_ref
 
 log = logging.getLogger("ckptstore.huggingface")
 
@@ -112,7 +112,7 @@ class CkptStoreCallback(TrainerCallback):
 
     ``branch`` (default ``$CKPTSTORE_BRANCH``, else the store's default branch) is where
     commits go; ``ref`` (default ``$CKPTSTORE_REF``, else that branch's head, never
-    ``latest``: see :func:`ckptstore.training.resume_ref`) is what :meth:`materialize`
+    ``latest``: see :func:`ckptstore.integrations.training.resume_ref`) is what :meth:`materialize`
     resumes from. With ``keep_checkpoint_dirs=False``
     each ``checkpoint-N`` folder is deleted once committed, except the best one while
     ``load_best_model_at_end`` needs it (deleted when training ends). ``metadata`` is added
@@ -184,7 +184,7 @@ class CkptStoreCallback(TrainerCallback):
 def materialize(store: Store, ref: str | None, directory: str, *, best: bool = True) -> str | None:
     """Write commit ``ref`` (default ``$CKPTSTORE_REF``, else the head of
     ``$CKPTSTORE_BRANCH``, else of the store's default branch: the branch a
-    :class:`CkptStoreCallback` commits to, see :func:`ckptstore.training.resume_ref`) as the Trainer
+    :class:`CkptStoreCallback` commits to, see :func:`ckptstore.integrations.training.resume_ref`) as the Trainer
     folder ``directory/checkpoint-N`` and return its path, for
     ``trainer.train(resume_from_checkpoint=...)``; ``None`` if the store has no such ref.
 

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ckptstore.training import Checkpointer
+from ckptstore.integrations.training import Checkpointer
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

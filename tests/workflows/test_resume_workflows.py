@@ -20,7 +20,7 @@ import torch
 
 import ckptstore
 from ckptstore.errors import ComponentsUnavailable, StoreNotFound
-from ckptstore.training import Checkpointer
+from ckptstore.integrations.training import Checkpointer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
