@@ -975,3 +975,7 @@ def main(argv: list[str] | None = None) -> None:
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         click.echo(f"ckpt: error: {_printable(message)}", err=True)
         sys.exit(2 if isinstance(exc, InvalidRefName) else 1)  # a malformed or reserved name is a usage error
+
+
+from .ui.commands import plot, ui  # noqa: E402  (the UI's commands live with the UI)
+cli.add_command(plot); cli.add_command(ui)  # fmt: skip
