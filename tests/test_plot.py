@@ -21,7 +21,7 @@ XLINK = "{http://www.w3.org/1999/xlink}"
 
 
 def _state(v: float) -> dict:
-    return {"model": {"w": torch.full((16, 16), float(v)), "b": torch.arange(16.0) + v}, "optimizer": {"m": torch.ones(64) * v}, "step": int(v)}
+    return {"model": {"w": torch.full((64, 64), float(v)) + torch.arange(64.0) * 0.01, "b": torch.arange(16.0) + v}, "optimizer": {"m": torch.ones(64) * v}, "step": int(v)}
 
 
 def build_run_store(url: str, storage_options: dict | None = None) -> dict[str, list[str]]:

@@ -99,8 +99,9 @@ class Site:
         body = summary + legend + "<h2>metrics</h2>" + (charts or "<p>no metrics logged</p>") + "<h2>commits</h2>" + form + graph_svg(h, href)
         return _layout(f"ckptstore history of {self.store.url}", body, root="")
 
-    def _tensor_rows(self, manifest: Manifest, parent_chunks: set[str]) -> tuple[list[list[str]], dict[str, list[int]]]:
-        """A row per tensor, and per component ``[tensors, logical, stored, new]`` bytes."""
+    def _tensor_rows(self, manifest: Manifest, parent_chunks: set[str], dropped: tuple[str, ...]) -> tuple[list[list[str]], dict[str, list[int]]]:
+        """A row per tensor, and per component ``[tensors, logical, stored, new]`` bytes
+        (nothing stored for a tensor of a component gc dropped)."""
         per_blob: dict[int, int] = {}
         for e in manifest.tensors:
             per_blob[e.blob] = per_blob.get(e.blob, 0) + 1
@@ -109,7 +110,9 @@ class Site:
         for e in manifest.tensors:
             blob = manifest.blobs[e.blob]
             share = per_blob[e.blob]
-            if blob.inline is not None:
+            if any(e.path == p or e.path.startswith(p.rstrip("/") + "/") for p in dropped):
+                stored, new, codec = 0, 0, "dropped by gc"
+            elif blob.inline is not None:
                 stored, new, codec = len(blob.inline) // share, 0, "inline (in the manifest)"
             else:
                 stored = sum(self.sizes.get(chunk_key(c.id), 0) for c in blob.chunks) // share
@@ -140,7 +143,7 @@ class Site:
         c = node.commit
         manifest = self.store.manifest_of(c)
         parent_chunks = self.store.manifest_of(self.history.nodes[node.parents[0]].commit).chunk_ids() if node.parents else set()
-        rows, components = self._tensor_rows(manifest, parent_chunks)
+        rows, components = self._tensor_rows(manifest, parent_chunks, node.dropped)
         link = lambda p: f'<a href="{p}.html" class="commit-link">{p[:12]}</a>'  # noqa: E731
         facts = [
             ("commit", f"<code>{cid}</code>"), ("branch", escape(c.branch)), ("message", escape(c.message)),
