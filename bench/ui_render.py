@@ -1,7 +1,7 @@
 """Time to render each page of ``ckpt ui`` on a store of many commits (the bar: 2 s a page).
 
-Builds a local store of ``--commits`` commits (default 2,000) of a small state (a few
-tensors of a few KiB, a step and ``eval_loss``) on ``--branches`` branches (default 5: main,
+Builds a local store of ``--commits`` commits (default 2,000) of a small state (a frozen
+100 KiB weight stored in chunks, small tensors that change, inline; a step and ``eval_loss``) on ``--branches`` branches (default 5: main,
 and sweeps forked from ``best`` and from earlier commits), a tag every 100 commits, then
 reads the history once (as ``ckpt ui`` does at start) and renders each page ``--runs`` times
 (default 3): the history page (graph and curves), the storage page (with a retention
@@ -33,7 +33,7 @@ def build_store(url: str, *, commits: int, branches: int) -> None:
 
     store = ckptstore.open(url)
     gen = torch.Generator().manual_seed(0)
-    state = {"model": {"w": torch.randn(64, 64, generator=gen), "b": torch.zeros(64)}, "optimizer": {"m": torch.zeros(64, 64)}}
+    state = {"model": {"w": torch.randn(160, 160, generator=gen), "b": torch.zeros(64)}, "optimizer": {"m": torch.zeros(64, 64)}}
     per_branch = commits // 2, (commits - commits // 2) // max(branches - 1, 1)
     step = 0
 

@@ -11,17 +11,17 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+from cli_run import ckpt, ok
 
 import ckptstore
 from ckptstore.errors import MissingExtra
-from cli_run import ckpt, ok
 
 SVG = "{http://www.w3.org/2000/svg}"
 XLINK = "{http://www.w3.org/1999/xlink}"
 
 
 def _state(v: float) -> dict:
-    return {"model": {"w": torch.full((64, 64), float(v)) + torch.arange(64.0) * 0.01, "b": torch.arange(16.0) + v}, "optimizer": {"m": torch.ones(64) * v}, "step": int(v)}
+    return {"model": {"w": torch.randn(160, 160, generator=torch.Generator().manual_seed(0)) + v, "b": torch.arange(16.0) + v}, "optimizer": {"m": torch.ones(64) * v}, "step": int(v)}
 
 
 def build_run_store(url: str, storage_options: dict | None = None) -> dict[str, list[str]]:
@@ -101,7 +101,7 @@ def test_points_are_the_commits_metrics(run_store, tmp_path):
 
 
 def test_only_the_revs_given(run_store, tmp_path):
-    url, ids = run_store
+    url, _ = run_store
     out = tmp_path / "two.svg"
     ok(url, "plot", "eval_loss", "main", "alt", "-o", str(out))
     drawn = _points(out)

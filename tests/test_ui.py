@@ -15,9 +15,9 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 import pytest
-
 from cli_run import ok
 from test_plot import build_run_store
 
@@ -34,7 +34,7 @@ def _prepare(url: str, options: dict | None = None) -> None:
 def _browser(tmp_path: Path, url: str, *, screenshot: Path | None = None) -> str:
     args = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chromium-profile'}"]
     args += [f"--screenshot={screenshot}", "--window-size=1280,900"] if screenshot else ["--dump-dom"]
-    done = subprocess.run([*args, url], capture_output=True, text=True, timeout=90)
+    done = subprocess.run([*args, url], capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -49,7 +49,7 @@ class _Served:
         assert match, line + self.child.stderr.read()
         self.base = match[0]
 
-    def __enter__(self) -> _Served:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -85,7 +85,8 @@ def _check_pages(url: str, tmp_path: Path, shots: Path | None) -> None:
             assert change["path"] in page
             assert f"{change['max_abs_change']:.4g}" in page and f"{change['relative_change']:.4g}" in page
         commit = urllib.request.urlopen(served.base + f"commit/{diff['b']}.html", timeout=60).read().decode()
-        assert "model/w" in commit and "float32" in commit and "(64, 64)" in commit
+        row = re.search(r"<tr><td><code>model/w</code></td><td>float32</td><td>\(160, 160\)</td>(?:<td>[^<]*</td>){3}<td>(raw|zstd|grouped|delta)</td></tr>", commit)
+        assert row, "the commit page names each tensor's dtype, shape, bytes and codec"
         storage = urllib.request.urlopen(served.base + "storage.html", timeout=60).read().decode()
         plan = json.loads(ok(url, "gc", *POLICY.split(), "--dry-run", "--json").out)
         assert f"({plan['planned_bytes']:,} bytes, by gc's own dry run)" in storage

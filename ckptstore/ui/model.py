@@ -188,8 +188,8 @@ def _reachable(store: Store, heads: Iterable[str]) -> tuple[dict[str, Commit], d
         commits[cid] = commit
         parents[cid] = store.parents_of(commit)
         stack.extend(parents[cid])
-    for cid in parents:  # a parent that could not be read is the end of that history
-        parents[cid] = [p for p in parents[cid] if p in commits]
+    for cid, found in parents.items():  # a parent that could not be read is the end of that history
+        found[:] = [p for p in found if p in commits]
     return commits, parents
 
 
@@ -244,8 +244,7 @@ def graph_layout(history: History) -> dict[str, tuple[int, int]]:
             lanes[i] = None
         out[cid] = (row, col)
         lanes[col] = node.parents[0] if node.parents else None
-        for p in node.parents[1:]:
-            lanes.append(p)
+        lanes.extend(node.parents[1:])
         while lanes and lanes[-1] is None:
             lanes.pop()
     return out

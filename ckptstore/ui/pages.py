@@ -87,9 +87,9 @@ class Site:
 
     def index(self) -> str:
         h = self.history
-        href = lambda cid: f"commit/{cid}.html"  # noqa: E731
+        href = lambda cid: f"commit/{cid}.html"
         charts = "".join(f'<section class="metric"><h2>{escape(m)}</h2>{chart_svg(h, m, href)}</section>' for m in h.metric_names())
-        options = "".join(f'<option value="{cid}">{cid[:12]} {escape(n.commit.branch)} {escape(n.commit.message)}</option>' for cid, n in h.nodes.items())
+        options = "".join(f'<option value="{cid}">{cid[:12]} {escape(n.commit.branch or "")} {escape(n.commit.message)}</option>' for cid, n in h.nodes.items())
         form = (
             '<form id="diff-form" class="diff-form">Compare <select name="a">' + options + '</select> with <select name="b">'
             + options + '</select> <button type="submit">diff</button></form>'
@@ -106,14 +106,15 @@ class Site:
         for e in manifest.tensors:
             per_blob[e.blob] = per_blob.get(e.blob, 0) + 1
         codecs: dict[str, str] = {}
-        rows, components = [], {}
+        rows: list[list[str]] = []
+        components: dict[str, list[int]] = {}
         for e in manifest.tensors:
             blob = manifest.blobs[e.blob]
             share = per_blob[e.blob]
             if any(e.path == p or e.path.startswith(p.rstrip("/") + "/") for p in dropped):
                 stored, new, codec = 0, 0, "dropped by gc"
             elif blob.inline is not None:
-                stored, new, codec = len(blob.inline) // share, 0, "inline (in the manifest)"
+                stored, new, codec = len(blob.inline) // share, 0, "inline (in the manifest)"  # counted with the manifest, not as new chunks
             else:
                 stored = sum(self.sizes.get(chunk_key(c.id), 0) for c in blob.chunks) // share
                 new = sum(self.sizes.get(chunk_key(c.id), 0) for c in blob.chunks if c.id not in parent_chunks) // share
@@ -144,9 +145,9 @@ class Site:
         manifest = self.store.manifest_of(c)
         parent_chunks = self.store.manifest_of(self.history.nodes[node.parents[0]].commit).chunk_ids() if node.parents else set()
         rows, components = self._tensor_rows(manifest, parent_chunks, node.dropped)
-        link = lambda p: f'<a href="{p}.html" class="commit-link">{p[:12]}</a>'  # noqa: E731
+        link = lambda p: f'<a href="{p}.html" class="commit-link">{p[:12]}</a>'
         facts = [
-            ("commit", f"<code>{cid}</code>"), ("branch", escape(c.branch)), ("message", escape(c.message)),
+            ("commit", f"<code>{cid}</code>"), ("branch", escape(c.branch or "")), ("message", escape(c.message)),
             ("date", escape(c.created_at.isoformat(timespec="seconds"))),
             ("parents", " ".join(link(p) + f' (<a href="../diff/{p}..{cid}.html">diff</a>)' for p in node.parents) or "none"),
             ("refs", escape(", ".join(list(node.branches) + [f"tag: {t}" for t in node.tags])) or "—"),
@@ -190,14 +191,20 @@ class Site:
         return _layout("storage", body, root="")
 
     def _components(self) -> dict[str, list[int]]:
+        """Per component: logical bytes over every commit, and stored bytes of its chunks
+        (each once) and of its inline tensors (once per manifest)."""
         out: dict[str, list[int]] = {}
         seen: set[str] = set()
         for node in self.history.nodes.values():
+            fresh_manifest = node.commit.manifest not in seen
+            seen.add(node.commit.manifest)
             manifest = self.store.manifest_of(node.commit)
             for e in manifest.tensors:
                 row = out.setdefault(component_of(e.path), [0, 0])
                 row[0] += e.nbytes
                 blob = manifest.blobs[e.blob]
+                if blob.inline is not None and fresh_manifest:
+                    row[1] += e.nbytes
                 for c in blob.chunks:
                     if c.id not in seen:
                         seen.add(c.id)
@@ -210,7 +217,7 @@ class Site:
             plan = self.store.gc(None, dry_run=True)
             return f"<p>No policy given (<code>ckpt ui --policy '--keep-last 3 …'</code>): gc would keep every commit a ref reaches and delete {plan.counts() or 'nothing'} ({human(plan.planned_bytes)}).</p>"
         counts = {k: sum(1 for v in retention.outcome.values() if v == k) for k in ("keep", "demote", "delete")}
-        rows = [[f'<a href="commit/{cid}.html">{cid[:12]}</a>', escape(self.history.nodes[cid].commit.branch) if cid in self.history.nodes else "", outcome,
+        rows = [[f'<a href="commit/{cid}.html">{cid[:12]}</a>', escape(self.history.nodes[cid].commit.branch or '') if cid in self.history.nodes else "", outcome,
                  escape(", ".join(retention.plan.newly_demoted.get(cid, ())))] for cid, outcome in retention.outcome.items() if outcome != "keep"]  # fmt: skip
         return (
             f"<p class='retention'>keep {counts['keep']}, demote {counts['demote']}, delete {counts['delete']}; "

@@ -67,7 +67,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (quiet: the terminal shows the URL only)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -96,7 +96,7 @@ def serve(store: Store, history: History, *, host: str | None = None, port: int 
     address = host if host is not None else LOOPBACK
     server = _Server((address, port), store, history, reload)
     try:
-        bound_host, bound_port = server.server_address[:2]
+        bound_host, bound_port = str(server.server_address[0]), server.server_address[1]
         announce(f"serving {store.url} at http://{bound_host}:{bound_port}/ (read-only; Ctrl-C stops)")
         if not is_loopback(address):
             announce(f"warning: {address} is not loopback: anyone who can reach this machine can read the store's history")
