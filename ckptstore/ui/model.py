@@ -108,12 +108,6 @@ class History:
             self._metrics = sorted(names, key=lambda n: (n != self.best_metric, n))
         return self._metrics
 
-    def line(self, name: str) -> Line:
-        for line in self.lines:
-            if line.name == name:
-                return line
-        raise KeyError(name)
-
     def points(self, metric: str, line: Line) -> list[Point]:
         """``line``'s commits that logged ``metric`` at a step, from its fork point on."""
         ids = ((line.fork,) if line.fork is not None else ()) + line.ids
