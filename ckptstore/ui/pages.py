@@ -19,7 +19,7 @@ from ..errors import CkptStoreError
 from ..manifest import Manifest
 from ..pipeline import chunk_key
 from ..store import Store
-from ..usage import store_sizes
+from ..usage import Usage, store_sizes
 from .model import History, component_of
 from .svg import chart_svg, graph_svg
 
@@ -53,8 +53,9 @@ def _table(head: list[str], rows: list[list[str]], *, cls: str = "") -> str:
 
 
 class Site:
-    """The pages of one store's history (read once; the listing of stored sizes is read on
-    first need and kept)."""
+    """The pages of one store's history. What costs a pass over every commit (the listing of
+    stored sizes, ``du``, the bytes per component) is read on first need and kept: a new
+    history (a ref moved) is a new site."""
 
     def __init__(self, store: Store, history: History) -> None:
         self.store = store
@@ -63,6 +64,16 @@ class Site:
     @cached_property
     def sizes(self) -> dict[str, int]:
         return store_sizes(self.store.objects)
+
+    @cached_property
+    def usage(self) -> Usage:
+        return self.store.du()
+
+    def warm(self) -> None:
+        """Read what the storage page needs (a pass over every commit), so that its first
+        view is fast: the server calls this in the background as it starts. Idempotent."""
+        for name in ("sizes", "usage", "components"):
+            getattr(self, name)
 
     def paths(self) -> Iterator[str]:
         """Every page the site links to: each commit's, and its diff from its first parent."""
@@ -183,14 +194,15 @@ class Site:
         return _layout(f"diff {a[:12]}..{b[:12]}", head + _table(["", "key path", "dtype / shape", "", "bytes", "max |Δ|", "relative change"], rows, cls="diff"), root="../")
 
     def storage(self) -> str:
-        usage = self.store.du()
+        usage = self.usage
         body = f"<p>{human(usage.logical_bytes)} logical in {len(usage.commits)} commits, {human(usage.physical_bytes)} stored; dedup {usage.dedup_ratio:.2f}×, compression {usage.compression_ratio:.2f}×</p>"
         body += "<h2>branches</h2>" + _table(["branch", "commits", "logical", "stored"], [[escape(b.name), str(b.commits), human(b.logical_bytes), human(b.physical_bytes)] for b in usage.branches])
-        body += "<h2>components</h2>" + _table(["component", "logical (all commits)", "stored (each chunk once)"], [[escape(k), human(v[0]), human(v[1])] for k, v in sorted(self._components().items())])
+        body += "<h2>components</h2>" + _table(["component", "logical (all commits)", "stored (each chunk once)"], [[escape(k), human(v[0]), human(v[1])] for k, v in sorted(self.components.items())])
         body += "<h2>retention preview</h2>" + self._retention()
         return _layout("storage", body, root="")
 
-    def _components(self) -> dict[str, list[int]]:
+    @cached_property
+    def components(self) -> dict[str, list[int]]:
         """Per component: logical bytes over every commit, and stored bytes of its chunks
         (each once) and of its inline tensors (once per manifest)."""
         out: dict[str, list[int]] = {}

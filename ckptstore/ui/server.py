@@ -77,7 +77,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], store: Store, history: History, reload: Callable[[], History] | None) -> None:
         super().__init__(address, _Handler)
         self._store = store
-        self._site = Site(store, history)
+        self._site = self._warmed(Site(store, history))
         self._reload = reload
         self._lock = threading.Lock()
 
@@ -86,8 +86,21 @@ class _Server(ThreadingHTTPServer):
         with self._lock:
             history = self._site.history
             if self._reload is not None and (self._store.branches() != history.branches or self._store.tags() != history.tags):
-                self._site = Site(self._store, self._reload())
+                self._site = self._warmed(Site(self._store, self._reload()))
             return self._site
+
+    @staticmethod
+    def _warmed(site: Site) -> Site:
+        """``site``, with what its storage page needs being read in the background."""
+        threading.Thread(target=_warm, args=(site,), name="ckpt-ui-warm", daemon=True).start()
+        return site
+
+
+def _warm(site: Site) -> None:
+    try:
+        site.warm()
+    except CkptStoreError:
+        pass  # the page itself reads again, and shows the error
 
 
 def serve(store: Store, history: History, *, host: str | None = None, port: int = 8765, announce: Callable[[str], None] = print, reload: Callable[[], History] | None = None) -> None:
