@@ -8,13 +8,15 @@ matplotlib is imported only when ``ckpt plot`` runs, so ``ckpt --version`` stays
 from __future__ import annotations
 
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import InvalidOption
 from ..store import Store, open_store
-from .model import History, load_history, preview_retention
+
+if TYPE_CHECKING:
+    from .model import History
 
 
 def open_read_only(ctx: click.Context) -> Store:
@@ -45,6 +47,8 @@ def retention_from_gc_options(ctx: click.Context, text: str) -> tuple[Any, float
 
 
 def _history(ctx: click.Context, store: Store, revs: tuple[str, ...], policy: str | None) -> History:
+    from .model import load_history, preview_retention
+
     history = load_history(store, lines=revs or None)
     if policy is not None:
         retention, grace_period_s = retention_from_gc_options(ctx, policy)
