@@ -66,6 +66,11 @@ class Site:
         return store_sizes(self.store.objects)
 
     @cached_property
+    def _row(self) -> dict[str, int]:
+        """Commit id → its row in the history (newest first)."""
+        return {cid: i for i, cid in enumerate(self.history.nodes)}
+
+    @cached_property
     def usage(self) -> Usage:
         return self.store.du()
 
@@ -197,14 +202,14 @@ class Site:
         usage = self.usage
         body = f"<p>{human(usage.logical_bytes)} logical in {len(usage.commits)} commits, {human(usage.physical_bytes)} stored; dedup {usage.dedup_ratio:.2f}×, compression {usage.compression_ratio:.2f}×</p>"
         body += "<h2>branches</h2>" + _table(["branch", "commits", "logical", "stored"], [[escape(b.name), str(b.commits), human(b.logical_bytes), human(b.physical_bytes)] for b in usage.branches])
-        body += "<h2>components</h2>" + _table(["component", "logical (all commits)", "stored (each chunk once)"], [[escape(k), human(v[0]), human(v[1])] for k, v in sorted(self.components.items())])
+        body += "<h2>components</h2>" + _table(["component", "logical (all commits)", "stored in chunks (each once)", "inline in manifests (raw, each manifest once)"], [[escape(k), human(v[0]), human(v[1]), human(v[2])] for k, v in sorted(self.components.items())])
         body += "<h2>retention preview</h2>" + self._retention()
         return _layout("storage", body, root="")
 
     @cached_property
     def components(self) -> dict[str, list[int]]:
-        """Per component: logical bytes over every commit, and stored bytes of its chunks
-        (each once) and of its inline tensors (once per manifest)."""
+        """Per component: logical bytes over every commit, stored bytes of its chunks (each
+        once), and raw bytes of its inline tensors (once per manifest, which stores them)."""
         out: dict[str, list[int]] = {}
         seen: set[str] = set()
         for node in self.history.nodes.values():
@@ -212,11 +217,11 @@ class Site:
             seen.add(node.commit.manifest)
             manifest = self.store.manifest_of(node.commit)
             for e in manifest.tensors:
-                row = out.setdefault(component_of(e.path), [0, 0])
+                row = out.setdefault(component_of(e.path), [0, 0, 0])
                 row[0] += e.nbytes
                 blob = manifest.blobs[e.blob]
                 if blob.inline is not None and fresh_manifest:
-                    row[1] += e.nbytes
+                    row[2] += e.nbytes
                 for c in blob.chunks:
                     if c.id not in seen:
                         seen.add(c.id)
@@ -230,7 +235,7 @@ class Site:
             return f"<p>No policy given (<code>ckpt ui --policy '--keep-last 3 …'</code>): gc would keep every commit a ref reaches and delete {plan.counts() or 'nothing'} ({human(plan.planned_bytes)}).</p>"
         counts = {k: sum(1 for v in retention.outcome.values() if v == k) for k in ("keep", "demote", "delete")}
         rows = [[f'<a href="commit/{cid}.html">{cid[:12]}</a>', escape(self.history.nodes[cid].commit.branch or '') if cid in self.history.nodes else "", outcome,
-                 escape(", ".join(retention.plan.newly_demoted.get(cid, ())))] for cid, outcome in retention.outcome.items() if outcome != "keep"]  # fmt: skip
+                 escape(", ".join(retention.plan.newly_demoted.get(cid, ())))] for cid, outcome in sorted(retention.outcome.items(), key=lambda item: self._row.get(item[0], -1)) if outcome != "keep"]  # fmt: skip
         return (
             f"<p class='retention'>keep {counts['keep']}, demote {counts['demote']}, delete {counts['delete']}; "
             f"frees {human(retention.freed_bytes)} ({retention.freed_bytes:,} bytes, by gc's own dry run)</p>"
