@@ -9,6 +9,7 @@ the store.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from functools import cached_property
 from html import escape
@@ -60,6 +61,7 @@ class Site:
     def __init__(self, store: Store, history: History) -> None:
         self.store = store
         self.history = history
+        self._reading = threading.Lock()  # one pass over the commits at a time: the page waits for the warm-up
 
     @cached_property
     def sizes(self) -> dict[str, int]:
@@ -77,8 +79,9 @@ class Site:
     def warm(self) -> None:
         """Read what the storage page needs (a pass over every commit), so that its first
         view is fast: the server calls this in the background as it starts. Idempotent."""
-        for name in ("sizes", "usage", "components"):
-            getattr(self, name)
+        with self._reading:
+            for name in ("sizes", "usage", "components"):
+                getattr(self, name)
 
     def paths(self) -> Iterator[str]:
         """Every page the site links to: each commit's, and its diff from its first parent."""
@@ -199,6 +202,7 @@ class Site:
         return _layout(f"diff {a[:12]}..{b[:12]}", head + _table(["", "key path", "dtype / shape", "", "bytes", "max |Δ|", "relative change"], rows, cls="diff"), root="../")
 
     def storage(self) -> str:
+        self.warm()
         usage = self.usage
         body = f"<p>{human(usage.logical_bytes)} logical in {len(usage.commits)} commits, {human(usage.physical_bytes)} stored; dedup {usage.dedup_ratio:.2f}×, compression {usage.compression_ratio:.2f}×</p>"
         body += "<h2>branches</h2>" + _table(["branch", "commits", "logical", "stored"], [[escape(b.name), str(b.commits), human(b.logical_bytes), human(b.physical_bytes)] for b in usage.branches])
