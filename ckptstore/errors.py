@@ -36,6 +36,7 @@ Python, :meth:`~CkptStoreError.cli_message` for the command line::
     │   └── InvalidOptionType ......... TypeError     an option given a value of a type it does not take
     ├── ExportBusy .................... another export is writing to the same path
     ├── TargetExists .................. FileExistsError  an export's target holds a file, or a non-empty folder (names it)
+    ├── MissingExtra .................. ImportError   a command whose optional extra is not installed (names it)
     ├── StoreNotFound ................. FileNotFoundError  opening a store that does not exist
     ├── CheckpointNotFound ............ FileNotFoundError  a checkpoint to import that is not there (names the path)
     └── StorageError .................. OSError       the backend failed (the cause is chained)
@@ -458,3 +459,13 @@ class TargetExists(CkptStoreError, FileExistsError):
 
     def __str__(self) -> str:  # FileExistsError would otherwise show only the first of several args
         return self.args[0]
+
+
+class MissingExtra(CkptStoreError, ImportError):
+    """A feature whose optional dependencies are not installed: ``extra`` names the extra
+    that installs them (``pip install 'ckptstore[plot]'``). Nothing was done."""
+
+    def __init__(self, feature: str, extra: str, *, missing: str) -> None:
+        self.feature = feature
+        self.extra = extra
+        super().__init__(f"{feature} needs {missing}, which is not installed: pip install 'ckptstore[{extra}]'")

@@ -10,17 +10,13 @@ The package: this module holds the ``cli`` group, :func:`main` (the ``ckpt`` scr
 ``python -m ckptstore``) and how errors become exit statuses; ``context`` holds the store a
 command runs against (``Context``, ``pass_ctx``), ``options`` the option types, ``output`` the
 terminal and JSON formatting, and the commands live in one module per noun: ``storage``,
-``history``, ``refs``, ``transfer``.
+``history``, ``refs``, ``transfer``, and ``ui`` (``plot`` and ``ui``, drawn by :mod:`ckptstore.ui`).
 
 Registering a command module: import it beside the others (``from . import history, ...``)
-and give it one line in :data:`COMMANDS` at the foot of this module (for ``ckptstore.ui``:
-``from .. import ui`` and ``ui.plot, ui.ui,``).
+and give it one line in :data:`COMMANDS` at the foot of this module.
 Every command module is imported with this one (``ckpt --help`` lists them all), so it
 imports torch, numpy or plotting libraries inside the commands that need them, never at its
-top (tests/test_cli_imports.py). A command module outside this package imports nothing from
-``ckptstore.cli`` at its top, since this module imports it, perhaps while it is itself being
-imported: its commands take the :class:`~ckptstore.cli.context.Context` with
-``click.pass_obj`` and import ``ckptstore.cli.output``'s helpers where they use them.
+top (tests/test_cli_imports.py).
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import click
 
 from .. import __version__
 from ..errors import CkptStoreError, InvalidRefName
-from . import history, refs, storage, transfer
+from . import history, refs, storage, transfer, ui
 from .context import Context
 from .output import printable
 
@@ -83,6 +79,7 @@ COMMANDS: tuple[click.Command, ...] = (
     history.log, history.show, history.diff,
     refs.branch, refs.tag, refs.rev_parse,
     transfer.import_, transfer.export_,
+    ui.plot, ui.ui,
 )  # fmt: skip
 for _command in COMMANDS:
     cli.add_command(_command)

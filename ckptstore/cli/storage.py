@@ -97,7 +97,7 @@ def du(ctx: Context, per_commit: bool, as_json: bool) -> None:
             click.echo(f"  {short_id(c.id)}  {human_bytes(c.logical_bytes):>10} logical  {new_bytes_text(c.new_bytes, c.new_metadata_bytes)} added  {human_bytes(c.exclusive_bytes):>10} its own")
 
 
-def _policy(
+def policy_from_options(
     keep_last: int | None, keep_best: int | None, metric: str | None, greater_is_better: bool | None,
     keep_every_steps: int | None, keep_within_s: float | None, max_total_bytes: int | None,
     demote: tuple[str, ...], keep_whole_last: int | None,
@@ -163,7 +163,7 @@ def gc(ctx: Context, keep_last, keep_best, metric, greater_is_better, keep_every
     Example:
       ckpt gc --keep-last 3 --keep-best 1 --demote optimizer --keep-whole-last 1 --dry-run
     """
-    policy = _policy(keep_last, keep_best, metric, greater_is_better, keep_every_steps, keep_within_s, max_total_bytes, demote, keep_whole_last)
+    policy = policy_from_options(keep_last, keep_best, metric, greater_is_better, keep_every_steps, keep_within_s, max_total_bytes, demote, keep_whole_last)
     retention = {pattern: policy for pattern in branches} if branches and policy is not None else policy
     with progress_bars(not as_json) as progress:
         plan = ctx.store().gc(retention, dry_run=dry_run, grace_period_s=grace_period_s, progress=progress)
