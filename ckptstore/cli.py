@@ -26,8 +26,10 @@ from . import __version__
 from .commit import Commit
 from .errors import CkptStoreError, InvalidOption, InvalidRefName, RefExists, StoreNotFound
 from .formats import run_checkpoints
-from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, commit_key, demoted_commit_ids, dropped_components, unreferenced_since
+from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, unreferenced_since
+from .layout import commit_key
 from .manifest import Manifest
+from .records import demoted_commit_ids, dropped_components
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from .store import LATEST, Diff, Store, open_store
 from .usage import CommitUsage, read_racing_collector, reading_commit

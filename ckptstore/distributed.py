@@ -52,7 +52,7 @@ from torch.futures import Future
 from .commit import Commit
 from .dcp_layout import RECORD_KEY, DcpRecord, DcpSave, TensorInfo, item_key
 from .errors import CkptStoreError, IntegrityError, RefConflict, UnsupportedValue, WriterExpired
-from .gc import manifest_key
+from .layout import manifest_key
 from .lease import WriterMarker, wait_while_collector_sweeps, writing
 from .manifest import (
     Manifest,

@@ -28,21 +28,22 @@ from .codec import (
 )
 from .commit import Commit
 from .errors import CkptStoreError, IntegrityError, InvalidOption, UnsupportedFormat
-from .gc import (
+from .gc import Progress, Repository
+from .ids import content_id
+from .layout import (
     DELETION_ORDER,
-    Progress,
-    Repository,
     chunk_key,
     commit_key,
     demotion_key,
-    dropped_components,
-    grafted_parents,
+    id_of,
+    is_commit_key,
     manifest_key,
+    ref_key,
     shallow_key,
 )
-from .ids import content_id
 from .manifest import ChunkRef, Manifest, TensorEntry, path_under
 from .pipeline import ChunkReader
+from .records import dropped_components, grafted_parents
 from .refs import RefKind
 
 
@@ -121,7 +122,7 @@ def check(
             try:
                 target = repo.refs.get(kind, name)
             except CkptStoreError as exc:
-                report.problems.append(Problem("ref", f"{kind.noun} {name!r} is unreadable: {exc}", key=f"refs/{kind.value}/{name}"))
+                report.problems.append(Problem("ref", f"{kind.noun} {name!r} is unreadable: {exc}", key=ref_key(kind.value, name)))
                 continue
             if target is not None:
                 targets[f"{kind.noun} {name}"] = target
@@ -130,8 +131,8 @@ def check(
 
     # Commits, read from the store (not the catalog) and verified.
     commits: dict[str, Commit] = {}
-    for key in sorted(k for k in listing if k.startswith("commits/")):
-        cid = key.rsplit("/", 1)[-1]
+    for key in sorted(k for k in listing if is_commit_key(k)):
+        cid = id_of(key)
         try:
             commits[cid] = repo.read_commit(cid)
         except (IntegrityError, UnsupportedFormat) as exc:
@@ -279,7 +280,7 @@ def check(
     report.orphans = sorted(key for key in listing if key not in referenced)
 
     # The catalog against the store.
-    stored = {key.rsplit("/", 1)[-1] for key in listing if key.startswith("commits/")}
+    stored = {id_of(key) for key in listing if is_commit_key(key)}
     catalog_problems = _catalog_problems(repo, commits, stored, targets)
     if catalog_problems and repair:
         repo.catalog.clear()

@@ -42,27 +42,41 @@ from .errors import (
     CollectorBusy,
     IntegrityError,
     InvalidOption,
-    ObjectNotFound,
     PolicyMatchesNothing,
     PreconditionFailed,
     StorageError,
     UnsupportedFormat,
 )
-from .ids import is_full_id
+from .layout import (
+    CHUNKS_PREFIX,
+    COMMITS_PREFIX,
+    DELETION_ORDER,
+    MANIFESTS_PREFIX,
+    STORE_PREFIXES,
+    chunk_key,
+    commit_key,
+    demotion_key,
+    id_of,
+    is_chunk_key,
+    is_commit_key,
+    kind_of,
+    manifest_key,
+    prefix_of,
+    shallow_key,
+)
 from .lease import (
     DEFAULT_LEASE_TTL_S,
     LEGACY_RECORD_TTL_S,
     CollectorLease,
-    decode_record,
-    encode_record,
     remove_dead_writers,
     storage_now,
     writers,
 )
 from .manifest import Manifest, path_under
 from .objectstore import ObjectInfo, ObjectStore
-from .pipeline import ChunkReader, Progress, chunk_key
-from .refs import RefKind, RefStore
+from .pipeline import ChunkReader, Progress
+from .records import dropped_components, encode_record, grafted_parents, read_demotion
+from .refs import RefKind, RefStore, retry_cas
 from .retention import CommitInfo, Policy, Retention, policy_for
 
 log = logging.getLogger("ckptstore.gc")
@@ -72,111 +86,38 @@ DEFAULT_GRACE_PERIOD_S = 3600.0
 #: 0.1) protects its commit; and the age past which temp files are abandoned uploads.
 DEFAULT_WRITER_TIMEOUT_S = LEGACY_RECORD_TTL_S
 
-#: Prefixes of the objects GC may delete, in deletion order (the reverse of write order).
-#: Chunks go in descending order of their delta chain's length, so that a delta is always
-#: deleted before its bases.
-DELETION_ORDER = ("commits/", "shallow/", "demotions/", "manifests/", "chunks/")
-#: Every prefix the store's objects live under (besides ``config``), in the reverse of write
-#: order: GC and ``du`` touch nothing else (a store's directory may hold other files, or
-#: another store), and a listing in this order that shows a commit shows its manifest and
-#: chunks too, unless a collector removed it meanwhile.
-STORE_PREFIXES = (*DELETION_ORDER, "refs/", "locks/")
-
-
-def commit_key(commit_id: str) -> str:
-    return f"commits/{commit_id[:2]}/{commit_id}"
-
-
-def manifest_key(manifest_id: str) -> str:
-    return f"manifests/{manifest_id[:2]}/{manifest_id}"
-
-
-def demotion_key(commit_id: str) -> str:
-    return f"demotions/{commit_id}"
-
-
-def shallow_key(commit_id: str) -> str:
-    return f"shallow/{commit_id}"
-
-
-#: Demotion and shallow records list commit ids and key paths: larger than the lease's.
-MAX_GC_RECORD_BYTES = 1 << 20
-
-
-def _read_record(objects: ObjectStore, key: str) -> tuple[dict, str] | None:
-    try:
-        data, version = objects.get_versioned(key)
-    except ObjectNotFound:
-        return None
-    return decode_record(data, key, max_raw_size=MAX_GC_RECORD_BYTES), version
-
-
-def dropped_components(objects: ObjectStore, commit_id: str) -> tuple[str, ...]:
-    """The key-path prefixes GC dropped from a demoted commit (empty if it is whole)."""
-    found = _read_record(objects, demotion_key(commit_id))
-    if found is None:
-        return ()
-    prefixes = found[0].get("dropped")
-    if not isinstance(prefixes, list) or not all(isinstance(p, str) and p for p in prefixes):
-        raise IntegrityError("malformed demotion record", key=demotion_key(commit_id))
-    return tuple(prefixes)
-
-
-def demoted_commit_ids(objects: ObjectStore) -> set[str]:
-    """The ids of every commit with a demotion record (one listing: cheaper than reading
-    each commit's record where few commits are demoted)."""
-    return {key.rsplit("/", 1)[-1] for key in objects.list(demotion_key(""))}
+def _gc_pause_s(attempt: int) -> float:
+    return min(0.5, 0.01 * 2 ** (attempt + 1))  # a writer (or a dead one's lock) holds the record
 
 
 def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str]) -> tuple[str, ...]:
     """Add ``prefixes`` to what commit ``commit_id`` no longer holds (compare-and-swap,
     retried). Idempotent. Returns the whole set."""
     key = demotion_key(commit_id)
-    for attempt in range(100):
-        if attempt:
-            time.sleep(min(0.5, 0.01 * 2**attempt))  # a writer (or a dead one's lock) holds it
-        found = _read_record(objects, key)
-        current = () if found is None else dropped_components(objects, commit_id)
+
+    def attempt() -> tuple[str, ...]:
+        found = read_demotion(objects, commit_id)
+        current = () if found is None else found[0]
         merged = tuple(sorted(set(current) | set(prefixes)))
         if merged == tuple(sorted(current)) and found is not None:
             return merged
-        try:
-            objects.put_if_version(key, encode_record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
-            return merged
-        except PreconditionFailed:
-            continue
-    raise CollectorBusy(f"demotion record {key} kept changing under the collector")
+        objects.put_if_version(key, encode_record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
+        return merged
 
-
-def grafted_parents(objects: ObjectStore, commit_id: str) -> tuple[list[str], str] | None:
-    """The parents GC gave this commit when it removed some of its own (its nearest kept
-    ancestors; empty where the history ends) and the record's version; ``None`` if GC never
-    removed a parent of it."""
-    found = _read_record(objects, shallow_key(commit_id))
-    if found is None:
-        return None
-    parents = found[0].get("parents")
-    if not isinstance(parents, list) or not all(isinstance(p, str) and is_full_id(p) for p in parents):
-        raise IntegrityError("malformed shallow record", key=shallow_key(commit_id))
-    return parents, found[1]
+    return retry_cas(attempt, conflicts=PreconditionFailed, max_attempts=100, pause_s=_gc_pause_s, exhausted=lambda: CollectorBusy(f"demotion record {key} kept changing under the collector"))
 
 
 def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> None:
     """Set the parents of a commit whose own parents GC removes (compare-and-swap, retried).
     Idempotent."""
     key = shallow_key(commit_id)
-    for attempt in range(100):
-        if attempt:
-            time.sleep(min(0.5, 0.01 * 2**attempt))
+
+    def attempt() -> None:
         current = grafted_parents(objects, commit_id)
-        if current is not None and current[0] == parents:
-            return
-        try:
+        if current is None or current[0] != parents:
             objects.put_if_version(key, encode_record({"parents": parents, "at_s": time.time()}), version=None if current is None else current[1])
-            return
-        except PreconditionFailed:
-            continue
-    raise CollectorBusy(f"shallow record {key} kept changing under the collector")
+
+    retry_cas(attempt, conflicts=PreconditionFailed, max_attempts=100, pause_s=_gc_pause_s, exhausted=lambda: CollectorBusy(f"shallow record {key} kept changing under the collector"))
 
 
 def effective_parents(objects: ObjectStore, commit: Commit, *, exists: Callable[[str], bool], grafted: Callable[[str], bool]) -> list[str]:
@@ -196,15 +137,15 @@ def unreferenced_since(repo: Repository, *, since_s: float) -> list[ObjectInfo]:
     no commit references: what an interrupted or killed writer left behind, for a
     collection after the grace period to reclaim. Reads only the commits made since."""
     objects = repo.objects
-    fresh = [info for prefix in ("manifests/", "chunks/") for info in objects.list_info(prefix) if info.modified_s >= since_s]
+    fresh = [info for prefix in (MANIFESTS_PREFIX, CHUNKS_PREFIX) for info in objects.list_info(prefix) if info.modified_s >= since_s]
     if not fresh:
         return []
     referenced: set[str] = set()
-    for info in objects.list_info("commits/"):
+    for info in objects.list_info(COMMITS_PREFIX):
         if info.modified_s < since_s:
             continue  # an older commit's chunks were stored before (but for one repaired in place since)
         try:
-            commit = repo.get_commit(info.key.rsplit("/", 1)[-1])
+            commit = repo.get_commit(id_of(info.key))
             referenced.add(manifest_key(commit.manifest))
             referenced.update(chunk_key(c) for c in manifest_chunks(repo, commit))
         except CkptStoreError:  # unreadable, or collected meanwhile: it references nothing
@@ -315,7 +256,7 @@ class GcPlan:
         """Objects to delete per kind (``commits``, ``manifests``, ``chunks``…)."""
         out: dict[str, int] = {}
         for info in self.deletions:
-            kind = info.key.split("/", 1)[0]
+            kind = kind_of(info.key)
             out[kind] = out.get(kind, 0) + 1
         return out
 
@@ -363,8 +304,8 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
 
     commits: dict[str, Commit] = {}
     for key in listing:
-        if key.startswith("commits/"):
-            commit_id = key.rsplit("/", 1)[-1]
+        if is_commit_key(key):
+            commit_id = id_of(key)
             try:
                 commits[commit_id] = repo.get_commit(commit_id)
             except (IntegrityError, UnsupportedFormat) as exc:
@@ -446,17 +387,17 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     needed.update(commit_key(cid) for cid in result.unreadable_commits)
 
     # An object that stays has every object it needs: a young delta keeps its bases.
-    chains = _chunk_chains(repo, commits, [key for key in listing if key.startswith("chunks/")])
+    chains = _chunk_chains(repo, commits, [key for key in listing if is_chunk_key(key)])
     for key, info in listing.items():
-        if key.startswith("chunks/") and (key in needed or info.modified_s >= cutoff_s):
-            needed.update(chunk_key(base) for base in chains.get(key.rsplit("/", 1)[-1], ()))
+        if is_chunk_key(key) and (key in needed or info.modified_s >= cutoff_s):
+            needed.update(chunk_key(base) for base in chains.get(id_of(key), ()))
 
     result.kept_commits = sorted(kept)
     result.removed_commits = sorted(set(commits) - kept)
     result.demoted_commits = demoted
     order = {prefix: i for i, prefix in enumerate(DELETION_ORDER)}
     rank = {
-        key: (order[key.split("/", 1)[0] + "/"], -len(chains.get(key.rsplit("/", 1)[-1], ())) if key.startswith("chunks/") else 0)
+        key: (order[prefix_of(key)], -len(chains.get(id_of(key), ())) if is_chunk_key(key) else 0)
         for key in listing
     }
     for key, info in listing.items():
@@ -480,7 +421,7 @@ def _chunk_chains(repo: Repository, commits: dict[str, Commit], chunk_keys: list
             chains.update(manifest_chains(repo, commit))
         except (IntegrityError, UnsupportedFormat) as exc:
             log.warning("commit %s: manifest unreadable (%s); its chunks' chains are read from the chunks", commit.id, exc)
-    unknown = [key.rsplit("/", 1)[-1] for key in chunk_keys if key.rsplit("/", 1)[-1] not in chains]
+    unknown = [id_of(key) for key in chunk_keys if id_of(key) not in chains]
     if unknown:
         reader = ChunkReader(repo.objects)
 
@@ -646,8 +587,8 @@ def _protect_new_work(repo: Repository, result: GcPlan, snapshot: _Snapshot, pro
         else:
             log.warning("a ref was set to commit %s after the collector deleted it", cid)
     fresh = []
-    for key in objects.list("commits/"):
-        cid = key.rsplit("/", 1)[-1]
+    for key in objects.list(COMMITS_PREFIX):
+        cid = id_of(key)
         if cid not in known_commits:
             known_commits.add(cid)
             fresh.append(cid)

@@ -41,6 +41,7 @@ from .codec import (
 )  # fmt: skip
 from .errors import IntegrityError, InvalidOption, ObjectNotFound, OutOfMemory, PreconditionFailed, SourceChanged
 from .ids import content_id
+from .layout import chunk_key
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
 from .objectstore import ObjectStore
 
@@ -78,10 +79,6 @@ def check_compression_mode(compression: str | None) -> None:
 #: ``progress(phase, done, total)``: called as long work advances (bytes, for commit and
 #: checkout), from worker threads but never concurrently.
 Progress = Callable[[str, int, int], None]
-
-
-def chunk_key(chunk_id: str) -> str:
-    return f"chunks/{chunk_id[:2]}/{chunk_id}"
 
 
 def default_threads(objects: ObjectStore | None = None) -> int:

@@ -79,10 +79,7 @@ from .gc import (
     DEFAULT_WRITER_TIMEOUT_S,
     GcPlan,
     collect,
-    commit_key,
-    dropped_components,
     effective_parents,
-    manifest_key,
 )
 from .ids import (
     HASH_ALGORITHM,
@@ -92,6 +89,7 @@ from .ids import (
     is_id_prefix,
     parse_revision,
 )
+from .layout import commit_key, manifest_key
 from .lease import writing
 from .manifest import (
     BlobSource,
@@ -122,6 +120,7 @@ from .pipeline import (
     check_delta_mode,
     default_threads,
 )
+from .records import dropped_components
 from .refs import BEST, LATEST, STORE_TAGS, RefKind, RefStore, check_ref_name
 from .repack import RepackReport
 from .repack import repack as repack_chunks

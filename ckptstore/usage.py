@@ -29,7 +29,8 @@ from typing import TypeVar
 from .codec import HEADER_SIZE
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
-from .gc import STORE_PREFIXES, Repository, chunk_key, commit_key, manifest_chunks, manifest_key
+from .gc import Repository, manifest_chunks
+from .layout import CONFIG_KEY, STORE_PREFIXES, chunk_key, commit_key, id_of, kind_of, manifest_key
 from .objectstore import ObjectStore
 from .pipeline import value_bytes
 from .refs import RefKind
@@ -39,7 +40,6 @@ log = logging.getLogger("ckptstore.usage")
 
 T = TypeVar("T")
 
-CONFIG_KEY = "config"
 #: How often a read that a collector races is tried, and the first pause between tries
 #: (doubling each time).
 READ_ATTEMPTS = 5
@@ -160,7 +160,7 @@ def _measure(repo: Repository) -> Usage:
     sizes = store_sizes(repo.objects)
     usage = Usage()
     for key, size in sizes.items():
-        kind = key.split("/", 1)[0]
+        kind = kind_of(key)
         count, total = usage.objects.get(kind, (0, 0))
         usage.objects[kind] = (count + 1, total + size)
         usage.physical_bytes += size
@@ -231,7 +231,7 @@ def _estimate_repack(repo: Repository, usage: Usage, raw_chunks: dict[str, int],
                 manifest = repo.manifest_of(commit)
             by_blob = value_bytes(manifest)
             groups[commit.manifest] = {ref.id: by_blob.get(i, 1) for i, blob in enumerate(manifest.blobs) for ref in blob.chunks}
-        group = groups[commit.manifest].get(key.rsplit("/", 1)[-1], 1)
+        group = groups[commit.manifest].get(id_of(key), 1)
         size = raw_chunks[key]
         n = min(size, REPACK_SAMPLE_BYTES) // 8 * 8 or size
         start = (size - n) // 2 // 8 * 8
