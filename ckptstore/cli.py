@@ -26,7 +26,8 @@ from . import __version__
 from .commit import Commit
 from .errors import CkptStoreError, InvalidOption, InvalidRefName, RefExists, StoreNotFound
 from .formats import run_checkpoints
-from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, unreferenced_since
+from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan
+from .inventory import unreferenced_since
 from .layout import commit_key
 from .manifest import Manifest
 from .records import demoted_commit_ids, dropped_components

@@ -27,15 +27,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from .catalog import Catalog
 from .commit import Commit
 from .errors import (
     CkptStoreError,
@@ -47,18 +43,25 @@ from .errors import (
     StorageError,
     UnsupportedFormat,
 )
+from .history import ancestors, nearest_kept
+from .inventory import (
+    Inventory,
+    Repository,
+    kept_chunks,
+    manifest_chains,
+    manifest_chunks,
+    stored_needs,
+    take_inventory,
+)
 from .layout import (
-    CHUNKS_PREFIX,
     COMMITS_PREFIX,
     DELETION_ORDER,
-    MANIFESTS_PREFIX,
     STORE_PREFIXES,
     chunk_key,
     commit_key,
     demotion_key,
     id_of,
     is_chunk_key,
-    is_commit_key,
     kind_of,
     manifest_key,
     prefix_of,
@@ -72,11 +75,11 @@ from .lease import (
     storage_now,
     writers,
 )
-from .manifest import Manifest, path_under
+from .manifest import path_under
 from .objectstore import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress
-from .records import dropped_components, encode_record, grafted_parents, read_demotion
-from .refs import RefKind, RefStore, retry_cas
+from .records import encode_record, grafted_parents, read_demotion
+from .refs import RefKind, retry_cas
 from .retention import CommitInfo, Policy, Retention, policy_for
 
 log = logging.getLogger("ckptstore.gc")
@@ -118,103 +121,6 @@ def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> N
             objects.put_if_version(key, encode_record({"parents": parents, "at_s": time.time()}), version=None if current is None else current[1])
 
     retry_cas(attempt, conflicts=PreconditionFailed, max_attempts=100, pause_s=_gc_pause_s, exhausted=lambda: CollectorBusy(f"shallow record {key} kept changing under the collector"))
-
-
-def effective_parents(objects: ObjectStore, commit: Commit, *, exists: Callable[[str], bool], grafted: Callable[[str], bool]) -> list[str]:
-    """A commit's parents as history follows them: the nearest kept ancestors GC recorded
-    for it, if it has a ``shallow/`` record (``grafted``: whether it is known to), else its
-    own parents that exist. A commit with a missing parent is looked up for a record anyway,
-    in case a collector wrote one since ``grafted`` was known."""
-    if grafted(commit.id) or not all(exists(p) for p in commit.parents):
-        found = grafted_parents(objects, commit.id)
-        if found is not None:
-            return found[0]
-    return [p for p in commit.parents if exists(p)]
-
-
-def unreferenced_since(repo: Repository, *, since_s: float) -> list[ObjectInfo]:
-    """The manifests and chunks stored at or after ``since_s`` (by the storage's clock) that
-    no commit references: what an interrupted or killed writer left behind, for a
-    collection after the grace period to reclaim. Reads only the commits made since."""
-    objects = repo.objects
-    fresh = [info for prefix in (MANIFESTS_PREFIX, CHUNKS_PREFIX) for info in objects.list_info(prefix) if info.modified_s >= since_s]
-    if not fresh:
-        return []
-    referenced: set[str] = set()
-    for info in objects.list_info(COMMITS_PREFIX):
-        if info.modified_s < since_s:
-            continue  # an older commit's chunks were stored before (but for one repaired in place since)
-        try:
-            commit = repo.get_commit(id_of(info.key))
-            referenced.add(manifest_key(commit.manifest))
-            referenced.update(chunk_key(c) for c in manifest_chunks(repo, commit))
-        except CkptStoreError:  # unreadable, or collected meanwhile: it references nothing
-            continue
-    return [info for info in fresh if info.key not in referenced]
-
-
-class Repository(Protocol):
-    """What the collector and fsck need of a store."""
-
-    objects: ObjectStore
-    refs: RefStore
-    catalog: Catalog
-    config: Any  # StoreConfig: best_metric, greater_is_better
-
-    def get_commit(self, commit_id: str) -> Commit: ...
-
-    def read_commit(self, commit_id: str) -> Commit: ...
-
-    def manifest_of(self, commit: Commit) -> Manifest: ...
-
-    def sync_catalog(self) -> None: ...
-
-    def parents_of(self, commit: Commit) -> list[str]: ...
-
-
-def manifest_chunks(repo: Repository, commit: Commit) -> dict[str, int]:
-    """Chunk id → raw size for every chunk a commit's manifest uses, delta bases included. From the
-    manifest itself (verified against its id), never from the catalog: a damaged catalog
-    must not make GC delete what a commit needs."""
-    return _chunk_table(repo, commit)[0]
-
-
-def manifest_chains(repo: Repository, commit: Commit) -> dict[str, tuple[str, ...]]:
-    """Chunk id → its delta chain (bases, nearest first) for every chunk a commit's manifest
-    uses, bases included (see :meth:`Manifest.chunk_chains`)."""
-    return _chunk_table(repo, commit)[1]
-
-
-def _chunk_table(repo: Repository, commit: Commit) -> tuple[dict[str, int], dict[str, tuple[str, ...]]]:
-    """A manifest's chunk sizes and chains. A manifest is named by its content, so the answer
-    for an id never changes: recent answers are remembered (any store)."""
-    manifest_id = commit.manifest
-    with _CHUNK_TABLES_LOCK:
-        if manifest_id in _CHUNK_TABLES:
-            _CHUNK_TABLES.move_to_end(manifest_id)
-            return _CHUNK_TABLES[manifest_id]
-    manifest = repo.manifest_of(commit)
-    table = (manifest.chunk_sizes(), manifest.chunk_chains())
-    with _CHUNK_TABLES_LOCK:
-        _CHUNK_TABLES[manifest_id] = table
-        while len(_CHUNK_TABLES) > 256:
-            _CHUNK_TABLES.popitem(last=False)
-    return table
-
-
-_CHUNK_TABLES: OrderedDict[str, tuple[dict[str, int], dict[str, tuple[str, ...]]]] = OrderedDict()
-_CHUNK_TABLES_LOCK = threading.Lock()
-
-
-def kept_chunks(manifest: Manifest, dropped: Iterable[str]) -> set[str]:
-    """The chunks a manifest still needs once the components under ``dropped`` are gone (a
-    blob stays if any tensor uses it at a key path outside them), delta bases included."""
-    dropped = tuple(dropped)
-    needed_blobs = {
-        e.blob for e, paths in zip(manifest.tensors, manifest.key_paths)
-        if any(not any(path_under(path, p) for p in dropped) for path in paths)  # a kept path holds it
-    }  # fmt: skip
-    return set(manifest.chunk_sizes(needed_blobs))
 
 
 @dataclass
@@ -296,44 +202,51 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     now_s = objects.clock_s() if now_s is None else now_s  # the clock the store stamps ages with
     cutoff_s = now_s - grace_period_s
     result = GcPlan(grace_period_s=grace_period_s)
-    # Refs first: a ref moves only after its commit is stored, so the listing holds every target.
-    branches = repo.refs.list(RefKind.BRANCH)
-    tags = repo.refs.list(RefKind.TAG)
-    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
-    ref_targets = set(branches.values()) | set(tags.values())
+    # History follows parents, or the grafts of commits whose parents GC removed before.
+    inventory = take_inventory(repo, verify_commits=False, keep_missing_parents=False)
+    for commit_id, exc in inventory.unreadable.items():
+        log.warning("not collecting unreadable commit %s: %s", commit_id, exc)
+    result.unreadable_commits = list(inventory.unreadable)
+    _refuse_unknown_history(inventory)
+    drops = _select(repo, retention, inventory, now_s=now_s, cutoff_s=cutoff_s, result=result)
+    kept = set(drops)
+    demoted = _demote(objects, inventory, drops, result)
+    needed = _needed(repo, inventory, kept, demoted, result)
+    rank = _schedule(repo, inventory, needed, cutoff_s=cutoff_s, result=result)
+    result.kept_commits = sorted(kept)
+    result.removed_commits = sorted(set(inventory.commits) - kept)
+    result.demoted_commits = demoted
+    return result, _Snapshot(inventory.listing, inventory.commits, needed, inventory.parents, kept, rank)
 
-    commits: dict[str, Commit] = {}
-    for key in listing:
-        if is_commit_key(key):
-            commit_id = id_of(key)
-            try:
-                commits[commit_id] = repo.get_commit(commit_id)
-            except (IntegrityError, UnsupportedFormat) as exc:
-                log.warning("not collecting unreadable commit %s: %s", commit_id, exc)
-                result.unreadable_commits.append(commit_id)
-    for name, target in {**{f"branch {b}": c for b, c in branches.items()}, **{f"tag {t}": c for t, c in tags.items()}}.items():
-        if target not in commits:
+
+def _refuse_unknown_history(inventory: Inventory) -> None:
+    """Refuse to plan where what a ref reaches is unknown: an unreadable ref, a ref at an
+    unreadable commit, or a commit with an unreadable parent (its ancestors may be needed)."""
+    for exc in inventory.ref_errors.values():
+        raise exc
+    for name, target in inventory.ref_targets.items():
+        if target not in inventory.commits:
             raise IntegrityError(f"{name} points at commit {target}, which cannot be read; run fsck before collecting", key=commit_key(target))
-    unreadable = set(result.unreadable_commits)
-    for commit in commits.values():  # history past it is unknown: its ancestors may be needed
+    unreadable = set(inventory.unreadable)
+    for commit in inventory.commits.values():
         for parent in unreadable.intersection(commit.parents):
             raise IntegrityError(f"commit {commit.id} has a parent that cannot be read; run fsck before collecting", key=commit_key(parent))
 
-    # History follows parents, or the grafts of commits whose parents GC removed before.
-    has_record = lambda cid: shallow_key(cid) in listing  # noqa: E731
-    parents = {cid: effective_parents(objects, c, exists=lambda p: p in commits, grafted=has_record) for cid, c in commits.items()}
 
-    # Evaluate the policy on every branch's history. A commit is kept if any branch keeps it;
-    # each branch that keeps it says what it drops of it (nothing, if it keeps it whole),
-    # and it loses only what every one of them drops.
+def _select(repo: Repository, retention: Retention, inventory: Inventory, *, now_s: float, cutoff_s: float, result: GcPlan) -> dict[str, list[tuple[str, ...]]]:
+    """Evaluate the policy on every branch's history: commit kept → what each branch keeping
+    it drops of it (nothing, if it keeps it whole). A commit is kept if any branch keeps it,
+    and loses only what every one of them drops. Fills in the policy's warnings."""
+    commits, parents, listing = inventory.commits, inventory.parents, inventory.listing
+    ref_targets = set(inventory.ref_targets.values())
     young = {cid for cid in commits if listing[commit_key(cid)].modified_s >= cutoff_s}
-    drops: dict[str, list[tuple[str, ...]]] = {}  # commit → what each branch keeping it drops
+    drops: dict[str, list[tuple[str, ...]]] = {}
     if retention is None:
         for target in ref_targets:
             for c in _history(target, commits, parents):
                 drops.setdefault(c.id, []).append(())
     governed: dict[Policy, list[list[CommitInfo]]] = {}
-    for branch, head in branches.items():
+    for branch, head in inventory.branches.items():
         history = _history(head, commits, parents)
         policy = policy_for(retention, branch)
         if policy is None:
@@ -350,20 +263,28 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     for cid in ref_targets | young:
         drops.setdefault(cid, []).append(())
     result.warnings = [why for policy, histories in governed.items() for why in policy.unmatched(histories)]
-    kept = set(drops)
+    return drops
 
-    # Demotions: earlier ones stand; new ones only what every branch keeping it drops.
+
+def _demote(objects: ObjectStore, inventory: Inventory, drops: dict[str, list[tuple[str, ...]]], result: GcPlan) -> dict[str, tuple[str, ...]]:
+    """Kept commit → every prefix it no longer holds: earlier demotions stand; new ones only
+    what every branch keeping it drops. Fills in what this collection newly demotes."""
     demoted: dict[str, tuple[str, ...]] = {}
-    for cid in sorted(kept):
-        earlier = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
+    for cid in sorted(drops):
+        earlier = inventory.dropped(objects, cid)
         new = _dropped_by_all(drops[cid])
         if earlier or new:
             demoted[cid] = tuple(sorted(set(earlier) | new))
         fresh = {p for p in new if not any(path_under(p, q) for q in earlier)}
         if fresh:
             result.newly_demoted[cid] = tuple(sorted(fresh))
+    return demoted
 
-    # What the kept commits need.
+
+def _needed(repo: Repository, inventory: Inventory, kept: set[str], demoted: dict[str, tuple[str, ...]], result: GcPlan) -> set[str]:
+    """Every object the kept commits need (records included), and the grafts of kept
+    commits whose parents go (into ``result.shallow_commits``)."""
+    commits, parents = inventory.commits, inventory.parents
     needed: set[str] = set()
     manifests: dict[str, set[str]] = {}
     for cid in kept:
@@ -379,27 +300,26 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         needed.add(manifest_key(manifest_id))
         needed.update(chunk_key(c) for c in chunks)
     for cid in kept:
-        grafts = _nearest_kept(parents[cid], kept, parents)
+        grafts = nearest_kept(parents[cid], kept, parents)
         if grafts != parents[cid]:
             result.shallow_commits[cid] = grafts
-        if shallow_key(cid) in listing or cid in result.shallow_commits:
+        if inventory.is_grafted(cid) or cid in result.shallow_commits:
             needed.add(shallow_key(cid))
     needed.update(commit_key(cid) for cid in result.unreadable_commits)
+    return needed
 
-    # An object that stays has every object it needs: a young delta keeps its bases.
-    chains = _chunk_chains(repo, commits, [key for key in listing if is_chunk_key(key)])
+
+def _schedule(repo: Repository, inventory: Inventory, needed: set[str], *, cutoff_s: float, result: GcPlan) -> dict[str, tuple[int, int]]:
+    """Fill in the deletions (what nothing needs and is older than the grace period), in
+    deletion order, after adding to ``needed`` every base of a delta that stays (needed or
+    young). Returns each listed key's rank in deletion order."""
+    listing = inventory.listing
+    chains = _chunk_chains(repo, inventory.commits, [key for key in listing if is_chunk_key(key)])
     for key, info in listing.items():
         if is_chunk_key(key) and (key in needed or info.modified_s >= cutoff_s):
             needed.update(chunk_key(base) for base in chains.get(id_of(key), ()))
-
-    result.kept_commits = sorted(kept)
-    result.removed_commits = sorted(set(commits) - kept)
-    result.demoted_commits = demoted
     order = {prefix: i for i, prefix in enumerate(DELETION_ORDER)}
-    rank = {
-        key: (order[prefix_of(key)], -len(chains.get(id_of(key), ())) if is_chunk_key(key) else 0)
-        for key in listing
-    }
+    rank = {key: (order[prefix_of(key)], -len(chains.get(id_of(key), ())) if is_chunk_key(key) else 0) for key in listing}
     for key, info in listing.items():
         if key in needed:
             continue
@@ -408,7 +328,7 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         else:
             result.deletions.append(info)
     result.deletions.sort(key=lambda info: (rank[info.key], info.key))
-    return result, _Snapshot(listing, commits, needed, parents, kept, rank)
+    return rank
 
 
 def _chunk_chains(repo: Repository, commits: dict[str, Commit], chunk_keys: list[str]) -> dict[str, tuple[str, ...]]:
@@ -447,37 +367,13 @@ def _dropped_by_all(drops: list[tuple[str, ...]]) -> set[str]:
     return {p for p in out if not any(p != q and path_under(p, q) for q in out)}
 
 
-def _nearest_kept(start: list[str], kept: set[str], parents: dict[str, list[str]]) -> list[str]:
-    """For each of ``start`` in order: itself if kept, else its nearest kept ancestors."""
-    out: list[str] = []
-    seen: set[str] = set()
-    stack = list(reversed(start))
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
-        if cid in kept or cid not in parents:  # kept, or unknown (missing: fsck's business)
-            out.append(cid)
-        else:
-            stack.extend(reversed(parents[cid]))
-    return out
-
-
 def _history(head: str, commits: dict[str, Commit], parents: dict[str, list[str]]) -> list[CommitInfo]:
     """Every readable ancestor of ``head`` (itself included), newest first."""
-    seen: set[str] = set()
-    stack = [head]
     out = []
-    while stack:
-        cid = stack.pop()
-        if cid in seen or cid not in commits:
-            continue
-        seen.add(cid)
+    for cid in ancestors([head], lambda c: parents[c] if c in commits else None):
         commit = commits[cid]
         step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
         out.append(CommitInfo(cid, commit.created_at.timestamp(), step if type(step) is int else None, commit.metrics))
-        stack.extend(parents[cid])
     out.sort(key=lambda c: c.created_at_s, reverse=True)
     return out
 
@@ -491,9 +387,7 @@ def _fit_budget(repo: Repository, history: list[CommitInfo], kept: set[str], bud
     for c in history:
         if c.id not in kept:
             continue
-        manifest_id = commits[c.id].manifest
-        keys = [chunk_key(k) for k in manifest_chunks(repo, commits[c.id])] + [manifest_key(manifest_id), commit_key(c.id)]
-        objects = {key: listing[key].size_bytes for key in keys if key in listing}
+        objects = {key: listing[key].size_bytes for key in stored_needs(repo, commits[c.id], listing)}
         need[c.id] = objects
         for key, n in objects.items():
             refcount[key] = refcount.get(key, 0) + 1
@@ -610,7 +504,7 @@ def _protect_new_work(repo: Repository, result: GcPlan, snapshot: _Snapshot, pro
                 protected.add(demotion_key(cid))
         own = snapshot.parents.get(cid, list(commit.parents))
         if any(p in removed for p in own):  # a parent goes: graft its nearest kept ancestors
-            record_grafts(objects, cid, _nearest_kept(own, snapshot.kept, snapshot.parents))
+            record_grafts(objects, cid, nearest_kept(own, snapshot.kept, snapshot.parents))
             protected.add(shallow_key(cid))
 
 

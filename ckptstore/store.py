@@ -79,8 +79,8 @@ from .gc import (
     DEFAULT_WRITER_TIMEOUT_S,
     GcPlan,
     collect,
-    effective_parents,
 )
+from .history import effective_parents
 from .ids import (
     HASH_ALGORITHM,
     check_hash_algorithm,

@@ -29,7 +29,8 @@ from typing import TypeVar
 from .codec import HEADER_SIZE
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
-from .gc import Repository, manifest_chunks
+from .history import ancestors
+from .inventory import Repository, manifest_chunks
 from .layout import CONFIG_KEY, STORE_PREFIXES, chunk_key, commit_key, id_of, kind_of, manifest_key
 from .objectstore import ObjectStore
 from .pipeline import value_bytes
@@ -205,7 +206,7 @@ def _measure(repo: Repository) -> Usage:
             raise CollectedWhileReading(
                 f"collected while reading: branch {name} moved on and a garbage collector removed its head {head[:12]}", key=commit_key(head)
             )  # (a head that a ref still names is missing for good: damage, which fsck reports)
-        history = _ancestors(repo, head, commits)
+        history = ancestors([head], lambda c: repo.parents_of(commits[c]) if c in commits else None)
         keys = set().union(*(needs[c] for c in history)) if history else set()
         usage.branches.append(
             BranchUsage(name, len(history), sum(commits[c].stats.logical_bytes for c in history), sum(sizes[k] for k in keys))
@@ -249,18 +250,3 @@ def _estimate_repack(repo: Repository, usage: Usage, raw_chunks: dict[str, int],
 
 def _ref_targets(repo: Repository) -> set[str]:
     return {cid for kind in RefKind for cid in repo.refs.list(kind).values()}
-
-
-def _ancestors(repo: Repository, head: str, commits: dict[str, Commit]) -> list[str]:
-    """``head`` and its ancestors along the parents history follows, those measured."""
-    seen: list[str] = []
-    stack = [head]
-    visited = set()
-    while stack:
-        cid = stack.pop()
-        if cid in visited or cid not in commits:
-            continue
-        visited.add(cid)
-        seen.append(cid)
-        stack.extend(repo.parents_of(commits[cid]))
-    return seen
