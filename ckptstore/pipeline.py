@@ -612,103 +612,8 @@ class Pipeline:
         balance = self.balance if compression == "auto" and compression_level is not None else None
         if balance is not None:
             balance.start_commit()
-
-        def read_base(parent: ChunkRef) -> np.ndarray | None:
-            data = self._scratch.get("base", parent.size)
-            try:
-                self.reader.read_into(parent, data)
-            except IntegrityError as exc:  # the commit goes on, with a keyframe
-                log.warning("chunk %s cannot serve as a delta base: %s", parent.id, exc)
-                return None
-            return data
-
-        def base_for(parent: ChunkRef | None, size: int, group: int) -> DeltaBase | None:
-            if delta == "off" or parent is None or group == 1 or compression_level is None:
-                return None
-            if parent.size != size or len(parent.bases) + 1 > max_delta_chain:
-                return None
-            data = self.recent.get(parent.id)
-            sample = self.recent.get_sample(parent.id) if data is None else sample_of(data, group_bytes=group)
-            if sample is None:  # nothing kept (a new process): read it to choose
-                data = read_base(parent)
-                if data is None:
-                    return None
-                sample = sample_of(data, group_bytes=group)
-
-            def load() -> np.ndarray | None:
-                if not self._objects.exists(chunk_key(parent.id)):
-                    return None  # removed since (GC): never write a delta against a missing base
-                return data if data is not None else read_base(parent)
-
-            return DeltaBase((parent.id, *parent.bases), size, sample, load)
-
-        def store_chunk(view: memoryview, parent: ChunkRef | None, group: int, blob: BlobSource) -> tuple[ChunkRef, bool, int]:
-            """Store one chunk of ``blob``. The bytes stored are the bytes hashed: unless the
-            blob is a private copy (made at snapshot time or from a device, so stable), the
-            caller's bytes are hashed again after they were encoded and after they were
-            written, and a chunk whose bytes changed meanwhile is :class:`SourceChanged`, with
-            nothing stored under its id that is not its bytes."""
-            started_s = time.thread_time()
-            chunk_id = content_id(view)
-            size = len(view)
-            if parent is not None and parent.id != chunk_id:
-                superseded.add(parent.id)
-            known = self._stored_chain(chunk_id, parent)
-            if known is not None:
-                keep(chunk_id, view, group, whole=delta == "on")
-                return ChunkRef(chunk_id, size, known), False, 0
-            base = base_for(parent, size, group)
-            chosen: list[tuple[Codec, float]] = []  # (codec, thread time) of an encoding chosen
-
-            def worth(codec: Codec, stored_fraction: float) -> bool:
-                assert balance is not None
-                if balance.choose(size, group, codec, stored_fraction):
-                    chosen.append((codec, time.thread_time()))
-                    return True
-                return False
-
-            encoded = encode_object(
-                Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
-                base=base, delta="on" if delta == "on" else "auto",
-                scratch=self._scratch.get("encode", 2 * size), worth=worth if balance is not None else None,
-            )  # fmt: skip
-            encoded_s = time.thread_time()
-            if not blob.private and encoded.codec is not Codec.RAW and content_id(view) != chunk_id:
-                raise SourceChanged(blob.path)  # the encoder read other bytes: nothing stored
-            put_started_s = time.thread_time()
-            with balance.writing(encoded.stored_bytes) if balance is not None else nullcontext():
-                stored = self._put_chunk(chunk_id, encoded.parts)
-            if balance is not None:  # CPU seconds besides encoding: before it, and in the write
-                before_s = (chosen[0][1] if chosen else encoded_s) - started_s
-                balance.worked(size, before_s + time.thread_time() - put_started_s, encoded=(chosen[0][0], group, encoded_s - chosen[0][1]) if chosen else None)
-            if not blob.private and content_id(view) != chunk_id:  # (a raw body is written from the caller's bytes)
-                self._drop_if_not(chunk_id, size, stored=stored)
-                raise SourceChanged(blob.path)
-            if stored is None:  # another writer stored it first
-                known = self.reader.bases_of(chunk_id)
-                if known is None:
-                    raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
-                keep(chunk_id, view, group, whole=delta == "on")
-                return ChunkRef(chunk_id, size, known), False, 0
-            # the next commit's delta likely pays where this one did, where a chain just
-            # ended in a keyframe, or (until shown otherwise) where none was tried yet
-            likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
-            keep(chunk_id, view, group, whole=delta == "on" or likely_base, sample=encoded.sample)
-            return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
-
-        def keep(chunk_id: str, view: memoryview, group: int, *, whole: bool, sample: np.ndarray | None = None) -> None:
-            """Keep a chunk that the next commit may take as a base: its bytes, or its sample
-            (``sample``, if encoding took it already)."""
-            import numpy as np
-            if delta == "off" or group == 1:
-                return
-            if whole:
-                self.recent.put(chunk_id, view)
-            else:
-                self.recent.put_sample(chunk_id, sample if sample is not None else sample_of(np.frombuffer(view, dtype=np.uint8), group_bytes=group))
-
+        writer = _ChunkWriter(self, delta=delta, compression_level=compression_level, max_delta_chain=max_delta_chain, balance=balance)
         order: list[int] = []
-        superseded: set[str] = set()
 
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index, source in sources.items():
@@ -719,28 +624,15 @@ class Pipeline:
                     view = data[start : start + chunk_size_bytes]
                     parent = parents[position] if position < len(parents) else None
                     order.append(index)
-                    yield len(view), (lambda v=view, p=parent, g=group, b=source: store_chunk(v, p, g, b))
+                    yield len(view), (lambda v=view, p=parent, g=group, b=source: writer.store_chunk(v, p, g, b))
 
         total = sum(len(source.data) for source in sources.values())
         try:
             results = self._run(tasks(), progress=progress, phase="commit", total_bytes=total)
         finally:  # once no task reads them: the parent's chunks that changed are no base now
             if delta != "off":
-                self.recent.retire(superseded)
-        out = WriteResult()
-        for index in sources:
-            manifest.blobs[index].chunks = []
-        for index, (ref, written, stored) in zip(order, results):  # type: ignore[misc]
-            manifest.blobs[index].chunks.append(ref)
-            if written:
-                out.new_chunks += 1
-                out.new_bytes += stored
-                out.new_frame_bytes += stored - min(stored - HEADER_SIZE, ref.size)
-                out.delta_chunks += bool(ref.bases)
-            else:
-                out.reused_chunks += 1
-                out.reused_bytes += ref.size
-        return out
+                self.recent.retire(writer.superseded)
+        return _fill_chunk_lists(manifest, sources, order, results)  # type: ignore[arg-type]
 
     def read_blobs(self, manifest: Manifest, blob_indices: Iterable[int], *, manifest_key: str, progress: Progress | None = None) -> dict[int, torch.Tensor]:
         """Read and verify the given blobs into new uint8 CPU tensors."""
@@ -778,6 +670,133 @@ class Pipeline:
         total = sum(sum(c.size for c in manifest.blobs[i].chunks) for i in blob_indices if manifest.blobs[i].inline is None)
         self._run(tasks(), progress=progress, phase="checkout", total_bytes=total)
         return buffers
+
+
+class _ChunkWriter:
+    """One :meth:`Pipeline.write_blobs` call's chunk stores: each chunk hashed, looked up,
+    encoded (against its parent's chunk where a delta pays) and written, from the pool's
+    threads, on the caller's bytes (no copy)."""
+
+    def __init__(self, pipeline: Pipeline, *, delta: DeltaMode, compression_level: int | None, max_delta_chain: int, balance: EncodingBalance | None) -> None:
+        self.pipeline = pipeline
+        self.delta = delta
+        self.compression_level = compression_level
+        self.max_delta_chain = max_delta_chain
+        self.balance = balance
+        #: The parent's chunks this commit changed (no base for the next one).
+        self.superseded: set[str] = set()
+
+    def read_base(self, parent: ChunkRef) -> np.ndarray | None:
+        data = self.pipeline._scratch.get("base", parent.size)
+        try:
+            self.pipeline.reader.read_into(parent, data)
+        except IntegrityError as exc:  # the commit goes on, with a keyframe
+            log.warning("chunk %s cannot serve as a delta base: %s", parent.id, exc)
+            return None
+        return data
+
+    def base_for(self, parent: ChunkRef | None, size: int, group: int) -> DeltaBase | None:
+        if self.delta == "off" or parent is None or group == 1 or self.compression_level is None:
+            return None
+        if parent.size != size or len(parent.bases) + 1 > self.max_delta_chain:
+            return None
+        data = self.pipeline.recent.get(parent.id)
+        sample = self.pipeline.recent.get_sample(parent.id) if data is None else sample_of(data, group_bytes=group)
+        if sample is None:  # nothing kept (a new process): read it to choose
+            data = self.read_base(parent)
+            if data is None:
+                return None
+            sample = sample_of(data, group_bytes=group)
+
+        def load() -> np.ndarray | None:
+            if not self.pipeline._objects.exists(chunk_key(parent.id)):
+                return None  # removed since (GC): never write a delta against a missing base
+            return data if data is not None else self.read_base(parent)
+
+        return DeltaBase((parent.id, *parent.bases), size, sample, load)
+
+    def store_chunk(self, view: memoryview, parent: ChunkRef | None, group: int, blob: BlobSource) -> tuple[ChunkRef, bool, int]:
+        """Store one chunk of ``blob``. The bytes stored are the bytes hashed: unless the
+        blob is a private copy (made at snapshot time or from a device, so stable), the
+        caller's bytes are hashed again after they were encoded and after they were
+        written, and a chunk whose bytes changed meanwhile is :class:`SourceChanged`, with
+        nothing stored under its id that is not its bytes."""
+        started_s = time.thread_time()
+        chunk_id = content_id(view)
+        size = len(view)
+        if parent is not None and parent.id != chunk_id:
+            self.superseded.add(parent.id)
+        known = self.pipeline._stored_chain(chunk_id, parent)
+        if known is not None:
+            self.keep(chunk_id, view, group, whole=self.delta == "on")
+            return ChunkRef(chunk_id, size, known), False, 0
+        base = self.base_for(parent, size, group)
+        chosen: list[tuple[Codec, float]] = []  # (codec, thread time) of an encoding chosen
+
+        def worth(codec: Codec, stored_fraction: float) -> bool:
+            assert self.balance is not None
+            if self.balance.choose(size, group, codec, stored_fraction):
+                chosen.append((codec, time.thread_time()))
+                return True
+            return False
+
+        encoded = encode_object(
+            Kind.CHUNK, view, compression_level=self.compression_level, group_bytes=group,
+            base=base, delta="on" if self.delta == "on" else "auto",
+            scratch=self.pipeline._scratch.get("encode", 2 * size), worth=worth if self.balance is not None else None,
+        )  # fmt: skip
+        encoded_s = time.thread_time()
+        if not blob.private and encoded.codec is not Codec.RAW and content_id(view) != chunk_id:
+            raise SourceChanged(blob.path)  # the encoder read other bytes: nothing stored
+        put_started_s = time.thread_time()
+        with self.balance.writing(encoded.stored_bytes) if self.balance is not None else nullcontext():
+            stored = self.pipeline._put_chunk(chunk_id, encoded.parts)
+        if self.balance is not None:  # CPU seconds besides encoding: before it, and in the write
+            before_s = (chosen[0][1] if chosen else encoded_s) - started_s
+            self.balance.worked(size, before_s + time.thread_time() - put_started_s, encoded=(chosen[0][0], group, encoded_s - chosen[0][1]) if chosen else None)
+        if not blob.private and content_id(view) != chunk_id:  # (a raw body is written from the caller's bytes)
+            self.pipeline._drop_if_not(chunk_id, size, stored=stored)
+            raise SourceChanged(blob.path)
+        if stored is None:  # another writer stored it first
+            known = self.pipeline.reader.bases_of(chunk_id)
+            if known is None:
+                raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
+            self.keep(chunk_id, view, group, whole=self.delta == "on")
+            return ChunkRef(chunk_id, size, known), False, 0
+        # the next commit's delta likely pays where this one did, where a chain just
+        # ended in a keyframe, or (until shown otherwise) where none was tried yet
+        likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
+        self.keep(chunk_id, view, group, whole=self.delta == "on" or likely_base, sample=encoded.sample)
+        return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
+
+    def keep(self, chunk_id: str, view: memoryview, group: int, *, whole: bool, sample: np.ndarray | None = None) -> None:
+        """Keep a chunk that the next commit may take as a base: its bytes, or its sample
+        (``sample``, if encoding took it already)."""
+        import numpy as np
+        if self.delta == "off" or group == 1:
+            return
+        if whole:
+            self.pipeline.recent.put(chunk_id, view)
+        else:
+            self.pipeline.recent.put_sample(chunk_id, sample if sample is not None else sample_of(np.frombuffer(view, dtype=np.uint8), group_bytes=group))
+
+
+def _fill_chunk_lists(manifest: Manifest, sources: Mapping[int, BlobSource], order: list[int], results: list[tuple[ChunkRef, bool, int]]) -> WriteResult:
+    """Set each written blob's chunk list, in order, and count what was written and reused."""
+    out = WriteResult()
+    for index in sources:
+        manifest.blobs[index].chunks = []
+    for index, (ref, written, stored) in zip(order, results):
+        manifest.blobs[index].chunks.append(ref)
+        if written:
+            out.new_chunks += 1
+            out.new_bytes += stored
+            out.new_frame_bytes += stored - min(stored - HEADER_SIZE, ref.size)
+            out.delta_chunks += bool(ref.bases)
+        else:
+            out.reused_chunks += 1
+            out.reused_bytes += ref.size
+    return out
 
 
 def _blob_buffer(size: int, *, key: str, path: str | None) -> torch.Tensor:
