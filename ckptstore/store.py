@@ -625,7 +625,7 @@ class Store:
 
         ``compression`` (default the store's setting): "always" encodes every chunk whose
         sample says an encoding pays; "auto" only while the sink, not the CPU, bounds the
-        write (it measures both as it goes: see :class:`~ckptstore.pipeline.EncodingBalance`),
+        write (it measures both as it goes: see :class:`~ckptstore.balance.EncodingBalance`),
         writing the others raw; "never" writes every chunk raw and whole. Only the stored
         bytes depend on it, never the ids."""
         check_delta_mode(delta)

@@ -34,7 +34,7 @@ from ckptstore.codec import (
 )
 from ckptstore.ids import content_id
 from ckptstore.layout import chunk_key
-from ckptstore.pipeline import RecentChunks
+from ckptstore.recent_chunks import RecentChunks
 
 EXAMPLES = 2000 if SOAK else 150
 
