@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,9 +132,9 @@ def list_objects(objects: ObjectStore, prefixes: Iterable[str] = DELETION_ORDER)
     return {info.key: info for prefix in prefixes for info in objects.list_info(prefix)}
 
 
-def stored_needs(repo: Repository, commit: Commit, listing: dict[str, ObjectInfo]) -> set[str]:
-    """The listed objects ``commit`` needs: itself, its manifest and every chunk the manifest
-    uses (a demoted commit's dropped chunks are gone, so not listed)."""
+def stored_needs(repo: Repository, commit: Commit, listing: Container[str]) -> set[str]:
+    """The listed objects (keys in ``listing``) ``commit`` needs: itself, its manifest and
+    every chunk the manifest uses (a demoted commit's dropped chunks are gone, so not listed)."""
     keys = [commit_key(commit.id), manifest_key(commit.manifest), *map(chunk_key, manifest_chunks(repo, commit))]
     return {key for key in keys if key in listing}
 

@@ -30,7 +30,7 @@ from .codec import HEADER_SIZE
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
 from .history import ancestors
-from .inventory import Repository, manifest_chunks
+from .inventory import Repository, list_objects, manifest_chunks, stored_needs
 from .layout import CONFIG_KEY, STORE_PREFIXES, chunk_key, commit_key, id_of, kind_of, manifest_key
 from .objectstore import ObjectStore
 from .pipeline import value_bytes
@@ -109,7 +109,7 @@ class Usage:
 def store_sizes(objects: ObjectStore) -> dict[str, int]:
     """Key → stored size of every object of the store's own (:data:`STORE_PREFIXES` and
     ``config``), listed in the reverse of write order; nothing else under its root."""
-    sizes = {info.key: info.size_bytes for prefix in STORE_PREFIXES for info in objects.list_info(prefix)}
+    sizes = {key: info.size_bytes for key, info in list_objects(objects, STORE_PREFIXES).items()}
     with contextlib.suppress(ObjectNotFound):
         sizes[CONFIG_KEY] = objects.size(CONFIG_KEY)
     return sizes
@@ -179,11 +179,10 @@ def _measure(repo: Repository) -> Usage:
             if manifest_key(commit.manifest) not in sizes:  # listed after its commit: removed since
                 raise IntegrityError("manifest object is missing", key=manifest_key(commit.manifest))
         commits[cid] = commit
-        keys = {commit_key(cid), manifest_key(commit.manifest)}
+        keys = stored_needs(repo, commit, sizes)  # a demoted commit's dropped chunks are gone
         for chunk_id, size in chunks.items():
             key = chunk_key(chunk_id)
-            if key in sizes:  # a demoted commit's dropped chunks are gone
-                keys.add(key)
+            if key in keys:
                 raw_sizes[key] = size
                 first_user.setdefault(key, cid)
         needs[cid] = keys
