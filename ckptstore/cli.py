@@ -28,7 +28,7 @@ from .errors import CkptStoreError, InvalidOption, InvalidRefName, RefExists, St
 from .formats import run_checkpoints
 from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan
 from .inventory import unreferenced_since
-from .layout import commit_key
+from .layout import commit_key, is_chunk_key
 from .manifest import Manifest
 from .records import demoted_commit_ids, dropped_components
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
@@ -162,7 +162,7 @@ def _reporting_interrupt(store: Store) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         left = unreferenced_since(store, since_s=since_s)
-        chunks = sum(info.key.startswith("chunks/") for info in left)
+        chunks = sum(is_chunk_key(info.key) for info in left)
         manifests = len(left) - chunks
         what = f"{chunks} chunks" + (f" and {manifests} manifests" if manifests else "")
         click.echo(

@@ -89,7 +89,7 @@ from .ids import (
     is_id_prefix,
     parse_revision,
 )
-from .layout import commit_key, manifest_key
+from .layout import COMMITS_PREFIX, CONFIG_KEY, SHALLOW_PREFIX, commit_key, id_of, manifest_key
 from .lease import writing
 from .manifest import (
     BlobSource,
@@ -140,7 +140,6 @@ STORE_FORMAT_VERSION = 3
 READABLE_STORE_FORMATS = (1, 2, 3)
 #: The first store format whose config carries a checksum.
 CHECKSUMMED_CONFIG_FORMAT = 3
-CONFIG_KEY = "config"
 RESERVED_TAGS = STORE_TAGS
 
 #: Caps on what a header may declare for these objects before they are decompressed.
@@ -416,8 +415,8 @@ class Store:
         A damaged commit object or ref is logged and left out (reading it later raises
         :class:`IntegrityError`), so one bad object never makes a store unopenable.
         """
-        stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
-        self._grafted = {key.rsplit("/", 1)[-1] for key in self.objects.list("shallow/")}
+        stored = {id_of(key) for key in self.objects.list(COMMITS_PREFIX)}
+        self._grafted = {id_of(key) for key in self.objects.list(SHALLOW_PREFIX)}
         known = self.catalog.commit_ids()
         for commit_id in sorted(stored - known):
             if is_full_id(commit_id):
