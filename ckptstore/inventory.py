@@ -40,29 +40,8 @@ from .records import dropped_components
 from .refs import RefKind, RefStore
 
 
-def unreferenced_since(repo: Repository, *, since_s: float) -> list[ObjectInfo]:
-    """The manifests and chunks stored at or after ``since_s`` (by the storage's clock) that
-    no commit references: what an interrupted or killed writer left behind, for a
-    collection after the grace period to reclaim. Reads only the commits made since."""
-    objects = repo.objects
-    fresh = [info for prefix in (MANIFESTS_PREFIX, CHUNKS_PREFIX) for info in objects.list_info(prefix) if info.modified_s >= since_s]
-    if not fresh:
-        return []
-    referenced: set[str] = set()
-    for info in objects.list_info(COMMITS_PREFIX):
-        if info.modified_s < since_s:
-            continue  # an older commit's chunks were stored before (but for one repaired in place since)
-        try:
-            commit = repo.get_commit(id_of(info.key))
-            referenced.add(manifest_key(commit.manifest))
-            referenced.update(chunk_key(c) for c in manifest_chunks(repo, commit))
-        except CkptStoreError:  # unreadable, or collected meanwhile: it references nothing
-            continue
-    return [info for info in fresh if info.key not in referenced]
-
-
 class Repository(Protocol):
-    """What the collector and fsck need of a store."""
+    """What gc, fsck, du and repack need of a store."""
 
     objects: ObjectStore
     refs: RefStore
@@ -220,3 +199,24 @@ def take_inventory(repo: Repository, *, verify_commits: bool, keep_missing_paren
         exists, grafted = commits.__contains__, inventory.is_grafted
         inventory.parents = {cid: effective_parents(repo.objects, c, exists=exists, grafted=grafted) for cid, c in commits.items()}
     return inventory
+
+
+def unreferenced_since(repo: Repository, *, since_s: float) -> list[ObjectInfo]:
+    """The manifests and chunks stored at or after ``since_s`` (by the storage's clock) that
+    no commit references: what an interrupted or killed writer left behind, for a
+    collection after the grace period to reclaim. Reads only the commits made since."""
+    objects = repo.objects
+    fresh = [info for prefix in (MANIFESTS_PREFIX, CHUNKS_PREFIX) for info in objects.list_info(prefix) if info.modified_s >= since_s]
+    if not fresh:
+        return []
+    referenced: set[str] = set()
+    for info in objects.list_info(COMMITS_PREFIX):
+        if info.modified_s < since_s:
+            continue  # an older commit's chunks were stored before (but for one repaired in place since)
+        try:
+            commit = repo.get_commit(id_of(info.key))
+            referenced.add(manifest_key(commit.manifest))
+            referenced.update(chunk_key(c) for c in manifest_chunks(repo, commit))
+        except CkptStoreError:  # unreadable, or collected meanwhile: it references nothing
+            continue
+    return [info for info in fresh if info.key not in referenced]
