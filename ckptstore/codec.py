@@ -86,7 +86,7 @@ _SAMPLE_BYTES = 64 * 1024
 #: on two cores and a fast disk made commits 0.57x as fast as writing the chunks raw
 #: (bench/README.md, "Encodings"). bf16 saves about 33% as byte planes. Whether an encoding
 #: that qualifies is worth its CPU in a given commit is the caller's ``worth`` (the pipeline
-#: weighs it against the sink's speed: see ``ckptstore.pipeline.EncodingBalance``).
+#: weighs it against the sink's speed: see ``ckptstore.balance.EncodingBalance``).
 MIN_SAVING = 0.20
 #: A byte plane is compressed only if that saves this fraction of it.
 _MIN_PLANE_SAVING = 0.10

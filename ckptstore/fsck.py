@@ -13,7 +13,6 @@ or commits no ref reaches) are reported as orphans: they are GC's business, not 
 
 from __future__ import annotations
 
-import contextlib
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -28,21 +27,20 @@ from .codec import (
 )
 from .commit import Commit
 from .errors import CkptStoreError, IntegrityError, InvalidOption, UnsupportedFormat
-from .gc import (
-    DELETION_ORDER,
-    Progress,
-    Repository,
+from .history import reachable as reachable_from
+from .ids import content_id
+from .inventory import Inventory, Repository, take_inventory
+from .layout import (
     chunk_key,
     commit_key,
     demotion_key,
-    dropped_components,
-    grafted_parents,
     manifest_key,
+    ref_key,
     shallow_key,
 )
-from .ids import content_id
 from .manifest import ChunkRef, Manifest, TensorEntry, path_under
-from .pipeline import ChunkReader
+from .objectstore import ObjectInfo, ObjectStore
+from .pipeline import ChunkReader, Progress
 from .refs import RefKind
 
 
@@ -111,195 +109,193 @@ def check(
     if read_data_subset is not None and not 0 < read_data_subset <= 1:
         raise InvalidOption("read_data_subset", f"must be a fraction in (0, 1], not {read_data_subset!r}")
     read_data = read_data or read_data_subset is not None
-    objects = repo.objects
     report = FsckReport(data_read=read_data)
+    # Commits are read from the store (not the catalog) and verified.
+    inventory = take_inventory(repo, verify_commits=True, keep_missing_parents=True)
+    commits = _check_history(inventory, report)
+    needs = _check_manifests(repo, inventory, commits, report)
+    to_read: set[str] = set()
+    if read_data:
+        ids = sorted(needs.chunks)
+        if read_data_subset is not None and read_data_subset < 1:
+            rng = random.Random(seed)
+            ids = rng.sample(ids, max(1, round(len(ids) * read_data_subset))) if ids else []
+        to_read = set(ids)
+    damaged, stored_whole = _check_chunks(repo, inventory, needs, report, to_read=to_read, threads=threads, progress=progress)
+    _name_broken_paths(commits, needs, damaged, stored_whole, report)
+    # Orphans: objects no commit that a ref reaches needs.
+    report.orphans = sorted(key for key in inventory.listing if key not in needs.referenced)
+    # The catalog against the store.
+    stored = inventory.stored_commit_ids()
+    catalog_problems = _catalog_problems(repo, commits, stored, inventory.ref_targets)
+    if catalog_problems and repair:
+        repo.catalog.clear()
+        repo.sync_catalog()
+        report.catalog_repaired = True
+        catalog_problems = _catalog_problems(repo, commits, stored, inventory.ref_targets)
+    report.problems.extend(catalog_problems)
+    return report
 
-    # Refs.
-    targets: dict[str, str] = {}
-    for kind in RefKind:
-        for name in repo.refs.names(kind):
-            try:
-                target = repo.refs.get(kind, name)
-            except CkptStoreError as exc:
-                report.problems.append(Problem("ref", f"{kind.noun} {name!r} is unreadable: {exc}", key=f"refs/{kind.value}/{name}"))
-                continue
-            if target is not None:
-                targets[f"{kind.noun} {name}"] = target
-    # Listed after the refs: a ref moves only after its commit is stored.
-    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
 
-    # Commits, read from the store (not the catalog) and verified.
-    commits: dict[str, Commit] = {}
-    for key in sorted(k for k in listing if k.startswith("commits/")):
-        cid = key.rsplit("/", 1)[-1]
-        try:
-            commits[cid] = repo.read_commit(cid)
-        except (IntegrityError, UnsupportedFormat) as exc:
-            report.problems.append(Problem("commit", _reason(exc), key=key, commit=cid))
-            with contextlib.suppress(CkptStoreError):  # the catalog's copy, if it hashes to the id,
-                commits[cid] = repo.get_commit(cid)  # is that commit: its history is still checked
-    for name, target in targets.items():
+def _check_history(inventory: Inventory, report: FsckReport) -> dict[str, Commit]:
+    """Refs, commits and parents: report what is unreadable or missing; return the commits
+    the refs reach (across what GC removed: its shallow records)."""
+    for (kind, name), exc in inventory.ref_errors.items():
+        report.problems.append(Problem("ref", f"{kind.noun} {name!r} is unreadable: {exc}", key=ref_key(kind.value, name)))
+    for cid, exc in inventory.unreadable.items():
+        report.problems.append(Problem("commit", _reason(exc), key=commit_key(cid), commit=cid))
+    listing = inventory.listing
+    for name, target in inventory.ref_targets.items():
         if commit_key(target) not in listing:
             report.problems.append(Problem("ref", f"{name} points at a missing commit", key=commit_key(target), commit=target))
-
-    # History: what the refs reach, across what GC removed (its shallow records).
-    parents: dict[str, list[str]] = {}
-    for cid, commit in commits.items():
-        parents[cid] = list(commit.parents)
-        if shallow_key(cid) in listing:
-            try:
-                grafted = grafted_parents(objects, cid)
-            except IntegrityError as exc:
-                report.problems.append(Problem("record", _reason(exc), key=shallow_key(cid), commit=cid))
-            else:
-                parents[cid] = grafted[0] if grafted is not None else parents[cid]
-    reachable = _reachable(set(targets.values()), parents)
+    for cid, exc in inventory.damaged_grafts.items():
+        report.problems.append(Problem("record", _reason(exc), key=shallow_key(cid), commit=cid))
+    parents = inventory.parents
+    reachable = reachable_from(set(inventory.ref_targets.values()), parents)
     for cid in sorted(reachable):
         for parent in parents.get(cid, []):
             if commit_key(parent) not in listing:
                 report.problems.append(Problem("parent", f"parent {parent} is missing (and GC recorded no removal)", key=commit_key(parent), commit=cid))
-    commits = {cid: c for cid, c in commits.items() if cid in reachable}  # the rest are orphans
+    commits = {cid: c for cid, c in inventory.commits.items() if cid in reachable}  # the rest are orphans
     report.commits = len(commits)
+    return commits
 
-    # Manifests and the chunks each commit needs.
-    needed_chunks: dict[str, tuple[ChunkRef, str, str | None]] = {}  # chunk id → (ref, commit, path)
-    manifests: dict[str, Manifest | str] = {}  # manifest id → manifest, or why it is unreadable
-    kept: dict[str, list[TensorEntry]] = {}  # commit → the tensors it still holds (less what GC dropped)
-    referenced: set[str] = {commit_key(c) for c in commits}
+
+@dataclass
+class _Needs:
+    """What the reachable commits need, as fsck checks it."""
+
+    #: Chunk id → (its ref, a commit and key path that need it).
+    chunks: dict[str, tuple[ChunkRef, str, str | None]] = field(default_factory=dict)
+    #: Manifest id → the manifest, or why it is unreadable.
+    manifests: dict[str, Manifest | str] = field(default_factory=dict)
+    #: Commit → the tensors it still holds (less what GC dropped).
+    kept: dict[str, list[TensorEntry]] = field(default_factory=dict)
+    #: Every object key a reachable commit needs (what is not is an orphan).
+    referenced: set[str] = field(default_factory=set)
+
+
+def _check_manifests(repo: Repository, inventory: Inventory, commits: dict[str, Commit], report: FsckReport) -> _Needs:
+    """Read every reachable commit's manifest and demotion record; work out the chunks each
+    needs (with the first key path that needs each, for the report)."""
+    needs = _Needs(referenced={commit_key(c) for c in commits})
     for cid, commit in sorted(commits.items()):
         mkey = manifest_key(commit.manifest)
-        referenced.add(mkey)
-        if commit.manifest not in manifests:
+        needs.referenced.add(mkey)
+        if commit.manifest not in needs.manifests:
             try:
-                manifests[commit.manifest] = repo.manifest_of(commit)
+                needs.manifests[commit.manifest] = repo.manifest_of(commit)
             except (IntegrityError, UnsupportedFormat) as exc:
-                manifests[commit.manifest] = _reason(exc)
-        manifest = manifests[commit.manifest]
+                needs.manifests[commit.manifest] = _reason(exc)
+        manifest = needs.manifests[commit.manifest]
         if isinstance(manifest, str):  # every commit it breaks is named
             report.problems.append(Problem("manifest", manifest, key=mkey, commit=cid))
             continue
         try:
-            dropped = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
+            dropped = inventory.dropped(repo.objects, cid)
         except IntegrityError as exc:
             report.problems.append(Problem("record", _reason(exc), key=demotion_key(cid), commit=cid))
             dropped = ()
         if dropped:
-            referenced.add(demotion_key(cid))
+            needs.referenced.add(demotion_key(cid))
         try:
             held_at = manifest.key_paths
         except IntegrityError as exc:
             report.problems.append(Problem("manifest", _reason(exc), key=mkey, commit=cid))
             continue
-        kept[cid] = []
-        first_path = {}
-        for entry, paths in zip(manifest.tensors, held_at):
-            kept_paths = [path for path in paths if not any(path_under(path, p) for p in dropped)]  # a kept path holds it
-            if kept_paths:
-                kept[cid].append(entry)
-                first_path.setdefault(entry.blob, kept_paths[0])
-        for index, path in first_path.items():
-            for ref in manifest.blobs[index].chunks:
-                needed_chunks.setdefault(ref.id, (ref, cid, path))
-                for depth, base in enumerate(ref.bases):
-                    needed_chunks.setdefault(base, (ChunkRef(base, ref.size, ref.bases[depth + 1 :]), cid, path))
-    for cid in commits:
-        if shallow_key(cid) in listing:
-            referenced.add(shallow_key(cid))
-    report.manifests = sum(1 for m in manifests.values() if not isinstance(m, str))
-    report.chunks = len(needed_chunks)
+        _add_needed_chunks(needs, cid, manifest, held_at, dropped)
+    needs.referenced.update(shallow_key(cid) for cid in commits if inventory.is_grafted(cid))
+    report.manifests = sum(1 for m in needs.manifests.values() if not isinstance(m, str))
+    report.chunks = len(needs.chunks)
+    return needs
 
-    # Chunks: existence, header and size; with read_data, every byte.
-    to_read: set[str] = set()
-    if read_data:
-        ids = sorted(needed_chunks)
-        if read_data_subset is not None and read_data_subset < 1:
-            rng = random.Random(seed)
-            ids = rng.sample(ids, max(1, round(len(ids) * read_data_subset))) if ids else []
-        to_read = set(ids)
 
+def _add_needed_chunks(needs: _Needs, cid: str, manifest: Manifest, held_at: list[list[str]], dropped: tuple[str, ...]) -> None:
+    needs.kept[cid] = []
+    first_path = {}
+    for entry, paths in zip(manifest.tensors, held_at):
+        kept_paths = [path for path in paths if not any(path_under(path, p) for p in dropped)]  # a kept path holds it
+        if kept_paths:
+            needs.kept[cid].append(entry)
+            first_path.setdefault(entry.blob, kept_paths[0])
+    for index, path in first_path.items():
+        for ref in manifest.blobs[index].chunks:
+            needs.chunks.setdefault(ref.id, (ref, cid, path))
+            for depth, base in enumerate(ref.bases):
+                needs.chunks.setdefault(base, (ChunkRef(base, ref.size, ref.bases[depth + 1 :]), cid, path))
+
+
+def _check_chunks(repo: Repository, inventory: Inventory, needs: _Needs, report: FsckReport, *, to_read: set[str], threads: int, progress: Progress | None) -> tuple[dict[str, Problem], set[str]]:
+    """Chunks: existence, header and size; those in ``to_read``, every byte. Returns the
+    damaged chunks' problems and the chunks stored self-contained."""
+    objects, listing = repo.objects, inventory.listing
     reader = ChunkReader(objects)
-    stored_whole: set[str] = set()  # chunks stored self-contained
+    stored_whole: set[str] = set()
 
     def check_chunk(chunk_id: str) -> tuple[Problem | None, int]:
-        ref, cid, path = needed_chunks[chunk_id]
+        ref, cid, path = needs.chunks[chunk_id]
         key = chunk_key(chunk_id)
-        referenced.add(key)
+        needs.referenced.add(key)
         info = listing.get(key)
         if info is None:
             return Problem("chunk", "chunk is missing", key=key, commit=cid, path=path), 0
         try:
-            prefix = objects.get_range(key, 0, CHAIN_PREFIX_BYTES)
-            codec, raw_size, body_size = read_header(prefix, key=key, kind=Kind.CHUNK)
-            if raw_size != ref.size:
-                raise IntegrityError(f"chunk header declares {raw_size} bytes, the manifest {ref.size}", key=key, path=path)
-            if info.size_bytes != HEADER_SIZE + body_size:
-                raise IntegrityError(f"chunk is {info.size_bytes} bytes stored, its header says {HEADER_SIZE + body_size}", key=key, path=path)
-            bases = delta_chain(memoryview(prefix)[HEADER_SIZE:], key=key, path=path)[0] if codec is Codec.DELTA else ()
-            if bases and bases != ref.bases:
-                raise IntegrityError(f"chunk is read through {list(bases)}, its manifest records {list(ref.bases)}", key=key, path=path)
-            if not bases:  # stored whole (maybe again, where a manifest records a delta): it needs no base
-                stored_whole.add(chunk_id)
-            if chunk_id in to_read:  # every byte, through the delta chain
-                import numpy as np
-
-                reader.read_into(ref, np.empty(ref.size, dtype=np.uint8), path=path)
-                return None, ref.size
+            return None, _check_chunk_object(objects, reader, ref, info, path=path, stored_whole=stored_whole, read=chunk_id in to_read)
         except (CkptStoreError, ValueError) as exc:
             reason, failed = _reason(exc), getattr(exc, "key", None)
             if failed and failed != key:  # the delta is sound, one of its bases is not
                 reason = f"its delta base {failed} is damaged: {reason}"
             return Problem("chunk", reason, key=key, commit=cid, path=path), 0
-        return None, 0
 
     done = 0
     damaged: dict[str, Problem] = {}
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptstore-fsck") as pool:
-        for chunk_id, (problem, nread) in zip(sorted(needed_chunks), pool.map(check_chunk, sorted(needed_chunks))):
+        for chunk_id, (problem, nread) in zip(sorted(needs.chunks), pool.map(check_chunk, sorted(needs.chunks))):
             done += 1
             if problem is not None:
                 damaged[chunk_id] = problem
             if nread:
                 report.chunks_read += 1
                 report.bytes_read += nread
-            if progress is not None and (done % 64 == 0 or done == len(needed_chunks)):
-                progress("check chunks", done, len(needed_chunks))
+            if progress is not None and (done % 64 == 0 or done == len(needs.chunks)):
+                progress("check chunks", done, len(needs.chunks))
+    return damaged, stored_whole
 
-    # Every commit and key path a damaged chunk breaks (found again only for those).
+
+def _check_chunk_object(objects: ObjectStore, reader: ChunkReader, ref: ChunkRef, info: ObjectInfo, *, path: str | None, stored_whole: set[str], read: bool) -> int:
+    """Check one stored chunk's header and size (and with ``read``, every byte, through its
+    delta chain); raise what is wrong. Returns the bytes read."""
+    key = info.key
+    prefix = objects.get_range(key, 0, CHAIN_PREFIX_BYTES)
+    codec, raw_size, body_size = read_header(prefix, key=key, kind=Kind.CHUNK)
+    if raw_size != ref.size:
+        raise IntegrityError(f"chunk header declares {raw_size} bytes, the manifest {ref.size}", key=key, path=path)
+    if info.size_bytes != HEADER_SIZE + body_size:
+        raise IntegrityError(f"chunk is {info.size_bytes} bytes stored, its header says {HEADER_SIZE + body_size}", key=key, path=path)
+    bases = delta_chain(memoryview(prefix)[HEADER_SIZE:], key=key, path=path)[0] if codec is Codec.DELTA else ()
+    if bases and bases != ref.bases:
+        raise IntegrityError(f"chunk is read through {list(bases)}, its manifest records {list(ref.bases)}", key=key, path=path)
+    if not bases:  # stored whole (maybe again, where a manifest records a delta): it needs no base
+        stored_whole.add(ref.id)
+    if not read:
+        return 0
+    import numpy as np
+
+    reader.read_into(ref, np.empty(ref.size, dtype=np.uint8), path=path)
+    return ref.size
+
+
+def _name_broken_paths(commits: dict[str, Commit], needs: _Needs, damaged: dict[str, Problem], stored_whole: set[str], report: FsckReport) -> None:
+    """Every commit and key path a damaged chunk breaks (found again only for those)."""
     named: set[tuple[str, str, str]] = set()
-    for cid, entries in sorted(kept.items()) if damaged else ():
-        manifest = manifests[commits[cid].manifest]
+    for cid, entries in sorted(needs.kept.items()) if damaged else ():
+        manifest = needs.manifests[commits[cid].manifest]
         for entry in entries:
             for ref in manifest.blobs[entry.blob].chunks:  # type: ignore[union-attr]
                 for chunk_id in (ref.id, *(() if ref.id in stored_whole else ref.bases)):
                     if chunk_id in damaged and (chunk_id, cid, entry.path) not in named:
                         named.add((chunk_id, cid, entry.path))
                         report.problems.append(replace(damaged[chunk_id], commit=cid, path=entry.path))
-
-    # Orphans: objects no commit that a ref reaches needs.
-    report.orphans = sorted(key for key in listing if key not in referenced)
-
-    # The catalog against the store.
-    stored = {key.rsplit("/", 1)[-1] for key in listing if key.startswith("commits/")}
-    catalog_problems = _catalog_problems(repo, commits, stored, targets)
-    if catalog_problems and repair:
-        repo.catalog.clear()
-        repo.sync_catalog()
-        report.catalog_repaired = True
-        catalog_problems = _catalog_problems(repo, commits, stored, targets)
-    report.problems.extend(catalog_problems)
-    return report
-
-
-def _reachable(heads: set[str], parents: dict[str, list[str]]) -> set[str]:
-    seen: set[str] = set()
-    stack = list(heads)
-    while stack:
-        cid = stack.pop()
-        if cid in seen or cid not in parents:
-            continue
-        seen.add(cid)
-        stack.extend(parents[cid])
-    return seen
 
 
 def _reason(exc: Exception) -> str:

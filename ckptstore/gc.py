@@ -27,42 +27,59 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from .catalog import Catalog
 from .commit import Commit
 from .errors import (
     CkptStoreError,
     CollectorBusy,
     IntegrityError,
     InvalidOption,
-    ObjectNotFound,
     PolicyMatchesNothing,
     PreconditionFailed,
     StorageError,
     UnsupportedFormat,
 )
-from .ids import is_full_id
+from .history import ancestors, nearest_kept
+from .inventory import (
+    Inventory,
+    Repository,
+    kept_chunks,
+    manifest_chains,
+    manifest_chunks,
+    stored_needs,
+    take_inventory,
+)
+from .layout import (
+    COMMITS_PREFIX,
+    DELETION_ORDER,
+    STORE_PREFIXES,
+    chunk_key,
+    commit_key,
+    demotion_key,
+    id_of,
+    is_chunk_key,
+    kind_of,
+    manifest_key,
+    prefix_of,
+    shallow_key,
+)
 from .lease import (
     DEFAULT_LEASE_TTL_S,
     LEGACY_RECORD_TTL_S,
     CollectorLease,
-    decode_record,
-    encode_record,
     remove_dead_writers,
     storage_now,
     writers,
 )
-from .manifest import Manifest, path_under
+from .manifest import path_under
 from .objectstore import ObjectInfo, ObjectStore
-from .pipeline import ChunkReader, Progress, chunk_key
-from .refs import RefKind, RefStore
+from .pipeline import ChunkReader, Progress
+from .records import encode_record, grafted_parents, read_demotion
+from .refs import RefKind, retry_cas
 from .retention import CommitInfo, Policy, Retention, policy_for
 
 log = logging.getLogger("ckptstore.gc")
@@ -72,208 +89,38 @@ DEFAULT_GRACE_PERIOD_S = 3600.0
 #: 0.1) protects its commit; and the age past which temp files are abandoned uploads.
 DEFAULT_WRITER_TIMEOUT_S = LEGACY_RECORD_TTL_S
 
-#: Prefixes of the objects GC may delete, in deletion order (the reverse of write order).
-#: Chunks go in descending order of their delta chain's length, so that a delta is always
-#: deleted before its bases.
-DELETION_ORDER = ("commits/", "shallow/", "demotions/", "manifests/", "chunks/")
-#: Every prefix the store's objects live under (besides ``config``), in the reverse of write
-#: order: GC and ``du`` touch nothing else (a store's directory may hold other files, or
-#: another store), and a listing in this order that shows a commit shows its manifest and
-#: chunks too, unless a collector removed it meanwhile.
-STORE_PREFIXES = (*DELETION_ORDER, "refs/", "locks/")
-
-
-def commit_key(commit_id: str) -> str:
-    return f"commits/{commit_id[:2]}/{commit_id}"
-
-
-def manifest_key(manifest_id: str) -> str:
-    return f"manifests/{manifest_id[:2]}/{manifest_id}"
-
-
-def demotion_key(commit_id: str) -> str:
-    return f"demotions/{commit_id}"
-
-
-def shallow_key(commit_id: str) -> str:
-    return f"shallow/{commit_id}"
-
-
-#: Demotion and shallow records list commit ids and key paths: larger than the lease's.
-MAX_GC_RECORD_BYTES = 1 << 20
-
-
-def _read_record(objects: ObjectStore, key: str) -> tuple[dict, str] | None:
-    try:
-        data, version = objects.get_versioned(key)
-    except ObjectNotFound:
-        return None
-    return decode_record(data, key, max_raw_size=MAX_GC_RECORD_BYTES), version
-
-
-def dropped_components(objects: ObjectStore, commit_id: str) -> tuple[str, ...]:
-    """The key-path prefixes GC dropped from a demoted commit (empty if it is whole)."""
-    found = _read_record(objects, demotion_key(commit_id))
-    if found is None:
-        return ()
-    prefixes = found[0].get("dropped")
-    if not isinstance(prefixes, list) or not all(isinstance(p, str) and p for p in prefixes):
-        raise IntegrityError("malformed demotion record", key=demotion_key(commit_id))
-    return tuple(prefixes)
-
-
-def demoted_commit_ids(objects: ObjectStore) -> set[str]:
-    """The ids of every commit with a demotion record (one listing: cheaper than reading
-    each commit's record where few commits are demoted)."""
-    return {key.rsplit("/", 1)[-1] for key in objects.list(demotion_key(""))}
+def _gc_pause_s(attempt: int) -> float:
+    return min(0.5, 0.01 * 2 ** (attempt + 1))  # a writer (or a dead one's lock) holds the record
 
 
 def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str]) -> tuple[str, ...]:
     """Add ``prefixes`` to what commit ``commit_id`` no longer holds (compare-and-swap,
     retried). Idempotent. Returns the whole set."""
     key = demotion_key(commit_id)
-    for attempt in range(100):
-        if attempt:
-            time.sleep(min(0.5, 0.01 * 2**attempt))  # a writer (or a dead one's lock) holds it
-        found = _read_record(objects, key)
-        current = () if found is None else dropped_components(objects, commit_id)
+
+    def attempt() -> tuple[str, ...]:
+        found = read_demotion(objects, commit_id)
+        current = () if found is None else found[0]
         merged = tuple(sorted(set(current) | set(prefixes)))
         if merged == tuple(sorted(current)) and found is not None:
             return merged
-        try:
-            objects.put_if_version(key, encode_record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
-            return merged
-        except PreconditionFailed:
-            continue
-    raise CollectorBusy(f"demotion record {key} kept changing under the collector")
+        objects.put_if_version(key, encode_record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
+        return merged
 
-
-def grafted_parents(objects: ObjectStore, commit_id: str) -> tuple[list[str], str] | None:
-    """The parents GC gave this commit when it removed some of its own (its nearest kept
-    ancestors; empty where the history ends) and the record's version; ``None`` if GC never
-    removed a parent of it."""
-    found = _read_record(objects, shallow_key(commit_id))
-    if found is None:
-        return None
-    parents = found[0].get("parents")
-    if not isinstance(parents, list) or not all(isinstance(p, str) and is_full_id(p) for p in parents):
-        raise IntegrityError("malformed shallow record", key=shallow_key(commit_id))
-    return parents, found[1]
+    return retry_cas(attempt, conflicts=PreconditionFailed, max_attempts=100, pause_s=_gc_pause_s, exhausted=lambda: CollectorBusy(f"demotion record {key} kept changing under the collector"))
 
 
 def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> None:
     """Set the parents of a commit whose own parents GC removes (compare-and-swap, retried).
     Idempotent."""
     key = shallow_key(commit_id)
-    for attempt in range(100):
-        if attempt:
-            time.sleep(min(0.5, 0.01 * 2**attempt))
+
+    def attempt() -> None:
         current = grafted_parents(objects, commit_id)
-        if current is not None and current[0] == parents:
-            return
-        try:
+        if current is None or current[0] != parents:
             objects.put_if_version(key, encode_record({"parents": parents, "at_s": time.time()}), version=None if current is None else current[1])
-            return
-        except PreconditionFailed:
-            continue
-    raise CollectorBusy(f"shallow record {key} kept changing under the collector")
 
-
-def effective_parents(objects: ObjectStore, commit: Commit, *, exists: Callable[[str], bool], grafted: Callable[[str], bool]) -> list[str]:
-    """A commit's parents as history follows them: the nearest kept ancestors GC recorded
-    for it, if it has a ``shallow/`` record (``grafted``: whether it is known to), else its
-    own parents that exist. A commit with a missing parent is looked up for a record anyway,
-    in case a collector wrote one since ``grafted`` was known."""
-    if grafted(commit.id) or not all(exists(p) for p in commit.parents):
-        found = grafted_parents(objects, commit.id)
-        if found is not None:
-            return found[0]
-    return [p for p in commit.parents if exists(p)]
-
-
-def unreferenced_since(repo: Repository, *, since_s: float) -> list[ObjectInfo]:
-    """The manifests and chunks stored at or after ``since_s`` (by the storage's clock) that
-    no commit references: what an interrupted or killed writer left behind, for a
-    collection after the grace period to reclaim. Reads only the commits made since."""
-    objects = repo.objects
-    fresh = [info for prefix in ("manifests/", "chunks/") for info in objects.list_info(prefix) if info.modified_s >= since_s]
-    if not fresh:
-        return []
-    referenced: set[str] = set()
-    for info in objects.list_info("commits/"):
-        if info.modified_s < since_s:
-            continue  # an older commit's chunks were stored before (but for one repaired in place since)
-        try:
-            commit = repo.get_commit(info.key.rsplit("/", 1)[-1])
-            referenced.add(manifest_key(commit.manifest))
-            referenced.update(chunk_key(c) for c in manifest_chunks(repo, commit))
-        except CkptStoreError:  # unreadable, or collected meanwhile: it references nothing
-            continue
-    return [info for info in fresh if info.key not in referenced]
-
-
-class Repository(Protocol):
-    """What the collector and fsck need of a store."""
-
-    objects: ObjectStore
-    refs: RefStore
-    catalog: Catalog
-    config: Any  # StoreConfig: best_metric, greater_is_better
-
-    def get_commit(self, commit_id: str) -> Commit: ...
-
-    def read_commit(self, commit_id: str) -> Commit: ...
-
-    def manifest_of(self, commit: Commit) -> Manifest: ...
-
-    def sync_catalog(self) -> None: ...
-
-    def parents_of(self, commit: Commit) -> list[str]: ...
-
-
-def manifest_chunks(repo: Repository, commit: Commit) -> dict[str, int]:
-    """Chunk id → raw size for every chunk a commit's manifest uses, delta bases included. From the
-    manifest itself (verified against its id), never from the catalog: a damaged catalog
-    must not make GC delete what a commit needs."""
-    return _chunk_table(repo, commit)[0]
-
-
-def manifest_chains(repo: Repository, commit: Commit) -> dict[str, tuple[str, ...]]:
-    """Chunk id → its delta chain (bases, nearest first) for every chunk a commit's manifest
-    uses, bases included (see :meth:`Manifest.chunk_chains`)."""
-    return _chunk_table(repo, commit)[1]
-
-
-def _chunk_table(repo: Repository, commit: Commit) -> tuple[dict[str, int], dict[str, tuple[str, ...]]]:
-    """A manifest's chunk sizes and chains. A manifest is named by its content, so the answer
-    for an id never changes: recent answers are remembered (any store)."""
-    manifest_id = commit.manifest
-    with _CHUNK_TABLES_LOCK:
-        if manifest_id in _CHUNK_TABLES:
-            _CHUNK_TABLES.move_to_end(manifest_id)
-            return _CHUNK_TABLES[manifest_id]
-    manifest = repo.manifest_of(commit)
-    table = (manifest.chunk_sizes(), manifest.chunk_chains())
-    with _CHUNK_TABLES_LOCK:
-        _CHUNK_TABLES[manifest_id] = table
-        while len(_CHUNK_TABLES) > 256:
-            _CHUNK_TABLES.popitem(last=False)
-    return table
-
-
-_CHUNK_TABLES: OrderedDict[str, tuple[dict[str, int], dict[str, tuple[str, ...]]]] = OrderedDict()
-_CHUNK_TABLES_LOCK = threading.Lock()
-
-
-def kept_chunks(manifest: Manifest, dropped: Iterable[str]) -> set[str]:
-    """The chunks a manifest still needs once the components under ``dropped`` are gone (a
-    blob stays if any tensor uses it at a key path outside them), delta bases included."""
-    dropped = tuple(dropped)
-    needed_blobs = {
-        e.blob for e, paths in zip(manifest.tensors, manifest.key_paths)
-        if any(not any(path_under(path, p) for p in dropped) for path in paths)  # a kept path holds it
-    }  # fmt: skip
-    return set(manifest.chunk_sizes(needed_blobs))
+    retry_cas(attempt, conflicts=PreconditionFailed, max_attempts=100, pause_s=_gc_pause_s, exhausted=lambda: CollectorBusy(f"shallow record {key} kept changing under the collector"))
 
 
 @dataclass
@@ -315,7 +162,7 @@ class GcPlan:
         """Objects to delete per kind (``commits``, ``manifests``, ``chunks``…)."""
         out: dict[str, int] = {}
         for info in self.deletions:
-            kind = info.key.split("/", 1)[0]
+            kind = kind_of(info.key)
             out[kind] = out.get(kind, 0) + 1
         return out
 
@@ -355,44 +202,51 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     now_s = objects.clock_s() if now_s is None else now_s  # the clock the store stamps ages with
     cutoff_s = now_s - grace_period_s
     result = GcPlan(grace_period_s=grace_period_s)
-    # Refs first: a ref moves only after its commit is stored, so the listing holds every target.
-    branches = repo.refs.list(RefKind.BRANCH)
-    tags = repo.refs.list(RefKind.TAG)
-    listing = {info.key: info for prefix in DELETION_ORDER for info in objects.list_info(prefix)}
-    ref_targets = set(branches.values()) | set(tags.values())
+    # History follows parents, or the grafts of commits whose parents GC removed before.
+    inventory = take_inventory(repo, verify_commits=False, keep_missing_parents=False)
+    for commit_id, exc in inventory.unreadable.items():
+        log.warning("not collecting unreadable commit %s: %s", commit_id, exc)
+    result.unreadable_commits = list(inventory.unreadable)
+    _refuse_unknown_history(inventory)
+    drops = _select(repo, retention, inventory, now_s=now_s, cutoff_s=cutoff_s, result=result)
+    kept = set(drops)
+    demoted = _demote(objects, inventory, drops, result)
+    needed = _needed(repo, inventory, kept, demoted, result)
+    rank = _schedule(repo, inventory, needed, cutoff_s=cutoff_s, result=result)
+    result.kept_commits = sorted(kept)
+    result.removed_commits = sorted(set(inventory.commits) - kept)
+    result.demoted_commits = demoted
+    return result, _Snapshot(inventory.listing, inventory.commits, needed, inventory.parents, kept, rank)
 
-    commits: dict[str, Commit] = {}
-    for key in listing:
-        if key.startswith("commits/"):
-            commit_id = key.rsplit("/", 1)[-1]
-            try:
-                commits[commit_id] = repo.get_commit(commit_id)
-            except (IntegrityError, UnsupportedFormat) as exc:
-                log.warning("not collecting unreadable commit %s: %s", commit_id, exc)
-                result.unreadable_commits.append(commit_id)
-    for name, target in {**{f"branch {b}": c for b, c in branches.items()}, **{f"tag {t}": c for t, c in tags.items()}}.items():
-        if target not in commits:
+
+def _refuse_unknown_history(inventory: Inventory) -> None:
+    """Refuse to plan where what a ref reaches is unknown: an unreadable ref, a ref at an
+    unreadable commit, or a commit with an unreadable parent (its ancestors may be needed)."""
+    for exc in inventory.ref_errors.values():
+        raise exc
+    for name, target in inventory.ref_targets.items():
+        if target not in inventory.commits:
             raise IntegrityError(f"{name} points at commit {target}, which cannot be read; run fsck before collecting", key=commit_key(target))
-    unreadable = set(result.unreadable_commits)
-    for commit in commits.values():  # history past it is unknown: its ancestors may be needed
+    unreadable = set(inventory.unreadable)
+    for commit in inventory.commits.values():
         for parent in unreadable.intersection(commit.parents):
             raise IntegrityError(f"commit {commit.id} has a parent that cannot be read; run fsck before collecting", key=commit_key(parent))
 
-    # History follows parents, or the grafts of commits whose parents GC removed before.
-    has_record = lambda cid: shallow_key(cid) in listing  # noqa: E731
-    parents = {cid: effective_parents(objects, c, exists=lambda p: p in commits, grafted=has_record) for cid, c in commits.items()}
 
-    # Evaluate the policy on every branch's history. A commit is kept if any branch keeps it;
-    # each branch that keeps it says what it drops of it (nothing, if it keeps it whole),
-    # and it loses only what every one of them drops.
+def _select(repo: Repository, retention: Retention, inventory: Inventory, *, now_s: float, cutoff_s: float, result: GcPlan) -> dict[str, list[tuple[str, ...]]]:
+    """Evaluate the policy on every branch's history: commit kept → what each branch keeping
+    it drops of it (nothing, if it keeps it whole). A commit is kept if any branch keeps it,
+    and loses only what every one of them drops. Fills in the policy's warnings."""
+    commits, parents, listing = inventory.commits, inventory.parents, inventory.listing
+    ref_targets = set(inventory.ref_targets.values())
     young = {cid for cid in commits if listing[commit_key(cid)].modified_s >= cutoff_s}
-    drops: dict[str, list[tuple[str, ...]]] = {}  # commit → what each branch keeping it drops
+    drops: dict[str, list[tuple[str, ...]]] = {}
     if retention is None:
         for target in ref_targets:
             for c in _history(target, commits, parents):
                 drops.setdefault(c.id, []).append(())
     governed: dict[Policy, list[list[CommitInfo]]] = {}
-    for branch, head in branches.items():
+    for branch, head in inventory.branches.items():
         history = _history(head, commits, parents)
         policy = policy_for(retention, branch)
         if policy is None:
@@ -409,20 +263,28 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
     for cid in ref_targets | young:
         drops.setdefault(cid, []).append(())
     result.warnings = [why for policy, histories in governed.items() for why in policy.unmatched(histories)]
-    kept = set(drops)
+    return drops
 
-    # Demotions: earlier ones stand; new ones only what every branch keeping it drops.
+
+def _demote(objects: ObjectStore, inventory: Inventory, drops: dict[str, list[tuple[str, ...]]], result: GcPlan) -> dict[str, tuple[str, ...]]:
+    """Kept commit → every prefix it no longer holds: earlier demotions stand; new ones only
+    what every branch keeping it drops. Fills in what this collection newly demotes."""
     demoted: dict[str, tuple[str, ...]] = {}
-    for cid in sorted(kept):
-        earlier = dropped_components(objects, cid) if demotion_key(cid) in listing else ()
+    for cid in sorted(drops):
+        earlier = inventory.dropped(objects, cid)
         new = _dropped_by_all(drops[cid])
         if earlier or new:
             demoted[cid] = tuple(sorted(set(earlier) | new))
         fresh = {p for p in new if not any(path_under(p, q) for q in earlier)}
         if fresh:
             result.newly_demoted[cid] = tuple(sorted(fresh))
+    return demoted
 
-    # What the kept commits need.
+
+def _needed(repo: Repository, inventory: Inventory, kept: set[str], demoted: dict[str, tuple[str, ...]], result: GcPlan) -> set[str]:
+    """Every object the kept commits need (records included), and the grafts of kept
+    commits whose parents go (into ``result.shallow_commits``)."""
+    commits, parents = inventory.commits, inventory.parents
     needed: set[str] = set()
     manifests: dict[str, set[str]] = {}
     for cid in kept:
@@ -438,27 +300,26 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         needed.add(manifest_key(manifest_id))
         needed.update(chunk_key(c) for c in chunks)
     for cid in kept:
-        grafts = _nearest_kept(parents[cid], kept, parents)
+        grafts = nearest_kept(parents[cid], kept, parents)
         if grafts != parents[cid]:
             result.shallow_commits[cid] = grafts
-        if shallow_key(cid) in listing or cid in result.shallow_commits:
+        if inventory.is_grafted(cid) or cid in result.shallow_commits:
             needed.add(shallow_key(cid))
     needed.update(commit_key(cid) for cid in result.unreadable_commits)
+    return needed
 
-    # An object that stays has every object it needs: a young delta keeps its bases.
-    chains = _chunk_chains(repo, commits, [key for key in listing if key.startswith("chunks/")])
+
+def _schedule(repo: Repository, inventory: Inventory, needed: set[str], *, cutoff_s: float, result: GcPlan) -> dict[str, tuple[int, int]]:
+    """Fill in the deletions (what nothing needs and is older than the grace period), in
+    deletion order, after adding to ``needed`` every base of a delta that stays (needed or
+    young). Returns each listed key's rank in deletion order."""
+    listing = inventory.listing
+    chains = _chunk_chains(repo, inventory.commits, [key for key in listing if is_chunk_key(key)])
     for key, info in listing.items():
-        if key.startswith("chunks/") and (key in needed or info.modified_s >= cutoff_s):
-            needed.update(chunk_key(base) for base in chains.get(key.rsplit("/", 1)[-1], ()))
-
-    result.kept_commits = sorted(kept)
-    result.removed_commits = sorted(set(commits) - kept)
-    result.demoted_commits = demoted
+        if is_chunk_key(key) and (key in needed or info.modified_s >= cutoff_s):
+            needed.update(chunk_key(base) for base in chains.get(id_of(key), ()))
     order = {prefix: i for i, prefix in enumerate(DELETION_ORDER)}
-    rank = {
-        key: (order[key.split("/", 1)[0] + "/"], -len(chains.get(key.rsplit("/", 1)[-1], ())) if key.startswith("chunks/") else 0)
-        for key in listing
-    }
+    rank = {key: (order[prefix_of(key)], -len(chains.get(id_of(key), ())) if is_chunk_key(key) else 0) for key in listing}
     for key, info in listing.items():
         if key in needed:
             continue
@@ -467,7 +328,7 @@ def plan(repo: Repository, retention: Retention, *, grace_period_s: float, now_s
         else:
             result.deletions.append(info)
     result.deletions.sort(key=lambda info: (rank[info.key], info.key))
-    return result, _Snapshot(listing, commits, needed, parents, kept, rank)
+    return rank
 
 
 def _chunk_chains(repo: Repository, commits: dict[str, Commit], chunk_keys: list[str]) -> dict[str, tuple[str, ...]]:
@@ -480,7 +341,7 @@ def _chunk_chains(repo: Repository, commits: dict[str, Commit], chunk_keys: list
             chains.update(manifest_chains(repo, commit))
         except (IntegrityError, UnsupportedFormat) as exc:
             log.warning("commit %s: manifest unreadable (%s); its chunks' chains are read from the chunks", commit.id, exc)
-    unknown = [key.rsplit("/", 1)[-1] for key in chunk_keys if key.rsplit("/", 1)[-1] not in chains]
+    unknown = [id_of(key) for key in chunk_keys if id_of(key) not in chains]
     if unknown:
         reader = ChunkReader(repo.objects)
 
@@ -506,37 +367,13 @@ def _dropped_by_all(drops: list[tuple[str, ...]]) -> set[str]:
     return {p for p in out if not any(p != q and path_under(p, q) for q in out)}
 
 
-def _nearest_kept(start: list[str], kept: set[str], parents: dict[str, list[str]]) -> list[str]:
-    """For each of ``start`` in order: itself if kept, else its nearest kept ancestors."""
-    out: list[str] = []
-    seen: set[str] = set()
-    stack = list(reversed(start))
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
-        if cid in kept or cid not in parents:  # kept, or unknown (missing: fsck's business)
-            out.append(cid)
-        else:
-            stack.extend(reversed(parents[cid]))
-    return out
-
-
 def _history(head: str, commits: dict[str, Commit], parents: dict[str, list[str]]) -> list[CommitInfo]:
     """Every readable ancestor of ``head`` (itself included), newest first."""
-    seen: set[str] = set()
-    stack = [head]
     out = []
-    while stack:
-        cid = stack.pop()
-        if cid in seen or cid not in commits:
-            continue
-        seen.add(cid)
+    for cid in ancestors([head], lambda c: parents[c] if c in commits else None):
         commit = commits[cid]
         step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
         out.append(CommitInfo(cid, commit.created_at.timestamp(), step if type(step) is int else None, commit.metrics))
-        stack.extend(parents[cid])
     out.sort(key=lambda c: c.created_at_s, reverse=True)
     return out
 
@@ -550,9 +387,7 @@ def _fit_budget(repo: Repository, history: list[CommitInfo], kept: set[str], bud
     for c in history:
         if c.id not in kept:
             continue
-        manifest_id = commits[c.id].manifest
-        keys = [chunk_key(k) for k in manifest_chunks(repo, commits[c.id])] + [manifest_key(manifest_id), commit_key(c.id)]
-        objects = {key: listing[key].size_bytes for key in keys if key in listing}
+        objects = {key: listing[key].size_bytes for key in stored_needs(repo, commits[c.id], listing)}
         need[c.id] = objects
         for key, n in objects.items():
             refcount[key] = refcount.get(key, 0) + 1
@@ -646,8 +481,8 @@ def _protect_new_work(repo: Repository, result: GcPlan, snapshot: _Snapshot, pro
         else:
             log.warning("a ref was set to commit %s after the collector deleted it", cid)
     fresh = []
-    for key in objects.list("commits/"):
-        cid = key.rsplit("/", 1)[-1]
+    for key in objects.list(COMMITS_PREFIX):
+        cid = id_of(key)
         if cid not in known_commits:
             known_commits.add(cid)
             fresh.append(cid)
@@ -669,7 +504,7 @@ def _protect_new_work(repo: Repository, result: GcPlan, snapshot: _Snapshot, pro
                 protected.add(demotion_key(cid))
         own = snapshot.parents.get(cid, list(commit.parents))
         if any(p in removed for p in own):  # a parent goes: graft its nearest kept ancestors
-            record_grafts(objects, cid, _nearest_kept(own, snapshot.kept, snapshot.parents))
+            record_grafts(objects, cid, nearest_kept(own, snapshot.kept, snapshot.parents))
             protected.add(shallow_key(cid))
 
 

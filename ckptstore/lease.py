@@ -49,25 +49,20 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import msgpack
-
-from .codec import Kind, decode_object, encode_object_bytes
 from .errors import (
     CkptStoreError,
     ClockSkew,
     CollectorBusy,
-    IntegrityError,
     ObjectNotFound,
     PreconditionFailed,
     WriterExpired,
 )
+from .layout import LEASE_KEY, WRITERS_PREFIX, writer_marker_key
 from .objectstore import ObjectInfo, ObjectStore
+from .records import decode_record, encode_record
 
 log = logging.getLogger("ckptstore.lease")
 
-LOCKS_PREFIX = "locks/"
-LEASE_KEY = "locks/gc"
-WRITERS_PREFIX = "locks/writers/"
 #: How long a record outlives its holder's last heartbeat; holders renew every third of it.
 #: A holder acts (a ref update, a batch of deletions) only within a third of the ttl of its
 #: last renewal, and a request with its retries (an S3 request: up to 5 attempts of at most
@@ -79,25 +74,6 @@ DEFAULT_MARKER_TTL_S = 300.0
 LEGACY_RECORD_TTL_S = 3600.0
 #: Slack on comparisons with storage times: S3 stamps times to the second.
 CLOCK_RESOLUTION_S = 1.0
-MAX_RECORD_BYTES = 1 << 16
-
-
-def encode_record(record: dict) -> bytes:
-    """A record object (frame kind ``record``, raw): a msgpack map."""
-    return encode_object_bytes(Kind.RECORD, msgpack.packb(record, use_bin_type=True), compression_level=None)
-
-
-def decode_record(data: bytes, key: str, *, max_raw_size: int = MAX_RECORD_BYTES) -> dict:
-    """The map of a record object; a malformed one is :class:`IntegrityError` naming ``key``."""
-    try:
-        doc = msgpack.unpackb(decode_object(data, key=key, kind=Kind.RECORD, max_raw_size=max_raw_size), raw=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        if isinstance(exc, CkptStoreError):
-            raise
-        raise IntegrityError(f"malformed record: {exc}", key=key) from exc
-    if not isinstance(doc, dict):
-        raise IntegrityError("malformed record: not a map", key=key)
-    return doc
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +478,7 @@ class WriterMarker(HeldRecord):
     update, kept fresh by the heartbeat until :meth:`release`."""
 
     def __init__(self, objects: ObjectStore, *, ttl_s: float = DEFAULT_MARKER_TTL_S) -> None:
-        super().__init__(objects, f"{WRITERS_PREFIX}{uuid.uuid4().hex}", ttl_s=ttl_s)
+        super().__init__(objects, writer_marker_key(uuid.uuid4().hex), ttl_s=ttl_s)
         self.started_at_s = time.time()
 
     def doc(self) -> dict:

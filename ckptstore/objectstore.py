@@ -99,6 +99,7 @@ from .errors import (
     StoreNotFound,
 )
 from .ids import content_id
+from .layout import PROBE_PREFIX
 from .redaction import redact_credentials_in_logs
 
 T = TypeVar("T")
@@ -1158,7 +1159,7 @@ class S3ObjectStore(_FsspecObjectStore):
         ``If-None-Match: *`` or ``If-Match`` (older MinIO, some gateways): without them two
         writers silently overwrite each other's refs. Writes, checks and removes one probe
         object, ``locks/probe-<random>``."""
-        key = f"locks/probe-{uuid.uuid4().hex}"
+        key = PROBE_PREFIX + uuid.uuid4().hex
         try:
             self.put_if_absent(key, b"first")
             ignored = []

@@ -17,13 +17,13 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from .balance import EncodingBalance
 from .codec import (
     CHAIN_PREFIX_BYTES,
     DTYPE_INFO,
@@ -41,8 +41,10 @@ from .codec import (
 )  # fmt: skip
 from .errors import IntegrityError, InvalidOption, ObjectNotFound, OutOfMemory, PreconditionFailed, SourceChanged
 from .ids import content_id
+from .layout import chunk_key
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
 from .objectstore import ObjectStore
+from .recent_chunks import RecentChunks
 
 if TYPE_CHECKING:  # imported where chunks are read or written: sizing a store needs neither
     import numpy as np
@@ -80,10 +82,6 @@ def check_compression_mode(compression: str | None) -> None:
 Progress = Callable[[str, int, int], None]
 
 
-def chunk_key(chunk_id: str) -> str:
-    return f"chunks/{chunk_id[:2]}/{chunk_id}"
-
-
 def default_threads(objects: ObjectStore | None = None) -> int:
     """Threads for a store: twice the cores (at most 16) where the work is CPU and disk
     bound, or the backend's ``requests_in_flight`` where each request waits on a network
@@ -113,100 +111,6 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-class _Rate:
-    """An amount per second as the ratio of two exponentially weighted sums (with each new
-    sample, the earlier ones weigh ``decay`` times as much): recent samples count most, and a
-    sample of almost no seconds cannot make it infinite."""
-
-    def __init__(self, decay: float = 0.8) -> None:
-        self.decay = decay
-        self.amount = 0.0
-        self.seconds = 0.0
-
-    def add(self, amount: float, seconds: float) -> None:
-        self.amount = self.amount * self.decay + amount
-        self.seconds = self.seconds * self.decay + max(0.0, seconds)
-
-    @property
-    def per_s(self) -> float | None:
-        """``None`` until something was measured; infinite if it took no time."""
-        if self.amount <= 0:
-            return None
-        return self.amount / self.seconds if self.seconds > 0 else float("inf")
-
-
-class EncodingBalance:
-    """Chooses, chunk by chunk, whether a commit spends CPU on encoding (``compression="auto"``).
-
-    It measures how fast the sink takes bytes (see :meth:`writing`), what the CPU spends per
-    raw byte on the rest of a chunk's work (hashing, sampling, the write's own system calls),
-    and what encoding costs per raw byte (CPU time, per codec and value size). A commit keeps
-    two clocks: the CPU seconds of the work chosen so far spread over the cores (at most
-    ``writers``, the threads), and the seconds the sink needs for the bytes chosen so far;
-    it finishes at about the later of the two. A chunk whose encoding pays (see
-    :func:`~ckptstore.codec.encode_object`) is encoded where that makes the later clock
-    earlier than writing it raw would: where the sink is the bottleneck and the cores have
-    time to spare. Until the sink and that encoding have both been measured, the chunk is
-    encoded (a probe). Measurements carry over from one commit to the next (recent ones count
-    most); the clocks start again with each commit. Thread-safe."""
-
-    def __init__(self, *, cores: int, writers: int) -> None:
-        self.cores = max(1, min(cores, writers))
-        self.writers = max(1, writers)
-        self._lock = threading.Lock()
-        self._sink = _Rate()  # stored bytes per second of writing
-        self._work = _Rate()  # raw bytes per CPU second of a chunk's work besides encoding
-        self._encode: dict[tuple[Codec, int], _Rate] = {}  # raw bytes per CPU second of encoding
-        self._cpu_clock_s = 0.0
-        self._sink_clock_s = 0.0
-
-    def start_commit(self) -> None:
-        with self._lock:
-            self._cpu_clock_s = self._sink_clock_s = 0.0
-
-    def choose(self, size_bytes: int, group: int, codec: Codec, stored_fraction: float) -> bool:
-        """Whether to encode a chunk of ``size_bytes`` whose encoding as ``codec`` would store
-        ``stored_fraction`` of it; the choice is added to the clocks."""
-        with self._lock:
-            sink, work, encode = self._sink.per_s, self._work.per_s, self._encode.get((codec, group))
-            encode_per_s = encode.per_s if encode is not None else None
-            work_s = size_bytes / work / self.cores if work else 0.0  # (0 until measured)
-            if sink is None or encode_per_s is None:  # a probe
-                self._cpu_clock_s += work_s
-                return True
-            encode_s = size_bytes / encode_per_s / self.cores
-            raw_finish = max(self._cpu_clock_s + work_s, self._sink_clock_s + size_bytes / sink)
-            encoded_finish = max(self._cpu_clock_s + work_s + encode_s, self._sink_clock_s + stored_fraction * size_bytes / sink)
-            encoded = encoded_finish < raw_finish
-            self._cpu_clock_s += work_s + (encode_s if encoded else 0.0)
-            self._sink_clock_s += (stored_fraction if encoded else 1.0) * size_bytes / sink
-            return encoded
-
-    def worked(self, size_bytes: int, cpu_s: float, *, encoded: tuple[Codec, int, float] | None = None) -> None:
-        """Record a chunk's CPU seconds besides encoding, and ``(codec, group, cpu_s)`` of
-        its encoding if it was encoded."""
-        with self._lock:
-            self._work.add(size_bytes, cpu_s)
-            if encoded is not None:
-                codec, group, encode_s = encoded
-                self._encode.setdefault((codec, group), _Rate()).add(size_bytes, encode_s)
-
-    @contextmanager
-    def writing(self, stored_bytes: int) -> Iterator[None]:
-        """Time one write of ``stored_bytes``, made by this thread inside the block, into the
-        sink's speed: its seconds off the CPU (its CPU seconds, copying into the page cache
-        say, count on the CPU clock) over the ``writers`` that may write at once. A sink that
-        serves one write at a time keeps every writer waiting, and the sum comes to its
-        busy time; one that serves many is credited with them."""
-        started_s, started_cpu_s = time.perf_counter(), time.thread_time()
-        try:
-            yield
-        finally:
-            waited_s = max(0.0, (time.perf_counter() - started_s) - (time.thread_time() - started_cpu_s))
-            with self._lock:
-                self._sink.add(stored_bytes, waited_s / self.writers)
-
-
 @dataclass
 class WriteResult:
     new_chunks: int = 0
@@ -229,114 +133,6 @@ class _Scratch(threading.local):
         if buffer is None or len(buffer) < size:
             buffer = self.__dict__[name] = np.empty(size, dtype=np.uint8)
         return buffer[:size]
-
-
-class RecentChunks:
-    """Recently written chunks that may serve as delta bases, least recently used first out,
-    at most ``limit_bytes`` in all (spare buffers included). Of a chunk it keeps either its
-    raw bytes, so that the next commit's delta need not read it back, or only its sample
-    (:func:`~ckptstore.codec.sample_of`), which is all the next commit needs to choose, for a
-    chunk unlikely to be a base: that base is read back only if a delta pays after all.
-    Thread-safe. Cached bytes are never changed; :meth:`retire` keeps their buffers for reuse
-    once no task can be reading them (a fresh buffer costs a page fault per 4 KiB), but no
-    more bytes of spares than are cached, the largest dropped first (each commit replaces
-    what the last one cached)."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._chunks: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()  # id → (bytes or sample, whole)
-        self._spare: dict[int, list[np.ndarray]] = {}
-        self._bytes = 0  # everything: bytes, samples and spares
-        self._cached_bytes = 0  # bytes and samples
-        self._spare_bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, chunk_id: str) -> np.ndarray | None:
-        """The chunk's raw bytes, if they are kept."""
-        found = self._get(chunk_id)
-        return found[0] if found is not None and found[1] else None
-
-    def get_sample(self, chunk_id: str) -> np.ndarray | None:
-        """The chunk's sample, if only that is kept."""
-        found = self._get(chunk_id)
-        return found[0] if found is not None and not found[1] else None
-
-    def _get(self, chunk_id: str) -> tuple[np.ndarray, bool] | None:
-        with self._lock:
-            found = self._chunks.get(chunk_id)
-            if found is not None:
-                self._chunks.move_to_end(chunk_id)
-            return found
-
-    def put(self, chunk_id: str, data: bytes | memoryview | np.ndarray) -> None:
-        """Keep a copy of the raw bytes ``data`` (the caller's buffer may change afterwards),
-        if the copy hashes to ``chunk_id``: a delta's base must be exactly the stored chunk."""
-        self._put(chunk_id, data, whole=True)
-
-    def put_sample(self, chunk_id: str, sample: np.ndarray) -> None:
-        """Keep a copy of the chunk's sample, unless its raw bytes are kept."""
-        self._put(chunk_id, sample, whole=False)
-
-    def _put(self, chunk_id: str, data: bytes | memoryview | np.ndarray, *, whole: bool) -> None:
-        import numpy as np
-        size = len(data)
-        if size > self.limit_bytes:
-            return
-        with self._lock:
-            found = self._chunks.get(chunk_id)
-            if found is not None and (found[1] or not whole):
-                self._chunks.move_to_end(chunk_id)
-                return
-            spares = self._spare.get(size)
-            copy = spares.pop() if spares else None
-            if copy is None:
-                self._bytes += size
-            else:
-                self._spare_bytes -= size
-        if copy is None:
-            copy = np.empty(size, dtype=np.uint8)
-        copy[:] = np.frombuffer(data, dtype=np.uint8)
-        stale = whole and content_id(copy) != chunk_id  # the caller's buffer changed
-        with self._lock:
-            found = self._chunks.get(chunk_id)
-            if stale or (found is not None and (found[1] or not whole)):  # or another thread put it meanwhile
-                self._release(copy)
-            else:
-                if found is not None:  # the sample, now superseded by the bytes
-                    self._cached_bytes -= len(found[0])
-                    self._release(found[0])
-                self._chunks[chunk_id] = (copy, whole)
-                self._chunks.move_to_end(chunk_id)
-                self._cached_bytes += size
-            self._shrink()
-
-    def retire(self, chunk_ids: Iterable[str]) -> None:
-        """Drop these chunks (superseded bases) and keep their buffers for reuse. Call it only
-        when no task still reads them."""
-        with self._lock:
-            for chunk_id in chunk_ids:
-                found = self._chunks.pop(chunk_id, None)
-                if found is not None:
-                    self._cached_bytes -= len(found[0])
-                    self._release(found[0])
-            self._shrink()
-
-    def _release(self, data: np.ndarray) -> None:
-        """Keep a buffer that no entry holds as a spare. Under the lock."""
-        self._spare.setdefault(len(data), []).append(data)
-        self._spare_bytes += len(data)
-
-    def _shrink(self) -> None:
-        for size in sorted(self._spare, reverse=True):  # the largest spares go first
-            spares = self._spare[size]
-            while spares and (self._bytes > self.limit_bytes or self._spare_bytes > self._cached_bytes):
-                spares.pop()
-                self._bytes -= size
-                self._spare_bytes -= size
-        while self._bytes > self.limit_bytes and self._chunks:
-            old, _ = self._chunks.popitem(last=False)[1]
-            self._bytes -= len(old)
-            self._cached_bytes -= len(old)
 
 
 class ChunkReader:
@@ -615,103 +411,8 @@ class Pipeline:
         balance = self.balance if compression == "auto" and compression_level is not None else None
         if balance is not None:
             balance.start_commit()
-
-        def read_base(parent: ChunkRef) -> np.ndarray | None:
-            data = self._scratch.get("base", parent.size)
-            try:
-                self.reader.read_into(parent, data)
-            except IntegrityError as exc:  # the commit goes on, with a keyframe
-                log.warning("chunk %s cannot serve as a delta base: %s", parent.id, exc)
-                return None
-            return data
-
-        def base_for(parent: ChunkRef | None, size: int, group: int) -> DeltaBase | None:
-            if delta == "off" or parent is None or group == 1 or compression_level is None:
-                return None
-            if parent.size != size or len(parent.bases) + 1 > max_delta_chain:
-                return None
-            data = self.recent.get(parent.id)
-            sample = self.recent.get_sample(parent.id) if data is None else sample_of(data, group_bytes=group)
-            if sample is None:  # nothing kept (a new process): read it to choose
-                data = read_base(parent)
-                if data is None:
-                    return None
-                sample = sample_of(data, group_bytes=group)
-
-            def load() -> np.ndarray | None:
-                if not self._objects.exists(chunk_key(parent.id)):
-                    return None  # removed since (GC): never write a delta against a missing base
-                return data if data is not None else read_base(parent)
-
-            return DeltaBase((parent.id, *parent.bases), size, sample, load)
-
-        def store_chunk(view: memoryview, parent: ChunkRef | None, group: int, blob: BlobSource) -> tuple[ChunkRef, bool, int]:
-            """Store one chunk of ``blob``. The bytes stored are the bytes hashed: unless the
-            blob is a private copy (made at snapshot time or from a device, so stable), the
-            caller's bytes are hashed again after they were encoded and after they were
-            written, and a chunk whose bytes changed meanwhile is :class:`SourceChanged`, with
-            nothing stored under its id that is not its bytes."""
-            started_s = time.thread_time()
-            chunk_id = content_id(view)
-            size = len(view)
-            if parent is not None and parent.id != chunk_id:
-                superseded.add(parent.id)
-            known = self._stored_chain(chunk_id, parent)
-            if known is not None:
-                keep(chunk_id, view, group, whole=delta == "on")
-                return ChunkRef(chunk_id, size, known), False, 0
-            base = base_for(parent, size, group)
-            chosen: list[tuple[Codec, float]] = []  # (codec, thread time) of an encoding chosen
-
-            def worth(codec: Codec, stored_fraction: float) -> bool:
-                assert balance is not None
-                if balance.choose(size, group, codec, stored_fraction):
-                    chosen.append((codec, time.thread_time()))
-                    return True
-                return False
-
-            encoded = encode_object(
-                Kind.CHUNK, view, compression_level=compression_level, group_bytes=group,
-                base=base, delta="on" if delta == "on" else "auto",
-                scratch=self._scratch.get("encode", 2 * size), worth=worth if balance is not None else None,
-            )  # fmt: skip
-            encoded_s = time.thread_time()
-            if not blob.private and encoded.codec is not Codec.RAW and content_id(view) != chunk_id:
-                raise SourceChanged(blob.path)  # the encoder read other bytes: nothing stored
-            put_started_s = time.thread_time()
-            with balance.writing(encoded.stored_bytes) if balance is not None else nullcontext():
-                stored = self._put_chunk(chunk_id, encoded.parts)
-            if balance is not None:  # CPU seconds besides encoding: before it, and in the write
-                before_s = (chosen[0][1] if chosen else encoded_s) - started_s
-                balance.worked(size, before_s + time.thread_time() - put_started_s, encoded=(chosen[0][0], group, encoded_s - chosen[0][1]) if chosen else None)
-            if not blob.private and content_id(view) != chunk_id:  # (a raw body is written from the caller's bytes)
-                self._drop_if_not(chunk_id, size, stored=stored)
-                raise SourceChanged(blob.path)
-            if stored is None:  # another writer stored it first
-                known = self.reader.bases_of(chunk_id)
-                if known is None:
-                    raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
-                keep(chunk_id, view, group, whole=delta == "on")
-                return ChunkRef(chunk_id, size, known), False, 0
-            # the next commit's delta likely pays where this one did, where a chain just
-            # ended in a keyframe, or (until shown otherwise) where none was tried yet
-            likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
-            keep(chunk_id, view, group, whole=delta == "on" or likely_base, sample=encoded.sample)
-            return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
-
-        def keep(chunk_id: str, view: memoryview, group: int, *, whole: bool, sample: np.ndarray | None = None) -> None:
-            """Keep a chunk that the next commit may take as a base: its bytes, or its sample
-            (``sample``, if encoding took it already)."""
-            import numpy as np
-            if delta == "off" or group == 1:
-                return
-            if whole:
-                self.recent.put(chunk_id, view)
-            else:
-                self.recent.put_sample(chunk_id, sample if sample is not None else sample_of(np.frombuffer(view, dtype=np.uint8), group_bytes=group))
-
+        writer = _ChunkWriter(self, delta=delta, compression_level=compression_level, max_delta_chain=max_delta_chain, balance=balance)
         order: list[int] = []
-        superseded: set[str] = set()
 
         def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
             for index, source in sources.items():
@@ -722,28 +423,15 @@ class Pipeline:
                     view = data[start : start + chunk_size_bytes]
                     parent = parents[position] if position < len(parents) else None
                     order.append(index)
-                    yield len(view), (lambda v=view, p=parent, g=group, b=source: store_chunk(v, p, g, b))
+                    yield len(view), (lambda v=view, p=parent, g=group, b=source: writer.store_chunk(v, p, g, b))
 
         total = sum(len(source.data) for source in sources.values())
         try:
             results = self._run(tasks(), progress=progress, phase="commit", total_bytes=total)
         finally:  # once no task reads them: the parent's chunks that changed are no base now
             if delta != "off":
-                self.recent.retire(superseded)
-        out = WriteResult()
-        for index in sources:
-            manifest.blobs[index].chunks = []
-        for index, (ref, written, stored) in zip(order, results):  # type: ignore[misc]
-            manifest.blobs[index].chunks.append(ref)
-            if written:
-                out.new_chunks += 1
-                out.new_bytes += stored
-                out.new_frame_bytes += stored - min(stored - HEADER_SIZE, ref.size)
-                out.delta_chunks += bool(ref.bases)
-            else:
-                out.reused_chunks += 1
-                out.reused_bytes += ref.size
-        return out
+                self.recent.retire(writer.superseded)
+        return _fill_chunk_lists(manifest, sources, order, results)  # type: ignore[arg-type]
 
     def read_blobs(self, manifest: Manifest, blob_indices: Iterable[int], *, manifest_key: str, progress: Progress | None = None) -> dict[int, torch.Tensor]:
         """Read and verify the given blobs into new uint8 CPU tensors."""
@@ -781,6 +469,133 @@ class Pipeline:
         total = sum(sum(c.size for c in manifest.blobs[i].chunks) for i in blob_indices if manifest.blobs[i].inline is None)
         self._run(tasks(), progress=progress, phase="checkout", total_bytes=total)
         return buffers
+
+
+class _ChunkWriter:
+    """One :meth:`Pipeline.write_blobs` call's chunk stores: each chunk hashed, looked up,
+    encoded (against its parent's chunk where a delta pays) and written, from the pool's
+    threads, on the caller's bytes (no copy)."""
+
+    def __init__(self, pipeline: Pipeline, *, delta: DeltaMode, compression_level: int | None, max_delta_chain: int, balance: EncodingBalance | None) -> None:
+        self.pipeline = pipeline
+        self.delta = delta
+        self.compression_level = compression_level
+        self.max_delta_chain = max_delta_chain
+        self.balance = balance
+        #: The parent's chunks this commit changed (no base for the next one).
+        self.superseded: set[str] = set()
+
+    def read_base(self, parent: ChunkRef) -> np.ndarray | None:
+        data = self.pipeline._scratch.get("base", parent.size)
+        try:
+            self.pipeline.reader.read_into(parent, data)
+        except IntegrityError as exc:  # the commit goes on, with a keyframe
+            log.warning("chunk %s cannot serve as a delta base: %s", parent.id, exc)
+            return None
+        return data
+
+    def base_for(self, parent: ChunkRef | None, size: int, group: int) -> DeltaBase | None:
+        if self.delta == "off" or parent is None or group == 1 or self.compression_level is None:
+            return None
+        if parent.size != size or len(parent.bases) + 1 > self.max_delta_chain:
+            return None
+        data = self.pipeline.recent.get(parent.id)
+        sample = self.pipeline.recent.get_sample(parent.id) if data is None else sample_of(data, group_bytes=group)
+        if sample is None:  # nothing kept (a new process): read it to choose
+            data = self.read_base(parent)
+            if data is None:
+                return None
+            sample = sample_of(data, group_bytes=group)
+
+        def load() -> np.ndarray | None:
+            if not self.pipeline._objects.exists(chunk_key(parent.id)):
+                return None  # removed since (GC): never write a delta against a missing base
+            return data if data is not None else self.read_base(parent)
+
+        return DeltaBase((parent.id, *parent.bases), size, sample, load)
+
+    def store_chunk(self, view: memoryview, parent: ChunkRef | None, group: int, blob: BlobSource) -> tuple[ChunkRef, bool, int]:
+        """Store one chunk of ``blob``. The bytes stored are the bytes hashed: unless the
+        blob is a private copy (made at snapshot time or from a device, so stable), the
+        caller's bytes are hashed again after they were encoded and after they were
+        written, and a chunk whose bytes changed meanwhile is :class:`SourceChanged`, with
+        nothing stored under its id that is not its bytes."""
+        started_s = time.thread_time()
+        chunk_id = content_id(view)
+        size = len(view)
+        if parent is not None and parent.id != chunk_id:
+            self.superseded.add(parent.id)
+        known = self.pipeline._stored_chain(chunk_id, parent)
+        if known is not None:
+            self.keep(chunk_id, view, group, whole=self.delta == "on")
+            return ChunkRef(chunk_id, size, known), False, 0
+        base = self.base_for(parent, size, group)
+        chosen: list[tuple[Codec, float]] = []  # (codec, thread time) of an encoding chosen
+
+        def worth(codec: Codec, stored_fraction: float) -> bool:
+            assert self.balance is not None
+            if self.balance.choose(size, group, codec, stored_fraction):
+                chosen.append((codec, time.thread_time()))
+                return True
+            return False
+
+        encoded = encode_object(
+            Kind.CHUNK, view, compression_level=self.compression_level, group_bytes=group,
+            base=base, delta="on" if self.delta == "on" else "auto",
+            scratch=self.pipeline._scratch.get("encode", 2 * size), worth=worth if self.balance is not None else None,
+        )  # fmt: skip
+        encoded_s = time.thread_time()
+        if not blob.private and encoded.codec is not Codec.RAW and content_id(view) != chunk_id:
+            raise SourceChanged(blob.path)  # the encoder read other bytes: nothing stored
+        put_started_s = time.thread_time()
+        with self.balance.writing(encoded.stored_bytes) if self.balance is not None else nullcontext():
+            stored = self.pipeline._put_chunk(chunk_id, encoded.parts)
+        if self.balance is not None:  # CPU seconds besides encoding: before it, and in the write
+            before_s = (chosen[0][1] if chosen else encoded_s) - started_s
+            self.balance.worked(size, before_s + time.thread_time() - put_started_s, encoded=(chosen[0][0], group, encoded_s - chosen[0][1]) if chosen else None)
+        if not blob.private and content_id(view) != chunk_id:  # (a raw body is written from the caller's bytes)
+            self.pipeline._drop_if_not(chunk_id, size, stored=stored)
+            raise SourceChanged(blob.path)
+        if stored is None:  # another writer stored it first
+            known = self.pipeline.reader.bases_of(chunk_id)
+            if known is None:
+                raise IntegrityError("chunk vanished right after another writer stored it", key=chunk_key(chunk_id))
+            self.keep(chunk_id, view, group, whole=self.delta == "on")
+            return ChunkRef(chunk_id, size, known), False, 0
+        # the next commit's delta likely pays where this one did, where a chain just
+        # ended in a keyframe, or (until shown otherwise) where none was tried yet
+        likely_base = parent is None or bool(encoded.bases) or bool(parent.bases)
+        self.keep(chunk_id, view, group, whole=self.delta == "on" or likely_base, sample=encoded.sample)
+        return ChunkRef(chunk_id, size, encoded.bases), True, encoded.stored_bytes
+
+    def keep(self, chunk_id: str, view: memoryview, group: int, *, whole: bool, sample: np.ndarray | None = None) -> None:
+        """Keep a chunk that the next commit may take as a base: its bytes, or its sample
+        (``sample``, if encoding took it already)."""
+        import numpy as np
+        if self.delta == "off" or group == 1:
+            return
+        if whole:
+            self.pipeline.recent.put(chunk_id, view)
+        else:
+            self.pipeline.recent.put_sample(chunk_id, sample if sample is not None else sample_of(np.frombuffer(view, dtype=np.uint8), group_bytes=group))
+
+
+def _fill_chunk_lists(manifest: Manifest, sources: Mapping[int, BlobSource], order: list[int], results: list[tuple[ChunkRef, bool, int]]) -> WriteResult:
+    """Set each written blob's chunk list, in order, and count what was written and reused."""
+    out = WriteResult()
+    for index in sources:
+        manifest.blobs[index].chunks = []
+    for index, (ref, written, stored) in zip(order, results):
+        manifest.blobs[index].chunks.append(ref)
+        if written:
+            out.new_chunks += 1
+            out.new_bytes += stored
+            out.new_frame_bytes += stored - min(stored - HEADER_SIZE, ref.size)
+            out.delta_chunks += bool(ref.bases)
+        else:
+            out.reused_chunks += 1
+            out.reused_bytes += ref.size
+    return out
 
 
 def _blob_buffer(size: int, *, key: str, path: str | None) -> torch.Tensor:

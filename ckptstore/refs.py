@@ -8,11 +8,16 @@ Every name passes :func:`check_ref_name`, the one set of rules for branch and ta
 
 from __future__ import annotations
 
+import random
 import re
+import time
+from collections.abc import Callable
 from enum import Enum
+from typing import TypeVar
 
 from .codec import Kind, decode_object, encode_object_bytes
 from .errors import (
+    CkptStoreError,
     IntegrityError,
     InvalidRefName,
     ObjectNotFound,
@@ -20,6 +25,8 @@ from .errors import (
     RefConflict,
 )
 from .ids import is_full_id
+from .layout import REFS_PREFIX, refs_prefix
+from .layout import ref_key as _ref_key
 from .objectstore import ObjectStore
 
 LATEST = "latest"
@@ -30,6 +37,35 @@ MAX_NAME_LENGTH = 200
 # A portable alphabet, safe as an object key on every backend; git allows more.
 _PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 _FORBIDDEN = "~^:?*[\\"
+
+T = TypeVar("T")
+
+
+def jittered_pause_s(attempt: int) -> float:
+    """The pause after failed attempt ``attempt`` (0 first) of a compare-and-swap that many
+    processes race on: random, up to 5 ms doubling each time, at most 0.5 s."""
+    return random.uniform(0, min(0.5, 0.005 * 2**attempt))
+
+
+def retry_cas(
+    attempt: Callable[[], T],
+    *,
+    conflicts: type[Exception] | tuple[type[Exception], ...],
+    max_attempts: int,
+    exhausted: Callable[[], CkptStoreError],
+    pause_s: Callable[[int], float] = jittered_pause_s,
+) -> T:
+    """Run ``attempt`` (read the current value, decide, compare-and-swap) until it returns
+    without raising one of ``conflicts`` (someone else changed the value in between), pausing
+    ``pause_s(n)`` after failed attempt ``n``. After ``max_attempts`` conflicts, raise
+    ``exhausted()``. ``attempt`` must be idempotent: it re-reads what it swaps each time."""
+    for n in range(max_attempts):
+        try:
+            return attempt()
+        except conflicts:
+            if n + 1 < max_attempts:
+                time.sleep(pause_s(n))
+    raise exhausted()
 
 
 class RefKind(Enum):
@@ -60,7 +96,7 @@ def _broken_rule(kind: RefKind, name: str, *, existing: bool) -> str | None:
         (any(_PART_RE.fullmatch(p) is None for p in parts), "each /-separated part must start with a letter or digit and hold only letters, digits and . _ -"),
         (is_full_id(name), "it looks like a commit id (32 hex digits)"),
         (not existing and name == "HEAD", "'HEAD' is reserved (git's name for the current commit)"),
-        (not existing and (name == "refs" or name.startswith("refs/")), "names starting with 'refs/' are reserved (branch and tag names are given without it)"),
+        (not existing and (name == REFS_PREFIX.rstrip("/") or name.startswith(REFS_PREFIX)), "names starting with 'refs/' are reserved (branch and tag names are given without it)"),
         (not existing and kind is RefKind.BRANCH and name in STORE_TAGS, f"{name!r} is a tag the store moves itself"),
     )  # fmt: skip
     return next((rule for broken, rule in rules if broken), None)
@@ -81,7 +117,7 @@ def check_ref_name(name: str, *, kind: RefKind, existing: bool = False) -> str:
 
 
 def ref_key(kind: RefKind, name: str) -> str:
-    return f"refs/{kind.value}/{check_ref_name(name, kind=kind, existing=True)}"
+    return _ref_key(kind.value, check_ref_name(name, kind=kind, existing=True))
 
 
 class RefStore:
@@ -110,7 +146,7 @@ class RefStore:
 
     def names(self, kind: RefKind) -> list[str]:
         """The names of every ref of ``kind``, sorted."""
-        prefix = f"refs/{kind.value}/"
+        prefix = refs_prefix(kind.value)
         return [key[len(prefix) :] for key in self._objects.list(prefix)]
 
     def list(self, kind: RefKind) -> dict[str, str]:

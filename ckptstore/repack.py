@@ -40,11 +40,12 @@ from typing import TYPE_CHECKING
 from .codec import HEADER_SIZE, Codec, Kind, decode_object, encode_object, read_header
 from .commit import Commit
 from .errors import IntegrityError, ObjectNotFound, PreconditionFailed
-from .gc import Repository, commit_key
 from .ids import content_id
+from .inventory import Repository
+from .layout import chunk_key, commit_key
 from .lease import DEFAULT_MARKER_TTL_S, writing
 from .objectstore import ObjectStore
-from .pipeline import Progress, chunk_key, value_bytes
+from .pipeline import Progress, value_bytes
 from .refs import RefKind
 
 if TYPE_CHECKING:

@@ -79,11 +79,8 @@ from .gc import (
     DEFAULT_WRITER_TIMEOUT_S,
     GcPlan,
     collect,
-    commit_key,
-    dropped_components,
-    effective_parents,
-    manifest_key,
 )
+from .history import effective_parents
 from .ids import (
     HASH_ALGORITHM,
     check_hash_algorithm,
@@ -92,6 +89,7 @@ from .ids import (
     is_id_prefix,
     parse_revision,
 )
+from .layout import COMMITS_PREFIX, CONFIG_KEY, SHALLOW_PREFIX, commit_key, id_of, manifest_key
 from .lease import writing
 from .manifest import (
     BlobSource,
@@ -122,6 +120,7 @@ from .pipeline import (
     check_delta_mode,
     default_threads,
 )
+from .records import dropped_components
 from .refs import BEST, LATEST, STORE_TAGS, RefKind, RefStore, check_ref_name
 from .repack import RepackReport
 from .repack import repack as repack_chunks
@@ -143,7 +142,6 @@ STORE_FORMAT_VERSION = 3
 READABLE_STORE_FORMATS = (1, 2, 3)
 #: The first store format whose config carries a checksum.
 CHECKSUMMED_CONFIG_FORMAT = 3
-CONFIG_KEY = "config"
 RESERVED_TAGS = STORE_TAGS
 
 #: Caps on what a header may declare for these objects before they are decompressed.
@@ -419,8 +417,8 @@ class Store:
         A damaged commit object or ref is logged and left out (reading it later raises
         :class:`IntegrityError`), so one bad object never makes a store unopenable.
         """
-        stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
-        self._grafted = {key.rsplit("/", 1)[-1] for key in self.objects.list("shallow/")}
+        stored = {id_of(key) for key in self.objects.list(COMMITS_PREFIX)}
+        self._grafted = {id_of(key) for key in self.objects.list(SHALLOW_PREFIX)}
         known = self.catalog.commit_ids()
         for commit_id in sorted(stored - known):
             if is_full_id(commit_id):
@@ -628,7 +626,7 @@ class Store:
 
         ``compression`` (default the store's setting): "always" encodes every chunk whose
         sample says an encoding pays; "auto" only while the sink, not the CPU, bounds the
-        write (it measures both as it goes: see :class:`~ckptstore.pipeline.EncodingBalance`),
+        write (it measures both as it goes: see :class:`~ckptstore.balance.EncodingBalance`),
         writing the others raw; "never" writes every chunk raw and whole. Only the stored
         bytes depend on it, never the ids."""
         check_delta_mode(delta)

@@ -29,7 +29,9 @@ from typing import TypeVar
 from .codec import HEADER_SIZE
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
-from .gc import STORE_PREFIXES, Repository, chunk_key, commit_key, manifest_chunks, manifest_key
+from .history import ancestors
+from .inventory import Repository, list_objects, manifest_chunks, stored_needs
+from .layout import CONFIG_KEY, STORE_PREFIXES, chunk_key, commit_key, id_of, kind_of, manifest_key
 from .objectstore import ObjectStore
 from .pipeline import value_bytes
 from .refs import RefKind
@@ -39,7 +41,6 @@ log = logging.getLogger("ckptstore.usage")
 
 T = TypeVar("T")
 
-CONFIG_KEY = "config"
 #: How often a read that a collector races is tried, and the first pause between tries
 #: (doubling each time).
 READ_ATTEMPTS = 5
@@ -108,7 +109,7 @@ class Usage:
 def store_sizes(objects: ObjectStore) -> dict[str, int]:
     """Key → stored size of every object of the store's own (:data:`STORE_PREFIXES` and
     ``config``), listed in the reverse of write order; nothing else under its root."""
-    sizes = {info.key: info.size_bytes for prefix in STORE_PREFIXES for info in objects.list_info(prefix)}
+    sizes = {key: info.size_bytes for key, info in list_objects(objects, STORE_PREFIXES).items()}
     with contextlib.suppress(ObjectNotFound):
         sizes[CONFIG_KEY] = objects.size(CONFIG_KEY)
     return sizes
@@ -160,7 +161,7 @@ def _measure(repo: Repository) -> Usage:
     sizes = store_sizes(repo.objects)
     usage = Usage()
     for key, size in sizes.items():
-        kind = key.split("/", 1)[0]
+        kind = kind_of(key)
         count, total = usage.objects.get(kind, (0, 0))
         usage.objects[kind] = (count + 1, total + size)
         usage.physical_bytes += size
@@ -178,11 +179,10 @@ def _measure(repo: Repository) -> Usage:
             if manifest_key(commit.manifest) not in sizes:  # listed after its commit: removed since
                 raise IntegrityError("manifest object is missing", key=manifest_key(commit.manifest))
         commits[cid] = commit
-        keys = {commit_key(cid), manifest_key(commit.manifest)}
+        keys = stored_needs(repo, commit, sizes)  # a demoted commit's dropped chunks are gone
         for chunk_id, size in chunks.items():
             key = chunk_key(chunk_id)
-            if key in sizes:  # a demoted commit's dropped chunks are gone
-                keys.add(key)
+            if key in keys:
                 raw_sizes[key] = size
                 first_user.setdefault(key, cid)
         needs[cid] = keys
@@ -205,7 +205,7 @@ def _measure(repo: Repository) -> Usage:
             raise CollectedWhileReading(
                 f"collected while reading: branch {name} moved on and a garbage collector removed its head {head[:12]}", key=commit_key(head)
             )  # (a head that a ref still names is missing for good: damage, which fsck reports)
-        history = _ancestors(repo, head, commits)
+        history = ancestors([head], lambda c: repo.parents_of(commits[c]) if c in commits else None)
         keys = set().union(*(needs[c] for c in history)) if history else set()
         usage.branches.append(
             BranchUsage(name, len(history), sum(commits[c].stats.logical_bytes for c in history), sum(sizes[k] for k in keys))
@@ -231,7 +231,7 @@ def _estimate_repack(repo: Repository, usage: Usage, raw_chunks: dict[str, int],
                 manifest = repo.manifest_of(commit)
             by_blob = value_bytes(manifest)
             groups[commit.manifest] = {ref.id: by_blob.get(i, 1) for i, blob in enumerate(manifest.blobs) for ref in blob.chunks}
-        group = groups[commit.manifest].get(key.rsplit("/", 1)[-1], 1)
+        group = groups[commit.manifest].get(id_of(key), 1)
         size = raw_chunks[key]
         n = min(size, REPACK_SAMPLE_BYTES) // 8 * 8 or size
         start = (size - n) // 2 // 8 * 8
@@ -249,18 +249,3 @@ def _estimate_repack(repo: Repository, usage: Usage, raw_chunks: dict[str, int],
 
 def _ref_targets(repo: Repository) -> set[str]:
     return {cid for kind in RefKind for cid in repo.refs.list(kind).values()}
-
-
-def _ancestors(repo: Repository, head: str, commits: dict[str, Commit]) -> list[str]:
-    """``head`` and its ancestors along the parents history follows, those measured."""
-    seen: list[str] = []
-    stack = [head]
-    visited = set()
-    while stack:
-        cid = stack.pop()
-        if cid in visited or cid not in commits:
-            continue
-        visited.add(cid)
-        seen.append(cid)
-        stack.extend(repo.parents_of(commits[cid]))
-    return seen

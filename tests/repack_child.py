@@ -23,7 +23,7 @@ import torch
 
 import ckptstore
 from ckptstore.errors import CkptStoreError, CollectorBusy
-from ckptstore.gc import commit_key
+from ckptstore.layout import commit_key
 from ckptstore.retention import KeepLast
 
 from states import assert_same

@@ -17,7 +17,7 @@ import ckptstore
 from ckptstore.codec import HEADER_SIZE, Codec, Kind, encode_object_bytes, read_header
 from ckptstore.errors import InvalidOption
 from ckptstore.ids import content_id
-from ckptstore.pipeline import EncodingBalance
+from ckptstore.balance import EncodingBalance
 from ckptstore.store import CONFIG_KEY, StoreConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))

@@ -13,7 +13,7 @@ import torch
 
 import ckptstore
 from ckptstore.errors import ComponentsUnavailable
-from ckptstore.gc import chunk_key, commit_key
+from ckptstore.layout import chunk_key, commit_key
 
 
 def ckpt_many(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:

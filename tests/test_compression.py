@@ -33,7 +33,8 @@ from ckptstore.codec import (
     parse_frame,
 )
 from ckptstore.ids import content_id
-from ckptstore.pipeline import RecentChunks, chunk_key
+from ckptstore.layout import chunk_key
+from ckptstore.recent_chunks import RecentChunks
 
 EXAMPLES = 2000 if SOAK else 150
 
@@ -412,7 +413,7 @@ def test_manifests_without_deltas_keep_the_first_format(tmp_path):
     import msgpack
 
     from ckptstore.codec import decode_object as unframe
-    from ckptstore.gc import manifest_key
+    from ckptstore.layout import manifest_key
 
     store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on")
     states = list(fine_tuning(2))

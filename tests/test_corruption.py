@@ -50,9 +50,9 @@ import ckptstore
 import ckptstore.store
 from ckptstore.codec import Kind, decode_object
 from ckptstore.errors import CkptStoreError
-from ckptstore.gc import commit_key as _commit_key
-from ckptstore.gc import manifest_key as _manifest_key
-from ckptstore.pipeline import chunk_key as _chunk_key
+from ckptstore.layout import chunk_key as _chunk_key
+from ckptstore.layout import commit_key as _commit_key
+from ckptstore.layout import manifest_key as _manifest_key
 
 OBJECT_CASES = 800 if SOAK else 40
 CATALOG_CASES = 200 if SOAK else 12

@@ -29,8 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 import ckptstore
 from ckptstore.integrations.distributed import StoreReader, StoreWriter
-from ckptstore.gc import shallow_key
-from ckptstore.pipeline import chunk_key
+from ckptstore.layout import chunk_key, shallow_key
 
 REPO = Path(__file__).resolve().parents[1]
 #: How long the collector is watched once it has started executing: it must still be running

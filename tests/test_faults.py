@@ -44,7 +44,7 @@ from soak import scaled
 
 import ckptstore
 from ckptstore.errors import CkptStoreError, StorageError
-from ckptstore.gc import commit_key
+from ckptstore.layout import commit_key
 from ckptstore.lease import read_lease
 from ckptstore.objectstore import LocalObjectStore, open_object_store
 from ckptstore.retention import KeepLast

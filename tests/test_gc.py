@@ -36,23 +36,15 @@ from states import TinyNet, assert_same, trained
 import ckptstore
 from ckptstore.codec import HEADER_SIZE
 from ckptstore.errors import CollectorBusy, ComponentsUnavailable, PolicyMatchesNothing, UnknownRef, WriterExpired
-from ckptstore.gc import (
-    chunk_key,
-    collect,
-    commit_key,
-    demotion_key,
-    grafted_parents,
-    manifest_key,
-    shallow_key,
-)
+from ckptstore.gc import collect
+from ckptstore.layout import LEASE_KEY, WRITERS_PREFIX, chunk_key, commit_key, demotion_key, manifest_key, shallow_key
 from ckptstore.lease import (
-    LEASE_KEY,
     Heartbeat,
-    WRITERS_PREFIX,
     CollectorLease,
     read_lease,
     writing,
 )
+from ckptstore.records import grafted_parents
 from ckptstore.retention import (
     AnyOf,
     CommitInfo,

@@ -29,8 +29,8 @@ from soak import SOAK
 
 import ckptstore
 from ckptstore.errors import CollectorBusy, ComponentsUnavailable
-from ckptstore.gc import DELETION_ORDER, collect
-from ckptstore.lease import LEASE_KEY, WRITERS_PREFIX
+from ckptstore.gc import collect
+from ckptstore.layout import DELETION_ORDER, LEASE_KEY, WRITERS_PREFIX
 from ckptstore.retention import KeepBest, KeepLast, Policy
 
 from forker import Forker

@@ -24,8 +24,9 @@ import ckptstore
 from ckptstore import KeepLast
 from ckptstore.errors import ClockSkew, ConditionalWritesUnsupported, IntegrityError, ObjectNotFound, StorageError
 from ckptstore.gc import collect, plan
-from ckptstore.lease import LEASE_KEY, WRITERS_PREFIX, CollectorLease, writing
-from ckptstore.pipeline import ChunkReader, chunk_key
+from ckptstore.layout import LEASE_KEY, WRITERS_PREFIX, chunk_key
+from ckptstore.lease import CollectorLease, writing
+from ckptstore.pipeline import ChunkReader
 
 SMALL = {"chunk_size_bytes": 4096, "inline_threshold_bytes": 256}
 

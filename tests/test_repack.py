@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import ckptstore
 from ckptstore.cli import cli
 from ckptstore.codec import HEADER_SIZE, Codec, Kind, read_header
-from ckptstore.gc import chunk_key
+from ckptstore.layout import chunk_key
 from ckptstore.repack import reachable_commits
 
 from repack_child import CHUNK_SIZE_BYTES, check_commit, state

@@ -15,7 +15,7 @@ import torch
 
 import ckptstore
 from ckptstore.objectstore import open_object_store
-from ckptstore.pipeline import chunk_key
+from ckptstore.layout import chunk_key
 from ckptstore.store import commit_key, manifest_key
 
 from states import assert_same, full_state, trained

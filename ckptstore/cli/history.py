@@ -8,7 +8,8 @@ import click
 
 from ..commit import Commit
 from ..errors import CkptStoreError
-from ..gc import commit_key, demoted_commit_ids, dropped_components
+from ..layout import commit_key
+from ..records import demoted_commit_ids, dropped_components
 from ..manifest import Manifest
 from ..store import LATEST, Diff, Store
 from ..usage import CommitUsage, read_racing_collector, reading_commit

@@ -11,7 +11,9 @@ import click
 
 from ..errors import RefExists
 from ..formats import run_checkpoints
-from ..gc import DEFAULT_GRACE_PERIOD_S, unreferenced_since
+from ..gc import DEFAULT_GRACE_PERIOD_S
+from ..inventory import unreferenced_since
+from ..layout import is_chunk_key
 from ..store import Store
 from .context import Context, pass_ctx
 from .options import ByteSize, duration_text
@@ -27,7 +29,7 @@ def _reporting_interrupt(store: Store) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         left = unreferenced_since(store, since_s=since_s)
-        chunks = sum(info.key.startswith("chunks/") for info in left)
+        chunks = sum(is_chunk_key(info.key) for info in left)
         manifests = len(left) - chunks
         what = f"{chunks} chunks" + (f" and {manifests} manifests" if manifests else "")
         click.echo(

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..commit import Commit
 from ..errors import CkptStoreError
-from ..gc import DEFAULT_GRACE_PERIOD_S, GcPlan, demoted_commit_ids, dropped_components
+from ..gc import DEFAULT_GRACE_PERIOD_S, GcPlan
+from ..records import demoted_commit_ids, dropped_components
 from ..manifest import split_key_path
 from ..retention import Retention as RetentionPolicy
 from ..store import Store
