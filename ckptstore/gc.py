@@ -60,7 +60,7 @@ from .lease import (
     writers,
 )
 from .manifest import Manifest, path_under
-from .objectstore import ObjectInfo, ObjectStore
+from .backends import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress, chunk_key
 from .refs import RefKind, RefStore
 from .retention import CommitInfo, Policy, Retention, policy_for

@@ -20,7 +20,7 @@ record is dead when
 - its holder is *known dead*: the judge runs on the same kernel boot, in the same pid
   namespace, and that pid is gone or belongs to a newer process (only then can a pid be
   judged; a sidecar container with the same hostname cannot), or
-- it is *stale*: the storage's clock (:meth:`~ckptstore.objectstore.ObjectStore.clock_s`)
+- it is *stale*: the storage's clock (:meth:`~ckptstore.backends.ObjectStore.clock_s`)
   is more than ``ttl_s`` past the record's modification time, which the storage stamped with
   that same clock. No wall clock of any process is compared with storage time.
 
@@ -61,7 +61,7 @@ from .errors import (
     PreconditionFailed,
     WriterExpired,
 )
-from .objectstore import ObjectInfo, ObjectStore
+from .backends import ObjectInfo, ObjectStore
 
 log = logging.getLogger("ckptstore.lease")
 

@@ -42,7 +42,7 @@ from .codec import (
 from .errors import IntegrityError, InvalidOption, ObjectNotFound, OutOfMemory, PreconditionFailed, SourceChanged
 from .ids import content_id
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 
 if TYPE_CHECKING:  # imported where chunks are read or written: sizing a store needs neither
     import numpy as np
@@ -361,7 +361,7 @@ class ChunkReader:
 
     def will_read(self, ref: ChunkRef) -> None:
         """Tell the store that the chunk (and the bases its manifest records) is read soon:
-        :meth:`~ckptstore.objectstore.ObjectStore.will_read`, a hint that holds no memory here."""
+        :meth:`~ckptstore.backends.ObjectStore.will_read`, a hint that holds no memory here."""
         for chunk_id in (ref.id, *ref.bases):
             self._objects.will_read(chunk_key(chunk_id))
 

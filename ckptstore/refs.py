@@ -20,7 +20,7 @@ from .errors import (
     RefConflict,
 )
 from .ids import is_full_id
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 
 LATEST = "latest"
 BEST = "best"

@@ -43,7 +43,7 @@ from .errors import IntegrityError, ObjectNotFound, PreconditionFailed
 from .gc import Repository, commit_key
 from .ids import content_id
 from .lease import DEFAULT_MARKER_TTL_S, writing
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 from .pipeline import Progress, chunk_key, value_bytes
 from .refs import RefKind
 

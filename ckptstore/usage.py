@@ -30,7 +30,7 @@ from .codec import HEADER_SIZE
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
 from .gc import STORE_PREFIXES, Repository, chunk_key, commit_key, manifest_chunks, manifest_key
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 from .pipeline import value_bytes
 from .refs import RefKind
 from .repack import DEFAULT_REPACK_LEVEL, encoded_for_repack

@@ -20,7 +20,7 @@ from states import assert_same
 import ckptstore
 from ckptstore.codec import CHAIN_PREFIX_BYTES, HEADER_SIZE, Codec, Kind, delta_chain, read_header
 from ckptstore.errors import IntegrityError
-from ckptstore.objectstore import LocalObjectStore
+from ckptstore.backends.local import LocalObjectStore
 from ckptstore.pipeline import ByteBudget, ChunkReader, chunk_key
 
 CHUNK = 8 << 10

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.objectstore import open_object_store
+from ckptstore.backends import open_object_store
 from ckptstore.pipeline import chunk_key
 from ckptstore.store import commit_key, manifest_key
 
