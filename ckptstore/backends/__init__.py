@@ -57,7 +57,7 @@ be read (a read-only mount, a directory this user may not write: ``EROFS``, ``EA
 error before anything changed. Transient failures are retried in one
 layer only, the lowest that can: S3 requests by botocore (a response body that fails midway,
 which botocore does not retry, by ``read_attempts`` here); a local system call that fails with
-a transient errno (:data:`TRANSIENT_ERRNOS`: a network or FUSE file system) by the local
+a transient errno (:data:`.local.TRANSIENT_ERRNOS`: a network or FUSE file system) by the local
 backend, which redoes the whole operation (a fresh temp file, never a second ``fsync`` of the
 same one). A listing is complete or raises, never silently partial.
 
