@@ -60,10 +60,10 @@ class WriteCap:
 
 
 def cap_writes(objects: Any, rate_bytes_per_s: float) -> WriteCap:
-    """Make every write of ``objects`` (an :class:`~ckptstore.objectstore.ObjectStore`; its
+    """Make every write of ``objects`` (an :class:`~ckptstore.backends.ObjectStore`; its
     create-only and compare-and-swap puts) pass through one :class:`WriteCap`; return it.
     Reads are left as they are."""
-    from ckptstore.objectstore import _parts
+    from ckptstore.backends import _parts
 
     cap = WriteCap(rate_bytes_per_s)
     for name in ("put_if_absent", "put_if_version"):

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import CheckpointNotFound, CkptStoreError, ExportBusy, InvalidCheckpoint, InvalidFileName, StorageError, TargetExists, UnsupportedValue
 from .manifest import key_segment
-from .objectstore import fsync_directory
+from ._host import fsync_directory
 
 if TYPE_CHECKING:  # imported where files are read or written: the CLI starts without them
     import numpy as np

@@ -39,7 +39,7 @@ from .layout import (
     shallow_key,
 )
 from .manifest import ChunkRef, Manifest, TensorEntry, path_under
-from .objectstore import ObjectInfo, ObjectStore
+from .backends import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress
 from .refs import RefKind
 

@@ -76,7 +76,7 @@ from .lease import (
     writers,
 )
 from .manifest import path_under
-from .objectstore import ObjectInfo, ObjectStore
+from .backends import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress
 from .records import encode_record, grafted_parents, read_demotion
 from .refs import RefKind, retry_cas

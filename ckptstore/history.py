@@ -15,7 +15,7 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from .commit import Commit
 from .errors import IntegrityError
 from .layout import shallow_key
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 from .records import grafted_parents
 
 

@@ -35,7 +35,7 @@ from .layout import (
     shallow_key,
 )
 from .manifest import Manifest, path_under
-from .objectstore import ObjectInfo, ObjectStore
+from .backends import ObjectInfo, ObjectStore
 from .records import dropped_components
 from .refs import RefKind, RefStore
 

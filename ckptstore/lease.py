@@ -20,7 +20,7 @@ record is dead when
 - its holder is *known dead*: the judge runs on the same kernel boot, in the same pid
   namespace, and that pid is gone or belongs to a newer process (only then can a pid be
   judged; a sidecar container with the same hostname cannot), or
-- it is *stale*: the storage's clock (:meth:`~ckptstore.objectstore.ObjectStore.clock_s`)
+- it is *stale*: the storage's clock (:meth:`~ckptstore.backends.ObjectStore.clock_s`)
   is more than ``ttl_s`` past the record's modification time, which the storage stamped with
   that same clock. No wall clock of any process is compared with storage time.
 
@@ -58,7 +58,7 @@ from .errors import (
     WriterExpired,
 )
 from .layout import LEASE_KEY, WRITERS_PREFIX, writer_marker_key
-from .objectstore import ObjectInfo, ObjectStore
+from .backends import ObjectInfo, ObjectStore
 from .records import decode_record, encode_record
 
 log = logging.getLogger("ckptstore.lease")

@@ -43,7 +43,7 @@ from .errors import IntegrityError, InvalidOption, ObjectNotFound, OutOfMemory, 
 from .ids import content_id
 from .layout import chunk_key
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 from .recent_chunks import RecentChunks
 
 if TYPE_CHECKING:  # imported where chunks are read or written: sizing a store needs neither
@@ -157,7 +157,7 @@ class ChunkReader:
 
     def will_read(self, ref: ChunkRef) -> None:
         """Tell the store that the chunk (and the bases its manifest records) is read soon:
-        :meth:`~ckptstore.objectstore.ObjectStore.will_read`, a hint that holds no memory here."""
+        :meth:`~ckptstore.backends.ObjectStore.will_read`, a hint that holds no memory here."""
         for chunk_id in (ref.id, *ref.bases):
             self._objects.will_read(chunk_key(chunk_id))
 

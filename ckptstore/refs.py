@@ -27,7 +27,7 @@ from .errors import (
 from .ids import is_full_id
 from .layout import REFS_PREFIX, refs_prefix
 from .layout import ref_key as _ref_key
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 
 LATEST = "latest"
 BEST = "best"

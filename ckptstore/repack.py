@@ -44,7 +44,7 @@ from .ids import content_id
 from .inventory import Repository
 from .layout import chunk_key, commit_key
 from .lease import DEFAULT_MARKER_TTL_S, writing
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 from .pipeline import Progress, value_bytes
 from .refs import RefKind
 

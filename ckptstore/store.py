@@ -107,7 +107,7 @@ from .manifest import (
     tree_key_paths,
     unpack_value,
 )
-from .objectstore import ObjectStore, open_object_store
+from .backends import ObjectStore, open_object_store
 from .pipeline import (
     COMPRESSION_MODES,
     DELTA_MODES,

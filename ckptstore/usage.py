@@ -32,7 +32,7 @@ from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
 from .history import ancestors
 from .inventory import Repository, list_objects, manifest_chunks, stored_needs
 from .layout import CONFIG_KEY, STORE_PREFIXES, chunk_key, commit_key, id_of, kind_of, manifest_key
-from .objectstore import ObjectStore
+from .backends import ObjectStore
 from .pipeline import value_bytes
 from .refs import RefKind
 from .repack import DEFAULT_REPACK_LEVEL, encoded_for_repack

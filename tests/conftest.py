@@ -56,7 +56,9 @@ def s3_url(s3_server):
 
 @pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
 def store_url(request, tmp_path):
-    """``(url, storage_options)`` of an empty store on each backend."""
+    """``(url, storage_options)`` of an empty store on each backend: local, memory and S3 (moto,
+    marked ``s3``). The storage contract suite (test_objectstore.py) and the store's own
+    (test_store.py) both run on it."""
     if request.param == "local":
         return str(tmp_path / "store"), {}
     if request.param == "memory":

@@ -8,7 +8,7 @@
   :class:`Rule` objects target a request that matches a predicate (say, the first ``PUT``
   with ``If-Match``).
 - :class:`LocalFaults`: replaces the ``os`` module and the ``open`` builtin that
-  ``ckptstore.objectstore`` calls, so every system call a :class:`LocalObjectStore` makes
+  ``ckptstore.backends.local`` and ``ckptstore._host`` call, so every system call a :class:`LocalObjectStore` makes
   can fail with an errno (EIO, ENOSPC), write or read fewer bytes than asked (short writes and
   short reads, which POSIX allows), end a read early (a torn file), or wait. A full disk is
   ``disk_full = True``: from then on every write fails with ENOSPC (after a partial write).
@@ -327,7 +327,7 @@ def _oserror(code: int, what: str) -> OSError:
 
 
 class LocalFaults:
-    """Replace the ``os`` module and ``open`` seen by ``ckptstore.objectstore`` with ones
+    """Replace the ``os`` module and ``open`` seen by ``ckptstore.backends.local`` (``os`` also in ``ckptstore._host``) with ones
     that inject faults; ``install()``/``uninstall()`` or a ``with`` block. ``rate``: the
     probability that one system call gets a fault that applies to it (of ``faults``, chosen
     uniformly); ``latency_s``: each call waits a uniform time in ``[0, latency_s]``.
@@ -358,21 +358,25 @@ class LocalFaults:
     # -- installation ----------------------------------------------------------------------
 
     def install(self) -> LocalFaults:
-        from ckptstore import objectstore
+        from ckptstore import _host
+        from ckptstore.backends import local
 
-        self._saved = {"os": objectstore.os, "open": objectstore.__dict__.get("open")}
-        objectstore.os = _FaultyOS(self)  # type: ignore[attr-defined]
-        objectstore.open = self._open  # type: ignore[attr-defined]
+        self._saved = {"os": local.os, "open": local.__dict__.get("open"), "host_os": _host.os}
+        local.os = _FaultyOS(self)  # type: ignore[attr-defined]
+        local.open = self._open  # type: ignore[attr-defined]
+        _host.os = local.os  # type: ignore[attr-defined]  # fsync_directory
         return self
 
     def uninstall(self) -> None:
-        from ckptstore import objectstore
+        from ckptstore import _host
+        from ckptstore.backends import local
 
-        objectstore.os = self._saved["os"]  # type: ignore[attr-defined]
+        local.os = self._saved["os"]  # type: ignore[attr-defined]
+        _host.os = self._saved["host_os"]  # type: ignore[attr-defined]
         if self._saved["open"] is None:
-            del objectstore.open  # type: ignore[attr-defined]
+            del local.open  # type: ignore[attr-defined]
         else:
-            objectstore.open = self._saved["open"]  # type: ignore[attr-defined]
+            local.open = self._saved["open"]  # type: ignore[attr-defined]
 
     def __enter__(self):  # returns self
         return self.install()

@@ -46,7 +46,8 @@ import ckptstore
 from ckptstore.errors import CkptStoreError, StorageError
 from ckptstore.layout import commit_key
 from ckptstore.lease import read_lease
-from ckptstore.objectstore import LocalObjectStore, open_object_store
+from ckptstore.backends import open_object_store
+from ckptstore.backends.local import LocalObjectStore
 from ckptstore.retention import KeepLast
 
 

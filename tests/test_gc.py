@@ -1133,7 +1133,7 @@ def test_lease_of_a_dead_holder_is_taken_over(tmp_path):
     store.commit(make_state(1))
     code = (
         "import os, sys\n"
-        "from ckptstore.objectstore import open_object_store\n"
+        "from ckptstore.backends import open_object_store\n"
         "from ckptstore.lease import CollectorLease\n"
         "CollectorLease(open_object_store(sys.argv[1]), ttl_s=3600).acquire()\n"
         "os._exit(0)  # killed: never releases\n"

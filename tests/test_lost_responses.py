@@ -31,7 +31,8 @@ from test_faults import (
 
 import ckptstore
 from ckptstore.errors import PreconditionFailed
-from ckptstore.objectstore import LocalObjectStore, S3ObjectStore
+from ckptstore.backends.local import LocalObjectStore
+from ckptstore.backends.s3 import S3ObjectStore
 from ckptstore.retention import KeepLast
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

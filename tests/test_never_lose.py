@@ -215,7 +215,7 @@ def test_a_writer_waits_for_a_sweeping_collector_in_another_pid_namespace(tmp_pa
         _in_namespace(
             """
             import sys, time
-            from ckptstore.objectstore import open_object_store
+            from ckptstore.backends import open_object_store
             from ckptstore.lease import CollectorLease
             lease = CollectorLease(open_object_store(sys.argv[1]))
             lease.acquire()

@@ -1,4 +1,4 @@
-"""The object store contract (see ``ckptstore.objectstore``), run against every backend,
+"""The object store contract (see ``ckptstore.backends``), run against every backend,
 plus local-only tests of temp files, lock files and crash safety."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from ckptstore.errors import ObjectNotFound, PreconditionFailed, StorageError
-from ckptstore.objectstore import LocalObjectStore, ObjectStore, open_object_store
+from ckptstore.backends import ObjectStore, open_object_store
+from ckptstore.backends.local import LocalObjectStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_THREADS = 8
@@ -467,7 +468,7 @@ package.__path__ = [package_dir]
 sys.modules["ckptstore"] = package
 sys.path.insert(0, tests_dir)
 from test_objectstore import crash_payload
-from ckptstore.objectstore import open_object_store
+from ckptstore.backends import open_object_store
 
 store = open_object_store(root)
 print("ready", flush=True)
@@ -598,7 +599,7 @@ def test_remove_abandoned_uploads_touches_only_the_stores_own_temp_files(local_s
 
 @pytest.mark.s3
 def test_s3_multipart_write_is_create_only(s3_url):
-    from ckptstore.objectstore import S3ObjectStore
+    from ckptstore.backends.s3 import S3ObjectStore
 
     url, options = s3_url
     store = S3ObjectStore(url[len("s3://") :], options, part_size_bytes=5 << 20)
@@ -612,7 +613,7 @@ def test_s3_multipart_write_is_create_only(s3_url):
 def test_s3_abandoned_multipart_uploads_are_aborted(s3_url):
     import boto3
 
-    from ckptstore.objectstore import S3ObjectStore
+    from ckptstore.backends.s3 import S3ObjectStore
 
     url, options = s3_url
     bucket, prefix = url[len("s3://") :].split("/", 1)
@@ -629,7 +630,7 @@ def test_s3_abandoned_multipart_uploads_are_aborted(s3_url):
 
 @pytest.mark.s3
 def test_s3_retries_are_botocores_alone(s3_url):
-    from ckptstore.objectstore import S3ObjectStore
+    from ckptstore.backends.s3 import S3ObjectStore
 
     url, options = s3_url
     store = S3ObjectStore(url[len("s3://") :], options)

@@ -21,7 +21,7 @@ import ckptstore
 from ckptstore.codec import CHAIN_PREFIX_BYTES, HEADER_SIZE, Codec, Kind, delta_chain, read_header
 from ckptstore.errors import IntegrityError
 from ckptstore.layout import chunk_key
-from ckptstore.objectstore import LocalObjectStore
+from ckptstore.backends.local import LocalObjectStore
 from ckptstore.pipeline import ByteBudget, ChunkReader
 
 CHUNK = 8 << 10

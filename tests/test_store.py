@@ -1,4 +1,8 @@
-"""The store's public API on every backend: round trips, dedup, refs, history, errors."""
+"""The store's public API on every backend: round trips, dedup, refs, history, errors.
+
+Tests take ``store_url`` (tests/conftest.py), the fixture the storage contract suite
+(test_objectstore.py) runs on: local, memory and S3 (moto, marked ``s3``). The few that
+are not run on all three say why."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.objectstore import open_object_store
+from ckptstore.backends import open_object_store
 from ckptstore.layout import chunk_key
 from ckptstore.store import commit_key, manifest_key
 
@@ -26,8 +30,19 @@ TESTS_DIR = os.path.dirname(__file__)
 
 
 def open_store(url_and_options, **kwargs):
+    """The store at ``(url, storage_options)`` with small chunks (so small tensors are chunked)."""
+    return open_with_defaults(url_and_options, chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE, **kwargs)
+
+
+def open_with_defaults(url_and_options, **kwargs):
     url, options = url_and_options
-    return ckptstore.open(url, storage_options=options, chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE, **kwargs)
+    return ckptstore.open(url, storage_options=options, **kwargs)
+
+
+def sibling(url_and_options, name):
+    """Another store on the same backend, beside the one at ``url_and_options``."""
+    url, options = url_and_options
+    return f"{url}-{name}", options
 
 
 def keys(store, prefix):
@@ -57,6 +72,7 @@ def _run_child(code: str, env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Not memory: a memory store lives in one process, and this reads it from another.
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_checkout_in_fresh_process_with_empty_cache(backend, tmp_path, request):
     url, options = (str(tmp_path / "store"), {}) if backend == "local" else request.getfixturevalue("s3_url")
@@ -78,8 +94,8 @@ def test_checkout_in_fresh_process_with_empty_cache(backend, tmp_path, request):
     )
 
 
-def test_restore_loads_components_in_place():
-    store = ckptstore.open("memory://restore")
+def test_restore_loads_components_in_place(store_url):
+    store = open_with_defaults(store_url)
     model, opt, sched = trained(seed=3)
     store.commit({"model": model, "optimizer": opt, "scheduler": sched, "step": 3})
     model2, opt2, sched2 = trained(seed=9, steps=1)
@@ -93,8 +109,8 @@ def test_restore_loads_components_in_place():
         store.restore("latest", {"ema": model2})
 
 
-def test_map_location_and_device_values():
-    store = ckptstore.open("memory://maploc")
+def test_map_location_and_device_values(store_url):
+    store = open_with_defaults(store_url)
     store.commit({"w": torch.ones(2)})
     assert store.checkout(map_location="cpu")["w"].device.type == "cpu"
 
@@ -118,8 +134,8 @@ def test_identical_recommit_stores_no_new_chunk(store_url):
     assert keys(store, "commits/") == commits | {commit_key(second.id)}
 
 
-def test_changing_one_tensor_stores_only_its_chunks():
-    store = ckptstore.open("memory://one-tensor", chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE)
+def test_changing_one_tensor_stores_only_its_chunks(store_url):
+    store = open_store(store_url)
     state = {"frozen": torch.randn(20_000), "trained": torch.randn(10_000), "step": 1}
     first = store.commit(state)
     before = keys(store, "chunks/")
@@ -140,8 +156,8 @@ def test_changing_one_tensor_stores_only_its_chunks():
 # -- acceptance 3: refs, revisions and history --------------------------------------------
 
 
-def test_branch_tag_log_and_revisions():
-    store = ckptstore.open("memory://refs")
+def test_branch_tag_log_and_revisions(store_url):
+    store = open_with_defaults(store_url)
     ids = [store.commit({"step": i}, message=f"m{i}", metadata={"step": i}).id for i in range(4)]
     assert [c.id for c in store.log("main")] == ids[::-1]
     assert store.resolve("main") == store.resolve("latest") == ids[3]
@@ -184,8 +200,8 @@ def test_branch_tag_log_and_revisions():
             store.branch(bad, at="main")
 
 
-def test_commit_tags_and_metadata():
-    store = ckptstore.open("memory://commit-tags")
+def test_commit_tags_and_metadata(store_url):
+    store = open_with_defaults(store_url)
     c = store.commit({"x": 1}, message="hello", tags=["warmup-done"], metadata={"step": 7, "cfg": {"lr": 0.1}})
     assert store.resolve("warmup-done") == c.id
     got = store.commit_of("warmup-done")
@@ -193,8 +209,8 @@ def test_commit_tags_and_metadata():
     assert got.created_at.tzinfo is not None
 
 
-def test_unknown_and_ambiguous_revisions():
-    store = ckptstore.open("memory://ambiguous")
+def test_unknown_revisions(store_url):
+    store = open_with_defaults(store_url)
     store.commit({"x": 0})
     store.branch("feature", at="main")
     with pytest.raises(ckptstore.UnknownRef) as excinfo:
@@ -202,6 +218,12 @@ def test_unknown_and_ambiguous_revisions():
     assert "feature" in excinfo.value.suggestions and "did you mean 'feature'" in str(excinfo.value)
     with pytest.raises(ckptstore.UnknownRef):
         store.checkout("0" * 32)
+
+
+# Memory only: it makes a few hundred commits to find two ids with a common 4-digit prefix (a
+# minute on moto), and an id prefix is resolved in the catalog, the same on every backend.
+def test_ambiguous_revision_prefix():
+    store = ckptstore.open("memory://ambiguous")
     seen: dict[str, str] = {}
     for i in range(3000):
         c = store.commit({"x": i})
@@ -216,8 +238,8 @@ def test_unknown_and_ambiguous_revisions():
     assert store.resolve(c.id[:12]) == c.id
 
 
-def test_best_follows_metric_and_direction():
-    store = ckptstore.open("memory://best")
+def test_best_follows_metric_and_direction(store_url):
+    store = open_with_defaults(store_url)
     a = store.commit({"s": 1}, metrics={"eval_loss": 2.0})
     assert store.resolve("best") == a.id
     b = store.commit({"s": 2}, metrics={"eval_loss": 1.5})
@@ -226,7 +248,7 @@ def test_best_follows_metric_and_direction():
     assert store.resolve("best") == b.id
     assert store.resolve("latest") != b.id
 
-    acc = ckptstore.open("memory://best-acc", best_metric="accuracy")
+    acc = open_with_defaults(sibling(store_url, "acc"), best_metric="accuracy")
     x = acc.commit({"s": 1}, metrics={"accuracy": 0.5})
     acc.commit({"s": 2}, metrics={"accuracy": 0.4})
     assert acc.resolve("best") == x.id
@@ -247,6 +269,8 @@ def _flip_byte(objects, key, position):
     objects.put_if_absent(key, bytes(data))
 
 
+# Local only: it copies the store's directory for each byte it flips (the next test flips a
+# byte on every backend).
 def test_flipped_byte_in_any_object_fails_only_the_commits_that_use_it(tmp_path):
     original = tmp_path / "original"
     store = ckptstore.open(str(original), chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE)
@@ -276,8 +300,8 @@ def test_flipped_byte_in_any_object_fails_only_the_commits_that_use_it(tmp_path)
                     assert_same(state, damaged.checkout(commit_id))
 
 
-def test_integrity_error_names_tensor_key_path():
-    store = ckptstore.open("memory://names-path", chunk_size_bytes=CHUNK, inline_threshold_bytes=INLINE)
+def test_integrity_error_names_tensor_key_path(store_url):
+    store = open_store(store_url)
     store.commit({"model": {"layer.weight": torch.randn(5000)}})
     key = sorted(keys(store, "chunks/"))[0]
     _flip_byte(store.objects, key, 100)
@@ -304,8 +328,8 @@ def _recommit(store, commit, **changes):
     return cid
 
 
-def test_commit_records_its_manifest_size_and_checkout_holds_it_to_that(tmp_path):
-    store = ckptstore.open(str(tmp_path / "s"))
+def test_commit_records_its_manifest_size_and_checkout_holds_it_to_that(store_url):
+    store = open_with_defaults(store_url)
     state = {"w": torch.randn(100), "step": 3}
     commit = store.commit(state)
     raw_manifest = store.get_manifest(commit.manifest).to_bytes()
@@ -314,7 +338,7 @@ def test_commit_records_its_manifest_size_and_checkout_holds_it_to_that(tmp_path
     # A commit of an older writer, without the field: read with the general bound.
     legacy = _recommit(store, commit, manifest_size=None)
     store.close()
-    with ckptstore.open(str(tmp_path / "s")) as store:
+    with open_with_defaults(store_url) as store:
         assert store.get_commit(legacy).manifest_size_bytes is None
         assert_same(state, store.checkout(legacy))
         # A commit recording another size: its manifest is refused before it is inflated.
@@ -328,19 +352,20 @@ def test_commit_records_its_manifest_size_and_checkout_holds_it_to_that(tmp_path
             store.read_commit(_recommit(store, commit, manifest_size="123"))
 
 
-def test_config_checksum_from_store_format_3_and_older_configs_still_open(tmp_path):
+def test_config_checksum_from_store_format_3_and_older_configs_still_open(store_url):
     from ckptstore.codec import Kind, encode_object_bytes
     from ckptstore.store import CONFIG_KEY, StoreConfig
 
-    ckptstore.open(str(tmp_path / "new"), chunk_size_bytes=8192).close()
-    with ckptstore.open(str(tmp_path / "new"), create=False) as store:
+    new = sibling(store_url, "new")
+    open_with_defaults(new, chunk_size_bytes=8192).close()
+    with open_with_defaults(new, create=False) as store:
         assert store.config.format == 3 and store.config.chunk_size_bytes == 8192
     # A format-2 config (no checksum), as stores made before format 3 have.
     old = StoreConfig(format=2, chunk_size_bytes=8192)
     assert b"checksum" not in old.to_bytes()
-    root = tmp_path / "old"
-    open_object_store(str(root)).put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, old.to_bytes(), compression_level=None))
-    with ckptstore.open(str(root), create=False) as store:
+    old_url, options = sibling(store_url, "old")
+    open_object_store(old_url, storage_options=options).put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, old.to_bytes(), compression_level=None))
+    with open_with_defaults((old_url, options), create=False) as store:
         assert store.config == old
         store.commit({"w": torch.ones(3)})
     # A changed field under a checksum, or a checksum in a format-2 config, is refused.
@@ -350,8 +375,8 @@ def test_config_checksum_from_store_format_3_and_older_configs_still_open(tmp_pa
             StoreConfig.from_bytes(msgpack.packb(changed))
 
 
-def test_checkout_never_unpickles(monkeypatch):
-    store = ckptstore.open("memory://no-pickle")
+def test_checkout_never_unpickles(store_url, monkeypatch):
+    store = open_with_defaults(store_url)
     state = full_state(seed=6)
     store.commit(state)
 
@@ -361,72 +386,73 @@ def test_checkout_never_unpickles(monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
-    assert_same(state, ckptstore.open("memory://no-pickle").checkout())
+    assert_same(state, open_with_defaults(store_url).checkout())
 
 
 class Custom:
     pass
 
 
-@pytest.mark.parametrize(
-    ("value", "path"),
-    [
-        ({"model": {"fn": lambda x: x}}, "model/fn"),
-        ({"opt": [1, 2, Custom()]}, "opt/2"),
-        ({"cfg": {"keys": {(1, 2): 3}}}, "cfg/keys"),
-        ({"s": {1, 2}}, "s"),
-        ({"sparse": torch.eye(3).to_sparse()}, "sparse"),
-    ],
-)
-def test_unsupported_value_names_key_path_and_moves_nothing(value, path):
-    store = ckptstore.open("memory://unsupported-" + path.replace("/", "-"))
+#: Values a commit refuses, and the key path its error names.
+UNSUPPORTED = [
+    ({"model": {"fn": lambda x: x}}, "model/fn"),
+    ({"opt": [1, 2, Custom()]}, "opt/2"),
+    ({"cfg": {"keys": {(1, 2): 3}}}, "cfg/keys"),
+    ({"s": {1, 2}}, "s"),
+    ({"sparse": torch.eye(3).to_sparse()}, "sparse"),
+]
+
+
+def test_unsupported_value_names_key_path_and_moves_nothing(store_url):
+    store = open_with_defaults(store_url)  # one store for every value: each refusal moves nothing
     store.commit({"ok": 1})
-    refs_before = (store.branches(), store.tags())
-    objects_before = keys(store, "")
-    with pytest.raises(TypeError) as excinfo:
-        store.commit(value)
-    assert isinstance(excinfo.value, ckptstore.UnsupportedValue)
-    assert excinfo.value.path == path and path in str(excinfo.value)
-    assert (store.branches(), store.tags()) == refs_before
-    assert keys(store, "") == objects_before
+    for value, path in UNSUPPORTED:
+        refs_before = (store.branches(), store.tags())
+        objects_before = keys(store, "")
+        with pytest.raises(TypeError) as excinfo:
+            store.commit(value)
+        assert isinstance(excinfo.value, ckptstore.UnsupportedValue), path
+        assert excinfo.value.path == path and path in str(excinfo.value)
+        assert (store.branches(), store.tags()) == refs_before, path
+        assert keys(store, "") == objects_before, path
 
 
 # -- acceptance 6: the catalog is a rebuildable cache -------------------------------------
 
 
-def test_deleting_catalog_loses_nothing(tmp_path):
-    url = str(tmp_path / "store")
-    store = ckptstore.open(url)
+def test_deleting_catalog_loses_nothing(store_url):
+    store = open_with_defaults(store_url)
     for i in range(3):
         store.commit({"i": i}, metrics={"eval_loss": 3.0 - i}, metadata={"step": i})
     store.branch("fork", at="main~1")
     store.commit({"i": 10}, branch="fork")
     store.tag("v1", at="main~2")
     before = (store.branches(), store.tags(), store.log("main"), store.log("fork"))
+    catalog_path = store.catalog.path  # local: in the store's directory; S3: in the cache; memory: none
     store.close()
-    shutil.rmtree(tmp_path / "store" / ".catalog")
-    reopened = ckptstore.open(url)
+    if catalog_path is not None:
+        shutil.rmtree(os.path.dirname(catalog_path))
+    reopened = open_with_defaults(store_url)
     after = (reopened.branches(), reopened.tags(), reopened.log("main"), reopened.log("fork"))
     assert after == before
     assert reopened.catalog.commit_ids() == {c.id for c in before[2] + before[3]}
 
 
-def test_catalog_reconciles_with_refs_moved_by_another_handle(tmp_path):
-    url = str(tmp_path / "store")
-    one, two = ckptstore.open(url), ckptstore.open(url)
+def test_catalog_reconciles_with_refs_moved_by_another_handle(store_url):
+    one, two = open_with_defaults(store_url), open_with_defaults(store_url)
     c = two.commit({"x": 1})
     assert one.resolve("main") == c.id and one.log()[0].id == c.id
     two.branch("other", at="main")
-    assert ckptstore.open(url).catalog.refs("heads") == {"main": c.id, "other": c.id}
+    assert open_with_defaults(store_url).catalog.refs("heads") == {"main": c.id, "other": c.id}
 
 
-def test_open_missing_store_without_create(tmp_path):
+def test_open_missing_store_without_create(store_url):
     with pytest.raises(ckptstore.StoreNotFound):
-        ckptstore.open(str(tmp_path / "nothing"), create=False)
+        open_with_defaults(store_url, create=False)
 
 
-def test_branches_and_tags_share_one_namespace():
-    store = ckptstore.open("memory://namespace")
+def test_branches_and_tags_share_one_namespace(store_url):
+    store = open_with_defaults(store_url)
     store.commit({"x": 1})
     for name in ("latest", "best"):
         with pytest.raises(ckptstore.InvalidRefName):
@@ -446,8 +472,8 @@ def test_branches_and_tags_share_one_namespace():
     assert store.branches().keys() == {"main", "exp/a"}
 
 
-def test_nan_metric_never_becomes_best():
-    store = ckptstore.open("memory://nan-best")
+def test_nan_metric_never_becomes_best(store_url):
+    store = open_with_defaults(store_url)
     a = store.commit({"s": 1}, metrics={"eval_loss": 1.0})
     store.commit({"s": 2}, metrics={"eval_loss": float("nan")})
     assert store.resolve("best") == a.id

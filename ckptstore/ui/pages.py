@@ -18,7 +18,7 @@ from typing import Any
 from ..codec import HEADER_SIZE, Kind, read_header
 from ..errors import CkptStoreError
 from ..manifest import Manifest
-from ..pipeline import chunk_key
+from ..layout import chunk_key
 from ..store import Store
 from ..usage import Usage, store_sizes
 from .model import History, component_of
