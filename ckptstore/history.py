@@ -10,6 +10,7 @@ damaged store).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Container, Iterable, Mapping
 
 from .commit import Commit
@@ -90,4 +91,44 @@ def nearest_kept(start: list[str], kept: Container[str], parents: Mapping[str, l
             out.append(cid)
         else:
             stack.extend(reversed(parents[cid]))
+    return out
+
+
+def collect(heads: Iterable[str], read: Callable[[str], tuple[Commit, list[str]] | None]) -> tuple[dict[str, Commit], dict[str, list[str]]]:
+    """The commits ``heads`` reach and their parents, as ``read(id)`` gives them (``None``
+    for a commit that cannot be read, e.g. one a collection removed meanwhile: that line of
+    history ends there). Parents outside the result are dropped, so every parent is a key."""
+    commits: dict[str, Commit] = {}
+    parents: dict[str, list[str]] = {}
+
+    def parents_of(cid: str) -> list[str] | None:
+        found = read(cid)
+        if found is None:
+            return None
+        commits[cid], parents[cid] = found
+        return parents[cid]
+
+    ancestors(heads, parents_of)
+    for found in parents.values():
+        found[:] = [p for p in found if p in commits]
+    return commits, parents
+
+
+def newest_first(parents: Mapping[str, Iterable[str]], created_at: Callable[[str], float]) -> list[str]:
+    """The commits of ``parents`` newest first by ``created_at``, never a parent before its
+    child (ties: by id, so the order is the same on every call)."""
+    children = dict.fromkeys(parents, 0)
+    for cid in parents:
+        for p in parents[cid]:
+            children[p] += 1
+    ready = [(-created_at(c), c) for c, n in children.items() if n == 0]
+    heapq.heapify(ready)
+    out: list[str] = []
+    while ready:
+        _, cid = heapq.heappop(ready)
+        out.append(cid)
+        for p in parents[cid]:
+            children[p] -= 1
+            if children[p] == 0:
+                heapq.heappush(ready, (-created_at(p), p))
     return out

@@ -8,6 +8,7 @@ import click
 
 from ..commit import Commit
 from ..errors import CkptStoreError
+from ..history import ancestors
 from ..layout import commit_key
 from ..records import demoted_commit_ids, dropped_components
 from ..manifest import Manifest
@@ -89,17 +90,15 @@ def _all_commits(store: Store, limit: int | None) -> list[Commit]:
     """Every commit reachable from a branch or tag, children before parents, newest first."""
     heads = set(store.branches().values()) | set(store.tags().values())
     seen: dict[str, Commit] = {}
-    stack = list(heads)
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
+
+    def parents_of(cid: str) -> list[str] | None:
         try:
-            commit = store.get_commit(cid)
+            seen[cid] = store.get_commit(cid)
         except CkptStoreError:
-            continue  # collected (shallow history)
-        seen[cid] = commit
-        stack.extend(store.parents_of(commit))
+            return None  # collected (shallow history)
+        return store.parents_of(seen[cid])
+
+    ancestors(sorted(heads), parents_of)
     # Newest first, but never a parent before its child.
     ordered: list[Commit] = []
     children: dict[str, int] = {cid: 0 for cid in seen}
