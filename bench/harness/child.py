@@ -28,6 +28,10 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def _op(argv: list[str]) -> str:
+    return argv[argv.index("--op") + 1] if "--op" in argv[:-1] else " ".join(argv)
+
+
 class Children:
     """Runs children of ``script`` (an absolute path) one at a time, each writing its result
     to a fresh ``.result-N.json`` under ``workdir`` (removed once read)."""
@@ -52,7 +56,7 @@ class Children:
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"child {' '.join(argv[:2])} failed with exit status {proc.returncode}")
+            raise SystemExit(f"child {_op(argv)} failed with exit status {proc.returncode}")
         with open(result_path) as f:
             result = json.load(f)
         os.unlink(result_path)
@@ -69,10 +73,10 @@ class Children:
                 with open(result_path) as f:
                     return p, json.load(f)["port"]
             if p.poll() is not None:
-                raise SystemExit(f"{' '.join(argv[:2])} exited with status {p.returncode}")
+                raise SystemExit(f"{_op(argv)} exited with status {p.returncode}")
             time.sleep(0.1)
         p.terminate()
-        raise SystemExit(f"{' '.join(argv[:2])} did not start")
+        raise SystemExit(f"{_op(argv)} did not start")
 
 
 def stop_server(p: subprocess.Popen) -> None:

@@ -8,7 +8,7 @@ import os
 import re
 import resource
 import time
-from typing import Any
+from typing import Any, Self
 
 
 def status_bytes(field: str) -> int:
@@ -57,7 +57,7 @@ class Measure:
         self.profile = profile
         self.profiler: Any = None
 
-    def __enter__(self) -> Measure:
+    def __enter__(self) -> Self:
         import psutil
 
         gc.collect()

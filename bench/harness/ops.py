@@ -8,7 +8,7 @@ Imports torch: child processes only."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ class Operation:
     """``op`` with its input prepared (untimed); calling it runs the operation once.
     ``changed``/``change``: the tensor paths a ``ckpt_recommit_1pct`` changes, and how."""
 
-    def __init__(self, op: str, *, source: str, target: str, options: dict, changed: list = (), change: Callable | None = None) -> None:  # type: ignore[assignment]
+    def __init__(self, op: str, *, source: str, target: str, options: dict, changed: Sequence = (), change: Callable | None = None) -> None:
         import safetensors.torch
 
         import ckptstore
@@ -160,7 +160,7 @@ def _verify(op: str, out: Any, source: str) -> dict:
 
 
 def run_op(op: str, *, source: str, target: str, options: dict, verify: bool = False, profile: str | None = None,
-           changed: list = (), change: Callable | None = None, count_raw_chunks: bool = False) -> dict:  # type: ignore[assignment]  # fmt: skip
+           changed: Sequence = (), change: Callable | None = None, count_raw_chunks: bool = False) -> dict:  # fmt: skip
     """Prepare ``op``, time it (:class:`~harness.measure.Measure`), describe and (``verify``)
     check its output; the child's result."""
     operation = Operation(op, source=source, target=target, options=options, changed=changed, change=change)
