@@ -14,7 +14,6 @@ main~3``. The time is start-up (interpreter, imports) plus the command itself.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -22,6 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from harness import cli
+from harness.report import table_header
 
 BAR_S = 0.3
 COMMANDS = (["--version"], ["log", "-n", "20"], ["branch"], ["show", "main~3"])
@@ -68,7 +70,7 @@ def median_wall_s(command: list[str], *, runs: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument("--store", help="store directory to use (built there if it does not exist; default: a temp dir)")
     p.add_argument("--commits", type=int, default=200, help="commits in a store built here")
     p.add_argument("--runs", type=int, default=7, help="runs per command (the median is reported)")
@@ -86,8 +88,7 @@ def main() -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"| command | median of {args.runs} (s) | ≤ {BAR_S} s |")
-    print("|---|---:|:---:|")
+    print("\n".join(table_header(["command", f"median of {args.runs} (s)", f"≤ {BAR_S} s"], "lrc")))
     for name, wall_s in rows:
         print(f"| `{name}` | {wall_s:.3f} | {'yes' if wall_s <= BAR_S else 'NO'} |")
     slow = [name for name, wall_s in rows if wall_s > BAR_S]

@@ -9,7 +9,6 @@ copying hides in the disk's noise; here it shows. Each run prints the ckptstore 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -19,10 +18,11 @@ import time
 import torch
 
 import ckptstore
+from harness import cli
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__)
     p.add_argument("--size-gb", type=float, default=1.5, help="state size in GB (90 tensors of float32)")
     p.add_argument("--repeat", type=int, default=7, help="identical re-commits timed; the median is reported")
     p.add_argument("--firsts", type=int, default=3, help="first commits (each into a new store) timed")

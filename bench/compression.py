@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import platform
 import resource
@@ -51,6 +50,7 @@ import ckptstore
 import ckptstore.pipeline
 from ckptstore.codec import DELTA_AUTO_MAX_RATIO, MIN_SAVING, Codec, DeltaBase, Kind, decode_into, encode_object, parse_frame
 from ckptstore.ids import content_id
+from harness import cli
 
 LEVEL = 3  # the store's default compression level
 
@@ -153,9 +153,10 @@ def plain_zstd_only():
         ckptstore.pipeline.value_bytes = original
 
 
-def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
-    from transformers import BertConfig, BertForMaskedLM
+def masked_lm(args) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    """MiniLM's trained encoder as a masked LM (the LM head tied to the embeddings), and AdamW."""
     from safetensors.torch import load_file
+    from transformers import BertConfig, BertForMaskedLM
 
     path = model_dir()
     config = BertConfig.from_json_file(str(path / "config.json"))
@@ -163,22 +164,99 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
     missing, _ = model.bert.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     assert not [k for k in missing if "pooler" not in k], missing
     model.tie_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(0)
+    return model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01), config
 
-    stores = {
-        "plain zstd": ckptstore.open(os.path.join(root, "plain"), delta="off"),
-        "grouped": ckptstore.open(os.path.join(root, "grouped"), delta="off"),
-        "delta auto": ckptstore.open(os.path.join(root, "auto"), delta="auto", delta_keyframe_interval=args.keyframe),
-        "delta on": ckptstore.open(os.path.join(root, "on"), delta="on", delta_keyframe_interval=args.keyframe),
-    }
-    commit_s: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    cpu_s: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))  # (user, system), all threads
-    logical: dict[str, int] = defaultdict(int)
-    tally = Tally()
-    delta_vs_whole: dict[str, list[float]] = defaultdict(list)  # per chunk: its delta's size / its own encoding's
-    previous: dict[str, dict[str, torch.Tensor]] = {}
-    commits = 0
+
+class FineTuning:
+    """The encodings of every commit's components (``tally``, ``delta_vs_whole``), and the
+    four stores' commits of the same states, timed (``commit_s``, ``cpu_s``)."""
+
+    def __init__(self, args, root: str) -> None:
+        self.args = args
+        self.stores = {
+            "plain zstd": ckptstore.open(os.path.join(root, "plain"), delta="off"),
+            "grouped": ckptstore.open(os.path.join(root, "grouped"), delta="off"),
+            "delta auto": ckptstore.open(os.path.join(root, "auto"), delta="auto", delta_keyframe_interval=args.keyframe),
+            "delta on": ckptstore.open(os.path.join(root, "on"), delta="on", delta_keyframe_interval=args.keyframe),
+        }
+        self.commit_s: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.cpu_s: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))  # (user, system), all threads
+        self.logical: dict[str, int] = defaultdict(int)
+        self.tally = Tally()
+        self.delta_vs_whole: dict[str, list[float]] = defaultdict(list)  # per chunk: its delta's size / its own encoding's
+        self.previous: dict[str, dict[str, torch.Tensor]] = {}
+        self.commits = 0
+
+    def encode(self, components: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Encode every chunk of every component the four ways; deltas against the previous
+        commit's tensor, except at a keyframe."""
+        keyframe = self.commits % self.args.keyframe == 0
+        chunk_bytes, tally = self.args.chunk_bytes, self.tally
+        for component, tensors in components.items():
+            for name, t in tensors.items():
+                parent = self.previous.get(component, {}).get(name)
+                parent_chunks = chunks_of(parent, chunk_bytes) if parent is not None and not keyframe else None
+                for i, chunk in enumerate(chunks_of(t, chunk_bytes)):
+                    tally.encode(component, "plain zstd", chunk, group=1)
+                    whole = tally.encode(component, "grouped", chunk, group=t.element_size())
+                    tally.encode(component, "byte planes, any saving", chunk, group=t.element_size(), min_saving=0.0)
+                    base = parent_chunks[i] if parent_chunks is not None else None
+                    stored = tally.encode(component, "delta", chunk, group=t.element_size(), base=base, delta="on")
+                    if base is not None and len(chunk) >= 100_000:  # what delta="auto" weighs
+                        kind = f"Adam {name.rsplit('.', 1)[-1]}" if component == "Adam moments" else component
+                        self.delta_vs_whole[kind].append(stored / whole)
+            self.previous[component] = tensors
+
+    def commit(self, components: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        """Commit the bf16 and the fp32 sequence's state to every store, in the Williams square's order."""
+        for sequence, state in (("bf16", {"model": components["bf16 weights"]}),
+                                ("fp32", {"model": components["fp32 weights"], "optimizer": components["Adam moments"]})):  # fmt: skip
+            self.logical[sequence] += sum(t.numel() * t.element_size() for part in state.values() for t in part.values())
+            methods = list(self.stores)
+            for method in (methods[i] for i in WILLIAMS_SQUARE[self.commits % len(WILLIAMS_SQUARE)]):
+                store = self.stores[method]
+                with plain_zstd_only() if method == "plain zstd" else contextlib.nullcontext():
+                    os.sync()  # no store's commit pays for writing back another's pages
+                    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+                    store.commit(state, branch=sequence, message=f"step {step}")
+                    self.commit_s[sequence][method].append(time.perf_counter() - start)
+                    after = resource.getrusage(resource.RUSAGE_SELF)
+                    self.cpu_s[sequence][method].append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
+        self.commits += 1
+
+    def store_rows(self) -> dict:
+        """Each store's commit throughput per sequence, its stored bytes; the deltas' sizes."""
+        store_rows: dict = {}
+        for sequence in ("bf16", "fp32"):
+            seconds = self.commit_s[sequence]
+            store_rows[sequence] = {
+                method: {
+                    "commit_MBps": self.logical[sequence] / sum(seconds[method]) / 1e6,
+                    # this store's throughput over plain zstd's, commit by commit (the same state,
+                    # written within seconds of each other), then the median of those ratios
+                    "paired_vs_plain": statistics.median(p / s for p, s in zip(seconds["plain zstd"], seconds[method])),
+                    "commit_s": seconds[method],
+                    "user_s_per_commit": statistics.mean(u for u, _ in self.cpu_s[sequence][method]),
+                    "system_s_per_commit": statistics.mean(s for _, s in self.cpu_s[sequence][method]),
+                }
+                for method in self.stores
+            }
+        for method, store in self.stores.items():
+            store_rows.setdefault("stored_bytes", {})[method] = store.du().physical_bytes
+            store.close()
+        store_rows["logical_bytes"] = dict(self.logical)
+        store_rows["commits"] = self.commits
+        store_rows["delta_vs_whole"] = {
+            kind: {"chunks": len(r), "min": min(r), "median": statistics.median(r), "max": max(r), "share_at_most_auto_ratio": sum(x <= DELTA_AUTO_MAX_RATIO for x in r) / len(r)}
+            for kind, r in self.delta_vs_whole.items()
+        }
+        return store_rows
+
+
+def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
+    model, opt, config = masked_lm(args)
+    g = torch.Generator().manual_seed(0)
+    run = FineTuning(args, root)
     model.train()
     for step in range(1, args.steps + 1):
         ids = torch.randint(1000, config.vocab_size, (args.batch, args.seq), generator=g)
@@ -199,62 +277,11 @@ def fine_tuning(args, root: str) -> tuple[list[dict], dict]:
             "fp32 weights": {n: t.clone() for n, t in params.items()},
             "Adam moments": {n: t.clone() for n, t in moments.items()},
         }
-        keyframe = commits % args.keyframe == 0
-        for component, tensors in components.items() if not args.stores_only else ():
-            for name, t in tensors.items():
-                parent = previous.get(component, {}).get(name)
-                parent_chunks = chunks_of(parent, args.chunk_bytes) if parent is not None and not keyframe else None
-                for i, chunk in enumerate(chunks_of(t, args.chunk_bytes)):
-                    tally.encode(component, "plain zstd", chunk, group=1)
-                    whole = tally.encode(component, "grouped", chunk, group=t.element_size())
-                    tally.encode(component, "byte planes, any saving", chunk, group=t.element_size(), min_saving=0.0)
-                    base = parent_chunks[i] if parent_chunks is not None else None
-                    stored = tally.encode(component, "delta", chunk, group=t.element_size(), base=base, delta="on")
-                    if base is not None and len(chunk) >= 100_000:  # what delta="auto" weighs
-                        kind = f"Adam {name.rsplit('.', 1)[-1]}" if component == "Adam moments" else component
-                        delta_vs_whole[kind].append(stored / whole)
-            previous[component] = tensors
-        for sequence, state in (("bf16", {"model": components["bf16 weights"]}),
-                                ("fp32", {"model": components["fp32 weights"], "optimizer": components["Adam moments"]})):  # fmt: skip
-            logical[sequence] += sum(t.numel() * t.element_size() for part in state.values() for t in part.values())
-            methods = list(stores)
-            for method in (methods[i] for i in WILLIAMS_SQUARE[commits % len(WILLIAMS_SQUARE)]):
-                store = stores[method]
-                with plain_zstd_only() if method == "plain zstd" else contextlib.nullcontext():
-                    os.sync()  # no store's commit pays for writing back another's pages
-                    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-                    store.commit(state, branch=sequence, message=f"step {step}")
-                    commit_s[sequence][method].append(time.perf_counter() - start)
-                    after = resource.getrusage(resource.RUSAGE_SELF)
-                    cpu_s[sequence][method].append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
-        commits += 1
-        print(f"step {step}: loss {loss.item():.3f}, commit {commits}", flush=True)
-    store_rows = {}
-    for sequence in ("bf16", "fp32"):
-        seconds = commit_s[sequence]
-        store_rows[sequence] = {
-            method: {
-                "commit_MBps": logical[sequence] / sum(seconds[method]) / 1e6,
-                # this store's throughput over plain zstd's, commit by commit (the same state,
-                # written within seconds of each other), then the median of those ratios
-                "paired_vs_plain": statistics.median(p / s for p, s in zip(seconds["plain zstd"], seconds[method])),
-                "commit_s": seconds[method],
-                "user_s_per_commit": statistics.mean(u for u, _ in cpu_s[sequence][method]),
-                "system_s_per_commit": statistics.mean(s for _, s in cpu_s[sequence][method]),
-            }
-            for method in stores
-        }
-    for method, store in stores.items():
-        usage = store.du()
-        store_rows.setdefault("stored_bytes", {})[method] = usage.physical_bytes
-        store.close()
-    store_rows["logical_bytes"] = dict(logical)
-    store_rows["commits"] = commits
-    store_rows["delta_vs_whole"] = {
-        kind: {"chunks": len(r), "min": min(r), "median": statistics.median(r), "max": max(r), "share_at_most_auto_ratio": sum(x <= DELTA_AUTO_MAX_RATIO for x in r) / len(r)}
-        for kind, r in delta_vs_whole.items()
-    }
-    return tally.rows(), store_rows
+        if not args.stores_only:
+            run.encode(components)
+        run.commit(components, step)
+        print(f"step {step}: loss {loss.item():.3f}, commit {run.commits}", flush=True)
+    return run.tally.rows(), run.store_rows()
 
 
 def main() -> None:
@@ -309,8 +336,7 @@ def main() -> None:
             paired = row["paired_vs_plain"]
             print(f"  {seq} commit throughput, {label} vs plain zstd: paired {paired:.2f}x, totals {totals:.2f}x (bar >= 0.8): "
                   f"paired {'PASS' if paired >= 0.8 else 'FAIL'}, totals {'PASS' if totals >= 0.8 else 'FAIL'}")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps({"real_model": real, "fine_tuning": sequence, "stores": stores, "args": vars(args)}, indent=1))
+    cli.write_json(args.json, {"real_model": real, "fine_tuning": sequence, "stores": stores, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ are found across ranks).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -29,6 +28,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 import ckptstore
 from ckptstore.integrations.distributed import StoreWriter
+from harness import cli
+from harness.report import table_header
 
 
 def training_state() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -104,13 +105,12 @@ def run(ranks: int, delta: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--ranks", type=int, choices=(1, 2), nargs="*", default=[1, 2])
     parser.add_argument("--delta", choices=("off", "on", "auto"), nargs="*", default=["off", "on", "auto"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| ranks | delta | state (MB) | first save stored (MB) | re-save added (MB) | added / state | delta chunks | first save (s) | re-save (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(table_header(["ranks", "delta", "state (MB)", "first save stored (MB)", "re-save added (MB)", "added / state", "delta chunks", "first save (s)", "re-save (s)"], "lllllllll")))
     for ranks in args.ranks:
         for delta in args.delta:
             r = run(ranks, delta)

@@ -30,32 +30,22 @@ See bench/HISTORY.md ("LoRA run and retention") for the figures on the reference
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-GB = 1e9
-MB = 1e6
+from harness import MB, cli
+from harness.files import fsync_with_directory
+from harness.report import machine_info, machine_line
+from harness.state import SIZES, flatten_for_safetensors, unique_storage_bytes
 
-SIZES = {
-    # name: (vocab, n_positions, d_model, n_layer)
-    "gpt2": (50257, 1024, 768, 12),
-    "gpt2-medium": (50257, 1024, 1024, 24),
-    "tiny": (5000, 256, 256, 4),
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SIZE_CHOICES = ("gpt2", "gpt2-medium", "tiny")
 
 # --------------------------------------------------------------------------------------------
 # The model: a frozen GPT-2-shaped base with LoRA on the q and v slices of c_attn
@@ -100,7 +90,7 @@ class Block(nn.Module):
 class GPT2LoRA(nn.Module):
     def __init__(self, size: str, rank: int, alpha: float, dtype: torch.dtype) -> None:
         super().__init__()
-        vocab, n_pos, d, n_layer = SIZES[size]
+        vocab, n_pos, d, n_layer = SIZES[size][:4]
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(vocab, d, dtype=dtype),
@@ -167,7 +157,6 @@ class LoRATask:
         return float(self.loss(torch.randn(batch, self.d, generator=self.eval_gen)))
 
 
-# --------------------------------------------------------------------------------------------
 # Sizes and files
 
 
@@ -195,14 +184,6 @@ def total(rows: dict[str, dict[str, int]], field: str) -> int:
     return sum(r[field] for r in rows.values())
 
 
-def unique_bytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-    return sum(seen.values())
-
-
 def snapshot_trainable(model: GPT2LoRA, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """A copy of what changes between commits (adapters and their optimizer state)."""
     out = {f"model/{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -212,254 +193,199 @@ def snapshot_trainable(model: GPT2LoRA, opt: torch.optim.Optimizer) -> dict[str,
     return out
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine_info(workdir: str) -> dict[str, Any]:
-    import safetensors
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "nproc": os.cpu_count(),
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
-    }
-    try:
-        import psutil
-
-        info["ram_bytes"] = psutil.virtual_memory().total
-    except ImportError:
-        pass
-    try:
-        df = subprocess.run(["df", "-T", workdir], capture_output=True, text=True, check=False).stdout.splitlines()[-1].split()
-        info["filesystem"] = {"device": df[0], "type": df[1]}
-    except (OSError, IndexError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-        info["cpu"] = m.group(1) if m else None
-    except OSError:
-        pass
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "ckptstore"], capture_output=True, text=True, check=False)
-        if head.returncode == 0:
-            info["ckptstore_commit"] = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        pass
-    return info
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 
+class LoRARun:
+    """The LoRA run in ``workdir``: the model, its optimizer and task, the store, and every
+    commit's figures (``commits``) and trainable tensors (``snapshots``, to check checkouts)."""
 
-def run(args) -> dict[str, Any]:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, repo)
-    import safetensors.torch as st
-    from commit_checkout import flatten_for_safetensors, fsync_with_directory
+    def __init__(self, args, workdir: str) -> None:
+        import ckptstore
 
-    import ckptstore
-    from ckptstore.retention import KeepBest, KeepLast, Policy
-
-    torch.manual_seed(args.seed)
-    load_start = os.getloadavg()
-    own_dir = args.dir is None
-    workdir = os.path.abspath(args.dir) if args.dir else tempfile.mkdtemp(prefix="ckptbench-lora-", dir="/tmp")
-    os.makedirs(workdir, exist_ok=True)
-    store_dir = os.path.join(workdir, "store")
-    st_dir = os.path.join(workdir, "safetensors")
-    if os.path.exists(store_dir) or os.path.exists(st_dir):
-        raise SystemExit(f"{workdir} already holds a store/ or safetensors/ from an earlier run; give a fresh --dir")
-    os.makedirs(st_dir)
-    report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "workdir": workdir}
-    report["machine"] = machine_info(workdir)  # before the run: the ckptstore commit it imported
-    try:
-        # -- the model ------------------------------------------------------------------------
+        self.args = args
+        self.store_dir = os.path.join(workdir, "store")
+        self.st_dir = os.path.join(workdir, "safetensors")
+        if os.path.exists(self.store_dir) or os.path.exists(self.st_dir):
+            raise SystemExit(f"{workdir} already holds a store/ or safetensors/ from an earlier run; give a fresh --dir")
+        os.makedirs(self.st_dir)
         t0 = time.perf_counter()
-        model = GPT2LoRA(args.size, args.rank, args.alpha, DTYPES[args.base_dtype])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
-        task = LoRATask(model, seed=args.seed, target_rank=2 * args.rank)
-        base = [p for p in model.parameters() if not p.requires_grad]  # parameters() yields the tied weight once
-        model_info = {
+        self.model = GPT2LoRA(args.size, args.rank, args.alpha, DTYPES[args.base_dtype])
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
+        self.task = LoRATask(self.model, seed=args.seed, target_rank=2 * args.rank)
+        base = [p for p in self.model.parameters() if not p.requires_grad]  # parameters() yields the tied weight once
+        self.info: dict[str, Any] = {
             "build_s": time.perf_counter() - t0,
             "base_params": sum(p.numel() for p in base),
-            "base_bytes": unique_bytes(base),
+            "base_bytes": unique_storage_bytes(base),
             "adapter_params": sum(p.numel() for p in trainable),
-            "adapter_bytes": unique_bytes(trainable),
+            "adapter_bytes": unique_storage_bytes(trainable),
             "adapter_tensors": len(trainable),
         }
-        _log(
-            f"model: base {model_info['base_params'] / 1e6:.1f}M params {args.base_dtype} = {model_info['base_bytes'] / MB:,.1f} MB; "
-            f"adapters {model_info['adapter_params']:,} params in {len(trainable)} tensors = {model_info['adapter_bytes'] / MB:.3f} MB; "
-            f"built in {model_info['build_s']:.1f}s; work dir {workdir}"
+        cli.log(
+            f"model: base {self.info['base_params'] / 1e6:.1f}M params {args.base_dtype} = {self.info['base_bytes'] / MB:,.1f} MB; "
+            f"adapters {self.info['adapter_params']:,} params in {len(trainable)} tensors = {self.info['adapter_bytes'] / MB:.3f} MB; "
+            f"built in {self.info['build_s']:.1f}s; work dir {workdir}"
         )
-
-        store = ckptstore.open(store_dir, **({"threads": args.threads} if args.threads else {}))
+        self.store = ckptstore.open(self.store_dir, **({"threads": args.threads} if args.threads else {}))
         # Tensors at or under the inline threshold are stored in the manifest, so every commit
         # carries these small frozen base tensors (biases, layernorms) again.
-        small = [p for p in base if p.nbytes <= store.config.inline_threshold_bytes]
-        model_info["base_inline_tensors"] = len(small)
-        model_info["base_inline_bytes"] = unique_bytes(small)
-        commits: list[dict[str, Any]] = []
-        snapshots: dict[str, dict[str, torch.Tensor]] = {}
-        step = 0
-        for i in range(args.commits):
-            t_train = time.perf_counter()
-            train_loss = task.train(opt, args.steps_per_commit, args.batch)
-            step += args.steps_per_commit
-            eval_loss = task.evaluate(args.eval_batch)
-            train_s = time.perf_counter() - t_train
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
-            if i == 0:
-                opt_tensors = [t for s in state["optimizer"]["state"].values() for t in s.values()]
-                model_info["optimizer_bytes"] = unique_bytes(opt_tensors)
-                model_info["optimizer_tensors"] = len(opt_tensors)
-                model_info["model_bytes"] = unique_bytes(state["model"].values())
+        small = [p for p in base if p.nbytes <= self.store.config.inline_threshold_bytes]
+        self.info["base_inline_tensors"] = len(small)
+        self.info["base_inline_bytes"] = unique_storage_bytes(small)
+        self.commits: list[dict[str, Any]] = []
+        self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self.step = 0
 
-            os.sync()  # nothing dirty from earlier steps is flushed inside the timer
-            t_c = time.perf_counter()
-            commit = store.commit(state, message=f"step {step}", metadata={"step": step}, metrics={"eval_loss": eval_loss})
-            commit_s = time.perf_counter() - t_c
-            snapshots[commit.id] = snapshot_trainable(model, opt)
+    def _save_safetensors(self, state: dict) -> tuple[float, os.stat_result]:
+        """Write ``state`` as one safetensors file, durably; (seconds, its stat)."""
+        import safetensors.torch as st
 
-            flat, meta = flatten_for_safetensors(state, step=str(state["step"]))
-            path = os.path.join(st_dir, f"step-{step:06d}.safetensors")
-            os.sync()
-            t_s = time.perf_counter()
-            st.save_file(flat, path, metadata=meta)
-            fsync_with_directory(path)
-            st_s = time.perf_counter() - t_s
-            sst = os.stat(path)
-            if not args.keep_safetensors:
-                os.unlink(path)
-            del flat, state
-            s = commit.stats
-            commits.append(
-                {
-                    "index": i, "id": commit.id, "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
-                    "train_s": train_s, "commit_s": commit_s, "safetensors_s": st_s,
-                    "safetensors_apparent": sst.st_size, "safetensors_allocated": sst.st_blocks * 512,
-                    "new_bytes": s.new_bytes, "new_chunks": s.new_chunks, "reused_chunks": s.reused_chunks,
-                    "logical_bytes": s.logical_bytes,
-                }
-            )  # fmt: skip
-            _log(
-                f"commit {i + 1:>2}/{args.commits} step {step:>4}: eval_loss {eval_loss:.4f}, commit {commit_s:.3f}s "
-                f"(+{s.new_bytes / MB:,.2f} MB, {s.new_chunks} new / {s.reused_chunks} reused chunks), "
-                f"safetensors {st_s:.2f}s ({sst.st_size / MB:,.1f} MB)"
-            )
-        report["model"] = model_info
-
-        # -- before GC --------------------------------------------------------------------------
+        flat, meta = flatten_for_safetensors(state, step=str(state["step"]))
+        path = os.path.join(self.st_dir, f"step-{self.step:06d}.safetensors")
         os.sync()
-        before = tree_bytes(store_dir, exclude=(".catalog",))
-        catalog_before = tree_bytes(os.path.join(store_dir, ".catalog"))
-        tags = store.tags()
-        ids = [c["id"] for c in commits]
-        best_index = ids.index(tags["best"])
-        n = len(commits)
-        adapter_with_opt = model_info["adapter_bytes"] + model_info["optimizer_bytes"]
-        bar = model_info["base_bytes"] + n * adapter_with_opt
-        report["before_gc"] = {
-            "store": before,
-            "store_apparent": total(before, "apparent"),
-            "store_allocated": total(before, "allocated"),
-            "catalog_apparent": total(catalog_before, "apparent"),
-            "catalog_allocated": total(catalog_before, "allocated"),
-            "safetensors_apparent": sum(c["safetensors_apparent"] for c in commits),
-            "safetensors_allocated": sum(c["safetensors_allocated"] for c in commits),
-            "bar_bytes": bar,
-            "adapter_with_optimizer_bytes": adapter_with_opt,
-            "best_index": best_index,
+        t_s = time.perf_counter()
+        st.save_file(flat, path, metadata=meta)
+        fsync_with_directory(path)
+        st_s = time.perf_counter() - t_s
+        sst = os.stat(path)
+        if not self.args.keep_safetensors:
+            os.unlink(path)
+        return st_s, sst
+
+    def commit_next(self, i: int) -> None:
+        """Train ``--steps-per-commit`` steps, then commit, and save the same state as safetensors."""
+        args = self.args
+        t_train = time.perf_counter()
+        train_loss = self.task.train(self.opt, args.steps_per_commit, args.batch)
+        self.step += args.steps_per_commit
+        eval_loss = self.task.evaluate(args.eval_batch)
+        train_s = time.perf_counter() - t_train
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step}
+        if i == 0:
+            opt_tensors = [t for s in state["optimizer"]["state"].values() for t in s.values()]
+            self.info["optimizer_bytes"] = unique_storage_bytes(opt_tensors)
+            self.info["optimizer_tensors"] = len(opt_tensors)
+            self.info["model_bytes"] = unique_storage_bytes(state["model"].values())
+        os.sync()  # nothing dirty from earlier steps is flushed inside the timer
+        t_c = time.perf_counter()
+        commit = self.store.commit(state, message=f"step {self.step}", metadata={"step": self.step}, metrics={"eval_loss": eval_loss})
+        commit_s = time.perf_counter() - t_c
+        self.snapshots[commit.id] = snapshot_trainable(self.model, self.opt)
+        st_s, sst = self._save_safetensors(state)
+        s = commit.stats
+        self.commits.append(
+            {
+                "index": i, "id": commit.id, "step": self.step, "train_loss": train_loss, "eval_loss": eval_loss,
+                "train_s": train_s, "commit_s": commit_s, "safetensors_s": st_s,
+                "safetensors_apparent": sst.st_size, "safetensors_allocated": sst.st_blocks * 512,
+                "new_bytes": s.new_bytes, "new_chunks": s.new_chunks, "reused_chunks": s.reused_chunks,
+                "logical_bytes": s.logical_bytes,
+            }
+        )  # fmt: skip
+        cli.log(
+            f"commit {i + 1:>2}/{args.commits} step {self.step:>4}: eval_loss {eval_loss:.4f}, commit {commit_s:.3f}s "
+            f"(+{s.new_bytes / MB:,.2f} MB, {s.new_chunks} new / {s.reused_chunks} reused chunks), "
+            f"safetensors {st_s:.2f}s ({sst.st_size / MB:,.1f} MB)"
+        )
+
+    def sizes(self, kept: list[int]) -> dict[str, Any]:
+        """The store's bytes (catalog apart), the safetensors files of the ``kept`` commits, and
+        the bar for them."""
+        os.sync()
+        store = tree_bytes(self.store_dir, exclude=(".catalog",))
+        catalog = tree_bytes(os.path.join(self.store_dir, ".catalog"))
+        adapter_with_opt = self.info["adapter_bytes"] + self.info["optimizer_bytes"]
+        return {
+            "store": store,
+            "store_apparent": total(store, "apparent"),
+            "store_allocated": total(store, "allocated"),
+            "catalog_apparent": total(catalog, "apparent"),
+            "catalog_allocated": total(catalog, "allocated"),
+            "safetensors_apparent": sum(self.commits[i]["safetensors_apparent"] for i in kept),
+            "safetensors_allocated": sum(self.commits[i]["safetensors_allocated"] for i in kept),
+            "bar_bytes": self.info["base_bytes"] + len(kept) * adapter_with_opt,
         }
 
-        # -- GC -----------------------------------------------------------------------------------
+    def collect(self) -> tuple[Any, dict[str, Any]]:
+        """keep-last-3 + best-1 GC, timed; (the plan, its figures)."""
+        from ckptstore.retention import KeepBest, KeepLast, Policy
+
         policy = Policy(keep=KeepLast(3) | KeepBest(1))
         os.sync()
         t_g = time.perf_counter()
-        plan = store.gc(policy, grace_period_s=0)
+        plan = self.store.gc(policy, grace_period_s=0)
         gc_s = time.perf_counter() - t_g
-        os.sync()
-        after = tree_bytes(store_dir, exclude=(".catalog",))
-        catalog_after = tree_bytes(os.path.join(store_dir, ".catalog"))
+        ids = [c["id"] for c in self.commits]
+        n, best_index = len(ids), ids.index(self.store.tags()["best"])
         kept_idx = sorted(ids.index(c) for c in plan.kept_commits)
-        expected = sorted(set(range(n - 3, n)) | {best_index})
-        report["gc"] = {
-            "wall_s": gc_s,
-            "elapsed_s": plan.elapsed_s,
-            "summary": plan.summary(),
-            "kept_indices": kept_idx,
-            "expected_kept_indices": expected,
-            "removed_commits": len(plan.removed_commits),
-            "deleted_objects": plan.deleted_objects,
-            "deleted_by_kind": plan.counts(),
-            "freed_bytes": plan.freed_bytes,
-            "shallow_commits": len(plan.shallow_commits),
-            "young_objects": plan.young_objects,
-            "spared_objects": plan.spared_objects,
-        }
-        k = len(kept_idx)
-        report["after_gc"] = {
-            "store": after,
-            "store_apparent": total(after, "apparent"),
-            "store_allocated": total(after, "allocated"),
-            "catalog_apparent": total(catalog_after, "apparent"),
-            "catalog_allocated": total(catalog_after, "allocated"),
-            "safetensors_apparent": sum(commits[i]["safetensors_apparent"] for i in kept_idx),
-            "safetensors_allocated": sum(commits[i]["safetensors_allocated"] for i in kept_idx),
-            "bar_bytes": model_info["base_bytes"] + k * adapter_with_opt,
-        }
-        _log(f"gc: {plan.summary()} in {gc_s:.3f}s; kept commits {[i + 1 for i in kept_idx]} (best is #{best_index + 1})")
+        figures = {
+            "wall_s": gc_s, "elapsed_s": plan.elapsed_s, "summary": plan.summary(), "kept_indices": kept_idx,
+            "expected_kept_indices": sorted(set(range(n - 3, n)) | {best_index}), "removed_commits": len(plan.removed_commits),
+            "deleted_objects": plan.deleted_objects, "deleted_by_kind": plan.counts(), "freed_bytes": plan.freed_bytes,
+            "shallow_commits": len(plan.shallow_commits), "young_objects": plan.young_objects, "spared_objects": plan.spared_objects,
+        }  # fmt: skip
+        cli.log(f"gc: {plan.summary()} in {gc_s:.3f}s; kept commits {[i + 1 for i in kept_idx]} (best is #{best_index + 1})")
+        return plan, figures
 
-        # -- checks (untimed) -------------------------------------------------------------------------
-        checks: dict[str, Any] = {"kept_as_policy_says": kept_idx == expected}
-        base_ref = {n_: p.detach() for n_, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        ok_all = True
-        for i in kept_idx:
-            cid = ids[i]
-            out = store.checkout(cid)
-            ok = out["step"] == commits[i]["step"]
-            for key, ref in snapshots[cid].items():
-                obj: Any = out
-                for part in key.split("/"):
-                    obj = obj[int(part)] if isinstance(obj, dict) and part.isdigit() and int(part) in obj else obj[part]
-                ok = ok and torch.equal(obj, ref)
-            ok = ok and all(torch.equal(out["model"][name], t) for name, t in base_ref.items())
-            ok = ok and (
-                out["model"]["lm_head.weight"].untyped_storage().data_ptr()
-                == out["model"]["transformer.wte.weight"].untyped_storage().data_ptr()
-            )
-            ok_all = ok_all and ok
-            del out
-        checks["kept_checkouts_bit_exact"] = ok_all
+    def _checkout_exact(self, i: int, base_ref: dict) -> bool:
+        cid = self.commits[i]["id"]
+        out = self.store.checkout(cid)
+        ok = out["step"] == self.commits[i]["step"]
+        for key, ref in self.snapshots[cid].items():
+            obj: Any = out
+            for part in key.split("/"):
+                obj = obj[int(part)] if isinstance(obj, dict) and part.isdigit() and int(part) in obj else obj[part]
+            ok = ok and torch.equal(obj, ref)
+        ok = ok and all(torch.equal(out["model"][name], t) for name, t in base_ref.items())
+        return ok and (out["model"]["lm_head.weight"].untyped_storage().data_ptr() == out["model"]["transformer.wte.weight"].untyped_storage().data_ptr())
+
+    def checks(self, plan: Any, gc_figures: dict) -> dict[str, Any]:
+        """Untimed: the kept set, bit-exact checkouts of the kept commits, removed commits gone, fsck."""
+        import ckptstore
+
+        kept_idx = gc_figures["kept_indices"]
+        checks: dict[str, Any] = {"kept_as_policy_says": kept_idx == gc_figures["expected_kept_indices"]}
+        base_ref = {n_: p.detach() for n_, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        exact = [self._checkout_exact(i, base_ref) for i in kept_idx]  # every kept commit checked out
+        checks["kept_checkouts_bit_exact"] = all(exact)
         gone = 0
-        for cid in ids:
+        for cid in (c["id"] for c in self.commits):
             if cid in plan.removed_commits:
                 try:
-                    store.resolve(cid)
+                    self.store.resolve(cid)
                 except ckptstore.UnknownRef:
                     gone += 1
         checks["removed_unresolvable"] = gone == len(plan.removed_commits)
-        fsck = store.fsck()
-        checks["fsck_ok"] = bool(fsck.ok)
-        checks["log_len"] = len(store.log())
-        report["checks"] = checks
-        store.close()
-        report["catalog_after_close"] = total(tree_bytes(os.path.join(store_dir, ".catalog")), "apparent")
-        report["commits"] = commits
-    finally:
-        if own_dir and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        checks["fsck_ok"] = bool(self.store.fsck().ok)
+        checks["log_len"] = len(self.store.log())
+        return checks
+
+
+def run(args) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    load_start = os.getloadavg()
+    with cli.workdir(args.dir, prefix="ckptbench-lora-", keep=args.keep) as workdir:
+        report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "workdir": workdir}
+        report["machine"] = machine_info(workdir)  # before the run: the ckptstore commit it imported
+        lora = LoRARun(args, workdir)
+        for i in range(args.commits):
+            lora.commit_next(i)
+        report["model"] = lora.info
+        n = len(lora.commits)
+        ids = [c["id"] for c in lora.commits]
+        report["before_gc"] = lora.sizes(list(range(n)))
+        report["before_gc"]["adapter_with_optimizer_bytes"] = lora.info["adapter_bytes"] + lora.info["optimizer_bytes"]
+        report["before_gc"]["best_index"] = ids.index(lora.store.tags()["best"])
+        plan, report["gc"] = lora.collect()
+        report["after_gc"] = lora.sizes(report["gc"]["kept_indices"])
+        report["checks"] = lora.checks(plan, report["gc"])
+        lora.store.close()
+        report["catalog_after_close"] = total(tree_bytes(os.path.join(lora.store_dir, ".catalog")), "apparent")
+        report["commits"] = lora.commits
     report["machine"]["loadavg_1m"] = [load_start[0], os.getloadavg()[0]]  # other work on the machine skews the times
     return report
-
 
 # --------------------------------------------------------------------------------------------
 # Report
@@ -541,17 +467,14 @@ def summarize(report: dict[str, Any]) -> str:
     )
     mi = report["machine"]
     lines.append(
-        f"\nMachine: {mi.get('nproc')} CPUs ({mi.get('cpu')}), {mi.get('ram_bytes', 0) / 2**30:.0f} GiB RAM, "
-        f"{(mi.get('filesystem') or {}).get('type')} on {(mi.get('filesystem') or {}).get('device')}, Python {mi.get('python')}, "
-        f"torch {mi.get('torch')}, safetensors {mi.get('safetensors')}, ckptstore at {mi.get('ckptstore_commit', 'unknown commit')}; "
+        f"\nMachine: {machine_line(mi)}, ckptstore at {mi.get('ckptstore_commit', 'unknown commit')}; "
         f"load average (1 min) {mi['loadavg_1m'][0]:.1f} at the start, {mi['loadavg_1m'][1]:.1f} at the end; total {report['total_s']:.0f}s"
     )
     return "\n".join(lines)
 
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=list(SIZES), default="gpt2", help="base shapes: gpt2 (124M params), gpt2-medium (355M), tiny")
+    p = cli.parser(__doc__)
+    p.add_argument("--size", choices=SIZE_CHOICES, default="gpt2", help="base shapes: gpt2 (124M params), gpt2-medium (355M), tiny")
     p.add_argument("--base-dtype", choices=list(DTYPES), default="fp32", help="dtype of the frozen base (adapters are fp32)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
@@ -575,9 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_s"] = time.perf_counter() - t0
     text = summarize(report)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    cli.write_json(args.json, report)
     return 0 if report["bar"]["pass"] else 1
 
 

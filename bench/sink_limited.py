@@ -5,8 +5,8 @@
 The sink is the store's own backend (a local directory, or ``memory://``) behind a
 :class:`WriteCap`: every object write first waits for its bytes to pass a link of
 ``--cap-mb-s`` MB/s (a token bucket with no burst, shared by all writer threads), as one host
-gets from S3. The state is bench/io.py's GPT-2-small model with its AdamW moments cast to
-bf16 (0.75 GB; ``--size tiny`` for a quick check). Each run commits the state into a fresh
+gets from S3. The state is the harness's GPT-2-small model (bench/harness/state.py) with its
+AdamW moments cast to bf16 (0.75 GB; ``--size tiny`` for a quick check). Each run commits the state into a fresh
 store (a fresh process's pipeline: the encoder and the sink are measured from scratch) and
 reports the time, the stored bytes over the raw bytes, and how many chunks were stored raw.
 Modes alternate run by run so that drift on the machine hits each alike, and an untimed
@@ -21,8 +21,6 @@ Acceptance (issue 19, item 2): auto is ≥ 1.3× as fast as never and stores ≤
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,10 +31,8 @@ import time
 from collections import Counter
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-MB = 1e6
-MiB = 1 << 20
+from harness import MB, cli
+from harness.report import machine_info, table_header
 
 
 class WriteCap:
@@ -114,19 +110,8 @@ def commit_once(state: dict, *, mode: str, url: str, cap_bytes_per_s: float, thr
     return out
 
 
-def _bench_io() -> Any:
-    """bench/io.py as a module (its name shadows the standard library's ``io``)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_io", os.path.join(os.path.dirname(os.path.abspath(__file__)), "io.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--cap-mb-s", type=float, default=200.0, help="write bandwidth of the sink, MB/s (default 200)")
     p.add_argument("--size", choices=["gpt2", "tiny"], default="gpt2", help="the model (bench/commit_checkout.py's sizes)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
@@ -139,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import fsspec
-    from commit_checkout import build_state, machine_info
 
-    to_bf16 = _bench_io().to_bf16
+    from harness.state import build_state, to_bf16
 
     modes = [m for m in args.modes.split(",") if m]
     workdir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="ckptbench-sink-", dir="/tmp")
@@ -176,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: `python bench/sink_limited.py {' '.join(sys.argv[1:] if argv is None else argv)}`; ckptstore at {info.get('ckptstore_commit')}; "
           f"{info.get('nproc')} CPUs; {args.size} {args.dtype} state {logical / 1e9:.3f} GB; sink: {args.backend} behind a {args.cap_mb_s:g} MB/s cap; "
           f"medians of {args.repeat}.\n")  # fmt: skip
-    print("| compression | commit s | GB/s of state | stored / raw | chunks stored raw |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n".join(table_header(["compression", "commit s", "GB/s of state", "stored / raw", "chunks stored raw"], "lrrrr")))
     for m in modes:
         raw_chunks = statistics.median(r["chunks"].get("raw", 0) / max(1, sum(r["chunks"].values())) for r in runs if r["mode"] == m)
         print(f"| {m} | {med[m]:.3f} | {logical / 1e9 / med[m]:.3f} | {ratio[m]:.3f} | {raw_chunks:.0%} |")
@@ -187,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = speedup >= 1.3 and ratio["auto"] <= 0.75
         verdicts.append(ok)
         print(f"\n(2) auto ≥ 1.3× as fast as never and ≤ 0.75 of raw: {'PASS' if ok else 'FAIL'} ({speedup:.2f}×, {ratio['auto']:.3f})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine": info, "runs": runs}, f, indent=1, default=str)
+    cli.write_json(args.json, {"args": vars(args), "machine": info, "runs": runs})
     return 0 if all(verdicts) else 1
 
 
