@@ -58,7 +58,6 @@ from .manifest import key_segment
 from .objectstore import fsync_directory
 
 if TYPE_CHECKING:  # imported where files are read or written: the CLI starts without them
-    import numpy as np
     import torch
 
 log = logging.getLogger("ckptstore.shards")
@@ -168,66 +167,59 @@ def _read_json_file(path: str) -> Any:
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of one ``.safetensors`` file, each a copy-on-write view of one memory map
-    of the file (nothing is read until used), and its ``__metadata__``. The file is checked
+    """The tensors of one ``.safetensors`` file by name, in name order (not the file's: the
+    library lays out a file by dtype, so an export imports to the same manifest), each a
+    copy-on-write view of one memory map of the file (nothing is read until used), and its
+    ``__metadata__``. The file is checked
     as the safetensors format requires: a JSON object header, no name twice, a
     ``__metadata__`` of strings, and tensors that tile the data exactly (no overlap, no hole,
-    nothing after the last). A malformed file raises :class:`InvalidCheckpoint` naming it."""
-    import torch
+    nothing after the last). A malformed file raises :class:`InvalidCheckpoint` naming it.
+
+    The ``safetensors`` package maps the file (``safe_open``, copy-on-write, each tensor its
+    own storage) and closes its descriptor, so no descriptor stays open per file. It is given
+    ``/dev/fd/N`` of the file already opened and checked, not whatever ``path`` names now.
+    The header is also parsed here first, because (measured with safetensors 0.8.0) the
+    library accepts a header that names one tensor twice (it keeps the last entry), and
+    refuses an overlap, a hole or a duplicate name alike as "invalid offset for tensor" without
+    saying which: parsing a 5,000-tensor header takes about 10 ms, mapping its tensors 25 ms."""
+    from safetensors import SafetensorError, safe_open
+
     with open_checkpoint_file(path) as f:
-        file_size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise InvalidCheckpoint(path, "is truncated: no header length")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > min(MAX_HEADER_BYTES, file_size - 8):
-            raise InvalidCheckpoint(path, f"declares a {header_size}-byte header")
-        header = _parse_json(path, f.read(header_size))
-        if not isinstance(header, dict):
-            raise InvalidCheckpoint(path, "has a header that is not a JSON object")
-        metadata = header.pop("__metadata__", None)
-        if metadata is None:
-            metadata = {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise InvalidCheckpoint(path, "has a __metadata__ that is not an object of strings")
-        data_start = 8 + header_size
-        layout = _tensor_layout(path, header, file_size - data_start)
-        mapped = _map_copy_on_write(path, f.fileno(), file_size) if file_size > data_start else None
-    tensors = {}
-    for name, (dtype, shape, begin, end) in layout.items():
-        if begin == end:
-            try:
-                tensors[name] = torch.empty(shape, dtype=dtype)
-            except (RuntimeError, TypeError, ValueError):  # dimensions past int64
-                raise InvalidCheckpoint(path, f"tensor {name!r} has an impossible shape {shape}") from None
-            continue
-        # A view of the one map of the file, but its own torch storage (and so its own blob).
-        raw = torch.from_numpy(mapped[data_start + begin : data_start + end])  # type: ignore[index]
-        if (data_start + begin) % dtype.itemsize:
-            raw = raw.clone()  # unaligned: view() needs aligned bytes
-        tensors[name] = raw.view(dtype).reshape(shape)
+        metadata = _check_header(path, f)
+        try:
+            with safe_open(f"/dev/fd/{f.fileno()}", framework="pt") as opened:
+                tensors = {name: opened.get_tensor(name) for name in sorted(opened.keys())}
+        except (SafetensorError, RuntimeError) as exc:  # a dtype torch lacks, shrunk since its size was read
+            raise InvalidCheckpoint(path, f"is not a safetensors file the safetensors package reads: {exc}") from None
     return tensors, metadata
 
 
-def _map_copy_on_write(path: str, fd: int, size_bytes: int) -> np.ndarray:
-    """The first ``size_bytes`` of the open file ``fd`` (``path``) as a copy-on-write memory
-    map, a uint8 array that keeps the map alive. The map holds no descriptor: torch's map
-    allocator closes the one it opens, where ``mmap.mmap`` keeps a duplicate open until the
-    map is freed (one per shard, so EMFILE on a directory of 300 shards under ``ulimit -n
-    256``). ``/dev/fd`` reopens the file already checked, not whatever ``path`` names now."""
-    import torch
+def _check_header(path: str, f: BinaryIO) -> dict[str, str]:
+    """The ``__metadata__`` of the safetensors file ``f`` (``path``) after checking its header
+    (see :func:`read_safetensors`)."""
+    file_size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) != 8:
+        raise InvalidCheckpoint(path, "is truncated: no header length")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > min(MAX_HEADER_BYTES, file_size - 8):
+        raise InvalidCheckpoint(path, f"declares a {header_size}-byte header")
+    header = _parse_json(path, f.read(header_size))
+    if not isinstance(header, dict):
+        raise InvalidCheckpoint(path, "has a header that is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidCheckpoint(path, "has a __metadata__ that is not an object of strings")
+    _check_layout(path, header, file_size - 8 - header_size)
+    return metadata
 
-    try:
-        storage = torch.UntypedStorage.from_file(f"/dev/fd/{fd}", shared=False, nbytes=size_bytes)
-    except RuntimeError as e:  # shrunk since its size was read, say
-        raise InvalidCheckpoint(path, f"could not be memory-mapped: {e}") from None
-    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
 
-
-def _tensor_layout(path: str, header: dict[str, Any], data_size: int) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
-    """Each tensor's dtype, shape and byte range in the data, checked: well-formed entries
-    whose ranges tile ``[0, data_size)`` exactly (the safetensors format forbids overlaps,
-    holes and trailing bytes, which would let one file be read two ways)."""
+def _check_layout(path: str, header: dict[str, Any], data_size: int) -> None:
+    """Check each tensor's entry: a known dtype, a shape and byte range that fit, and ranges
+    that tile ``[0, data_size)`` exactly (the safetensors format forbids overlaps, holes and
+    trailing bytes, which would let one file be read two ways)."""
     layout = {}
     for name, info in header.items():
         try:
@@ -259,7 +251,6 @@ def _tensor_layout(path: str, header: dict[str, Any], data_size: int) -> dict[st
         covered, last = end, name
     if covered != data_size:
         raise InvalidCheckpoint(path, f"bytes {covered}..{data_size} of its data belong to no tensor")
-    return layout
 
 
 def read_index(path: str) -> dict[str, str]:
@@ -283,7 +274,7 @@ def read_directory(path: str) -> dict[str, torch.Tensor]:
     ``*.safetensors`` file in it. With an index, the index and the shards must agree
     exactly: a tensor the index lists that its shard lacks, or one a shard holds that the
     index places elsewhere or does not list (a mix of two exports, say), is
-    :class:`InvalidCheckpoint`, as is a tensor in two files."""
+    :class:`InvalidCheckpoint`, as is a tensor in two files. Tensors come in name order."""
     index_path = os.path.join(path, INDEX_NAME)
     weight_map = read_index(index_path) if os.path.lexists(index_path) else None
     if weight_map is not None:
@@ -308,7 +299,7 @@ def read_directory(path: str) -> dict[str, torch.Tensor]:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InvalidCheckpoint(index_path, f"lists tensor {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it{more}")  # type: ignore[index]
-    return out
+    return dict(sorted(out.items()))
 
 
 #: The files of a Hugging Face Trainer ``checkpoint-N`` folder besides the weights, and the
@@ -1042,41 +1033,46 @@ def _same_file(entry: os.DirEntry, path: str) -> bool:
 
 
 def _write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, *, replace: bool = True) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for t in shard:
-        header[t.name] = {"dtype": safetensors_names()[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    write_atomically(path, lambda f: f.writelines(_safetensors_parts(encoded, shard, tensors)), replace=replace)
+    """Write ``shard`` as the safetensors file ``path`` with the ``safetensors`` package's
+    ``serialize_file`` (through :func:`write_atomically`). ``serialize_file`` rather than
+    ``save_file``: an export's tensors may share storage (tied weights, each written whole),
+    which ``save_file`` refuses."""
+    from safetensors import TensorSpec, serialize_file
 
-
-def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor]) -> Iterable[bytes | memoryview]:
-    import torch
-    yield struct.pack("<Q", len(header))
-    yield header
-    for t in shard:
-        tensor = tensors[t.name].contiguous()
-        if tensor.numel():
-            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    contiguous = {t.name: tensors[t.name].contiguous() for t in shard}  # alive while serialize_file reads them
+    specs = {
+        t.name: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data_ptr=contiguous[t.name].data_ptr(), data_len=t.nbytes)
+        for t in shard
+    }  # fmt: skip
+    write_atomically(path, lambda f: serialize_file(specs, f.name, metadata={"format": "pt", **(metadata or {})}), replace=replace)
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], Any], *, replace: bool = True) -> None:
-    """Write the file ``path`` whole or not at all, the one way every export (and a Trainer
-    folder :func:`~ckptstore.integrations.huggingface.materialize` builds) writes: ``write``
-    fills a temp file created exclusively (``O_EXCL``, so never through a planted symlink)
-    under a random name in the same directory; it is fsync'd and renamed over ``path`` (or,
-    unless ``replace``, hard-linked there, which fails with :class:`TargetExists` if anything
-    is there by then, leaving it as it was), and the directory fsync'd."""
+    """Write the file ``path`` whole or not at all: the one way every file this package
+    writes is written (exports, and the Trainer folder
+    :func:`~ckptstore.integrations.huggingface.materialize` builds). ``write`` fills a temp
+    file created exclusively (``O_EXCL``, so never through a planted symlink) under a random
+    name in the same directory, or replaces it by its name ``f.name``, as safetensors'
+    ``serialize_file`` does (its own temp file, mode 0600, renamed there, and never fsync'd:
+    seen with strace, safetensors 0.8.0), in which case it gets the mode our temp file had.
+    The file at that name is fsync'd and renamed over ``path`` (or, unless ``replace``,
+    hard-linked there, which fails with :class:`TargetExists` if anything is there by then,
+    leaving it as it was), and the directory fsync'd."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".export-{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    f = open(tmp, "xb")  # noqa: SIM115 (closed below, before the file is fsync'd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
+            created = os.fstat(f.fileno())
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            written = os.fstat(fd)
+            if not os.path.samestat(written, created):
+                os.fchmod(fd, stat.S_IMODE(created.st_mode))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if replace:
             os.replace(tmp, path)
         else:
