@@ -25,7 +25,7 @@ import click
 from . import __version__
 from .commit import Commit
 from .errors import CkptStoreError, InvalidOption, InvalidRefName, RefExists, StoreNotFound
-from .formats import run_checkpoints
+from .formats.hf import run_checkpoints
 from .gc import DEFAULT_GRACE_PERIOD_S, GcPlan, commit_key, demoted_commit_ids, dropped_components, unreferenced_since
 from .manifest import Manifest
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule

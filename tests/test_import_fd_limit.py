@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.formats import INDEX_NAME, read_directory
+from ckptstore.formats.safetensors import INDEX_NAME, read_directory
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
