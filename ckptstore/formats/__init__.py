@@ -1,7 +1,7 @@
 """Checkpoint formats from outside, one module per family, none of which knows the store:
 
 - :mod:`.safetensors`: ``.safetensors`` files and sharded directories with
-  ``model.safetensors.index.json``, read and written through the ``safetensors`` package;
+  ``model.safetensors.index.json``, read through the ``safetensors`` package;
 - :mod:`.pt`: ``torch.save`` files, read with ``weights_only=True``;
 - :mod:`.hf`: Hugging Face style directories, Trainer ``checkpoint-N`` folders and runs, and
   :func:`~.hf.read_checkpoint`, which reads any checkpoint on disk;

@@ -119,27 +119,17 @@ def write_atomically(path: str, write: Callable[[BinaryIO], Any], *, replace: bo
     writes is written (exports, and the Trainer folder
     :func:`~ckptstore.integrations.huggingface.materialize` builds). ``write`` fills a temp
     file created exclusively (``O_EXCL``, so never through a planted symlink) under a random
-    name in the same directory, or replaces it by its name ``f.name``, as safetensors'
-    ``serialize_file`` does (its own temp file, mode 0600, renamed there, and never fsync'd:
-    seen with strace, safetensors 0.8.0), in which case it gets the mode our temp file had.
-    The file at that name is fsync'd and renamed over ``path`` (or, unless ``replace``,
-    hard-linked there, which fails with :class:`TargetExists` if anything is there by then,
-    leaving it as it was), and the directory fsync'd."""
+    name in the same directory; it is fsync'd and renamed over ``path`` (or, unless
+    ``replace``, hard-linked there, which fails with :class:`TargetExists` if anything is
+    there by then, leaving it as it was), and the directory fsync'd."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".export-{uuid.uuid4().hex}.tmp")
-    f = open(tmp, "xb")  # noqa: SIM115 (closed below, before the file is fsync'd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with f:
-            created = os.fstat(f.fileno())
+        with os.fdopen(fd, "wb") as f:
             write(f)
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            written = os.fstat(fd)
-            if not os.path.samestat(written, created):
-                os.fchmod(fd, stat.S_IMODE(created.st_mode))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            f.flush()
+            os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
         else:

@@ -1,6 +1,7 @@
-"""The safetensors format, through the ``safetensors`` package: one file or a Hugging Face
-style directory of shards read (memory-mapped, checked first), and tensors written as one
-file or as numbered shards with ``model.safetensors.index.json``.
+"""The safetensors format: one file or a Hugging Face style directory of shards read through
+the ``safetensors`` package (memory-mapped, the header checked first), and tensors written as
+one file or as numbered shards with ``model.safetensors.index.json`` (by our own writer, in the
+order given: :func:`write_safetensors` says why).
 
 A malformed file (a header with a duplicate name, overlapping tensors or a hole between them,
 an index that disagrees with its shards) raises :class:`InvalidCheckpoint` naming the file.
@@ -65,8 +66,7 @@ def safetensors_names() -> dict[torch.dtype, str]:
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of one ``.safetensors`` file by name, in name order (not the file's: the
-    library lays a file out by dtype, so an export imports to the same manifest), each a
+    """The tensors of one ``.safetensors`` file by name, in its header's order, each a
     copy-on-write view of one memory map of the file (nothing is read until used, and no
     descriptor stays open), and its ``__metadata__``. The file is checked as the safetensors
     format requires: a JSON object header, no name twice, a ``__metadata__`` of strings, and
@@ -80,21 +80,21 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         # an overlap, a hole and a duplicate name alike as "invalid offset for tensor `b`",
         # without saying which bytes. Cost on a 5,000-tensor file (2 busy cores): 120-150 ms
         # to check the header, 440-700 ms for safe_open to map the tensors.
-        metadata = _check_header(path, f)
+        metadata, names = _check_header(path, f)
         try:
             # safe_open maps the file copy-on-write (each tensor its own storage) and closes
             # its descriptor (measured: 300 files open, no descriptor more). /dev/fd/N: the
             # file already opened and checked, not whatever ``path`` names now.
             with safe_open(f"/dev/fd/{f.fileno()}", framework="pt") as opened:
-                tensors = {name: opened.get_tensor(name) for name in sorted(opened.keys())}
+                tensors = {name: opened.get_tensor(name) for name in names}
         except (SafetensorError, RuntimeError) as exc:  # a dtype torch lacks; shrunk since its size was read
             raise InvalidCheckpoint(path, f"is not a safetensors file the safetensors package reads: {exc}") from None
     return tensors, metadata
 
 
-def _check_header(path: str, f: BinaryIO) -> dict[str, str]:
-    """The ``__metadata__`` of the safetensors file ``f`` (``path``) after checking its header
-    (see :func:`read_safetensors`)."""
+def _check_header(path: str, f: BinaryIO) -> tuple[dict[str, str], list[str]]:
+    """The ``__metadata__`` of the safetensors file ``f`` (``path``) and its tensors' names in
+    the header's order, after checking the header (see :func:`read_safetensors`)."""
     file_size = os.fstat(f.fileno()).st_size
     prefix = f.read(8)
     if len(prefix) != 8:
@@ -111,7 +111,7 @@ def _check_header(path: str, f: BinaryIO) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidCheckpoint(path, "has a __metadata__ that is not an object of strings")
     _check_layout(path, header, file_size - 8 - header_size)
-    return metadata
+    return metadata, list(header)
 
 
 def _check_layout(path: str, header: dict[str, Any], data_size: int) -> None:
@@ -172,7 +172,7 @@ def read_directory(path: str) -> dict[str, torch.Tensor]:
     ``*.safetensors`` file in it. With an index, the index and the shards must agree
     exactly: a tensor the index lists that its shard lacks, or one a shard holds that the
     index places elsewhere or does not list (a mix of two exports, say), is
-    :class:`InvalidCheckpoint`, as is a tensor in two files. Tensors come in name order."""
+    :class:`InvalidCheckpoint`, as is a tensor in two files."""
     index_path = os.path.join(path, INDEX_NAME)
     weight_map = read_index(index_path) if os.path.lexists(index_path) else None
     if weight_map is not None:
@@ -197,7 +197,7 @@ def read_directory(path: str) -> dict[str, torch.Tensor]:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InvalidCheckpoint(index_path, f"lists tensor {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it{more}")  # type: ignore[index]
-    return dict(sorted(out.items()))
+    return out
 
 
 @dataclass(frozen=True)
@@ -238,18 +238,33 @@ def check_exportable(tensors: Iterable[ExportedTensor]) -> None:
 
 
 def write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, *, replace: bool = True) -> None:
-    """Write ``shard`` as the safetensors file ``path`` with the ``safetensors`` package's
-    ``serialize_file`` (through :func:`write_atomically`). ``serialize_file`` rather than
-    ``save_file``: an export's tensors may share storage (tied weights, each written whole),
-    which ``save_file`` refuses."""
-    from safetensors import TensorSpec, serialize_file
+    """Write ``shard`` as the safetensors file ``path`` (through :func:`write_atomically`),
+    its tensors laid out in the order given, one at a time from ``tensors``."""
+    # Written here, not with the safetensors package: its serialize_file (and so save_file)
+    # lays tensors out by dtype, then name, whatever order they are given in (measured with
+    # 0.8.0: {"0.weight", "0.bias"} is written, and load_file returns it, as 0.bias, 0.weight),
+    # so an export would no longer load in the model's order, nor import back to the
+    # manifest it came from. It also writes a temp file of its own (mode 0600, never
+    # fsync'd: seen with strace), renamed over the path it is given.
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": safetensors_names()[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    write_atomically(path, lambda f: f.writelines(_safetensors_parts(encoded, shard, tensors)), replace=replace)
 
-    contiguous = {t.name: tensors[t.name].contiguous() for t in shard}  # alive while serialize_file reads them
-    specs = {
-        t.name: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data_ptr=contiguous[t.name].data_ptr(), data_len=t.nbytes)
-        for t in shard
-    }  # fmt: skip
-    write_atomically(path, lambda f: serialize_file(specs, f.name, metadata={"format": "pt", **(metadata or {})}), replace=replace)
+
+def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor]) -> Iterable[bytes | memoryview]:
+    import torch
+
+    yield struct.pack("<Q", len(header))
+    yield header
+    for t in shard:
+        tensor = tensors[t.name].contiguous()
+        if tensor.numel():
+            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def write_shards(
