@@ -115,7 +115,7 @@ def import_run(repo: Repository, output_dir: str, *, branch: str | None = None, 
     if head is not None and not append:
         raise RefExists.saying(f"branch {branch!r} already has commits (head {head[:12]}); import the run onto a new branch, or pass ", option("append"), " to commit it on top")
     read = _read_run(checkpoints)
-    newest = next((state[TRAINER_STATE_KEY] for *_, state, _ in reversed(read) if isinstance(state.get(TRAINER_STATE_KEY), dict)), {})
+    newest: dict[str, Any] = next((state[TRAINER_STATE_KEY] for *_, state, _ in reversed(read) if isinstance(state.get(TRAINER_STATE_KEY), dict)), {})
     steps = [step for step, *_ in read]
     chosen = None if commit_options.get("best_metric") else trainer_best_metric(newest, steps, greater_is_better=commit_options.get("greater_is_better"))
     if chosen is not None:
