@@ -24,18 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from . import transfer
 from .background import CommitFuture, CommitQueue
 from .catalog import Catalog
-from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes, torch_dtypes
+from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
 from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
-from .dcp_layout import DcpSave
 from .errors import (
     AmbiguousRef,
-    CheckpointNotFound,
     CkptStoreError,
     ComponentsUnavailable,
     IntegrityError,
-    InvalidCheckpoint,
     InvalidOption,
     InvalidRefName,
     ObjectNotFound,
@@ -52,25 +50,7 @@ from .errors import (
     WrongRefKind,
     option,
 )
-from .formats import (
-    DEFAULT_MAX_SHARD_SIZE_BYTES,
-    EXPORT_FORMATS,
-    FILES_KEY,
-    TRAINER_ONLY_FILES,
-    TRAINER_STATE_KEY,
-    ExportedTensor,
-    check_export_target,
-    check_exportable,
-    plan_shards,
-    read_checkpoint,
-    run_checkpoints,
-    trainer_best_metric,
-    trainer_best_step,
-    trainer_step_metrics,
-    write_directory,
-    write_file,
-    write_torch_file,
-)
+from .formats.safetensors import DEFAULT_MAX_SHARD_SIZE_BYTES
 from .fsck import FsckReport
 from .fsck import check as check_store
 from .gc import (
@@ -99,7 +79,6 @@ from .manifest import (
     TensorEntry,
     TensorKind,
     build_tensor,
-    dotted_name,
     encode_state,
     key_segment,
     pack_value,
@@ -1079,7 +1058,7 @@ class Store:
         memory-mapped (once per file) and stream through the pipeline. A directory's other
         files (``config.json``, tokenizer files, ``README.md``, ``1_Pooling/config.json``)
         become the ``files`` component, so that :meth:`export` writes the directory back
-        whole (see :func:`ckptstore.formats.read_extra_files` for what is left out). Other
+        whole (see :func:`ckptstore.formats.hf.read_extra_files` for what is left out). Other
         options are :meth:`commit`'s; a Trainer folder's ``step`` and ``epoch`` go into the
         metadata, and what its ``trainer_state.json`` logged at that step into the metrics.
 
@@ -1090,10 +1069,7 @@ class Store:
         files read (shards, index, weights, Trainer pickles, ``trainer_state.json``) may be
         symlinks, which are followed wherever they point, as in a Hugging Face cache
         snapshot; other files are kept only if they are regular files, not symlinks."""
-        state, found = read_checkpoint(path)
-        metadata = {**found, **dict(commit_options.pop("metadata", None) or {})}
-        metrics = {**_logged_metrics(state, found.get("step")), **dict(commit_options.pop("metrics", None) or {})}
-        return self.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, metrics=metrics, **commit_options)
+        return transfer.import_checkpoint(self, path, message=message, **commit_options)
 
     def import_run(self, output_dir: str, *, branch: str | None = None, message: str | None = None, append: bool = False, **commit_options: Any) -> list[Commit]:
         """Commit every ``checkpoint-N`` folder of the Trainer ``output_dir``, in step order,
@@ -1109,7 +1085,7 @@ class Store:
         ``best`` follows the metric the run chose its ``best_model_checkpoint`` by
         (``best_metric=``/``greater_is_better=`` if given, else the ``eval_*`` value logged
         there that equals the run's ``best_metric``; see
-        :func:`ckptstore.formats.trainer_best_metric`), as it moves for any commit. If that
+        :func:`ckptstore.formats.hf.trainer_best_metric`), as it moves for any commit. If that
         cannot be told, ``best`` is set to the commit of ``best_model_checkpoint``'s step.
 
         A ``branch`` that already has commits is refused with :class:`RefExists` (the run
@@ -1118,44 +1094,7 @@ class Store:
         first commit (tensors stay memory-mapped, so this holds little memory): a malformed
         file, or a folder whose ``global_step`` is not its ``N``, is
         :class:`InvalidCheckpoint` and the store is left as it was."""
-        checkpoints = run_checkpoints(output_dir)
-        if not checkpoints:
-            raise CheckpointNotFound(f"no checkpoint-N folder in {output_dir}", path=output_dir)
-        if not commit_options.pop("blocking", True):
-            raise InvalidOption("blocking", "import_run commits blocking (each checkpoint's files stay mapped until committed)")
-        branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
-        head = self.refs.get(RefKind.BRANCH, branch)
-        if head is not None and not append:
-            raise RefExists.saying(f"branch {branch!r} already has commits (head {head[:12]}); import the run onto a new branch, or pass ", option("append"), " to commit it on top")
-        read = []
-        for step, path in checkpoints:
-            state, found = read_checkpoint(path)
-            if found.get("step", step) != step:
-                raise InvalidCheckpoint(os.path.join(path, "trainer_state.json"), f"has global_step {found['step']}, but its folder is checkpoint-{step}")
-            read.append((step, path, state, {"step": step, **found}))
-        newest = next((state[TRAINER_STATE_KEY] for *_, state, _ in reversed(read) if isinstance(state.get(TRAINER_STATE_KEY), dict)), {})
-        steps = [step for step, *_ in read]
-        chosen = None if commit_options.get("best_metric") else trainer_best_metric(newest, steps, greater_is_better=commit_options.get("greater_is_better"))
-        if chosen is not None:
-            commit_options["best_metric"], commit_options["greater_is_better"] = chosen
-        metadata, metrics = dict(commit_options.pop("metadata", None) or {}), dict(commit_options.pop("metrics", None) or {})
-        tags, progress = commit_options.pop("tags", ()), commit_options.pop("progress", None)
-        commits: list[Commit] = []
-        for i, (step, path, state, found) in enumerate(read):
-            name = os.path.basename(path)
-            read[i] = (step, path, None, found)  # its memory maps go with the commit
-            commits.append(self.commit(
-                state, branch=branch, message=f"{message} ({name})" if message else name, metadata={**found, **metadata},
-                metrics={**_logged_metrics(state, step), **trainer_step_metrics(newest.get("log_history"), step), **metrics},
-                tags=tags if i == len(read) - 1 else (),
-                progress=(lambda phase, done, total, name=name: progress(f"{name} {phase}", done, total)) if progress else None,
-                **commit_options,
-            ))  # fmt: skip
-            del state
-        best_step = trainer_best_step(newest)
-        if best_step in steps and commit_options.get("best_metric") is None:
-            self._advance_tag(BEST, commits[steps.index(best_step)], newer=lambda current: False)
-        return commits
+        return transfer.import_run(self, output_dir, branch=branch, message=message, append=append, **commit_options)
 
     def export(
         self,
@@ -1215,102 +1154,10 @@ class Store:
         commit's files) and keeps every other entry (a README of your own). Each file is written to a temp
         file created exclusively under a random name, fsync'd and linked (forced: renamed) into place. A
         second export to the same ``path`` while one runs raises :class:`ExportBusy`."""
-        whole_state = format == "pt"  # asked for by name: the whole state, not the model's
-        if format is None:
-            format = "safetensors" if path.endswith(".safetensors") else "pt" if path.endswith(".pt") else "hf"
-        elif format not in EXPORT_FORMATS:
-            raise InvalidOption("format", f"is {format!r}; it is one of {', '.join(EXPORT_FORMATS)}")
-        commit = self.commit_of(rev)
-        check_export_target(path, directory=format == "hf", force=force)  # before any tensor is read
-        manifest = self.manifest_of(commit)
-        key = manifest_key(commit.manifest)
-        dcp_save = DcpSave.of(manifest, key=key)
-        if dcp_save is not None:  # saved through torch.distributed.checkpoint: each tensor whole, from every rank's chunks
-            tensors, read_whole = dcp_save.exported(
-                commit.id, component=component, selection=KeySelection.of(include, exclude), dropped=dropped_components(self.objects, commit.id),
-                read_blobs=lambda blobs: self.pipeline.read_blobs(manifest, blobs, manifest_key=key),
-            )  # fmt: skip
-            check_exportable(tensors)
-            if format == "pt":
-                return write_torch_file(path, lambda: read_whole(tensors), force=force)
-            return self._write_export(path, commit, tensors, read_whole, format=format, with_files=False, max_shard_size_bytes=max_shard_size_bytes, force=force, progress=progress)
-        held_at = [(e, p) for e, paths in zip(manifest.tensors, manifest.key_paths) for p in paths]  # every path of every tensor
-        tops = sorted({p.split("/", 1)[0] for _, p in held_at})
-        if component is None and "model" in tops and not whole_state:
-            component = "model"
-        selection = KeySelection.of(include, exclude)
-        if format == "pt":
-
-            def read_state() -> Any:
-                state = self.checkout(commit.id, include=include if include is not None or component is None else [component], exclude=exclude)
-                if component is not None:
-                    if not isinstance(state, dict) or component not in state:
-                        raise ComponentsUnavailable(commit.id, missing=[component], available=sorted(map(str, state)) if isinstance(state, dict) else [])
-                    state = state[component]
-                return state
-
-            return write_torch_file(path, read_state, force=force)
-        prefix = "" if component is None else component.strip("/") + "/"
-        entries = {}
-        for entry, path_ in held_at:
-            if path_.startswith(prefix) and selection.selected(path_) and entry.kind is not TensorKind.NDARRAY:
-                entries[path_] = entry
-        dropped = dropped_components(self.objects, commit.id)
-        lost = sorted({p for p in dropped for path_ in entries if path_under(path_, p)})
-        if lost:
-            raise ComponentsUnavailable(commit.id, dropped=lost)
-        tensors = [
-            ExportedTensor(dotted_name(path_[len(prefix) :]), torch_dtypes()[e.dtype], e.shape, e.nbytes, path_)
-            for path_, e in entries.items()
-        ]
-        if not tensors:
-            raise ComponentsUnavailable(commit.id, missing=[component or "(selected tensors)"] if component else list(include or ["(selected tensors)"]), available=tops)
-        check_exportable(tensors)
-
-        def read_shard(shard: list[ExportedTensor]) -> dict[str, torch.Tensor]:
-            wanted = [entries[t.key_path] for t in shard]
-            buffers = self.pipeline.read_blobs(manifest, sorted({e.blob for e in wanted}), manifest_key=key)
-            return {t.name: build_tensor(e, buffers[e.blob]) for t, e in zip(shard, wanted)}
-
-        return self._write_export(path, commit, tensors, read_shard, format=format, with_files=component == "model", max_shard_size_bytes=max_shard_size_bytes, force=force, progress=progress)
-
-    def _write_export(
-        self,
-        path: str,
-        commit: Commit,
-        tensors: list[ExportedTensor],
-        read_shard: Callable[[list[ExportedTensor]], Mapping[str, torch.Tensor]],
-        *,
-        format: str,
-        with_files: bool,
-        max_shard_size_bytes: int,
-        force: bool,
-        progress: Progress | None,
-    ) -> list[str]:
-        """Write ``tensors`` as :meth:`export` does in ``format`` ``safetensors`` or ``hf`` (a
-        directory ``with_files`` gets the commit's model files too)."""
-        if format == "safetensors":  # one file, whatever its size
-            return write_file(path, tensors, read_shard, metadata={"ckptstore_commit": commit.id}, progress=progress, force=force)
-        shards = plan_shards(tensors, max_shard_size_bytes=max_shard_size_bytes)
-        files = self._model_files(commit) if with_files else {}
-        return write_directory(path, shards, read_shard, files=files, metadata={"ckptstore_commit": commit.id}, progress=progress, force=force)
-
-    def _model_files(self, commit: Commit) -> Mapping[Any, Any]:
-        """The ``files`` of ``commit`` that belong in a model directory (all but
-        :data:`~ckptstore.formats.TRAINER_ONLY_FILES`); none if it has none, or GC dropped them
-        (a warning)."""
-        try:
-            state = self.checkout(commit.id, include=[FILES_KEY])
-        except ComponentsUnavailable as exc:
-            if exc.dropped:
-                log.warning("exporting %s without its files: %s", commit.short_id, exc)
-            return {}
-        files = state.get(FILES_KEY) if isinstance(state, dict) else None
-        if files is None:
-            return {}
-        if not isinstance(files, Mapping):
-            raise UnsupportedValue(FILES_KEY, f"is a {type(files).__name__}, not a mapping of file names to bytes")
-        return {name: data for name, data in files.items() if name not in TRAINER_ONLY_FILES}
+        return transfer.export(
+            self, rev, path, component=component, include=include, exclude=exclude, max_shard_size_bytes=max_shard_size_bytes,
+            format=format, force=force, progress=progress,
+        )  # fmt: skip
 
     # -- for writers beside commit() (the ranks of a multi-process commit) -------------------
 
@@ -1440,12 +1287,6 @@ class Store:
             self, read_data=read_data, read_data_subset=read_data_subset, repair=repair,
             threads=self.pipeline.threads, progress=progress,
         )  # fmt: skip
-
-
-def _logged_metrics(state: Mapping[str, Any], step: int | None) -> dict[str, float]:
-    """What a Trainer checkpoint's own ``trainer_state.json`` logged at its ``step``."""
-    trainer_state = state.get(TRAINER_STATE_KEY)
-    return trainer_step_metrics(trainer_state.get("log_history"), step) if step is not None and isinstance(trainer_state, dict) else {}
 
 
 def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:

@@ -40,7 +40,7 @@ ALLOWED = {
     ("backends/local.py", "_open_for_read_raw", "FileNotFoundError"): "the local backend's OS-level error, which _translated turns into ObjectNotFound",
     ("backends/local.py", "LocalObjectStore.info.attempt", "FileNotFoundError"): "the local backend's OS-level error, which _translated turns into ObjectNotFound",
     ("backends/fsspec.py", "_FsspecObjectStore.info.stat_object", "FileNotFoundError"): "the fsspec backend's OS-level error, which _translated turns into ObjectNotFound",
-    ("formats.py", "_write_checked_files", "NotADirectoryError"): "an OS-level error that _export_errors turns into StorageError naming the export",
+    ("formats/files.py", "write_checked_files", "NotADirectoryError"): "an OS-level error that export_errors turns into StorageError naming the export",
     ("catalog.py", "_exclusive", "TimeoutError"): "an OSError that Catalog.__init__ catches: the catalog falls back to memory with a warning",
     ("codec.py", "decode_into", "ValueError"): "a caller's bug, not bad data: every caller sizes target from the frame header it checked",
 }  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 
 import ckptstore
 from ckptstore.errors import InvalidCheckpoint
-from ckptstore.formats import read_safetensors
+from ckptstore.formats.safetensors import read_safetensors
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

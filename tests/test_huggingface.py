@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")  # the Trainer needs it
 import transformers
 
 import ckptstore
-from ckptstore.formats import load_weights_only
+from ckptstore.formats.pt import load_weights_only
 from ckptstore.integrations.huggingface import CkptStoreCallback, materialize
 
 MAX_STEPS = 12

@@ -32,7 +32,7 @@ import torch
 
 import ckptstore
 from ckptstore.errors import ExportBusy, InvalidCheckpoint, TargetExists
-from ckptstore.formats import INDEX_NAME, read_safetensors
+from ckptstore.formats.safetensors import INDEX_NAME, read_safetensors
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

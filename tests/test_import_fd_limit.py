@@ -1,11 +1,12 @@
 """Importing thousands of tensors under a low descriptor limit (``ulimit -n 256``).
 
-A safetensors file is memory-mapped once and its tensors are views of that mapping; the
-mapping holds no file descriptor, so neither the number of tensors nor the number of shard
-files is bounded by ``RLIMIT_NOFILE`` (a ``mmap.mmap`` per shard kept a duplicate descriptor
-open for the whole commit: a directory of 300 shards failed with EMFILE under 256). The
-import runs in a child with the limit; the parent checks the commit out and compares every
-tensor bit for bit with what was written.
+A safetensors file is memory-mapped once (the ``safetensors`` package's ``safe_open``) and
+its tensors are views of that mapping; the mapping holds no file descriptor, so neither the
+number of tensors nor the number of files is bounded by ``RLIMIT_NOFILE`` (a ``mmap.mmap``
+per shard kept a duplicate descriptor open for the whole commit: a directory of 300 shards
+failed with EMFILE under 256). 5,000 tensors are spread four ways: 5,000 files of one, 500
+files of ten, 20 of 250, and one file of all. The import runs in a child with the limit; the
+parent checks the commit out and compares every tensor bit for bit with what was written.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.formats import INDEX_NAME, read_directory
+from ckptstore.formats.safetensors import INDEX_NAME, read_directory
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -85,6 +86,14 @@ def _assert_bit_exact(store_path: Path, commit_id: str, written: dict[str, torch
 def test_a_directory_of_500_shards_imports_under_256_descriptors(tmp_path):
     """5,000 tensors in 500 shard files: more files than descriptors allowed."""
     written = _write_sharded(tmp_path / "model", shards=500, per_shard=10)
+    commit_id = _import_under_limit(tmp_path / "store", tmp_path / "model")
+    _assert_bit_exact(tmp_path / "store", commit_id, written)
+
+
+def test_a_directory_of_5000_files_of_one_tensor_imports_under_256_descriptors(tmp_path):
+    """The issue's case at its worst: 5,000 tensors, each in a file of its own, so twenty
+    times as many files as descriptors allowed."""
+    written = _write_sharded(tmp_path / "model", shards=5000, per_shard=1)
     commit_id = _import_under_limit(tmp_path / "store", tmp_path / "model")
     _assert_bit_exact(tmp_path / "store", commit_id, written)
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import click
 
 from ..errors import RefExists
-from ..formats import run_checkpoints
+from ..formats.hf import run_checkpoints
 from ..gc import DEFAULT_GRACE_PERIOD_S
 from ..inventory import unreferenced_since
 from ..layout import is_chunk_key

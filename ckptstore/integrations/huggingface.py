@@ -50,19 +50,17 @@ from transformers import (
 
 from ..commit import Commit
 from ..errors import CheckpointNotFound, CkptStoreError, UnknownRef
-from ..formats import (
-    FILES_KEY,
+from ..formats.directory import replace_directory
+from ..formats.files import FILES_KEY, write_atomically, write_files
+from ..formats.hf import (
     RANK_RNG_FILE,
     TRAINER_FILES,
     TRAINER_ONLY_FILES,
     TRAINER_STATE_KEY,
     TRAINER_STATE_NAME,
     read_checkpoint,
-    replace_directory,
     trainer_best_step,
     trainer_step_metrics,
-    write_atomically,
-    write_files,
 )
 from ..store import Store
 from .training import BRANCH_ENV, resume_ref
@@ -78,7 +76,7 @@ def checkpoint_folder(step: int) -> str:
 
 def read_trainer_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state, metadata)`` of a Trainer ``checkpoint-N`` folder, as
-    :func:`ckptstore.formats.read_checkpoint` reads it: ``model``, ``optimizer``,
+    :func:`ckptstore.formats.hf.read_checkpoint` reads it: ``model``, ``optimizer``,
     ``scheduler``, ``scaler``, ``rng_state``, each ``rng_state_<rank>.pth`` as
     ``rng_state_<rank>``, ``trainer_state``, and every other plain file, not a symlink
     (``config.json``, ``generation_config.json``, tokenizer files, ``training_args.bin``)
@@ -91,7 +89,7 @@ def step_metrics(state: TrainerState, step: int | None = None) -> dict[str, floa
     """Every number the Trainer logged at ``step`` (default: the current step), by name:
     ``loss``, ``learning_rate``, ``grad_norm``, ``eval_loss``, ``eval_*``. Values logged at
     other steps are left out, so ``best`` only ever points at a commit that was evaluated
-    (:func:`ckptstore.formats.trainer_step_metrics`, which imports use too)."""
+    (:func:`ckptstore.formats.hf.trainer_step_metrics`, which imports use too)."""
     return trainer_step_metrics(state.log_history, state.global_step if step is None else step)
 
 
@@ -265,7 +263,7 @@ def _materialize_best(store: Store, commit: Commit, best_step: int, directory: s
 
 class _building:
     """A temporary folder beside ``path`` that replaces ``path`` when the block succeeds, in
-    one durable rename (:func:`~ckptstore.formats.replace_directory`)."""
+    one durable rename (:func:`~ckptstore.formats.directory.replace_directory`)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
