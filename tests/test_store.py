@@ -330,7 +330,7 @@ def test_commit_records_its_manifest_size_and_checkout_holds_it_to_that(tmp_path
 
 def test_config_checksum_from_store_format_3_and_older_configs_still_open(tmp_path):
     from ckptstore.codec import Kind, encode_object_bytes
-    from ckptstore.store import CONFIG_KEY, StoreConfig
+    from ckptstore.config import CONFIG_KEY, StoreConfig
 
     ckptstore.open(str(tmp_path / "new"), chunk_size_bytes=8192).close()
     with ckptstore.open(str(tmp_path / "new"), create=False) as store:
