@@ -11,14 +11,12 @@ after leaves a complete commit. The catalog is updated last and is never needed 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import math
 import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +28,7 @@ from .codec import Kind, decode_object, encode_object_bytes, torch_dtypes
 from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
 from .config import StoreConfig, catalog_location, checked_overrides, session_config
 from .dcp_layout import DcpSave
+from .diff import Diff, diff_commits
 from .errors import (
     AmbiguousRef,
     CheckpointNotFound,
@@ -95,7 +94,6 @@ from .manifest import (
     ChunkRef,
     KeySelection,
     Manifest,
-    TensorEntry,
     TensorKind,
     build_tensor,
     dotted_name,
@@ -138,47 +136,6 @@ MAX_MANIFEST_BYTES = 1 << 32
 COMMIT_OVERHEAD_BYTES = 4096
 #: Times a commit writes its chunks again when its writer marker lapsed before it published.
 WRITER_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class TensorChange:
-    """One tensor in a :class:`Diff`: its key path, and dtype/shape/bytes on each side
-    (``None`` where absent)."""
-
-    path: str
-    dtype: tuple[str | None, str | None]
-    shape: tuple[tuple[int, ...] | None, tuple[int, ...] | None]
-    nbytes: tuple[int, int]
-    #: With ``diff(..., values=True)``, for a changed tensor of unchanged dtype and shape: the
-    #: largest absolute change, and the norm of the change over the norm of the old tensor.
-    max_abs_change: float | None = None
-    relative_change: float | None = None
-
-
-@dataclass(frozen=True)
-class Diff:
-    """Tensors added, removed and changed from ``a`` to ``b`` (commit ids), and whether the
-    non-tensor values differ."""
-
-    a: str
-    b: str
-    added: list[TensorChange] = field(default_factory=list)
-    removed: list[TensorChange] = field(default_factory=list)
-    changed: list[TensorChange] = field(default_factory=list)
-    unchanged: int = 0
-    values_changed: bool = False
-
-    @property
-    def added_bytes(self) -> int:
-        return sum(c.nbytes[1] for c in self.added)
-
-    @property
-    def removed_bytes(self) -> int:
-        return sum(c.nbytes[0] for c in self.removed)
-
-    @property
-    def changed_bytes(self) -> int:
-        return sum(c.nbytes[1] for c in self.changed)
 
 
 class Store:
@@ -914,48 +871,7 @@ class Store:
         changed tensor of the same dtype and shape is read (one pair at a time) for its
         largest absolute and its relative change."""
         ca, cb = self.commit_of(a), self.commit_of(b)
-        ma, mb = self.manifest_of(ca), self.manifest_of(cb)
-        ta, tb = _fingerprints(ma), _fingerprints(mb)
-        result = Diff(ca.id, cb.id)
-        for path, (entry, fp) in tb.items():
-            if path not in ta:
-                result.added.append(_change(path, None, entry))
-            elif ta[path][1] != fp and not self._same_values(ma, ta[path][0], ca.manifest, mb, entry, cb.manifest):
-                result.changed.append(_change(path, ta[path][0], entry))
-            else:
-                object.__setattr__(result, "unchanged", result.unchanged + 1)
-        for path, (entry, _) in ta.items():
-            if path not in tb:
-                result.removed.append(_change(path, entry, None))
-        values_a = unpack_value(ma.tree, key=manifest_key(ca.manifest), tensors=[_TENSOR] * len(ma.tensors))
-        values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=[_TENSOR] * len(mb.tensors))
-        object.__setattr__(result, "values_changed", _values_differ(values_a, values_b))
-        if values:
-            for i, change in enumerate(result.changed):
-                if change.dtype[0] == change.dtype[1] and change.shape[0] == change.shape[1]:
-                    old = self._read_tensor(ma, ta[change.path][0], ca.manifest)
-                    new = self._read_tensor(mb, tb[change.path][0], cb.manifest)
-                    result.changed[i] = _with_change_stats(change, old, new)
-        return result
-
-    def _same_values(self, ma: Manifest, ea: TensorEntry, ida: str, mb: Manifest, eb: TensorEntry, idb: str) -> bool:
-        """Whether two tensors of different fingerprints hold the same bytes: read only where
-        a fingerprint may differ for another reason than the values (a layout that differs, or
-        a view of a storage that may have changed elsewhere)."""
-        import numpy as np
-        import torch
-        if (ea.dtype, ea.shape, ea.kind) != (eb.dtype, eb.shape, eb.kind):
-            return False
-        whole = lambda e, m: e.stride is None and e.offset == 0 and m.blobs[e.blob].size == e.nbytes  # noqa: E731
-        if whole(ea, ma) and whole(eb, mb):
-            return False  # each is its blob's only bytes: a different fingerprint is a change
-        old, new = self._read_tensor(ma, ea, ida), self._read_tensor(mb, eb, idb)
-        as_bytes = lambda t: t.reshape(-1).view(np.uint8) if isinstance(t, np.ndarray) else t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
-        return bool((as_bytes(old) == as_bytes(new)).all()) if isinstance(old, np.ndarray) else torch.equal(as_bytes(old), as_bytes(new))
-
-    def _read_tensor(self, manifest: Manifest, entry: TensorEntry, manifest_id: str) -> Any:
-        buffers = self.pipeline.read_blobs(manifest, [entry.blob], manifest_key=manifest_key(manifest_id))
-        return build_tensor(entry, buffers[entry.blob])
+        return diff_commits(ca, self.manifest_of(ca), cb, self.manifest_of(cb), pipeline=self.pipeline, values=values)
 
     def dropped_components(self, rev: str) -> tuple[str, ...]:
         """The key-path prefixes GC dropped from a demoted commit (empty if it is whole)."""
@@ -1281,69 +1197,6 @@ def _logged_metrics(state: Mapping[str, Any], step: int | None) -> dict[str, flo
     """What a Trainer checkpoint's own ``trainer_state.json`` logged at its ``step``."""
     trainer_state = state.get(TRAINER_STATE_KEY)
     return trainer_step_metrics(trainer_state.get("log_history"), step) if step is not None and isinstance(trainer_state, dict) else {}
-
-
-def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
-    """Key path (every path a tensor is held at) → (entry, a hash of its dtype, geometry
-    and the bytes of its blob)."""
-    blob_ids = []
-    for blob in manifest.blobs:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(blob.inline if blob.inline is not None else b"".join(c.id.encode() for c in blob.chunks))
-        blob_ids.append(h.hexdigest())
-    return {
-        path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}")
-        for e, paths in zip(manifest.tensors, manifest.key_paths)
-        for path in paths
-    }
-
-
-def _with_change_stats(change: TensorChange, old: Any, new: Any) -> TensorChange:
-    import torch
-    if not isinstance(old, torch.Tensor):
-        old, new = torch.from_numpy(old), torch.from_numpy(new)
-    if old.is_complex() or old.dtype == torch.bool or not old.numel():
-        return change
-    delta = new.double() - old.double()
-    norm = float(torch.linalg.vector_norm(old.double()))
-    change_norm = float(torch.linalg.vector_norm(delta))
-    return TensorChange(
-        change.path, change.dtype, change.shape, change.nbytes,
-        max_abs_change=float(delta.abs().max()),
-        relative_change=change_norm / norm if norm else (0.0 if change_norm == 0 else math.inf),
-    )  # fmt: skip
-
-
-def _change(path: str, a: TensorEntry | None, b: TensorEntry | None) -> TensorChange:
-    return TensorChange(
-        path=path,
-        dtype=(a.dtype if a else None, b.dtype if b else None),
-        shape=(a.shape if a else None, b.shape if b else None),
-        nbytes=(a.nbytes if a else 0, b.nbytes if b else 0),
-    )
-
-
-_TENSOR = object()  # stands for a tensor in trees compared by _values_differ
-
-
-def _values_differ(a: Any, b: Any) -> bool:
-    """Whether the non-tensor values of two decoded trees differ (tensors, compared
-    separately, are ``_TENSOR`` and ignored; dict order is not a difference). NaN-aware."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        a = {k: v for k, v in a.items() if v is not _TENSOR}
-        b = {k: v for k, v in b.items() if v is not _TENSOR}
-    if type(a) is not type(b):
-        return True
-    if isinstance(a, dict):
-        return a.keys() != b.keys() or any(_values_differ(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) != len(b) or any(_values_differ(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and a != a and b != b:
-        return False
-    try:
-        return bool(a != b)
-    except (TypeError, ValueError):
-        return repr(a) != repr(b)
 
 
 def _is_utf8(text: str) -> bool:
