@@ -30,14 +30,12 @@ from .config import StoreConfig, catalog_location, checked_overrides, session_co
 from .dcp_layout import DcpSave
 from .diff import Diff, diff_commits
 from .errors import (
-    AmbiguousRef,
     CheckpointNotFound,
     CkptStoreError,
     ComponentsUnavailable,
     IntegrityError,
     InvalidCheckpoint,
     InvalidOption,
-    InvalidRefName,
     ObjectNotFound,
     ProtectedBranch,
     RefConflict,
@@ -79,14 +77,11 @@ from .gc import (
     collect,
     commit_key,
     dropped_components,
-    effective_parents,
     manifest_key,
 )
 from .ids import (
     content_id,
     is_full_id,
-    is_id_prefix,
-    parse_revision,
 )
 from .lease import writing
 from .manifest import (
@@ -119,6 +114,7 @@ from .refs import BEST, LATEST, STORE_TAGS, RefKind, RefStore, check_ref_name
 from .repack import RepackReport
 from .repack import repack as repack_chunks
 from .retention import Retention, greater_is_better_for
+from .revisions import Revisions, check_namespace, check_tag_name
 from .usage import Usage
 from .usage import measure as measure_usage
 
@@ -127,8 +123,6 @@ if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and co
     import torch
 
 log = logging.getLogger("ckptstore")
-
-RESERVED_TAGS = STORE_TAGS
 
 #: Caps on what a header may declare for these objects before they are decompressed.
 MAX_MANIFEST_BYTES = 1 << 32
@@ -165,7 +159,7 @@ class Store:
         self.max_ref_retries = max_ref_retries
         self._commits = CommitQueue(objects.url)
         self._staging_spare: dict[int, list[torch.Tensor]] = {}  # buffers of the last async snapshot
-        self._grafted: set[str] = set()  # commits with a shallow/ record, as of the last sync
+        self._revisions = Revisions(objects, self.refs, self.catalog, get_commit=self.get_commit, sync_catalog=self.sync_catalog)
         self.sync_catalog()
 
     @property
@@ -272,7 +266,7 @@ class Store:
         :class:`IntegrityError`), so one bad object never makes a store unopenable.
         """
         stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
-        self._grafted = {key.rsplit("/", 1)[-1] for key in self.objects.list("shallow/")}
+        self._revisions.grafted = {key.rsplit("/", 1)[-1] for key in self.objects.list("shallow/")}
         known = self.catalog.commit_ids()
         for commit_id in sorted(stored - known):
             if is_full_id(commit_id):
@@ -303,68 +297,22 @@ class Store:
         follows the history as :meth:`log` shows it: where GC collected a first parent, the
         step goes to the nearest kept ancestor, so ``~N`` counts kept commits (see
         :meth:`collected_on_walk`)."""
-        return self._walk(rev)[0]
+        return self._revisions.walk(rev)[0]
 
     def collected_on_walk(self, rev: str) -> list[str]:
         """The first parents, collected by GC, that the ``~N``/``^`` steps of ``rev`` went
         across (each step then went to the nearest kept ancestor); empty if none."""
-        return self._walk(rev)[1]
-
-    def _walk(self, rev: str) -> tuple[str, list[str]]:
-        revision = parse_revision(rev)
-        commit_id = self._resolve_base(revision.base, rev)
-        crossed: list[str] = []
-        for step in range(revision.ancestors):
-            commit = self.get_commit(commit_id)
-            parents = self.parents_of(commit)
-            if commit.parents and (not parents or parents[0] != commit.parents[0]):
-                crossed.append(commit.parents[0])
-            if not parents:
-                raise UnknownRef(rev, suggestions=[f"{revision.base}~{step}"] if step else [])
-            commit_id = parents[0]
-        return commit_id, crossed
+        return self._revisions.walk(rev)[1]
 
     def collected_parents(self, commit: Commit) -> list[str]:
         """The parents of ``commit`` that no longer exist (GC collected them; history goes on
         at :meth:`parents_of`)."""
-        return [p for p in commit.parents if not self._has_commit(p)]
-
-    def _resolve_base(self, base: str, rev: str) -> str:
-        if is_full_id(base):
-            if self.catalog.commit_object(base) is None and not self.objects.exists(commit_key(base)):
-                raise UnknownRef(rev)
-            return base
-        candidates = {}
-        for kind in RefKind:
-            try:
-                target = self.refs.get(kind, base)
-            except InvalidRefName:
-                target = None
-            if target is not None:
-                candidates[kind] = target
-        if len(candidates) == 2 and len(set(candidates.values())) == 2:
-            raise AmbiguousRef(rev, [f"branch {base}", f"tag {base}"])
-        if candidates:
-            return next(iter(candidates.values()))
-        if is_id_prefix(base):
-            matches = self.catalog.ids_with_prefix(base)
-            if not matches:
-                self.sync_catalog()
-                matches = self.catalog.ids_with_prefix(base)
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                raise AmbiguousRef(rev, matches)
-        names = list(self.catalog.refs(RefKind.BRANCH.value)) + list(self.catalog.refs(RefKind.TAG.value))
-        raise UnknownRef(rev, suggestions=difflib.get_close_matches(base, names, n=3, cutoff=0.6))
+        return self._revisions.collected_parents(commit)
 
     def parents_of(self, commit: Commit) -> list[str]:
         """The parents history follows from ``commit``: its own, or where GC removed some,
         the nearest kept ancestors it recorded (empty where the history ends)."""
-        return effective_parents(self.objects, commit, exists=self._has_commit, grafted=self._grafted.__contains__)
-
-    def _has_commit(self, commit_id: str) -> bool:
-        return self.catalog.commit_object(commit_id) is not None or self.objects.exists(commit_key(commit_id))
+        return self._revisions.parents_of(commit)
 
     def commit_of(self, rev: str) -> Commit:
         """The :class:`Commit` a revision names."""
@@ -536,9 +484,9 @@ class Store:
         ref (the commit point) → ``latest``, ``tags``, ``best``. :meth:`commit` and the
         multi-process writers of :mod:`ckptstore.distributed` use it."""
         branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
-        tags = [self._check_tag_name(t) for t in tags]
-        self._check_namespace(RefKind.BRANCH, [branch])
-        self._check_namespace(RefKind.TAG, tags)
+        tags = [check_tag_name(t) for t in tags]
+        check_namespace(self.refs, RefKind.BRANCH, [branch])
+        check_namespace(self.refs, RefKind.TAG, tags)
         if not isinstance(message, str) or not _is_utf8(message):
             raise UnsupportedValue("message", "commit message must be a str of valid UTF-8 (no lone surrogates)")
         metrics_f = check_metrics(dict(metrics or {}))
@@ -584,20 +532,6 @@ class Store:
             new_metadata_bytes=written.new_frame_bytes + manifest_stored - inline_stored,
         )
         return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats, fence=fence)
-
-    def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
-        """Branches and tags share one namespace: refuse a name the other kind holds."""
-        other = RefKind.TAG if kind is RefKind.BRANCH else RefKind.BRANCH
-        for name in names:
-            if (other is RefKind.TAG and name in RESERVED_TAGS) or self.refs.get(other, name) is not None:
-                raise InvalidRefName(f"{name!r} is a {other.noun}; branches and tags share one namespace")
-
-    def _check_tag_name(self, name: str, *, existing: bool = False) -> str:
-        check_ref_name(name, kind=RefKind.TAG, existing=existing)
-        if name in RESERVED_TAGS:
-            rule = "the store moves it itself; it cannot be set or deleted by hand"
-            raise InvalidRefName(f"tag {name!r} is managed by the store: {rule}", name=name, rule=rule)
-        return name
 
     def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
         """Commit object → branch ref (the commit point), re-parented onto a head another
@@ -756,7 +690,7 @@ class Store:
 
     def tag(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create tag ``name`` at revision ``at``; ``force`` moves an existing tag."""
-        self._check_tag_name(name)
+        check_tag_name(name)
         return self._set_ref(RefKind.TAG, name, at=at, force=force)
 
     def delete_branch(self, name: str, *, force: bool = False) -> str:
@@ -768,7 +702,7 @@ class Store:
         head = self._ref_to_delete(RefKind.BRANCH, name)
         if not force:
             default = name == self.config.default_branch
-            lost = self._reached_only_by(head, [c for n, c in self.branches().items() if n != name] + [c for n, c in self.tags().items() if n not in RESERVED_TAGS])
+            lost = self._reached_only_by(head, [c for n, c in self.branches().items() if n != name] + [c for n, c in self.tags().items() if n not in STORE_TAGS])
             if default or lost:
                 raise ProtectedBranch(name, head, default=default, lost_commits=lost, force=option("force", flag="-D"))
         self._delete_ref(RefKind.BRANCH, name, expected=head)
@@ -807,7 +741,7 @@ class Store:
     def delete_tag(self, name: str) -> str:
         """Delete tag ``name`` and return the commit id it pointed at. A concurrent move of
         the tag raises :class:`RefConflict`."""
-        self._check_tag_name(name, existing=True)
+        check_tag_name(name, existing=True)
         target = self._ref_to_delete(RefKind.TAG, name)
         self._delete_ref(RefKind.TAG, name, expected=target)
         return target
@@ -815,7 +749,7 @@ class Store:
     def _set_ref(self, kind: RefKind, name: str, *, at: str, force: bool) -> Commit:
         """Create (or with ``force`` move) a ref by compare-and-swap; a concurrent change
         raises :class:`RefConflict`."""
-        self._check_namespace(kind, [name])
+        check_namespace(self.refs, kind, [name])
         with writing(self.objects) as marker:  # a collector must not delete the commit as it gains a ref
             target = self.resolve(at)
             commit = self.read_commit(target)  # it must still be in the store
