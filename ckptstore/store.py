@@ -12,39 +12,30 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
-import random
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
-from .background import CommitFuture, CommitQueue
+from .background import CommitFuture
 from .catalog import Catalog
-from .codec import Kind, decode_object, encode_object_bytes, torch_dtypes
-from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
+from .codec import Kind, decode_object, torch_dtypes
+from .commit import MAX_COMMIT_BYTES, Commit, decode_commit
 from .config import StoreConfig, catalog_location, checked_overrides, session_config
 from .dcp_layout import DcpSave
 from .diff import Diff, diff_commits
 from .errors import (
     CheckpointNotFound,
-    CkptStoreError,
     ComponentsUnavailable,
     IntegrityError,
     InvalidCheckpoint,
     InvalidOption,
     ObjectNotFound,
     ProtectedBranch,
-    RefConflict,
     RefExists,
     Said,
     UnknownRef,
     UnsupportedFormat,
     UnsupportedValue,
-    WriterExpired,
     WrongRefKind,
     option,
 )
@@ -86,15 +77,12 @@ from .ids import (
 from .lease import writing
 from .manifest import (
     BlobSource,
-    ChunkRef,
     KeySelection,
     Manifest,
     TensorKind,
     build_tensor,
     dotted_name,
-    encode_state,
     key_segment,
-    pack_value,
     path_under,
     tree_key_paths,
     unpack_value,
@@ -113,10 +101,11 @@ from .pipeline import (
 from .refs import BEST, LATEST, STORE_TAGS, RefKind, RefStore, check_ref_name
 from .repack import RepackReport
 from .repack import repack as repack_chunks
-from .retention import Retention, greater_is_better_for
+from .retention import Retention
 from .revisions import Revisions, check_namespace, check_tag_name
 from .usage import Usage
 from .usage import measure as measure_usage
+from .writer import CommitWriter
 
 if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and commits start without them
     import numpy as np
@@ -126,10 +115,6 @@ log = logging.getLogger("ckptstore")
 
 #: Caps on what a header may declare for these objects before they are decompressed.
 MAX_MANIFEST_BYTES = 1 << 32
-#: A commit object's bytes besides its message, metadata and metrics (ids, stats, field names).
-COMMIT_OVERHEAD_BYTES = 4096
-#: Times a commit writes its chunks again when its writer marker lapsed before it published.
-WRITER_ATTEMPTS = 3
 
 
 class Store:
@@ -156,15 +141,25 @@ class Store:
         self.refs = RefStore(objects)
         self.catalog = Catalog(catalog_path, read_only=catalog_read_only)
         self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes, recent_chunks_bytes=delta_base_cache_bytes)
-        self.max_ref_retries = max_ref_retries
-        self._commits = CommitQueue(objects.url)
-        self._staging_spare: dict[int, list[torch.Tensor]] = {}  # buffers of the last async snapshot
         self._revisions = Revisions(objects, self.refs, self.catalog, get_commit=self.get_commit, sync_catalog=self.sync_catalog)
+        self._writer = CommitWriter(
+            objects, refs=self.refs, catalog=self.catalog, pipeline=self.pipeline, config=config, get_commit=self.get_commit,
+            manifest_of=self.manifest_of, index_commit=self._index_commit, max_ref_retries=max_ref_retries,
+        )  # fmt: skip
         self.sync_catalog()
 
     @property
     def url(self) -> str:
         return self.objects.url
+
+    @property
+    def max_ref_retries(self) -> int:
+        """How many times a commit retries moving a ref while other writers keep moving it first."""
+        return self._writer.max_ref_retries
+
+    @max_ref_retries.setter
+    def max_ref_retries(self, value: int) -> None:
+        self._writer.max_ref_retries = value
 
     def __repr__(self) -> str:
         return f"<ckptstore.Store {self.url!r}>"
@@ -172,16 +167,14 @@ class Store:
     def flush(self) -> None:
         """Wait for the asynchronous commits made so far; raise the error of one that failed
         and whose future nobody looked at (so a failure is never silent)."""
-        self._commits.flush()
+        self._writer.flush()
 
     def close(self) -> None:
         """Wait for asynchronous commits to finish, then close the catalog. Raises the error
         of an asynchronous commit that failed unseen (see :meth:`flush`), after closing."""
         try:
-            self._commits.close()
-            self._commits.flush()
+            self._writer.close()
         finally:
-            self._staging_spare.clear()
             self.catalog.close()
 
     def __enter__(self) -> Store:
@@ -191,9 +184,6 @@ class Store:
         self.close()
 
     # -- objects -------------------------------------------------------------------------
-
-    def _put_object(self, kind: Kind, key: str, raw: bytes) -> bool:
-        return self.objects.put_if_absent(key, encode_object_bytes(kind, raw, compression_level=self.config.compression_level))
 
     def _get_object(self, kind: Kind, key: str, object_id: str, max_raw_size: int) -> bytes | memoryview:
         """Read an immutable object and check that its bytes hash to its id."""
@@ -373,36 +363,7 @@ class Store:
             best_metric=best_metric, greater_is_better=greater_is_better,
         )  # fmt: skip
 
-        def finish(manifest: Manifest, sources: dict) -> Commit:
-            for attempt in range(WRITER_ATTEMPTS):
-                with writing(self.objects) as marker:  # a collector deletes nothing until the branch has moved
-                    head = self.refs.get(RefKind.BRANCH, branch or self.config.default_branch)
-                    written = self.write_chunks(manifest, sources, progress=progress, parent=head, delta=delta, compression=compression)
-                    try:
-                        return publish(manifest, written, fence=marker.check)
-                    except WriterExpired as exc:  # a collector may have judged this writer dead
-                        if attempt + 1 == WRITER_ATTEMPTS:
-                            raise
-                        log.warning("%s; writing the commit again", exc)
-            raise AssertionError("unreachable")
-
-        with self._commits.lock:  # commits land in call order: after the asynchronous ones before
-            self._commits.wait()  # (and at most one snapshot is held in memory)
-            manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
-            if blocking:
-                return finish(manifest, sources)
-            spare, self._staging_spare = self._staging_spare, {}
-            staged = {index: source.staged(spare) for index, source in sources.items()}
-            copies = [staged[i].owner for i in staged if staged[i] is not sources[i]]
-
-            def finish_and_recycle() -> Commit:
-                try:
-                    return finish(manifest, staged)
-                finally:  # the next snapshot of the same shapes reuses these (already paged in)
-                    for buffer in copies:
-                        self._staging_spare.setdefault(buffer.numel(), []).append(buffer)
-
-            return self._commits.submit(finish_and_recycle)
+        return self._writer.commit(state, publish, branch=branch, progress=progress, blocking=blocking, delta=delta, compression=compression)
 
     def write_chunks(
         self,
@@ -431,42 +392,7 @@ class Store:
         write (it measures both as it goes: see :class:`~ckptstore.pipeline.EncodingBalance`),
         writing the others raw; "never" writes every chunk raw and whole. Only the stored
         bytes depend on it, never the ids."""
-        check_delta_mode(delta)
-        check_compression_mode(compression)
-        return self.pipeline.write_blobs(
-            manifest,
-            sources,
-            chunk_size_bytes=self.config.chunk_size_bytes,
-            compression_level=self.config.compression_level,
-            parent_chunks=self._parent_chunks(manifest, parent, parent_key_path=parent_key_path) if parent else None,
-            delta=delta or self.config.delta,  # type: ignore[arg-type]
-            max_delta_chain=max(0, self.config.delta_keyframe_interval - 1),
-            compression=compression or self.config.compression,  # type: ignore[arg-type]
-            progress=progress,
-        )
-
-    def _parent_chunks(self, manifest: Manifest, parent: str, *, parent_key_path: Callable[[str], str | None] | None = None) -> dict[int, list[ChunkRef]]:
-        """Blob index → the chunks of the same tensor (key path, dtype, shape, layout) in the
-        commit ``parent``, for blobs whose parent holds all its components. ``parent``'s key
-        paths are mapped by ``parent_key_path`` first (see :meth:`write_chunks`)."""
-        try:
-            commit = self.get_commit(parent)
-            old = self.manifest_of(commit)
-            dropped = dropped_components(self.objects, commit.id)
-        except CkptStoreError as exc:  # no bases then: the commit itself must not fail
-            log.warning("commit %s cannot serve as a delta base: %s", parent, exc)
-            return {}
-        kept = [e for e in old.tensors if not any(path_under(e.path, d) for d in dropped)]
-        by_path = {path: e for e in kept if (path := e.path if parent_key_path is None else parent_key_path(e.path)) is not None}
-        out: dict[int, list[ChunkRef]] = {}
-        for entry in manifest.tensors:
-            match = by_path.get(entry.path)
-            if entry.blob in out or match is None or old.blobs[match.blob].inline is not None:
-                continue
-            same = (match.dtype, match.shape, match.stride, match.offset, match.kind) == (entry.dtype, entry.shape, entry.stride, entry.offset, entry.kind)
-            if same and old.blobs[match.blob].size == manifest.blobs[entry.blob].size:
-                out[entry.blob] = old.blobs[match.blob].chunks
-        return out
+        return self._writer.write_chunks(manifest, sources, progress=progress, parent=parent, delta=delta, parent_key_path=parent_key_path, compression=compression)
 
     def publisher(
         self,
@@ -483,115 +409,15 @@ class Store:
         that publishes a manifest whose chunks are stored: manifest → commit object → branch
         ref (the commit point) → ``latest``, ``tags``, ``best``. :meth:`commit` and the
         multi-process writers of :mod:`ckptstore.distributed` use it."""
-        branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
-        tags = [check_tag_name(t) for t in tags]
-        check_namespace(self.refs, RefKind.BRANCH, [branch])
-        check_namespace(self.refs, RefKind.TAG, tags)
-        if not isinstance(message, str) or not _is_utf8(message):
-            raise UnsupportedValue("message", "commit message must be a str of valid UTF-8 (no lone surrogates)")
-        metrics_f = check_metrics(dict(metrics or {}))
-        packed = pack_value(dict(metadata or {}), path="metadata")  # refuse bad metadata before anything is written
-        metadata = unpack_value(packed, key="metadata")  # a deep copy: later changes by the caller do not count
-        size = len(packed) + len(message.encode("utf-8", "surrogatepass")) + len(msgpack.packb(metrics_f)) + COMMIT_OVERHEAD_BYTES
-        if size > MAX_COMMIT_BYTES:
-            raise UnsupportedValue("metadata", commit_too_large(size))
-
-        def publish(manifest: Manifest, written: WriteResult, *, fence: Callable[[], None] | None = None) -> Commit:
-            commit = self._write_commit(manifest, written, branch=branch, message=message, metadata=metadata, metrics=metrics_f, fence=fence)
-            # The commit has landed: a tag that cannot be moved now is a warning, not an error
-            # (a caller told it failed would commit again).
-            moves = [(LATEST, lambda: self._advance_tag(LATEST, commit, newer=lambda current: False))]
-            moves += [(tag, lambda tag=tag: self._advance_tag(tag, commit, newer=lambda current: False)) for tag in tags]
-            moves.append((BEST, lambda: self._maybe_move_best(commit, best_metric, greater_is_better)))
-            for name, move in moves:
-                try:
-                    move()
-                except CkptStoreError as exc:
-                    log.warning("commit %s landed on branch %s, but tag %s could not be moved: %s", commit.short_id, branch, name, exc)
-            return commit
-
-        return publish
-
-    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict, metrics: dict[str, float], fence: Callable[[], None] | None = None) -> Commit:
-        """Manifest → commit object → branch ref, for chunks already stored."""
-        manifest_raw = manifest.to_bytes()
-        manifest_id = content_id(manifest_raw)
-        manifest_is_new = self._put_object(Kind.MANIFEST, manifest_key(manifest_id), manifest_raw)
-        # A manifest already stored also carries the inline tensors and the tree already.
-        in_manifest = manifest.logical_bytes - sum(b.size for b in manifest.blobs if b.inline is None)
-        manifest_stored = self.objects.size(manifest_key(manifest_id)) if manifest_is_new else 0
-        # A new manifest's inline tensors are tensor data (at most what it takes stored); the rest of it is metadata.
-        inline_stored = min(sum(b.size for b in manifest.blobs if b.inline is not None), manifest_stored)
-        stats = CommitStats(
-            logical_bytes=manifest.logical_bytes,
-            new_bytes=written.new_bytes + manifest_stored,
-            new_chunks=written.new_chunks,
-            reused_chunks=written.reused_chunks,
-            reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
-            delta_chunks=written.delta_chunks,
-            new_metadata_bytes=written.new_frame_bytes + manifest_stored - inline_stored,
-        )
-        return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats, fence=fence)
-
-    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
-        """Commit object → branch ref (the commit point), re-parented onto a head another
-        writer set meanwhile. ``fence`` runs right before each ref update (a writer checks
-        that its marker is still honoured)."""
-        for attempt in range(self.max_ref_retries):
-            head = self.refs.get(RefKind.BRANCH, branch)
-            commit_id, raw = encode_commit(
-                manifest=manifest_id, manifest_size_bytes=manifest_size_bytes, parents=(head,) if head else (), message=message,
-                created_at=datetime.now(timezone.utc), branch=branch, metadata=metadata,
-                metrics=metrics, stats=stats,
-            )  # fmt: skip
-            self._put_object(Kind.COMMIT, commit_key(commit_id), raw)
-            if fence is not None:
-                fence()
-            try:
-                self.refs.set_ref_if_equals(RefKind.BRANCH, branch, commit_id, expected=head)
-            except RefConflict:
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                continue
-            commit = decode_commit(commit_id, raw, key=commit_key(commit_id))
-            self._index_commit(commit, raw)
-            self.catalog.set_ref(RefKind.BRANCH.value, branch, commit_id)
-            return commit
-        raise RefConflict(branch, expected=head, actual=self.refs.get(RefKind.BRANCH, branch))
-
-    def _maybe_move_best(self, commit: Commit, best_metric: str | None, greater_is_better: bool | None) -> None:
-        metric = best_metric or self.config.best_metric
-        value = commit.metrics.get(metric)
-        if value is None or math.isnan(value):
-            return
-        if greater_is_better is None:
-            greater_is_better = self.config.greater_is_better
-        greater_is_better = greater_is_better_for(metric, greater_is_better)
-
-        def at_least_as_good(current: Commit) -> bool:
-            best = current.metrics.get(metric)
-            if best is None or math.isnan(best):
-                return False
-            return best >= value if greater_is_better else best <= value
-
-        self._advance_tag(BEST, commit, newer=at_least_as_good)
+        return self._writer.publisher(
+            message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
+            best_metric=best_metric, greater_is_better=greater_is_better,
+        )  # fmt: skip
 
     def _advance_tag(self, name: str, commit: Commit, *, newer: Callable[[Commit], bool]) -> None:
-        """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (for
-        ``best``: at least as good; ``latest`` and ``tags=`` always move). Compare-and-swap, retried,
-        so concurrent writers leave the tag on the right commit."""
-        current = None
-        for attempt in range(self.max_ref_retries):
-            current = self.refs.get(RefKind.TAG, name)
-            if current is not None and newer(self.get_commit(current)):
-                return
-            try:
-                self.refs.set_ref_if_equals(RefKind.TAG, name, commit.id, expected=current)
-            except RefConflict:
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                continue
-            self.catalog.set_ref(RefKind.TAG.value, name, commit.id)
-            return
-        raise RefConflict(name, expected=current, actual=self.refs.get(RefKind.TAG, name))
+        """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (see
+        :meth:`CommitWriter.advance_tag`)."""
+        self._writer.advance_tag(name, commit, newer=newer)
 
     # -- checkout --------------------------------------------------------------------------
 
@@ -1131,14 +957,6 @@ def _logged_metrics(state: Mapping[str, Any], step: int | None) -> dict[str, flo
     """What a Trainer checkpoint's own ``trainer_state.json`` logged at its ``step``."""
     trainer_state = state.get(TRAINER_STATE_KEY)
     return trainer_step_metrics(trainer_state.get("log_history"), step) if step is not None and isinstance(trainer_state, dict) else {}
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def open_store(
