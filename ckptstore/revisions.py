@@ -1,13 +1,13 @@
 """Revisions: what names a commit (a branch, a tag, a full id or a unique id prefix, each
 optionally followed by ``~N`` or ``^`` steps along first parents), and the history those
 steps follow: a commit's parents, or where GC collected some, the nearest kept ancestors it
-recorded. Also the rules that keep branch and tag names apart. Reads only.
+recorded. Reads only.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from .catalog import Catalog
 from .commit import Commit
@@ -15,7 +15,7 @@ from .errors import AmbiguousRef, InvalidRefName, UnknownRef
 from .gc import commit_key, effective_parents
 from .ids import is_full_id, is_id_prefix, parse_revision
 from .objectstore import ObjectStore
-from .refs import STORE_TAGS, RefKind, RefStore, check_ref_name
+from .refs import RefKind, RefStore
 
 
 class Revisions:
@@ -95,20 +95,3 @@ class Revisions:
         names = list(self.catalog.refs(RefKind.BRANCH.value)) + list(self.catalog.refs(RefKind.TAG.value))
         raise UnknownRef(rev, suggestions=difflib.get_close_matches(base, names, n=3, cutoff=0.6))
 
-
-def check_tag_name(name: str, *, existing: bool = False) -> str:
-    """``name`` if it may name a tag set by hand: a valid ref name and not one of the tags
-    the store moves itself (``latest``, ``best``)."""
-    check_ref_name(name, kind=RefKind.TAG, existing=existing)
-    if name in STORE_TAGS:
-        rule = "the store moves it itself; it cannot be set or deleted by hand"
-        raise InvalidRefName(f"tag {name!r} is managed by the store: {rule}", name=name, rule=rule)
-    return name
-
-
-def check_namespace(refs: RefStore, kind: RefKind, names: Iterable[str]) -> None:
-    """Branches and tags share one namespace: refuse a name the other kind holds."""
-    other = RefKind.TAG if kind is RefKind.BRANCH else RefKind.BRANCH
-    for name in names:
-        if (other is RefKind.TAG and name in STORE_TAGS) or refs.get(other, name) is not None:
-            raise InvalidRefName(f"{name!r} is a {other.noun}; branches and tags share one namespace")

@@ -10,13 +10,13 @@ after leaves a complete commit. The catalog is updated last and is never needed 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .background import CommitFuture
+from .branching import Branching
 from .catalog import Catalog
 from .codec import Kind, decode_object, torch_dtypes
 from .commit import MAX_COMMIT_BYTES, Commit, decode_commit
@@ -30,13 +30,9 @@ from .errors import (
     InvalidCheckpoint,
     InvalidOption,
     ObjectNotFound,
-    ProtectedBranch,
     RefExists,
-    Said,
-    UnknownRef,
     UnsupportedFormat,
     UnsupportedValue,
-    WrongRefKind,
     option,
 )
 from .formats import (
@@ -74,7 +70,6 @@ from .ids import (
     content_id,
     is_full_id,
 )
-from .lease import writing
 from .manifest import (
     BlobSource,
     KeySelection,
@@ -98,11 +93,11 @@ from .pipeline import (
     check_delta_mode,
     default_threads,
 )
-from .refs import BEST, LATEST, STORE_TAGS, RefKind, RefStore, check_ref_name
+from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name
 from .repack import RepackReport
 from .repack import repack as repack_chunks
 from .retention import Retention
-from .revisions import Revisions, check_namespace, check_tag_name
+from .revisions import Revisions
 from .usage import Usage
 from .usage import measure as measure_usage
 from .writer import CommitWriter
@@ -142,6 +137,10 @@ class Store:
         self.catalog = Catalog(catalog_path, read_only=catalog_read_only)
         self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes, recent_chunks_bytes=delta_base_cache_bytes)
         self._revisions = Revisions(objects, self.refs, self.catalog, get_commit=self.get_commit, sync_catalog=self.sync_catalog)
+        self._branching = Branching(
+            objects, self.refs, self.catalog, default_branch=config.default_branch, resolve=self.resolve,
+            read_commit=self.read_commit, get_commit=self.get_commit, parents_of=self.parents_of,
+        )  # fmt: skip
         self._writer = CommitWriter(
             objects, refs=self.refs, catalog=self.catalog, pipeline=self.pipeline, config=config, get_commit=self.get_commit,
             manifest_of=self.manifest_of, index_commit=self._index_commit, max_ref_retries=max_ref_retries,
@@ -498,26 +497,20 @@ class Store:
 
     def branches(self) -> dict[str, str]:
         """Every branch: name → head commit id."""
-        out = self.refs.list(RefKind.BRANCH)
-        self.catalog.replace_refs(RefKind.BRANCH.value, out)
-        return out
+        return self._branching.listed(RefKind.BRANCH)
 
     def tags(self) -> dict[str, str]:
         """Every tag (``latest`` and ``best`` included): name → commit id."""
-        out = self.refs.list(RefKind.TAG)
-        self.catalog.replace_refs(RefKind.TAG.value, out)
-        return out
+        return self._branching.listed(RefKind.TAG)
 
     def branch(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create branch ``name`` at revision ``at`` (zero-copy: only a ref is written). An
         existing branch is an error unless ``force``, which moves it."""
-        check_ref_name(name, kind=RefKind.BRANCH)
-        return self._set_ref(RefKind.BRANCH, name, at=at, force=force)
+        return self._branching.create(RefKind.BRANCH, name, at=at, force=force)
 
     def tag(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create tag ``name`` at revision ``at``; ``force`` moves an existing tag."""
-        check_tag_name(name)
-        return self._set_ref(RefKind.TAG, name, at=at, force=force)
+        return self._branching.create(RefKind.TAG, name, at=at, force=force)
 
     def delete_branch(self, name: str, *, force: bool = False) -> str:
         """Delete branch ``name`` and return the commit id it pointed at (its commits stay
@@ -525,83 +518,18 @@ class Store:
         refuses with :class:`ProtectedBranch`, deleting nothing, the default branch and a
         branch whose head no other branch or tag reaches (``latest`` and ``best`` do not
         count: the store moves them). A concurrent move of the branch raises :class:`RefConflict`."""
-        head = self._ref_to_delete(RefKind.BRANCH, name)
-        if not force:
-            default = name == self.config.default_branch
-            lost = self._reached_only_by(head, [c for n, c in self.branches().items() if n != name] + [c for n, c in self.tags().items() if n not in STORE_TAGS])
-            if default or lost:
-                raise ProtectedBranch(name, head, default=default, lost_commits=lost, force=option("force", flag="-D"))
-        self._delete_ref(RefKind.BRANCH, name, expected=head)
-        return head
-
-    def _reached_only_by(self, head: str, others: Iterable[str]) -> int:
-        """How many commits ``head`` reaches (along every parent, across what GC removed) that
-        none of ``others`` does."""
-        def walk(starts: Iterable[str], stop: set[str]) -> set[str]:
-            seen: set[str] = set()
-            todo = [c for c in starts if c not in stop]
-            while todo:
-                commit_id = todo.pop()
-                if commit_id not in seen:
-                    seen.add(commit_id)
-                    todo += [p for p in self.parents_of(self.get_commit(commit_id)) if p not in stop]
-            return seen
-
-        others = set(others)
-        return 0 if head in others else len(walk([head], walk(others, set())))
+        return self._branching.delete_branch(name, force=force)
 
     def rename_branch(self, old: str, new: str) -> Commit:
         """Rename branch ``old`` to ``new`` (create ``new`` at its head, then delete ``old`` if
         it still points there; a concurrent move of ``old`` raises :class:`RefConflict` and
         leaves both)."""
-        head = self.refs.get(RefKind.BRANCH, check_ref_name(old, kind=RefKind.BRANCH, existing=True))
-        if head is None:
-            raise UnknownRef(old, suggestions=difflib.get_close_matches(old, self.refs.names(RefKind.BRANCH), n=3))
-        commit = self.branch(new, at=head)
-        self.refs.delete_ref_if_equals(RefKind.BRANCH, old, expected=head)
-        self.catalog.set_ref(RefKind.BRANCH.value, old, None)
-        if self.config.default_branch == old:
-            log.warning("renamed the default branch %r; commits that name no branch will recreate it", old)
-        return commit
+        return self._branching.rename_branch(old, new)
 
     def delete_tag(self, name: str) -> str:
         """Delete tag ``name`` and return the commit id it pointed at. A concurrent move of
         the tag raises :class:`RefConflict`."""
-        check_tag_name(name, existing=True)
-        target = self._ref_to_delete(RefKind.TAG, name)
-        self._delete_ref(RefKind.TAG, name, expected=target)
-        return target
-
-    def _set_ref(self, kind: RefKind, name: str, *, at: str, force: bool) -> Commit:
-        """Create (or with ``force`` move) a ref by compare-and-swap; a concurrent change
-        raises :class:`RefConflict`."""
-        check_namespace(self.refs, kind, [name])
-        with writing(self.objects) as marker:  # a collector must not delete the commit as it gains a ref
-            target = self.resolve(at)
-            commit = self.read_commit(target)  # it must still be in the store
-            current = self.refs.get(kind, name)
-            if current is not None and not force:
-                raise RefExists.saying(f"{kind.noun} {name!r} already exists (at {current[:12]}); use ", option("force"), " to move it")
-            marker.check()  # still honoured: the commit read above is still there
-            self.refs.set_ref_if_equals(kind, name, target, expected=current)
-        self.catalog.set_ref(kind.value, name, target)
-        return commit
-
-    def _ref_to_delete(self, kind: RefKind, name: str) -> str:
-        """The commit id ref ``name`` holds; :class:`WrongRefKind` if it is a ref of the other
-        kind, :class:`UnknownRef` if neither."""
-        current = self.refs.get(kind, check_ref_name(name, kind=kind, existing=True))
-        if current is not None:
-            return current
-        other = RefKind.TAG if kind is RefKind.BRANCH else RefKind.BRANCH
-        if self.refs.get(other, name) is not None:
-            how = Said(f"delete_{other.noun}({name!r})", f"ckpt {other.noun} -d {name}")
-            raise WrongRefKind(name, asked=kind.noun, found=other.noun, hint=["delete it with ", how])
-        raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.refs.names(kind), n=3))
-
-    def _delete_ref(self, kind: RefKind, name: str, *, expected: str) -> None:
-        self.refs.delete_ref_if_equals(kind, name, expected=expected)
-        self.catalog.set_ref(kind.value, name, None)
+        return self._branching.delete_tag(name)
 
     # -- history -------------------------------------------------------------------------
 

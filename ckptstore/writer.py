@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .background import CommitFuture, CommitQueue
+from .branching import check_namespace, check_tag_name
 from .catalog import Catalog
 from .codec import Kind, encode_object_bytes
 from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
@@ -33,7 +34,6 @@ from .objectstore import ObjectStore
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode
 from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name
 from .retention import greater_is_better_for
-from .revisions import check_namespace, check_tag_name
 
 if TYPE_CHECKING:
     import torch
