@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from .background import CommitFuture
 from .branching import Branching
 from .catalog import Catalog
-from .codec import Kind, decode_object, torch_dtypes
-from .commit import MAX_COMMIT_BYTES, Commit, decode_commit
+from .codec import torch_dtypes
+from .commit import Commit
 from .config import StoreConfig, catalog_location, checked_overrides, session_config
 from .dcp_layout import DcpSave
 from .diff import Diff, diff_commits
@@ -29,7 +29,6 @@ from .errors import (
     IntegrityError,
     InvalidCheckpoint,
     InvalidOption,
-    ObjectNotFound,
     RefExists,
     UnsupportedFormat,
     UnsupportedValue,
@@ -56,44 +55,13 @@ from .formats import (
 )
 from .fsck import FsckReport
 from .fsck import check as check_store
-from .gc import (
-    DEFAULT_GRACE_PERIOD_S,
-    DEFAULT_LEASE_TTL_S,
-    DEFAULT_WRITER_TIMEOUT_S,
-    GcPlan,
-    collect,
-    commit_key,
-    dropped_components,
-    manifest_key,
-)
-from .ids import (
-    content_id,
-    is_full_id,
-)
-from .manifest import (
-    BlobSource,
-    KeySelection,
-    Manifest,
-    TensorKind,
-    build_tensor,
-    dotted_name,
-    key_segment,
-    path_under,
-    tree_key_paths,
-    unpack_value,
-)
+from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_LEASE_TTL_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collect, commit_key, dropped_components, manifest_key
+from .ids import is_full_id
+from .manifest import BlobSource, KeySelection, Manifest, TensorKind, build_tensor, dotted_name, key_segment, path_under
 from .objectstore import ObjectStore, open_object_store
-from .pipeline import (
-    CompressionMode,
-    DeltaMode,
-    Pipeline,
-    Progress,
-    WriteResult,
-    check_compression_mode,
-    check_delta_mode,
-    default_threads,
-)
+from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode, default_threads
 from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name
+from .reader import Reader
 from .repack import RepackReport
 from .repack import repack as repack_chunks
 from .retention import Retention
@@ -108,8 +76,6 @@ if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and co
 
 log = logging.getLogger("ckptstore")
 
-#: Caps on what a header may declare for these objects before they are decompressed.
-MAX_MANIFEST_BYTES = 1 << 32
 
 
 class Store:
@@ -136,6 +102,7 @@ class Store:
         self.refs = RefStore(objects)
         self.catalog = Catalog(catalog_path, read_only=catalog_read_only)
         self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes, recent_chunks_bytes=delta_base_cache_bytes)
+        self._reader = Reader(objects, self.catalog, self.pipeline)
         self._revisions = Revisions(objects, self.refs, self.catalog, get_commit=self.get_commit, sync_catalog=self.sync_catalog)
         self._branching = Branching(
             objects, self.refs, self.catalog, default_branch=config.default_branch, resolve=self.resolve,
@@ -143,7 +110,7 @@ class Store:
         )  # fmt: skip
         self._writer = CommitWriter(
             objects, refs=self.refs, catalog=self.catalog, pipeline=self.pipeline, config=config, get_commit=self.get_commit,
-            manifest_of=self.manifest_of, index_commit=self._index_commit, max_ref_retries=max_ref_retries,
+            manifest_of=self.manifest_of, index_commit=self._reader.index_commit, max_ref_retries=max_ref_retries,
         )  # fmt: skip
         self.sync_catalog()
 
@@ -184,62 +151,20 @@ class Store:
 
     # -- objects -------------------------------------------------------------------------
 
-    def _get_object(self, kind: Kind, key: str, object_id: str, max_raw_size: int) -> bytes | memoryview:
-        """Read an immutable object and check that its bytes hash to its id."""
-        try:
-            data = self.objects.get(key)
-        except ObjectNotFound:
-            raise IntegrityError(f"{kind.name.lower()} object is missing", key=key) from None
-        raw = decode_object(data, key=key, kind=kind, max_raw_size=max_raw_size)
-        if content_id(raw) != object_id:
-            raise IntegrityError(f"{kind.name.lower()} content does not match its id", key=key)
-        return raw
-
     def get_commit(self, commit_id: str) -> Commit:
         """The commit with this full id (from the catalog, else from the object store)."""
-        raw = self.catalog.commit_object(commit_id)
-        if isinstance(raw, bytes) and content_id(raw) == commit_id:  # the catalog is a cache: verify it
-            return decode_commit(commit_id, raw, key=commit_key(commit_id))
-        if raw is not None:
-            log.warning("the catalog's copy of commit %s is damaged; reading it from the store", commit_id)
-        commit, raw = self._read_commit_object(commit_id)
-        self._index_commit(commit, raw)
-        return commit
+        return self._reader.get_commit(commit_id)
 
     def read_commit(self, commit_id: str) -> Commit:
         """The commit with this full id, read from the object store and verified; the
         catalog is neither used nor changed."""
-        return self._read_commit_object(commit_id)[0]
-
-    def _read_commit_object(self, commit_id: str) -> tuple[Commit, bytes]:
-        key = commit_key(commit_id)
-        raw = bytes(self._get_object(Kind.COMMIT, key, commit_id, MAX_COMMIT_BYTES))
-        return decode_commit(commit_id, raw, key=key), raw
-
-    def _index_commit(self, commit: Commit, raw: bytes) -> None:
-        step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
-        row = {
-            "id": commit.id,
-            "manifest": commit.manifest,
-            "message": commit.message,
-            "created_at": commit.created_at.timestamp(),
-            "branch": commit.branch,
-            "step": step if type(step) is int and abs(step) < 2**63 else None,
-            "logical_bytes": commit.stats.logical_bytes,
-            "new_bytes": commit.stats.new_bytes,
-            "object": raw,
-        }
-        self.catalog.add_commit(row, commit.parents, commit.metrics)
+        return self._reader.read_commit_object(commit_id)[0]
 
     def get_manifest(self, manifest_id: str, *, size_bytes: int | None = None) -> Manifest:
         """The manifest with this id, read and verified. ``size_bytes``: its raw size as
         its commit records it (``Commit.manifest_size_bytes``); an object declaring any
         other size is then refused before it is inflated."""
-        key = manifest_key(manifest_id)
-        raw = self._get_object(Kind.MANIFEST, key, manifest_id, MAX_MANIFEST_BYTES if size_bytes is None else size_bytes)
-        if size_bytes is not None and len(raw) != size_bytes:
-            raise IntegrityError(f"manifest is {len(raw)} bytes; its commit records {size_bytes}", key=key)
-        return Manifest.from_bytes(raw, key=key)
+        return self._reader.get_manifest(manifest_id, size_bytes=size_bytes)
 
     def manifest_of(self, commit: Commit) -> Manifest:
         """The manifest of ``commit``, read and verified (see :meth:`get_manifest`)."""
@@ -438,41 +363,7 @@ class Store:
         glob. Only the chunks of the selected tensors are read. Asking for components that a
         demoted commit no longer holds raises :class:`ComponentsUnavailable`.
         """
-        commit = self.commit_of(rev)
-        selection = KeySelection.of(include, exclude)
-        key = manifest_key(commit.manifest)
-        manifest = self.manifest_of(commit)
-        dropped = dropped_components(self.objects, commit.id)
-        # A tensor held at several key paths is wanted if any of them is selected.
-        selected = [[p for p in paths if selection.selected(p)] for paths in manifest.key_paths]
-        lost = sorted({d for d in dropped for paths in selected for p in paths if path_under(p, d)})
-        if lost:
-            raise ComponentsUnavailable(commit.id, dropped=lost)
-        if selection.include is not None:
-            shape = unpack_value(manifest.tree, key=key, tensors=[None] * len(manifest.tensors))
-            missing = selection.unmatched(tree_key_paths(shape))
-            if missing:
-                available = sorted(map(key_segment, shape)) if isinstance(shape, dict) else []
-                raise ComponentsUnavailable(commit.id, missing=missing, available=available)
-        blob_indices = sorted({e.blob for e, paths in zip(manifest.tensors, selected) if paths})
-        buffers = self.pipeline.read_blobs(manifest, blob_indices, manifest_key=key, progress=progress)
-        import torch
-
-        device = torch.device(map_location) if map_location is not None else None
-        tensors: list[Any] = []
-        moved: dict[int, torch.Tensor] = {}
-        for entry, paths in zip(manifest.tensors, selected):
-            if entry.blob not in buffers or not paths:
-                tensors.append(None)
-                continue
-            buffer = buffers[entry.blob]
-            if device is not None and device.type != "cpu" and entry.kind is not TensorKind.NDARRAY:
-                if entry.blob not in moved:
-                    moved[entry.blob] = buffer.to(device)
-                buffer = moved[entry.blob]
-            tensors.append(build_tensor(entry, buffer))
-        state = unpack_value(manifest.tree, key=key, tensors=tensors)
-        return state if selection.everything else selection.prune(state)
+        return self._reader.checkout(self.commit_of(rev), include=include, exclude=exclude, map_location=map_location, progress=progress)
 
     def restore(self, rev: str, targets: Mapping[str, Any], *, map_location: str | torch.device | None = None) -> Any:
         """Load each component of ``rev`` into ``targets[name]`` in place with its
