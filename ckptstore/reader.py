@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 from .catalog import Catalog
 from .codec import Kind, decode_object
 from .commit import MAX_COMMIT_BYTES, Commit, decode_commit
-from .errors import ComponentsUnavailable, IntegrityError, ObjectNotFound
+from .errors import ComponentsUnavailable, IntegrityError, ObjectNotFound, UnsupportedFormat
 from .gc import commit_key, dropped_components, manifest_key
-from .ids import content_id
+from .ids import content_id, is_full_id
 from .manifest import KeySelection, Manifest, TensorKind, build_tensor, key_segment, path_under, tree_key_paths, unpack_value
 from .objectstore import ObjectStore
 from .pipeline import Pipeline, Progress
+from .refs import RefKind, RefStore
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +83,35 @@ class Reader:
             "object": raw,
         }
         self.catalog.add_commit(row, commit.parents, commit.metrics)
+
+    def sync_catalog(self, refs: RefStore) -> set[str]:
+        """Reconcile the catalog with the object store and ``refs`` (see
+        :meth:`ckptstore.Store.sync_catalog`). Idempotent. Returns the commits with a
+        ``shallow/`` record (GC grafted their parents), listed right after the commits."""
+        stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
+        grafted = {key.rsplit("/", 1)[-1] for key in self.objects.list("shallow/")}
+        known = self.catalog.commit_ids()
+        for commit_id in sorted(stored - known):
+            if is_full_id(commit_id):
+                try:
+                    self.get_commit(commit_id)
+                except (IntegrityError, UnsupportedFormat) as exc:
+                    if not self.objects.exists(commit_key(commit_id)):
+                        continue  # collected since it was listed: no damage
+                    log.warning("skipping commit %s while indexing: %s", commit_id, exc)
+        self.catalog.remove_commits(known - stored)
+        for kind in RefKind:
+            targets = {}
+            for name in refs.names(kind):
+                try:
+                    target = refs.get(kind, name)
+                except (IntegrityError, UnsupportedFormat) as exc:
+                    log.warning("skipping %s %s while indexing: %s", kind.noun, name, exc)
+                    continue
+                if target is not None:
+                    targets[name] = target
+            self.catalog.replace_refs(kind.value, targets)
+        return grafted
 
     def get_manifest(self, manifest_id: str, *, size_bytes: int | None = None) -> Manifest:
         """The manifest with this id, read and verified (see :meth:`ckptstore.Store.get_manifest`)."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from .catalog import Catalog
 from .commit import Commit
-from .errors import AmbiguousRef, InvalidRefName, UnknownRef
+from .errors import AmbiguousRef, IntegrityError, InvalidRefName, UnknownRef
 from .gc import commit_key, effective_parents
 from .ids import is_full_id, is_id_prefix, parse_revision
 from .objectstore import ObjectStore
@@ -54,6 +54,22 @@ class Revisions:
                 raise UnknownRef(rev, suggestions=[f"{revision.base}~{step}"] if step else [])
             commit_id = parents[0]
         return commit_id, crossed
+
+    def first_parents(self, head: str, *, limit: int | None = None) -> list[Commit]:
+        """Commit ``head`` and its ancestors along first parents, newest first, at most
+        ``limit`` (see :meth:`ckptstore.Store.log`)."""
+        commit_id: str | None = head
+        out: list[Commit] = []
+        seen: set[str] = set()
+        while commit_id is not None and (limit is None or len(out) < limit):
+            if commit_id in seen:
+                raise IntegrityError(f"history loops back to commit {commit_id}", key=commit_key(commit_id))
+            seen.add(commit_id)
+            commit = self._get_commit(commit_id)
+            out.append(commit)
+            parents = self.parents_of(commit)  # across what GC removed, or the end of history
+            commit_id = parents[0] if parents else None
+        return out
 
     def parents_of(self, commit: Commit) -> list[str]:
         """The parents history follows from ``commit`` (see :meth:`ckptstore.Store.parents_of`)."""

@@ -26,11 +26,9 @@ from .diff import Diff, diff_commits
 from .errors import (
     CheckpointNotFound,
     ComponentsUnavailable,
-    IntegrityError,
     InvalidCheckpoint,
     InvalidOption,
     RefExists,
-    UnsupportedFormat,
     UnsupportedValue,
     option,
 )
@@ -55,8 +53,7 @@ from .formats import (
 )
 from .fsck import FsckReport
 from .fsck import check as check_store
-from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_LEASE_TTL_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collect, commit_key, dropped_components, manifest_key
-from .ids import is_full_id
+from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_LEASE_TTL_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collect, dropped_components, manifest_key
 from .manifest import BlobSource, KeySelection, Manifest, TensorKind, build_tensor, dotted_name, key_segment, path_under
 from .objectstore import ObjectStore, open_object_store
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode, default_threads
@@ -179,29 +176,7 @@ class Store:
         A damaged commit object or ref is logged and left out (reading it later raises
         :class:`IntegrityError`), so one bad object never makes a store unopenable.
         """
-        stored = {key.rsplit("/", 1)[-1] for key in self.objects.list("commits/")}
-        self._revisions.grafted = {key.rsplit("/", 1)[-1] for key in self.objects.list("shallow/")}
-        known = self.catalog.commit_ids()
-        for commit_id in sorted(stored - known):
-            if is_full_id(commit_id):
-                try:
-                    self.get_commit(commit_id)
-                except (IntegrityError, UnsupportedFormat) as exc:
-                    if not self.objects.exists(commit_key(commit_id)):
-                        continue  # collected since it was listed: no damage
-                    log.warning("skipping commit %s while indexing: %s", commit_id, exc)
-        self.catalog.remove_commits(known - stored)
-        for kind in RefKind:
-            refs = {}
-            for name in self.refs.names(kind):
-                try:
-                    target = self.refs.get(kind, name)
-                except (IntegrityError, UnsupportedFormat) as exc:
-                    log.warning("skipping %s %s while indexing: %s", kind.noun, name, exc)
-                    continue
-                if target is not None:
-                    refs[name] = target
-            self.catalog.replace_refs(kind.value, refs)
+        self._revisions.grafted = self._reader.sync_catalog(self.refs)
 
     # -- revisions -----------------------------------------------------------------------
 
@@ -428,18 +403,7 @@ class Store:
         """Commits reachable from ``rev`` (default: the default branch) along first parents,
         newest first. Where GC removed commits, the log goes on at the nearest kept ancestor
         (and ends where none is left)."""
-        commit_id: str | None = self.resolve(rev or self.config.default_branch)
-        out: list[Commit] = []
-        seen: set[str] = set()
-        while commit_id is not None and (limit is None or len(out) < limit):
-            if commit_id in seen:
-                raise IntegrityError(f"history loops back to commit {commit_id}", key=commit_key(commit_id))
-            seen.add(commit_id)
-            commit = self.get_commit(commit_id)
-            out.append(commit)
-            parents = self.parents_of(commit)  # across what GC removed, or the end of history
-            commit_id = parents[0] if parents else None
-        return out
+        return self._revisions.first_parents(self.resolve(rev or self.config.default_branch), limit=limit)
 
     def diff(self, a: str, b: str, *, values: bool = False) -> Diff:
         """Tensors added, removed and changed from revision ``a`` to ``b``, by key path (a

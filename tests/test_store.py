@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import ckptstore
+from ckptstore.gc import commit_key, manifest_key
 from ckptstore.objectstore import open_object_store
 from ckptstore.pipeline import chunk_key
-from ckptstore.store import commit_key, manifest_key
 
 from states import assert_same, full_state, trained
 
