@@ -74,7 +74,6 @@ if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and co
 log = logging.getLogger("ckptstore")
 
 
-
 class Store:
     """A checkpoint store. Open one with :func:`ckptstore.open`.
 
@@ -261,7 +260,6 @@ class Store:
             message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
             best_metric=best_metric, greater_is_better=greater_is_better,
         )  # fmt: skip
-
         return self._writer.commit(state, publish, branch=branch, progress=progress, blocking=blocking, delta=delta, compression=compression)
 
     def write_chunks(
