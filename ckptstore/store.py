@@ -6,6 +6,11 @@ Write order of a commit (each step starts only when the one before is durable)::
 
 A crash before the branch moves leaves only unreferenced objects (collected by GC); a crash
 after leaves a complete commit. The catalog is updated last and is never needed for safety.
+
+:class:`Store` is a facade over the modules that do the work: :mod:`~ckptstore.config` (the
+settings, and opening), :mod:`~ckptstore.reader` (commits, manifests, checkouts),
+:mod:`~ckptstore.revisions` (names of commits, history), :mod:`~ckptstore.branching`
+(branches and tags), :mod:`~ckptstore.writer` (commits) and :mod:`~ckptstore.diff`.
 """
 
 from __future__ import annotations
@@ -68,7 +73,6 @@ from .usage import measure as measure_usage
 from .writer import CommitWriter
 
 if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and commits start without them
-    import numpy as np
     import torch
 
 log = logging.getLogger("ckptstore")
