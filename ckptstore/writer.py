@@ -70,8 +70,8 @@ class CommitWriter:
         self.catalog = catalog
         self.pipeline = pipeline
         self.config = config
-        self.get_commit = get_commit
-        self.manifest_of = manifest_of
+        self._get_commit = get_commit
+        self._manifest_of = manifest_of
         self._index_commit = index_commit
         self.max_ref_retries = max_ref_retries
         self._commits = CommitQueue(objects.url)
@@ -166,8 +166,8 @@ class CommitWriter:
         commit ``parent``, for blobs whose parent holds all its components. ``parent``'s key
         paths are mapped by ``parent_key_path`` first (see :meth:`write_chunks`)."""
         try:
-            commit = self.get_commit(parent)
-            old = self.manifest_of(commit)
+            commit = self._get_commit(parent)
+            old = self._manifest_of(commit)
             dropped = dropped_components(self.objects, commit.id)
         except CkptStoreError as exc:  # no bases then: the commit itself must not fail
             log.warning("commit %s cannot serve as a delta base: %s", parent, exc)
@@ -296,7 +296,7 @@ class CommitWriter:
         current = None
         for attempt in range(self.max_ref_retries):
             current = self.refs.get(RefKind.TAG, name)
-            if current is not None and newer(self.get_commit(current)):
+            if current is not None and newer(self._get_commit(current)):
                 return
             try:
                 self.refs.set_ref_if_equals(RefKind.TAG, name, commit.id, expected=current)
