@@ -7,6 +7,8 @@
 """
 
 from .commit import Commit, CommitStats
+from .config import StoreConfig
+from .diff import Diff, TensorChange
 from .errors import (
     AmbiguousRef,
     CheckpointNotFound,
@@ -47,7 +49,7 @@ from .fsck import FsckReport, Problem
 from .gc import GcPlan
 from .repack import RepackReport
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
-from .store import Diff, Store, StoreConfig, TensorChange
+from .store import Store
 from .usage import Usage
 from .store import open_store as open
 

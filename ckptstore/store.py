@@ -6,261 +6,52 @@ Write order of a commit (each step starts only when the one before is durable)::
 
 A crash before the branch moves leaves only unreferenced objects (collected by GC); a crash
 after leaves a complete commit. The catalog is updated last and is never needed for safety.
+
+:class:`Store` is a facade over the modules that do the work: :mod:`~ckptstore.config` (the
+settings, and opening), :mod:`~ckptstore.reader` (commits, manifests, checkouts),
+:mod:`~ckptstore.revisions` (names of commits, history), :mod:`~ckptstore.branching`
+(branches and tags), :mod:`~ckptstore.writer` (commits) and :mod:`~ckptstore.diff`.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import logging
-import math
-import os
-import random
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from . import transfer
-from .background import CommitFuture, CommitQueue
+from .background import CommitFuture
+from .branching import Branching
 from .catalog import Catalog
-from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
-from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
-from .errors import (
-    AmbiguousRef,
-    CkptStoreError,
-    ComponentsUnavailable,
-    IntegrityError,
-    InvalidOption,
-    InvalidRefName,
-    ObjectNotFound,
-    ProtectedBranch,
-    ReadOnlyStore,
-    RefConflict,
-    RefExists,
-    Said,
-    StoreNotFound,
-    UnknownRef,
-    UnsupportedFormat,
-    UnsupportedValue,
-    WriterExpired,
-    WrongRefKind,
-    option,
-)
+from .commit import Commit
+from .config import StoreConfig, catalog_location, checked_overrides, session_config
+from .diff import Diff, diff_commits
+from .errors import ComponentsUnavailable, InvalidOption
 from .formats.safetensors import DEFAULT_MAX_SHARD_SIZE_BYTES
 from .fsck import FsckReport
 from .fsck import check as check_store
-from .gc import (
-    DEFAULT_GRACE_PERIOD_S,
-    DEFAULT_LEASE_TTL_S,
-    DEFAULT_WRITER_TIMEOUT_S,
-    GcPlan,
-    collect,
-)
-from .history import effective_parents
-from .ids import (
-    HASH_ALGORITHM,
-    check_hash_algorithm,
-    content_id,
-    is_full_id,
-    is_id_prefix,
-    parse_revision,
-)
-from .layout import COMMITS_PREFIX, CONFIG_KEY, SHALLOW_PREFIX, commit_key, id_of, manifest_key
-from .lease import writing
-from .manifest import (
-    BlobSource,
-    ChunkRef,
-    KeySelection,
-    Manifest,
-    TensorEntry,
-    TensorKind,
-    build_tensor,
-    encode_state,
-    key_segment,
-    pack_value,
-    path_under,
-    tree_key_paths,
-    unpack_value,
-)
+from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_LEASE_TTL_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collect
+from .layout import manifest_key
+from .manifest import BlobSource, Manifest, key_segment
 from .backends import ObjectStore, open_object_store
-from .pipeline import (
-    COMPRESSION_MODES,
-    DELTA_MODES,
-    CompressionMode,
-    DeltaMode,
-    Pipeline,
-    Progress,
-    WriteResult,
-    check_compression_mode,
-    check_delta_mode,
-    default_threads,
-)
+from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode, default_threads
 from .records import dropped_components
-from .refs import BEST, LATEST, STORE_TAGS, RefKind, RefStore, check_ref_name
+from .refs import LATEST, RefKind, RefStore, check_ref_name
+from .reader import Reader
 from .repack import RepackReport
 from .repack import repack as repack_chunks
-from .retention import Retention, greater_is_better_for
+from .retention import Retention
+from .revisions import Revisions
 from .usage import Usage
 from .usage import measure as measure_usage
+from .writer import CommitWriter
 
 if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and commits start without them
-    import numpy as np
     import torch
 
     from .lease import WriterMarker
 
 log = logging.getLogger("ckptstore")
-
-#: Version 2 added GC's records (``locks/``, ``demotions/``, ``shallow/``); version 3 a
-#: checksum in the config. Stores of versions 1 and 2 (made before) are read the same way.
-STORE_FORMAT_VERSION = 3
-READABLE_STORE_FORMATS = (1, 2, 3)
-#: The first store format whose config carries a checksum.
-CHECKSUMMED_CONFIG_FORMAT = 3
-RESERVED_TAGS = STORE_TAGS
-
-#: Caps on what a header may declare for these objects before they are decompressed.
-MAX_MANIFEST_BYTES = 1 << 32
-#: A commit object's bytes besides its message, metadata and metrics (ids, stats, field names).
-COMMIT_OVERHEAD_BYTES = 4096
-#: Times a commit writes its chunks again when its writer marker lapsed before it published.
-WRITER_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Settings written once when a store is created (the ``config`` object)."""
-
-    format: int = STORE_FORMAT_VERSION
-    hash: str = HASH_ALGORITHM
-    chunk_size_bytes: int = 16 << 20
-    inline_threshold_bytes: int = 64 << 10
-    compression_level: int | None = 3
-    #: When a commit encodes its chunks: "auto" (where the sample says it pays and the sink,
-    #: not the CPU, bounds the commit), "always" (where the sample says it pays) or "never".
-    compression: str = "auto"
-    #: Store changed float chunks as deltas against the parent commit's: "off", "on" or
-    #: "auto" (where the delta is at most 0.4 of the chunk stored whole, as for bf16 weights;
-    #: not for fp32 weights, whose deltas are about half); a keyframe at least every
-    #: ``delta_keyframe_interval`` commits bounds a checkout to that many objects per chunk.
-    delta: str = "off"
-    delta_keyframe_interval: int = 8
-    default_branch: str = "main"
-    best_metric: str = "eval_loss"
-    greater_is_better: bool | None = None
-
-    def to_bytes(self) -> bytes:
-        """The config document: its fields, then (format 3 on) ``checksum``, the content id
-        of the fields encoded alone, so that any change to a stored config is detected."""
-        fields = dict(self.__dict__)
-        if self.format < CHECKSUMMED_CONFIG_FORMAT:
-            return msgpack.packb(fields, use_bin_type=True)
-        return msgpack.packb({**fields, "checksum": content_id(msgpack.packb(fields, use_bin_type=True))}, use_bin_type=True)
-
-    @classmethod
-    def from_bytes(cls, data: bytes | memoryview) -> StoreConfig:
-        try:
-            doc = msgpack.unpackb(data, raw=False)
-            version = doc["format"]
-            checksum = doc.pop("checksum", None)
-            if type(version) is int and version >= CHECKSUMMED_CONFIG_FORMAT:
-                expected = content_id(msgpack.packb(doc, use_bin_type=True))
-        except Exception as exc:
-            raise IntegrityError(f"malformed store config: {exc}", key=CONFIG_KEY) from exc
-        if type(version) is not int or version not in READABLE_STORE_FORMATS:
-            raise UnsupportedFormat(
-                f"store has format version {version!r}; this version of ckptstore reads "
-                f"versions {', '.join(map(str, READABLE_STORE_FORMATS))}"
-            )
-        if version >= CHECKSUMMED_CONFIG_FORMAT and checksum != expected:
-            raise IntegrityError("store config does not match its checksum (damaged or edited)", key=CONFIG_KEY)
-        if version < CHECKSUMMED_CONFIG_FORMAT and checksum is not None:
-            raise IntegrityError(f"malformed store config: a checksum in a format-{version} config", key=CONFIG_KEY)
-        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
-        config = cls(**known)
-        if not isinstance(config.hash, str):
-            raise IntegrityError(f"malformed store config: hash {config.hash!r}", key=CONFIG_KEY)
-        check_hash_algorithm(config.hash)
-        for name, valid in _CONFIG_FIELDS.items():
-            value = getattr(config, name)
-            if not valid(value):
-                raise IntegrityError(f"malformed store config: {name} = {value!r}", key=CONFIG_KEY)
-        return config
-
-
-def _is_int(value: Any, low: int, high: int = 2**62) -> bool:
-    return type(value) is int and low <= value <= high
-
-
-def _is_branch_name(value: Any) -> bool:
-    try:
-        check_ref_name(value, kind=RefKind.BRANCH)
-    except InvalidRefName:
-        return False
-    return True
-
-
-#: What each config field may hold (a damaged or forged config is refused, not half-used).
-_CONFIG_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "chunk_size_bytes": lambda v: _is_int(v, 1),
-    "inline_threshold_bytes": lambda v: _is_int(v, 0),
-    "compression_level": lambda v: v is None or _is_int(v, -(1 << 17), 22),
-    "compression": lambda v: v in COMPRESSION_MODES,
-    "delta": lambda v: v in DELTA_MODES,
-    "delta_keyframe_interval": lambda v: _is_int(v, 1, MAX_DELTA_CHAIN + 1),
-    "default_branch": _is_branch_name,
-    "best_metric": lambda v: isinstance(v, str) and bool(v),
-    "greater_is_better": lambda v: v is None or type(v) is bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorChange:
-    """One tensor in a :class:`Diff`: its key path, and dtype/shape/bytes on each side
-    (``None`` where absent)."""
-
-    path: str
-    dtype: tuple[str | None, str | None]
-    shape: tuple[tuple[int, ...] | None, tuple[int, ...] | None]
-    nbytes: tuple[int, int]
-    #: With ``diff(..., values=True)``, for a changed tensor of unchanged dtype and shape: the
-    #: largest absolute change, and the norm of the change over the norm of the old tensor.
-    max_abs_change: float | None = None
-    relative_change: float | None = None
-
-
-@dataclass(frozen=True)
-class Diff:
-    """Tensors added, removed and changed from ``a`` to ``b`` (commit ids), and whether the
-    non-tensor values differ."""
-
-    a: str
-    b: str
-    added: list[TensorChange] = field(default_factory=list)
-    removed: list[TensorChange] = field(default_factory=list)
-    changed: list[TensorChange] = field(default_factory=list)
-    unchanged: int = 0
-    values_changed: bool = False
-
-    @property
-    def added_bytes(self) -> int:
-        return sum(c.nbytes[1] for c in self.added)
-
-    @property
-    def removed_bytes(self) -> int:
-        return sum(c.nbytes[0] for c in self.removed)
-
-    @property
-    def changed_bytes(self) -> int:
-        return sum(c.nbytes[1] for c in self.changed)
-
-
-def _cache_dir() -> str:
-    return os.environ.get("CKPTSTORE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ckptstore")
 
 
 class Store:
@@ -287,15 +78,30 @@ class Store:
         self.refs = RefStore(objects)
         self.catalog = Catalog(catalog_path, read_only=catalog_read_only)
         self.pipeline = Pipeline(objects, threads=threads, max_inflight_bytes=max_inflight_bytes, recent_chunks_bytes=delta_base_cache_bytes)
-        self.max_ref_retries = max_ref_retries
-        self._commits = CommitQueue(objects.url)
-        self._staging_spare: dict[int, list[torch.Tensor]] = {}  # buffers of the last async snapshot
-        self._grafted: set[str] = set()  # commits with a shallow/ record, as of the last sync
+        self._reader = Reader(objects, self.catalog, self.pipeline)
+        self._revisions = Revisions(objects, self.refs, self.catalog, get_commit=self.get_commit, sync_catalog=self.sync_catalog)
+        self._branching = Branching(
+            objects, self.refs, self.catalog, default_branch=config.default_branch, resolve=self.resolve,
+            read_commit=self.read_commit, get_commit=self.get_commit, parents_of=self.parents_of,
+        )  # fmt: skip
+        self._writer = CommitWriter(
+            objects, refs=self.refs, catalog=self.catalog, pipeline=self.pipeline, config=config, get_commit=self.get_commit,
+            manifest_of=self.manifest_of, index_commit=self._reader.index_commit, max_ref_retries=max_ref_retries,
+        )  # fmt: skip
         self.sync_catalog()
 
     @property
     def url(self) -> str:
         return self.objects.url
+
+    @property
+    def max_ref_retries(self) -> int:
+        """How many times a commit retries moving a ref while other writers keep moving it first."""
+        return self._writer.max_ref_retries
+
+    @max_ref_retries.setter
+    def max_ref_retries(self, value: int) -> None:
+        self._writer.max_ref_retries = value
 
     def __repr__(self) -> str:
         return f"<ckptstore.Store {self.url!r}>"
@@ -303,16 +109,14 @@ class Store:
     def flush(self) -> None:
         """Wait for the asynchronous commits made so far; raise the error of one that failed
         and whose future nobody looked at (so a failure is never silent)."""
-        self._commits.flush()
+        self._writer.flush()
 
     def close(self) -> None:
         """Wait for asynchronous commits to finish, then close the catalog. Raises the error
         of an asynchronous commit that failed unseen (see :meth:`flush`), after closing."""
         try:
-            self._commits.close()
-            self._commits.flush()
+            self._writer.close()
         finally:
-            self._staging_spare.clear()
             self.catalog.close()
 
     def __enter__(self) -> Store:
@@ -323,65 +127,20 @@ class Store:
 
     # -- objects -------------------------------------------------------------------------
 
-    def _put_object(self, kind: Kind, key: str, raw: bytes) -> bool:
-        return self.objects.put_if_absent(key, encode_object_bytes(kind, raw, compression_level=self.config.compression_level))
-
-    def _get_object(self, kind: Kind, key: str, object_id: str, max_raw_size: int) -> bytes | memoryview:
-        """Read an immutable object and check that its bytes hash to its id."""
-        try:
-            data = self.objects.get(key)
-        except ObjectNotFound:
-            raise IntegrityError(f"{kind.name.lower()} object is missing", key=key) from None
-        raw = decode_object(data, key=key, kind=kind, max_raw_size=max_raw_size)
-        if content_id(raw) != object_id:
-            raise IntegrityError(f"{kind.name.lower()} content does not match its id", key=key)
-        return raw
-
     def get_commit(self, commit_id: str) -> Commit:
         """The commit with this full id (from the catalog, else from the object store)."""
-        raw = self.catalog.commit_object(commit_id)
-        if isinstance(raw, bytes) and content_id(raw) == commit_id:  # the catalog is a cache: verify it
-            return decode_commit(commit_id, raw, key=commit_key(commit_id))
-        if raw is not None:
-            log.warning("the catalog's copy of commit %s is damaged; reading it from the store", commit_id)
-        commit, raw = self._read_commit_object(commit_id)
-        self._index_commit(commit, raw)
-        return commit
+        return self._reader.get_commit(commit_id)
 
     def read_commit(self, commit_id: str) -> Commit:
         """The commit with this full id, read from the object store and verified; the
         catalog is neither used nor changed."""
-        return self._read_commit_object(commit_id)[0]
-
-    def _read_commit_object(self, commit_id: str) -> tuple[Commit, bytes]:
-        key = commit_key(commit_id)
-        raw = bytes(self._get_object(Kind.COMMIT, key, commit_id, MAX_COMMIT_BYTES))
-        return decode_commit(commit_id, raw, key=key), raw
-
-    def _index_commit(self, commit: Commit, raw: bytes) -> None:
-        step = commit.metadata.get("step") if isinstance(commit.metadata, dict) else None
-        row = {
-            "id": commit.id,
-            "manifest": commit.manifest,
-            "message": commit.message,
-            "created_at": commit.created_at.timestamp(),
-            "branch": commit.branch,
-            "step": step if type(step) is int and abs(step) < 2**63 else None,
-            "logical_bytes": commit.stats.logical_bytes,
-            "new_bytes": commit.stats.new_bytes,
-            "object": raw,
-        }
-        self.catalog.add_commit(row, commit.parents, commit.metrics)
+        return self._reader.read_commit_object(commit_id)[0]
 
     def get_manifest(self, manifest_id: str, *, size_bytes: int | None = None) -> Manifest:
         """The manifest with this id, read and verified. ``size_bytes``: its raw size as
         its commit records it (``Commit.manifest_size_bytes``); an object declaring any
         other size is then refused before it is inflated."""
-        key = manifest_key(manifest_id)
-        raw = self._get_object(Kind.MANIFEST, key, manifest_id, MAX_MANIFEST_BYTES if size_bytes is None else size_bytes)
-        if size_bytes is not None and len(raw) != size_bytes:
-            raise IntegrityError(f"manifest is {len(raw)} bytes; its commit records {size_bytes}", key=key)
-        return Manifest.from_bytes(raw, key=key)
+        return self._reader.get_manifest(manifest_id, size_bytes=size_bytes)
 
     def manifest_of(self, commit: Commit) -> Manifest:
         """The manifest of ``commit``, read and verified (see :meth:`get_manifest`)."""
@@ -396,29 +155,7 @@ class Store:
         A damaged commit object or ref is logged and left out (reading it later raises
         :class:`IntegrityError`), so one bad object never makes a store unopenable.
         """
-        stored = {id_of(key) for key in self.objects.list(COMMITS_PREFIX)}
-        self._grafted = {id_of(key) for key in self.objects.list(SHALLOW_PREFIX)}
-        known = self.catalog.commit_ids()
-        for commit_id in sorted(stored - known):
-            if is_full_id(commit_id):
-                try:
-                    self.get_commit(commit_id)
-                except (IntegrityError, UnsupportedFormat) as exc:
-                    if not self.objects.exists(commit_key(commit_id)):
-                        continue  # collected since it was listed: no damage
-                    log.warning("skipping commit %s while indexing: %s", commit_id, exc)
-        self.catalog.remove_commits(known - stored)
-        for kind in RefKind:
-            refs = {}
-            for name in self.refs.names(kind):
-                try:
-                    target = self.refs.get(kind, name)
-                except (IntegrityError, UnsupportedFormat) as exc:
-                    log.warning("skipping %s %s while indexing: %s", kind.noun, name, exc)
-                    continue
-                if target is not None:
-                    refs[name] = target
-            self.catalog.replace_refs(kind.value, refs)
+        self._revisions.grafted = self._reader.sync_catalog(self.refs)
 
     # -- revisions -----------------------------------------------------------------------
 
@@ -428,68 +165,22 @@ class Store:
         follows the history as :meth:`log` shows it: where GC collected a first parent, the
         step goes to the nearest kept ancestor, so ``~N`` counts kept commits (see
         :meth:`collected_on_walk`)."""
-        return self._walk(rev)[0]
+        return self._revisions.walk(rev)[0]
 
     def collected_on_walk(self, rev: str) -> list[str]:
         """The first parents, collected by GC, that the ``~N``/``^`` steps of ``rev`` went
         across (each step then went to the nearest kept ancestor); empty if none."""
-        return self._walk(rev)[1]
-
-    def _walk(self, rev: str) -> tuple[str, list[str]]:
-        revision = parse_revision(rev)
-        commit_id = self._resolve_base(revision.base, rev)
-        crossed: list[str] = []
-        for step in range(revision.ancestors):
-            commit = self.get_commit(commit_id)
-            parents = self.parents_of(commit)
-            if commit.parents and (not parents or parents[0] != commit.parents[0]):
-                crossed.append(commit.parents[0])
-            if not parents:
-                raise UnknownRef(rev, suggestions=[f"{revision.base}~{step}"] if step else [])
-            commit_id = parents[0]
-        return commit_id, crossed
+        return self._revisions.walk(rev)[1]
 
     def collected_parents(self, commit: Commit) -> list[str]:
         """The parents of ``commit`` that no longer exist (GC collected them; history goes on
         at :meth:`parents_of`)."""
-        return [p for p in commit.parents if not self._has_commit(p)]
-
-    def _resolve_base(self, base: str, rev: str) -> str:
-        if is_full_id(base):
-            if self.catalog.commit_object(base) is None and not self.objects.exists(commit_key(base)):
-                raise UnknownRef(rev)
-            return base
-        candidates = {}
-        for kind in RefKind:
-            try:
-                target = self.refs.get(kind, base)
-            except InvalidRefName:
-                target = None
-            if target is not None:
-                candidates[kind] = target
-        if len(candidates) == 2 and len(set(candidates.values())) == 2:
-            raise AmbiguousRef(rev, [f"branch {base}", f"tag {base}"])
-        if candidates:
-            return next(iter(candidates.values()))
-        if is_id_prefix(base):
-            matches = self.catalog.ids_with_prefix(base)
-            if not matches:
-                self.sync_catalog()
-                matches = self.catalog.ids_with_prefix(base)
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                raise AmbiguousRef(rev, matches)
-        names = list(self.catalog.refs(RefKind.BRANCH.value)) + list(self.catalog.refs(RefKind.TAG.value))
-        raise UnknownRef(rev, suggestions=difflib.get_close_matches(base, names, n=3, cutoff=0.6))
+        return self._revisions.collected_parents(commit)
 
     def parents_of(self, commit: Commit) -> list[str]:
         """The parents history follows from ``commit``: its own, or where GC removed some,
         the nearest kept ancestors it recorded (empty where the history ends)."""
-        return effective_parents(self.objects, commit, exists=self._has_commit, grafted=self._grafted.__contains__)
-
-    def _has_commit(self, commit_id: str) -> bool:
-        return self.catalog.commit_object(commit_id) is not None or self.objects.exists(commit_key(commit_id))
+        return self._revisions.parents_of(commit)
 
     def commit_of(self, rev: str) -> Commit:
         """The :class:`Commit` a revision names."""
@@ -549,37 +240,7 @@ class Store:
             message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
             best_metric=best_metric, greater_is_better=greater_is_better,
         )  # fmt: skip
-
-        def finish(manifest: Manifest, sources: dict) -> Commit:
-            for attempt in range(WRITER_ATTEMPTS):
-                with writing(self.objects) as marker:  # a collector deletes nothing until the branch has moved
-                    head = self.refs.get(RefKind.BRANCH, branch or self.config.default_branch)
-                    written = self.write_chunks(manifest, sources, progress=progress, parent=head, delta=delta, compression=compression)
-                    try:
-                        return publish(manifest, written, fence=marker.check)
-                    except WriterExpired as exc:  # a collector may have judged this writer dead
-                        if attempt + 1 == WRITER_ATTEMPTS:
-                            raise
-                        log.warning("%s; writing the commit again", exc)
-            raise AssertionError("unreachable")
-
-        with self._commits.lock:  # commits land in call order: after the asynchronous ones before
-            self._commits.wait()  # (and at most one snapshot is held in memory)
-            manifest, sources = encode_state(state, inline_threshold_bytes=self.config.inline_threshold_bytes)
-            if blocking:
-                return finish(manifest, sources)
-            spare, self._staging_spare = self._staging_spare, {}
-            staged = {index: source.staged(spare) for index, source in sources.items()}
-            copies = [staged[i].owner for i in staged if staged[i] is not sources[i]]
-
-            def finish_and_recycle() -> Commit:
-                try:
-                    return finish(manifest, staged)
-                finally:  # the next snapshot of the same shapes reuses these (already paged in)
-                    for buffer in copies:
-                        self._staging_spare.setdefault(buffer.numel(), []).append(buffer)
-
-            return self._commits.submit(finish_and_recycle)
+        return self._writer.commit(state, publish, branch=branch, progress=progress, blocking=blocking, delta=delta, compression=compression)
 
     def write_chunks(
         self,
@@ -608,42 +269,7 @@ class Store:
         write (it measures both as it goes: see :class:`~ckptstore.balance.EncodingBalance`),
         writing the others raw; "never" writes every chunk raw and whole. Only the stored
         bytes depend on it, never the ids."""
-        check_delta_mode(delta)
-        check_compression_mode(compression)
-        return self.pipeline.write_blobs(
-            manifest,
-            sources,
-            chunk_size_bytes=self.config.chunk_size_bytes,
-            compression_level=self.config.compression_level,
-            parent_chunks=self._parent_chunks(manifest, parent, parent_key_path=parent_key_path) if parent else None,
-            delta=delta or self.config.delta,  # type: ignore[arg-type]
-            max_delta_chain=max(0, self.config.delta_keyframe_interval - 1),
-            compression=compression or self.config.compression,  # type: ignore[arg-type]
-            progress=progress,
-        )
-
-    def _parent_chunks(self, manifest: Manifest, parent: str, *, parent_key_path: Callable[[str], str | None] | None = None) -> dict[int, list[ChunkRef]]:
-        """Blob index → the chunks of the same tensor (key path, dtype, shape, layout) in the
-        commit ``parent``, for blobs whose parent holds all its components. ``parent``'s key
-        paths are mapped by ``parent_key_path`` first (see :meth:`write_chunks`)."""
-        try:
-            commit = self.get_commit(parent)
-            old = self.manifest_of(commit)
-            dropped = dropped_components(self.objects, commit.id)
-        except CkptStoreError as exc:  # no bases then: the commit itself must not fail
-            log.warning("commit %s cannot serve as a delta base: %s", parent, exc)
-            return {}
-        kept = [e for e in old.tensors if not any(path_under(e.path, d) for d in dropped)]
-        by_path = {path: e for e in kept if (path := e.path if parent_key_path is None else parent_key_path(e.path)) is not None}
-        out: dict[int, list[ChunkRef]] = {}
-        for entry in manifest.tensors:
-            match = by_path.get(entry.path)
-            if entry.blob in out or match is None or old.blobs[match.blob].inline is not None:
-                continue
-            same = (match.dtype, match.shape, match.stride, match.offset, match.kind) == (entry.dtype, entry.shape, entry.stride, entry.offset, entry.kind)
-            if same and old.blobs[match.blob].size == manifest.blobs[entry.blob].size:
-                out[entry.blob] = old.blobs[match.blob].chunks
-        return out
+        return self._writer.write_chunks(manifest, sources, progress=progress, parent=parent, delta=delta, parent_key_path=parent_key_path, compression=compression)
 
     def publisher(
         self,
@@ -660,129 +286,15 @@ class Store:
         that publishes a manifest whose chunks are stored: manifest → commit object → branch
         ref (the commit point) → ``latest``, ``tags``, ``best``. :meth:`commit` and the
         multi-process writers of :mod:`ckptstore.distributed` use it."""
-        branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
-        tags = [self._check_tag_name(t) for t in tags]
-        self._check_namespace(RefKind.BRANCH, [branch])
-        self._check_namespace(RefKind.TAG, tags)
-        if not isinstance(message, str) or not _is_utf8(message):
-            raise UnsupportedValue("message", "commit message must be a str of valid UTF-8 (no lone surrogates)")
-        metrics_f = check_metrics(dict(metrics or {}))
-        packed = pack_value(dict(metadata or {}), path="metadata")  # refuse bad metadata before anything is written
-        metadata = unpack_value(packed, key="metadata")  # a deep copy: later changes by the caller do not count
-        size = len(packed) + len(message.encode("utf-8", "surrogatepass")) + len(msgpack.packb(metrics_f)) + COMMIT_OVERHEAD_BYTES
-        if size > MAX_COMMIT_BYTES:
-            raise UnsupportedValue("metadata", commit_too_large(size))
-
-        def publish(manifest: Manifest, written: WriteResult, *, fence: Callable[[], None] | None = None) -> Commit:
-            commit = self._write_commit(manifest, written, branch=branch, message=message, metadata=metadata, metrics=metrics_f, fence=fence)
-            # The commit has landed: a tag that cannot be moved now is a warning, not an error
-            # (a caller told it failed would commit again).
-            moves = [(LATEST, lambda: self._advance_tag(LATEST, commit, newer=lambda current: False))]
-            moves += [(tag, lambda tag=tag: self._advance_tag(tag, commit, newer=lambda current: False)) for tag in tags]
-            moves.append((BEST, lambda: self._maybe_move_best(commit, best_metric, greater_is_better)))
-            for name, move in moves:
-                try:
-                    move()
-                except CkptStoreError as exc:
-                    log.warning("commit %s landed on branch %s, but tag %s could not be moved: %s", commit.short_id, branch, name, exc)
-            return commit
-
-        return publish
-
-    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict, metrics: dict[str, float], fence: Callable[[], None] | None = None) -> Commit:
-        """Manifest → commit object → branch ref, for chunks already stored."""
-        manifest_raw = manifest.to_bytes()
-        manifest_id = content_id(manifest_raw)
-        manifest_is_new = self._put_object(Kind.MANIFEST, manifest_key(manifest_id), manifest_raw)
-        # A manifest already stored also carries the inline tensors and the tree already.
-        in_manifest = manifest.logical_bytes - sum(b.size for b in manifest.blobs if b.inline is None)
-        manifest_stored = self.objects.size(manifest_key(manifest_id)) if manifest_is_new else 0
-        # A new manifest's inline tensors are tensor data (at most what it takes stored); the rest of it is metadata.
-        inline_stored = min(sum(b.size for b in manifest.blobs if b.inline is not None), manifest_stored)
-        stats = CommitStats(
-            logical_bytes=manifest.logical_bytes,
-            new_bytes=written.new_bytes + manifest_stored,
-            new_chunks=written.new_chunks,
-            reused_chunks=written.reused_chunks,
-            reused_bytes=written.reused_bytes + (0 if manifest_is_new else in_manifest),
-            delta_chunks=written.delta_chunks,
-            new_metadata_bytes=written.new_frame_bytes + manifest_stored - inline_stored,
-        )
-        return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats, fence=fence)
-
-    def _check_namespace(self, kind: RefKind, names: Iterable[str]) -> None:
-        """Branches and tags share one namespace: refuse a name the other kind holds."""
-        other = RefKind.TAG if kind is RefKind.BRANCH else RefKind.BRANCH
-        for name in names:
-            if (other is RefKind.TAG and name in RESERVED_TAGS) or self.refs.get(other, name) is not None:
-                raise InvalidRefName(f"{name!r} is a {other.noun}; branches and tags share one namespace")
-
-    def _check_tag_name(self, name: str, *, existing: bool = False) -> str:
-        check_ref_name(name, kind=RefKind.TAG, existing=existing)
-        if name in RESERVED_TAGS:
-            rule = "the store moves it itself; it cannot be set or deleted by hand"
-            raise InvalidRefName(f"tag {name!r} is managed by the store: {rule}", name=name, rule=rule)
-        return name
-
-    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
-        """Commit object → branch ref (the commit point), re-parented onto a head another
-        writer set meanwhile. ``fence`` runs right before each ref update (a writer checks
-        that its marker is still honoured)."""
-        for attempt in range(self.max_ref_retries):
-            head = self.refs.get(RefKind.BRANCH, branch)
-            commit_id, raw = encode_commit(
-                manifest=manifest_id, manifest_size_bytes=manifest_size_bytes, parents=(head,) if head else (), message=message,
-                created_at=datetime.now(timezone.utc), branch=branch, metadata=metadata,
-                metrics=metrics, stats=stats,
-            )  # fmt: skip
-            self._put_object(Kind.COMMIT, commit_key(commit_id), raw)
-            if fence is not None:
-                fence()
-            try:
-                self.refs.set_ref_if_equals(RefKind.BRANCH, branch, commit_id, expected=head)
-            except RefConflict:
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                continue
-            commit = decode_commit(commit_id, raw, key=commit_key(commit_id))
-            self._index_commit(commit, raw)
-            self.catalog.set_ref(RefKind.BRANCH.value, branch, commit_id)
-            return commit
-        raise RefConflict(branch, expected=head, actual=self.refs.get(RefKind.BRANCH, branch))
-
-    def _maybe_move_best(self, commit: Commit, best_metric: str | None, greater_is_better: bool | None) -> None:
-        metric = best_metric or self.config.best_metric
-        value = commit.metrics.get(metric)
-        if value is None or math.isnan(value):
-            return
-        if greater_is_better is None:
-            greater_is_better = self.config.greater_is_better
-        greater_is_better = greater_is_better_for(metric, greater_is_better)
-
-        def at_least_as_good(current: Commit) -> bool:
-            best = current.metrics.get(metric)
-            if best is None or math.isnan(best):
-                return False
-            return best >= value if greater_is_better else best <= value
-
-        self._advance_tag(BEST, commit, newer=at_least_as_good)
+        return self._writer.publisher(
+            message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
+            best_metric=best_metric, greater_is_better=greater_is_better,
+        )  # fmt: skip
 
     def _advance_tag(self, name: str, commit: Commit, *, newer: Callable[[Commit], bool]) -> None:
-        """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (for
-        ``best``: at least as good; ``latest`` and ``tags=`` always move). Compare-and-swap, retried,
-        so concurrent writers leave the tag on the right commit."""
-        current = None
-        for attempt in range(self.max_ref_retries):
-            current = self.refs.get(RefKind.TAG, name)
-            if current is not None and newer(self.get_commit(current)):
-                return
-            try:
-                self.refs.set_ref_if_equals(RefKind.TAG, name, commit.id, expected=current)
-            except RefConflict:
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                continue
-            self.catalog.set_ref(RefKind.TAG.value, name, commit.id)
-            return
-        raise RefConflict(name, expected=current, actual=self.refs.get(RefKind.TAG, name))
+        """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (see
+        :meth:`CommitWriter.advance_tag`)."""
+        self._writer.advance_tag(name, commit, newer=newer)
 
     # -- checkout --------------------------------------------------------------------------
 
@@ -804,41 +316,7 @@ class Store:
         glob. Only the chunks of the selected tensors are read. Asking for components that a
         demoted commit no longer holds raises :class:`ComponentsUnavailable`.
         """
-        commit = self.commit_of(rev)
-        selection = KeySelection.of(include, exclude)
-        key = manifest_key(commit.manifest)
-        manifest = self.manifest_of(commit)
-        dropped = dropped_components(self.objects, commit.id)
-        # A tensor held at several key paths is wanted if any of them is selected.
-        selected = [[p for p in paths if selection.selected(p)] for paths in manifest.key_paths]
-        lost = sorted({d for d in dropped for paths in selected for p in paths if path_under(p, d)})
-        if lost:
-            raise ComponentsUnavailable(commit.id, dropped=lost)
-        if selection.include is not None:
-            shape = unpack_value(manifest.tree, key=key, tensors=[None] * len(manifest.tensors))
-            missing = selection.unmatched(tree_key_paths(shape))
-            if missing:
-                available = sorted(map(key_segment, shape)) if isinstance(shape, dict) else []
-                raise ComponentsUnavailable(commit.id, missing=missing, available=available)
-        blob_indices = sorted({e.blob for e, paths in zip(manifest.tensors, selected) if paths})
-        buffers = self.pipeline.read_blobs(manifest, blob_indices, manifest_key=key, progress=progress)
-        import torch
-
-        device = torch.device(map_location) if map_location is not None else None
-        tensors: list[Any] = []
-        moved: dict[int, torch.Tensor] = {}
-        for entry, paths in zip(manifest.tensors, selected):
-            if entry.blob not in buffers or not paths:
-                tensors.append(None)
-                continue
-            buffer = buffers[entry.blob]
-            if device is not None and device.type != "cpu" and entry.kind is not TensorKind.NDARRAY:
-                if entry.blob not in moved:
-                    moved[entry.blob] = buffer.to(device)
-                buffer = moved[entry.blob]
-            tensors.append(build_tensor(entry, buffer))
-        state = unpack_value(manifest.tree, key=key, tensors=tensors)
-        return state if selection.everything else selection.prune(state)
+        return self._reader.checkout(self.commit_of(rev), include=include, exclude=exclude, map_location=map_location, progress=progress)
 
     def restore(self, rev: str, targets: Mapping[str, Any], *, map_location: str | torch.device | None = None) -> Any:
         """Load each component of ``rev`` into ``targets[name]`` in place with its
@@ -863,26 +341,20 @@ class Store:
 
     def branches(self) -> dict[str, str]:
         """Every branch: name → head commit id."""
-        out = self.refs.list(RefKind.BRANCH)
-        self.catalog.replace_refs(RefKind.BRANCH.value, out)
-        return out
+        return self._branching.listed(RefKind.BRANCH)
 
     def tags(self) -> dict[str, str]:
         """Every tag (``latest`` and ``best`` included): name → commit id."""
-        out = self.refs.list(RefKind.TAG)
-        self.catalog.replace_refs(RefKind.TAG.value, out)
-        return out
+        return self._branching.listed(RefKind.TAG)
 
     def branch(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create branch ``name`` at revision ``at`` (zero-copy: only a ref is written). An
         existing branch is an error unless ``force``, which moves it."""
-        check_ref_name(name, kind=RefKind.BRANCH)
-        return self._set_ref(RefKind.BRANCH, name, at=at, force=force)
+        return self._branching.create(RefKind.BRANCH, name, at=at, force=force)
 
     def tag(self, name: str, *, at: str = LATEST, force: bool = False) -> Commit:
         """Create tag ``name`` at revision ``at``; ``force`` moves an existing tag."""
-        self._check_tag_name(name)
-        return self._set_ref(RefKind.TAG, name, at=at, force=force)
+        return self._branching.create(RefKind.TAG, name, at=at, force=force)
 
     def delete_branch(self, name: str, *, force: bool = False) -> str:
         """Delete branch ``name`` and return the commit id it pointed at (its commits stay
@@ -890,83 +362,18 @@ class Store:
         refuses with :class:`ProtectedBranch`, deleting nothing, the default branch and a
         branch whose head no other branch or tag reaches (``latest`` and ``best`` do not
         count: the store moves them). A concurrent move of the branch raises :class:`RefConflict`."""
-        head = self._ref_to_delete(RefKind.BRANCH, name)
-        if not force:
-            default = name == self.config.default_branch
-            lost = self._reached_only_by(head, [c for n, c in self.branches().items() if n != name] + [c for n, c in self.tags().items() if n not in RESERVED_TAGS])
-            if default or lost:
-                raise ProtectedBranch(name, head, default=default, lost_commits=lost, force=option("force", flag="-D"))
-        self._delete_ref(RefKind.BRANCH, name, expected=head)
-        return head
-
-    def _reached_only_by(self, head: str, others: Iterable[str]) -> int:
-        """How many commits ``head`` reaches (along every parent, across what GC removed) that
-        none of ``others`` does."""
-        def walk(starts: Iterable[str], stop: set[str]) -> set[str]:
-            seen: set[str] = set()
-            todo = [c for c in starts if c not in stop]
-            while todo:
-                commit_id = todo.pop()
-                if commit_id not in seen:
-                    seen.add(commit_id)
-                    todo += [p for p in self.parents_of(self.get_commit(commit_id)) if p not in stop]
-            return seen
-
-        others = set(others)
-        return 0 if head in others else len(walk([head], walk(others, set())))
+        return self._branching.delete_branch(name, force=force)
 
     def rename_branch(self, old: str, new: str) -> Commit:
         """Rename branch ``old`` to ``new`` (create ``new`` at its head, then delete ``old`` if
         it still points there; a concurrent move of ``old`` raises :class:`RefConflict` and
         leaves both)."""
-        head = self.refs.get(RefKind.BRANCH, check_ref_name(old, kind=RefKind.BRANCH, existing=True))
-        if head is None:
-            raise UnknownRef(old, suggestions=difflib.get_close_matches(old, self.refs.names(RefKind.BRANCH), n=3))
-        commit = self.branch(new, at=head)
-        self.refs.delete_ref_if_equals(RefKind.BRANCH, old, expected=head)
-        self.catalog.set_ref(RefKind.BRANCH.value, old, None)
-        if self.config.default_branch == old:
-            log.warning("renamed the default branch %r; commits that name no branch will recreate it", old)
-        return commit
+        return self._branching.rename_branch(old, new)
 
     def delete_tag(self, name: str) -> str:
         """Delete tag ``name`` and return the commit id it pointed at. A concurrent move of
         the tag raises :class:`RefConflict`."""
-        self._check_tag_name(name, existing=True)
-        target = self._ref_to_delete(RefKind.TAG, name)
-        self._delete_ref(RefKind.TAG, name, expected=target)
-        return target
-
-    def _set_ref(self, kind: RefKind, name: str, *, at: str, force: bool) -> Commit:
-        """Create (or with ``force`` move) a ref by compare-and-swap; a concurrent change
-        raises :class:`RefConflict`."""
-        self._check_namespace(kind, [name])
-        with writing(self.objects) as marker:  # a collector must not delete the commit as it gains a ref
-            target = self.resolve(at)
-            commit = self.read_commit(target)  # it must still be in the store
-            current = self.refs.get(kind, name)
-            if current is not None and not force:
-                raise RefExists.saying(f"{kind.noun} {name!r} already exists (at {current[:12]}); use ", option("force"), " to move it")
-            marker.check()  # still honoured: the commit read above is still there
-            self.refs.set_ref_if_equals(kind, name, target, expected=current)
-        self.catalog.set_ref(kind.value, name, target)
-        return commit
-
-    def _ref_to_delete(self, kind: RefKind, name: str) -> str:
-        """The commit id ref ``name`` holds; :class:`WrongRefKind` if it is a ref of the other
-        kind, :class:`UnknownRef` if neither."""
-        current = self.refs.get(kind, check_ref_name(name, kind=kind, existing=True))
-        if current is not None:
-            return current
-        other = RefKind.TAG if kind is RefKind.BRANCH else RefKind.BRANCH
-        if self.refs.get(other, name) is not None:
-            how = Said(f"delete_{other.noun}({name!r})", f"ckpt {other.noun} -d {name}")
-            raise WrongRefKind(name, asked=kind.noun, found=other.noun, hint=["delete it with ", how])
-        raise UnknownRef(name, suggestions=difflib.get_close_matches(name, self.refs.names(kind), n=3))
-
-    def _delete_ref(self, kind: RefKind, name: str, *, expected: str) -> None:
-        self.refs.delete_ref_if_equals(kind, name, expected=expected)
-        self.catalog.set_ref(kind.value, name, None)
+        return self._branching.delete_tag(name)
 
     # -- history -------------------------------------------------------------------------
 
@@ -974,18 +381,7 @@ class Store:
         """Commits reachable from ``rev`` (default: the default branch) along first parents,
         newest first. Where GC removed commits, the log goes on at the nearest kept ancestor
         (and ends where none is left)."""
-        commit_id: str | None = self.resolve(rev or self.config.default_branch)
-        out: list[Commit] = []
-        seen: set[str] = set()
-        while commit_id is not None and (limit is None or len(out) < limit):
-            if commit_id in seen:
-                raise IntegrityError(f"history loops back to commit {commit_id}", key=commit_key(commit_id))
-            seen.add(commit_id)
-            commit = self.get_commit(commit_id)
-            out.append(commit)
-            parents = self.parents_of(commit)  # across what GC removed, or the end of history
-            commit_id = parents[0] if parents else None
-        return out
+        return self._revisions.first_parents(self.resolve(rev or self.config.default_branch), limit=limit)
 
     def diff(self, a: str, b: str, *, values: bool = False) -> Diff:
         """Tensors added, removed and changed from revision ``a`` to ``b``, by key path (a
@@ -996,48 +392,7 @@ class Store:
         changed tensor of the same dtype and shape is read (one pair at a time) for its
         largest absolute and its relative change."""
         ca, cb = self.commit_of(a), self.commit_of(b)
-        ma, mb = self.manifest_of(ca), self.manifest_of(cb)
-        ta, tb = _fingerprints(ma), _fingerprints(mb)
-        result = Diff(ca.id, cb.id)
-        for path, (entry, fp) in tb.items():
-            if path not in ta:
-                result.added.append(_change(path, None, entry))
-            elif ta[path][1] != fp and not self._same_values(ma, ta[path][0], ca.manifest, mb, entry, cb.manifest):
-                result.changed.append(_change(path, ta[path][0], entry))
-            else:
-                object.__setattr__(result, "unchanged", result.unchanged + 1)
-        for path, (entry, _) in ta.items():
-            if path not in tb:
-                result.removed.append(_change(path, entry, None))
-        values_a = unpack_value(ma.tree, key=manifest_key(ca.manifest), tensors=[_TENSOR] * len(ma.tensors))
-        values_b = unpack_value(mb.tree, key=manifest_key(cb.manifest), tensors=[_TENSOR] * len(mb.tensors))
-        object.__setattr__(result, "values_changed", _values_differ(values_a, values_b))
-        if values:
-            for i, change in enumerate(result.changed):
-                if change.dtype[0] == change.dtype[1] and change.shape[0] == change.shape[1]:
-                    old = self._read_tensor(ma, ta[change.path][0], ca.manifest)
-                    new = self._read_tensor(mb, tb[change.path][0], cb.manifest)
-                    result.changed[i] = _with_change_stats(change, old, new)
-        return result
-
-    def _same_values(self, ma: Manifest, ea: TensorEntry, ida: str, mb: Manifest, eb: TensorEntry, idb: str) -> bool:
-        """Whether two tensors of different fingerprints hold the same bytes: read only where
-        a fingerprint may differ for another reason than the values (a layout that differs, or
-        a view of a storage that may have changed elsewhere)."""
-        import numpy as np
-        import torch
-        if (ea.dtype, ea.shape, ea.kind) != (eb.dtype, eb.shape, eb.kind):
-            return False
-        whole = lambda e, m: e.stride is None and e.offset == 0 and m.blobs[e.blob].size == e.nbytes  # noqa: E731
-        if whole(ea, ma) and whole(eb, mb):
-            return False  # each is its blob's only bytes: a different fingerprint is a change
-        old, new = self._read_tensor(ma, ea, ida), self._read_tensor(mb, eb, idb)
-        as_bytes = lambda t: t.reshape(-1).view(np.uint8) if isinstance(t, np.ndarray) else t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
-        return bool((as_bytes(old) == as_bytes(new)).all()) if isinstance(old, np.ndarray) else torch.equal(as_bytes(old), as_bytes(new))
-
-    def _read_tensor(self, manifest: Manifest, entry: TensorEntry, manifest_id: str) -> Any:
-        buffers = self.pipeline.read_blobs(manifest, [entry.blob], manifest_key=manifest_key(manifest_id))
-        return build_tensor(entry, buffers[entry.blob])
+        return diff_commits(ca, self.manifest_of(ca), cb, self.manifest_of(cb), pipeline=self.pipeline, values=values)
 
     def dropped_components(self, rev: str) -> tuple[str, ...]:
         """The key-path prefixes GC dropped from a demoted commit (empty if it is whole)."""
@@ -1289,77 +644,6 @@ class Store:
         )  # fmt: skip
 
 
-def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
-    """Key path (every path a tensor is held at) → (entry, a hash of its dtype, geometry
-    and the bytes of its blob)."""
-    blob_ids = []
-    for blob in manifest.blobs:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(blob.inline if blob.inline is not None else b"".join(c.id.encode() for c in blob.chunks))
-        blob_ids.append(h.hexdigest())
-    return {
-        path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}")
-        for e, paths in zip(manifest.tensors, manifest.key_paths)
-        for path in paths
-    }
-
-
-def _with_change_stats(change: TensorChange, old: Any, new: Any) -> TensorChange:
-    import torch
-    if not isinstance(old, torch.Tensor):
-        old, new = torch.from_numpy(old), torch.from_numpy(new)
-    if old.is_complex() or old.dtype == torch.bool or not old.numel():
-        return change
-    delta = new.double() - old.double()
-    norm = float(torch.linalg.vector_norm(old.double()))
-    change_norm = float(torch.linalg.vector_norm(delta))
-    return TensorChange(
-        change.path, change.dtype, change.shape, change.nbytes,
-        max_abs_change=float(delta.abs().max()),
-        relative_change=change_norm / norm if norm else (0.0 if change_norm == 0 else math.inf),
-    )  # fmt: skip
-
-
-def _change(path: str, a: TensorEntry | None, b: TensorEntry | None) -> TensorChange:
-    return TensorChange(
-        path=path,
-        dtype=(a.dtype if a else None, b.dtype if b else None),
-        shape=(a.shape if a else None, b.shape if b else None),
-        nbytes=(a.nbytes if a else 0, b.nbytes if b else 0),
-    )
-
-
-_TENSOR = object()  # stands for a tensor in trees compared by _values_differ
-
-
-def _values_differ(a: Any, b: Any) -> bool:
-    """Whether the non-tensor values of two decoded trees differ (tensors, compared
-    separately, are ``_TENSOR`` and ignored; dict order is not a difference). NaN-aware."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        a = {k: v for k, v in a.items() if v is not _TENSOR}
-        b = {k: v for k, v in b.items() if v is not _TENSOR}
-    if type(a) is not type(b):
-        return True
-    if isinstance(a, dict):
-        return a.keys() != b.keys() or any(_values_differ(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) != len(b) or any(_values_differ(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and a != a and b != b:
-        return False
-    try:
-        return bool(a != b)
-    except (TypeError, ValueError):
-        return repr(a) != repr(b)
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def open_store(
     url: str = "ckpts",
     *,
@@ -1407,46 +691,14 @@ def open_store(
     other, changing nothing in it (a local one's catalog is served from a read-only copy in
     memory); every write to it raises :class:`ReadOnlyStore`.
     """
-    overrides: dict[str, Any] = {
-        k: v
-        for k, v in {
-            "chunk_size_bytes": chunk_size_bytes,
-            "inline_threshold_bytes": inline_threshold_bytes,
-            "compression": compression,
-            "delta": delta,
-            "delta_keyframe_interval": delta_keyframe_interval,
-            "default_branch": default_branch,
-            "best_metric": best_metric,
-            "greater_is_better": greater_is_better,
-        }.items()
-        if v is not None
-    }
-    if compression_level is not ...:
-        overrides["compression_level"] = compression_level
-    if "chunk_size_bytes" in overrides and overrides["chunk_size_bytes"] < 1:
-        raise InvalidOption("chunk_size_bytes", f"must be positive, not {overrides['chunk_size_bytes']!r}")
-    check_delta_mode(delta)
-    check_compression_mode(compression)
-    if delta_keyframe_interval is not None and not 1 <= delta_keyframe_interval <= MAX_DELTA_CHAIN + 1:
-        raise InvalidOption("delta_keyframe_interval", f"must be between 1 and {MAX_DELTA_CHAIN + 1}, not {delta_keyframe_interval!r}")
-    if "default_branch" in overrides:
-        check_ref_name(overrides["default_branch"], kind=RefKind.BRANCH)
+    overrides = checked_overrides({
+        "chunk_size_bytes": chunk_size_bytes, "inline_threshold_bytes": inline_threshold_bytes, "compression_level": compression_level,
+        "compression": compression, "delta": delta, "delta_keyframe_interval": delta_keyframe_interval,
+        "default_branch": default_branch, "best_metric": best_metric, "greater_is_better": greater_is_better,
+    })  # fmt: skip
     objects = open_object_store(url, storage_options=storage_options, create=create)  # after the checks: a bad option creates nothing
-    if single_writer is None:
-        single_writer = os.environ.get("CKPTSTORE_SINGLE_WRITER", "").lower() in ("1", "true", "yes")
-    if not single_writer:
-        _check_conditional_writes(objects, cache_dir or _cache_dir())
-    config = _load_or_create_config(objects, overrides, create=create)
-    config = StoreConfig(**{**config.__dict__, **overrides})
-    catalog_read_only = False
-    if objects.is_ephemeral:
-        catalog_path = None
-    elif objects.local_root is not None:
-        catalog_path = os.path.join(objects.local_root, ".catalog", "catalog.sqlite")
-        catalog_read_only = not objects.writable()  # a read-only mount: its catalog is only read
-    else:
-        digest = hashlib.sha256(objects.url.encode()).hexdigest()[:24]
-        catalog_path = os.path.join(cache_dir or _cache_dir(), digest, "catalog.sqlite")
+    config = session_config(objects, overrides, create=create, single_writer=single_writer, cache_dir=cache_dir)
+    catalog_path, catalog_read_only = catalog_location(objects, cache_dir=cache_dir)
     return Store(
         objects,
         config=config,
@@ -1457,51 +709,3 @@ def open_store(
         delta_base_cache_bytes=delta_base_cache_bytes,
     )
 
-
-#: How long a passed check of an endpoint's conditional writes is trusted.
-CONDITIONAL_WRITES_CHECK_TTL_S = 86400.0
-_CONDITIONAL_WRITES_OK: set[str] = set()
-
-
-def _check_conditional_writes(objects: ObjectStore, cache_dir: str) -> None:
-    """Check, once per endpoint (remembered in this process and, for a day, in
-    ``cache_dir``), that the store's backend honours conditional writes."""
-    check = getattr(objects, "check_conditional_writes", None)
-    endpoint = getattr(objects, "endpoint", None)
-    if check is None or endpoint is None or endpoint in _CONDITIONAL_WRITES_OK:
-        return
-    stamp = os.path.join(cache_dir, "endpoints", hashlib.sha256(endpoint.encode()).hexdigest()[:24])
-    try:
-        if time.time() - os.path.getmtime(stamp) < CONDITIONAL_WRITES_CHECK_TTL_S:
-            _CONDITIONAL_WRITES_OK.add(endpoint)
-            return
-    except OSError:
-        pass
-    try:
-        check()
-    except ReadOnlyStore as exc:  # credentials that may only read: no writer to guard (the probe changed nothing)
-        log.debug("not checking the conditional writes of %s: %s", endpoint, exc)
-        return
-    _CONDITIONAL_WRITES_OK.add(endpoint)
-    try:
-        os.makedirs(os.path.dirname(stamp), exist_ok=True)
-        with open(stamp, "w", encoding="utf-8") as f:
-            f.write(f"{endpoint}: conditional writes honoured\n")
-    except OSError as exc:  # a cache: the check is simply made again next time
-        log.debug("could not remember the conditional-write check of %s: %s", endpoint, exc)
-
-
-def _load_or_create_config(objects: ObjectStore, settings: dict[str, Any], *, create: bool) -> StoreConfig:
-    for _ in range(2):
-        try:
-            data = objects.get(CONFIG_KEY)
-        except ObjectNotFound:
-            if not create:
-                raise StoreNotFound(f"no ckptstore store at {objects.url}") from None
-            fresh = StoreConfig(**settings)
-            if objects.put_if_absent(CONFIG_KEY, encode_object_bytes(Kind.CONFIG, fresh.to_bytes(), compression_level=None)):
-                log.info("created a new store at %s", objects.url)  # never silently: a typo'd URL starts afresh
-            objects.reserve_space()  # so that gc can run on a disk that fills up
-            continue
-        return StoreConfig.from_bytes(decode_object(data, key=CONFIG_KEY, kind=Kind.CONFIG, max_raw_size=1 << 20))
-    raise IntegrityError("store config could not be read after creating it", key=CONFIG_KEY)

@@ -18,7 +18,8 @@ from ckptstore.codec import HEADER_SIZE, Codec, Kind, encode_object_bytes, read_
 from ckptstore.errors import InvalidOption
 from ckptstore.ids import content_id
 from ckptstore.balance import EncodingBalance
-from ckptstore.store import CONFIG_KEY, StoreConfig
+from ckptstore.config import StoreConfig
+from ckptstore.layout import CONFIG_KEY
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from sink_limited import cap_writes  # noqa: E402  (the bench's bandwidth-limited sink)

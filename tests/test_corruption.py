@@ -47,7 +47,7 @@ from soak import SOAK
 from states import assert_same
 
 import ckptstore
-import ckptstore.store
+import ckptstore.writer
 from ckptstore.codec import Kind, decode_object
 from ckptstore.errors import CkptStoreError
 from ckptstore.layout import chunk_key as _chunk_key
@@ -138,7 +138,7 @@ class _Clock(datetime):
 def _build_template(root: Path) -> Template:
     with pytest.MonkeyPatch.context() as mp:
         _Clock.at = datetime(2024, 6, 1, tzinfo=timezone.utc)
-        mp.setattr(ckptstore.store, "datetime", _Clock, raising=False)
+        mp.setattr(ckptstore.writer, "datetime", _Clock, raising=False)
         return _build_template_now(root)
 
 

@@ -352,14 +352,14 @@ def test_an_endpoint_without_conditional_writes_is_refused(s3_url, s3_server, tm
 def test_the_conditional_write_check_is_made_once_per_endpoint(s3_url, s3_server, tmp_path, monkeypatch):
     url, options = s3_url
     monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "cache"))
-    from ckptstore import store as store_module
+    from ckptstore import config as config_module
 
-    monkeypatch.setattr(store_module, "_CONDITIONAL_WRITES_OK", set())
+    monkeypatch.setattr(config_module, "_CONDITIONAL_WRITES_OK", set())
     with S3FaultProxy(s3_server) as proxy:
         probes = proxy.add_rule(matches("PUT", path_contains="/locks/probe-"), "none", count=1000)
         ckptstore.open(url, storage_options=proxy.storage_options(options))
         assert len(probes.hits) == 3  # create, create again (refused), update with a wrong ETag
-        store_module._CONDITIONAL_WRITES_OK.clear()  # a new process: the cache directory remembers
+        config_module._CONDITIONAL_WRITES_OK.clear()  # a new process: the cache directory remembers
         ckptstore.open(url, storage_options=proxy.storage_options(options))
         assert len(probes.hits) == 3
 

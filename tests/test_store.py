@@ -19,8 +19,7 @@ import torch
 
 import ckptstore
 from ckptstore.backends import open_object_store
-from ckptstore.layout import chunk_key
-from ckptstore.store import commit_key, manifest_key
+from ckptstore.layout import chunk_key, commit_key, manifest_key
 
 from states import assert_same, full_state, trained
 
@@ -354,7 +353,7 @@ def test_commit_records_its_manifest_size_and_checkout_holds_it_to_that(store_ur
 
 def test_config_checksum_from_store_format_3_and_older_configs_still_open(store_url):
     from ckptstore.codec import Kind, encode_object_bytes
-    from ckptstore.store import CONFIG_KEY, StoreConfig
+    from ckptstore.config import CONFIG_KEY, StoreConfig
 
     new = sibling(store_url, "new")
     open_with_defaults(new, chunk_size_bytes=8192).close()
