@@ -1,5 +1,8 @@
 """The shape of the package, read from its source (nothing is imported): the import graph of
-``ckptstore/`` has no cycle, and the integrations use only the public API.
+``ckptstore/`` has no cycle and points only downward through the layers of :data:`LAYERS`,
+readers do not import the collector, the integrations use only the public API, the object key
+layout is spelled only in ``layout.py``, and no module (of ``ckptstore/`` or ``bench/``) is
+over :data:`MAX_MODULE_LINES` lines or has a function over :data:`MAX_FUNCTION_LINES`.
 
 Every check runs over one parsed graph (:func:`graph`): each module's syntax tree and its
 imports, resolved to dotted module names. An import is *lazy* when it sits inside a function
@@ -28,7 +31,7 @@ PUBLIC_API = {
     "ckptstore.commit": "Commit, the data type Store's methods return",
     "ckptstore.manifest": "the manifest and state-tree data types Store.write_chunks, Store.publisher and Store.read_blobs take and return",
     "ckptstore.dcp_layout": "the documented format of a torch.distributed.checkpoint save in a commit's tree",
-    "ckptstore.formats": "the file formats checkpoints are imported from and exported to",
+    "ckptstore.formats": "the file formats checkpoints are imported from and exported to (the package and its modules)",
 }
 #: Names an integration may import from an internal module for the type checker only (under
 #: ``if TYPE_CHECKING:``): the types of values public Store methods take or return.
@@ -39,6 +42,39 @@ TYPE_ONLY = {
 }
 #: Attributes of a Store that are its internals: the object store, refs, chunk pipeline, catalog.
 STORE_INTERNALS = {"objects", "refs", "pipeline", "catalog"}
+
+#: The layers, bottom first: a module imports only modules of its own layer or below (imports
+#: for the type checker only excepted). A module (or package) is placed by its longest prefix.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foundations: errors, the key layout, host facts, leaf helpers", (
+        "errors", "layout", "_host", "redaction", "background", "catalog", "retention", "cli.options",
+    )),
+    ("encodings: ids, frames and codecs, state trees, manifests, commits", (
+        "ids", "codec", "balance", "recent_chunks", "tree", "manifest", "commit",
+    )),
+    ("storage and file formats: backends, safetensors/.pt/HF files, the DCP layout", (
+        "backends", "formats", "dcp_layout",
+    )),
+    ("small mutable objects and the history they record: records, refs, leases, history", (
+        "records", "refs", "lease", "history",
+    )),
+    ("chunks in and out", ("pipeline",)),
+    ("what a store holds, read: inventory, config, reading, revisions, branches, diffs", (
+        "inventory", "config", "reader", "revisions", "branching", "diff",
+    )),
+    ("operations: writing commits, gc, fsck, du, repack, import and export", (
+        "writer", "gc", "fsck", "usage", "repack", "transfer",
+    )),
+    ("the facade", ("store",)),
+    ("on the facade: the package's names, integrations, pictures", ("__init__", "integrations", "ui")),
+    ("entry points: the command line, and the old module names", ("cli", "__main__", "training", "distributed")),
+)
+#: Modules that read the store and must not depend on the collector that deletes from it.
+READERS = ("fsck", "usage", "repack", "history", "inventory", "records", "reader", "revisions", "integrations", "ui.pages")
+#: The object key prefixes, spelled only in ckptstore/layout.py.
+KEY_PREFIXES = ("commits/", "manifests/", "chunks/", "shallow/", "demotions/", "refs/", "locks/")
+MAX_MODULE_LINES = 700
+MAX_FUNCTION_LINES = 80
 
 
 @dataclass(frozen=True)
@@ -195,12 +231,17 @@ def test_the_cycle_check_finds_a_cycle():
 def test_integrations_import_only_the_public_api(module: Module):
     refused = []
     for imp in module.package_imports(type_only=True):
-        if imp.module in PUBLIC_API or imp.module == INTEGRATIONS or imp.module.startswith(INTEGRATIONS + "."):
+        if is_public(imp.module) or imp.module == INTEGRATIONS or imp.module.startswith(INTEGRATIONS + "."):
             continue
         if imp.type_only and imp.names and all((imp.module, n) in TYPE_ONLY for n in imp.names):
             continue
         refused.append(f"{module.where}:{imp.line}: {imp.module} {list(imp.names)}")
     assert refused == []
+
+
+def is_public(module: str) -> bool:
+    """Whether a module is in :data:`PUBLIC_API`, or in a package there (``ckptstore.formats.hf``)."""
+    return any(module == p or (p != "ckptstore" and module.startswith(p + ".")) for p in PUBLIC_API)
 
 
 def _named_store(node: ast.expr) -> bool:
@@ -229,3 +270,105 @@ def test_integrations_touch_no_store_internals(module: Module):
 def test_the_store_internals_check_sees_each_kind_of_access():
     code = "store.objects.get(k)\nself.store.refs\nself.store._commits\nstore.__class__\nstore.commit(s)\nother_store.pipeline\nx.objects"
     assert [text for _, text in store_internals_used(ast.parse(code))] == ["store.objects", "self.store.refs", "self.store._commits", "other_store.pipeline"]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers, readers and the key layout
+
+
+def layer_of(name: str) -> int:
+    """The index in :data:`LAYERS` of a ckptstore module (``ckptstore`` itself: ``__init__``)."""
+    short = name.removeprefix("ckptstore").removeprefix(".") or "__init__"
+    best = None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (short == prefix or short.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (index, prefix)
+    if best is None:
+        raise AssertionError(f"{name} is in no layer: add it to tests/test_architecture.py's LAYERS")
+    return best[0]
+
+
+def test_every_module_has_a_layer():
+    for name in graph():
+        layer_of(name)
+
+
+def test_modules_import_only_their_layer_or_below():
+    """Lazy imports count (putting an import into a function does not change which way it points)."""
+    upward = [
+        f"{module.where}:{imp.line}: {imp.module} ({LAYERS[layer_of(imp.module)][0].split(':')[0]}) from {LAYERS[layer_of(name)][0].split(':')[0]}"
+        for name, module in graph().items()
+        for imp in module.package_imports()
+        if layer_of(imp.module) > layer_of(name)
+    ]
+    assert upward == []
+
+
+def test_readers_do_not_import_the_collector():
+    found = [
+        f"{module.where}:{imp.line}"
+        for name, module in graph().items()
+        if any(name.removeprefix("ckptstore.") == r or name.startswith(f"ckptstore.{r}.") for r in READERS)
+        for imp in module.package_imports(type_only=True)
+        if imp.module == "ckptstore.gc"
+    ]
+    assert found == []
+
+
+def _leading_text(node: ast.AST) -> str | None:
+    """The text a string literal (or an f-string) starts with."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return str(node.values[0].value)
+    return None
+
+
+def test_no_key_prefix_literal_outside_layout():
+    offenders = [
+        f"{module.where}:{node.lineno}"
+        for name, module in graph().items()
+        if name != "ckptstore.layout"
+        for node in ast.walk(module.tree)
+        if (text := _leading_text(node)) is not None and text.startswith(KEY_PREFIXES)
+    ]
+    assert offenders == []
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+
+
+def _sources() -> list[Path]:
+    return sorted([*PACKAGE.rglob("*.py"), *(REPO / "bench").rglob("*.py")])
+
+
+def function_lengths(tree: ast.AST) -> list[tuple[int, str, int]]:
+    """(line, name, lines) of every function, its signature, docstring and body included."""
+    return [
+        (node.lineno, node.name, (node.end_lineno or node.lineno) - node.lineno + 1)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+
+
+def test_no_module_over_the_line_limit():
+    long = [f"{p.relative_to(REPO)}: {n} lines" for p in _sources() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert long == []
+
+
+def test_no_function_over_the_line_limit():
+    long = [
+        f"{p.relative_to(REPO)}:{line}: {name} is {n} lines"
+        for p in _sources()
+        for line, name, n in function_lengths(ast.parse(p.read_text(encoding="utf-8")))
+        if n > MAX_FUNCTION_LINES
+    ]
+    assert long == []
+
+
+def test_the_size_checks_measure_what_they_say():
+    tree = ast.parse("def f():\n" + "    x = 1\n" * 90 + "\nclass C:\n    async def g(self):\n        pass\n")
+    assert function_lengths(tree) == [(1, "f", 91), (94, "g", 2)]
+    assert layer_of("ckptstore.backends.s3") == layer_of("ckptstore.backends") < layer_of("ckptstore.store") < layer_of("ckptstore.cli.ui")
