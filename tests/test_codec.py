@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import ckptstore
 from ckptstore.codec import HEADER, MAGIC, Kind, decode_object, encode_object_bytes
-from ckptstore.manifest import Manifest, encode_state, unpack_value
+from ckptstore.manifest import Manifest, encode_state
+from ckptstore.tree import unpack_value
 
 from states import assert_same, every_dtype
 
