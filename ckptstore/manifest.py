@@ -61,7 +61,7 @@ class ChunkRef:
     size: int
     bases: tuple[str, ...] = ()
 
-    def _doc(self) -> list:
+    def _doc(self) -> list[str | int | list[str]]:
         return [self.id, self.size, list(self.bases)] if self.bases else [self.id, self.size]
 
 
@@ -186,7 +186,8 @@ class Manifest:
                 [b.size, [c._doc() for c in b.chunks], b.inline] for b in self.blobs
             ],
         }  # fmt: skip
-        return msgpack.packb(doc, use_bin_type=True)
+        packed: bytes = msgpack.packb(doc, use_bin_type=True)
+        return packed
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, *, key: str) -> Manifest:
@@ -223,7 +224,7 @@ class BlobSource:
 
 def _storage_span(t: torch.Tensor) -> tuple[int, int]:
     """The [start, end) byte range of ``t``'s storage that ``t`` touches."""
-    start = t.storage_offset() * t.element_size()
+    start = int(t.storage_offset()) * t.element_size()
     extent = (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
     return start, start + extent
 
@@ -233,7 +234,7 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
     sources of the blobs still to be chunked, by blob index."""
     import numpy as np
     import torch
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[str, int], list[int]] = {}
     for i, (_, t) in enumerate(tensors):
         shareable = (
             isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_conj() and not t.is_neg()
@@ -262,7 +263,7 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
         first_path, first = tensors[members[0]]
         if isinstance(first, np.ndarray):
             arr = np.ascontiguousarray(first)
-            data = memoryview(arr.reshape(-1).view(np.uint8)).cast("B") if arr.size else memoryview(b"")
+            data = arr.reshape(-1).view(np.uint8).data.cast("B") if arr.size else memoryview(b"")
             blob = add_blob(data, first_path, arr, private=not np.shares_memory(arr, first))
             entries[members[0]] = TensorEntry(first_path, arr.dtype.str, tuple(arr.shape), None, blob, 0, TensorKind.NDARRAY)
             continue
@@ -507,7 +508,7 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value < _COUNT_LIMIT
 
 
-def _are_counts(values: tuple) -> bool:
+def _are_counts(values: tuple[object, ...]) -> bool:
     """Every item an int (not a bool) in [0, 2**62)."""
     for v in values:
         if type(v) is not int or not 0 <= v < _COUNT_LIMIT:

@@ -183,7 +183,7 @@ class _TreeEncoder:
         finally:
             self._ext_depth -= 1
 
-    def _encode_dict(self, value: dict, path: str, depth: int) -> Any:
+    def _encode_dict(self, value: dict[Any, Any], path: str, depth: int) -> Any:
         pairs = []
         all_str = True
         for k, v in value.items():
@@ -273,7 +273,9 @@ def unpack_value(data: bytes | memoryview, *, key: str, tensors: Sequence[Any] =
             depth -= 1
 
     def hook(code: int, payload: bytes) -> Any:
-        inner = lambda: inner_of(payload)
+        def inner() -> Any:
+            return inner_of(payload)
+
         if code == Ext.TENSOR:
             index = inner()
             if type(index) is not int or not 0 <= index < len(tensors):
@@ -325,9 +327,9 @@ def unpack_value(data: bytes | memoryview, *, key: str, tensors: Sequence[Any] =
 
 
 def _check_key(k: Any, key: str) -> str | int:
-    if type(k) not in (str, int):
-        raise IntegrityError(f"dict key of type {type(k).__name__} in tree", key=key)
-    return k
+    if type(k) is str or type(k) is int:
+        return k
+    raise IntegrityError(f"dict key of type {type(k).__name__} in tree", key=key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +359,9 @@ class KeySelection:
 
     @classmethod
     def of(cls, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None) -> KeySelection:
-        as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)
+        def as_tuple(v: str | Sequence[str]) -> tuple[str, ...]:
+            return (v,) if isinstance(v, str) else tuple(v)
+
         return cls(None if include is None else as_tuple(include), () if exclude is None else as_tuple(exclude))
 
     @property
