@@ -52,7 +52,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, overload
 
 import zstandard
 
@@ -124,7 +124,7 @@ def _compressor(level: int, *, planes: bool = False) -> zstandard.ZstdCompressor
     """A per-thread zstd compressor. For byte planes at the usual levels (up to 3), zstd is
     tuned to rely on entropy coding with a small match table: exponent planes have few long
     repeats, and this is about 2.5× faster than level 1 and a little smaller."""
-    cache = getattr(_local, "compressors", None)
+    cache: dict[tuple[int, bool], zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
     if (level, planes) not in cache:
@@ -230,6 +230,10 @@ def sample_of(values: np.ndarray, *, group_bytes: int) -> np.ndarray:
     return np.concatenate([values[s : s + piece] for s in starts])
 
 
+@overload
+def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float, residual: bool = ..., give_up_above: None = ...) -> _Plan: ...
+@overload
+def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float, residual: bool = ..., give_up_above: float | None) -> _Plan | None: ...
 def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float, residual: bool = False, give_up_above: float | None = None) -> _Plan | None:
     """The encoding that stores ``sample`` smallest, among raw, zstd and (for ``group`` > 1)
     grouped, each kept only where it saves ``min_saving`` of the raw size. The ``residual``
@@ -240,7 +244,7 @@ def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float, resi
     floats = group > 1 and len(sample) >= group
     best = _Plan(Codec.RAW, estimate_bytes=len(sample))
     if not (residual and floats):
-        plain = len(_compressor(level).compress(sample))
+        plain = len(_compressor(level).compress(sample.data))
         if plain < (1 - min_saving) * len(sample):
             best = _Plan(Codec.ZSTD, estimate_bytes=plain)
     if floats:
@@ -248,7 +252,7 @@ def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float, resi
         chosen, total = [], len(sample) - planes.size
         plane_compressor = _compressor(level, planes=True)
         for plane in planes:
-            size = len(plane_compressor.compress(plane))
+            size = len(plane_compressor.compress(plane.data))
             chosen.append(size < (1 - _MIN_PLANE_SAVING) * len(plane))
             total += size if chosen[-1] else len(plane)
             if give_up_above is not None and min(total, best.estimate_bytes) > give_up_above:
@@ -260,23 +264,23 @@ def _plan(sample: np.ndarray, *, group: int, level: int, min_saving: float, resi
 
 def _encode_body(values: np.ndarray, plan: _Plan, *, group: int, level: int, scratch: np.ndarray | None) -> tuple[Codec, list[bytes | memoryview]]:
     """Encode ``values`` as ``plan`` says; falls back to raw where that is not smaller."""
-    raw = [memoryview(values)]
+    raw: list[bytes | memoryview] = [values.data]
     if plan.codec is Codec.ZSTD:
-        body = _compressor(level).compress(values)
-        return (Codec.ZSTD, [body]) if len(body) < len(values) else (Codec.RAW, raw)
+        whole = _compressor(level).compress(values.data)
+        return (Codec.ZSTD, [whole]) if len(whole) < len(values) else (Codec.RAW, raw)
     if plan.codec is Codec.GROUPED:
         planes = _planes(values, group, scratch)
         table, bodies = [bytes([group])], []
         for plane, compress in zip(planes, plan.compress_planes):
-            body: bytes | memoryview = memoryview(plane)
+            body: bytes | memoryview = plane.data
             codec = Codec.RAW
             if compress:
-                packed = _compressor(level, planes=True).compress(plane)
+                packed = _compressor(level, planes=True).compress(plane.data)
                 if len(packed) < len(plane):
                     body, codec = packed, Codec.ZSTD
             table.append(_PLANE.pack(codec, len(body)))
             bodies.append(body)
-        parts = [b"".join(table), *bodies, memoryview(values[planes.size :])]
+        parts: list[bytes | memoryview] = [b"".join(table), *bodies, values[planes.size :].data]
         if sum(len(p) for p in parts) < len(values):
             return Codec.GROUPED, parts
     return Codec.RAW, raw
@@ -336,8 +340,8 @@ def encode_object(
         base_values = np.frombuffer(base_data, dtype=np.uint8) if base_data is not None else None
         if base_values is not None and len(base_values) == len(values):
             n = len(values)
-            room = scratch is not None and len(scratch) >= 2 * n
-            residual = np.bitwise_xor(values, base_values, out=scratch[n : 2 * n] if room else None)
+            into = scratch[n : 2 * n] if scratch is not None and len(scratch) >= 2 * n else None
+            residual = np.bitwise_xor(values, base_values, out=into)
             codec, body = _encode_body(residual, residual_plan, group=group, level=compression_level, scratch=scratch)
             prefix = bytes([len(base.chain)]) + b"".join(bytes.fromhex(c) for c in base.chain) + bytes([codec])
             return Encoded(_frame(kind, Codec.DELTA, len(values), [prefix, *body]), Codec.DELTA, base.chain, sample)
@@ -430,6 +434,10 @@ def parse_frame(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_size:
     return Frame(codec, raw_size, body)
 
 
+@overload
+def _decompress(body: memoryview, size: int, *, key: str, path: str | None, out: None = ...) -> bytes: ...
+@overload
+def _decompress(body: memoryview, size: int, *, key: str, path: str | None, out: np.ndarray) -> np.ndarray: ...
 def _decompress(body: memoryview, size: int, *, key: str, path: str | None, out: np.ndarray | None = None) -> bytes | np.ndarray:
     """One zstd frame that must declare and produce exactly ``size`` bytes; into ``out``
     (uint8, ``size`` long) if given, without an intermediate buffer."""
@@ -443,7 +451,7 @@ def _decompress(body: memoryview, size: int, *, key: str, path: str | None, out:
         else:
             data, produced = out, 0
             with _decompressor().stream_reader(body) as reader:
-                view = memoryview(out)
+                view = out.data
                 while produced < size and (n := reader.readinto(view[produced:])):
                     produced += n
                 if produced == size and reader.read(1):
@@ -516,7 +524,7 @@ def _decode_grouped(body: memoryview, target: np.ndarray, *, xor: bool, key: str
         data = body[offset : offset + n]
         offset += n
         if codec == Codec.ZSTD:
-            decoded.append(_decompress(data, count, key=key, path=path, out=_plane_buffer(count, j)))  # type: ignore[arg-type]
+            decoded.append(_decompress(data, count, key=key, path=path, out=_plane_buffer(count, j)))
         elif codec == Codec.RAW and n == count:
             decoded.append(np.frombuffer(data, dtype=np.uint8))
         else:
@@ -554,7 +562,7 @@ def decode_object(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_siz
 
     out = np.empty(frame.raw_size, dtype=np.uint8)
     decode_into(frame, out, key=key, path=path)
-    return memoryview(out)
+    return out.data
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,4 +618,4 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, as a zero-copy view."""
     import torch
     flat = tensor.reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")

@@ -15,7 +15,7 @@ import msgpack
 
 from .errors import CkptStoreError, IntegrityError, UnsupportedFormat, UnsupportedValue
 from .ids import content_id, is_full_id
-from .manifest import pack_value, unpack_value
+from .tree import pack_value, unpack_value
 
 COMMIT_FORMAT_VERSION = 1
 #: The largest commit object, written or read: one limit for both, so a commit that is

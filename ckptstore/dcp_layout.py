@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 from .codec import torch_dtype_names
 from .errors import ComponentsUnavailable, IntegrityError, NotExportable, Said
 from .formats.safetensors import ExportedTensor
-from .manifest import KeySelection, Manifest, TensorEntry, TensorRef, build_tensor, dotted_name, key_segment, path_under, split_key_path, unpack_value
+from .manifest import Manifest, TensorEntry, build_tensor
+from .tree import KeySelection, TensorRef, dotted_name, key_segment, path_under, split_key_path, unpack_value
 
 if TYPE_CHECKING:  # imported where a tensor is made whole
     import torch

@@ -12,7 +12,8 @@ from typing import Any
 
 from .commit import Commit
 from .layout import manifest_key
-from .manifest import Manifest, TensorEntry, build_tensor, unpack_value
+from .manifest import Manifest, TensorEntry, build_tensor
+from .tree import unpack_value
 from .pipeline import Pipeline
 
 

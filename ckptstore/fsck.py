@@ -38,7 +38,8 @@ from .layout import (
     ref_key,
     shallow_key,
 )
-from .manifest import ChunkRef, Manifest, TensorEntry, path_under
+from .manifest import ChunkRef, Manifest, TensorEntry
+from .tree import path_under
 from .backends import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress
 from .refs import RefKind

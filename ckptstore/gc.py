@@ -75,7 +75,7 @@ from .lease import (
     storage_now,
     writers,
 )
-from .manifest import path_under
+from .tree import path_under
 from .backends import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress
 from .records import encode_record, grafted_parents, read_demotion

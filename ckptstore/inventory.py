@@ -34,7 +34,8 @@ from .layout import (
     manifest_key,
     shallow_key,
 )
-from .manifest import Manifest, path_under
+from .manifest import Manifest
+from .tree import path_under
 from .backends import ObjectInfo, ObjectStore
 from .records import dropped_components
 from .refs import RefKind, RefStore

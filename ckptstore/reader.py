@@ -17,7 +17,8 @@ from .errors import ComponentsUnavailable, IntegrityError, ObjectNotFound, Unsup
 from .layout import COMMITS_PREFIX, SHALLOW_PREFIX, commit_key, id_of, manifest_key
 from .records import dropped_components
 from .ids import content_id, is_full_id
-from .manifest import KeySelection, Manifest, TensorKind, build_tensor, key_segment, path_under, tree_key_paths, unpack_value
+from .manifest import Manifest, TensorKind, build_tensor
+from .tree import KeySelection, key_segment, path_under, tree_key_paths, unpack_value
 from .backends import ObjectStore
 from .pipeline import Pipeline, Progress
 from .refs import RefKind, RefStore

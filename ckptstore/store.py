@@ -32,7 +32,8 @@ from .fsck import FsckReport
 from .fsck import check as check_store
 from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_LEASE_TTL_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collect
 from .layout import manifest_key
-from .manifest import BlobSource, Manifest, key_segment
+from .manifest import BlobSource, Manifest
+from .tree import key_segment
 from .backends import ObjectStore, open_object_store
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode, default_threads
 from .records import dropped_components

@@ -50,14 +50,12 @@ from .formats.safetensors import (
 from .layout import manifest_key
 from .records import dropped_components
 from .manifest import (
-    KeySelection,
     Manifest,
     TensorEntry,
     TensorKind,
     build_tensor,
-    dotted_name,
-    path_under,
 )
+from .tree import KeySelection, dotted_name, path_under
 from .backends import ObjectStore
 from .pipeline import Pipeline, Progress
 from .refs import BEST, RefKind, RefStore, check_ref_name

@@ -30,7 +30,8 @@ from .layout import commit_key, manifest_key
 from .records import dropped_components
 from .ids import content_id
 from .lease import writing
-from .manifest import BlobSource, ChunkRef, Manifest, encode_state, pack_value, path_under, unpack_value
+from .manifest import BlobSource, ChunkRef, Manifest, encode_state
+from .tree import pack_value, path_under, unpack_value
 from .backends import ObjectStore
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode
 from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name

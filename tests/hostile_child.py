@@ -35,7 +35,8 @@ from ckptstore.codec import HEADER, MAGIC, Kind, decode_object, encode_object_by
 from ckptstore.commit import decode_commit
 from ckptstore.errors import CkptStoreError
 from ckptstore.ids import content_id
-from ckptstore.manifest import Manifest, unpack_value
+from ckptstore.manifest import Manifest
+from ckptstore.tree import unpack_value
 from ckptstore.store import StoreConfig
 
 GiB = 1 << 30

@@ -32,7 +32,7 @@ from torch import nn
 
 import ckptstore
 from ckptstore.errors import ComponentsUnavailable, UnsupportedValue
-from ckptstore.manifest import _join
+from ckptstore.tree import join_key as _join
 from ckptstore.retention import KeepLast, Policy
 
 CHUNK = 4096

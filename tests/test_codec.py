@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import ckptstore
 from ckptstore.codec import HEADER, MAGIC, Kind, decode_object, encode_object_bytes
-from ckptstore.manifest import Manifest, encode_state, unpack_value
+from ckptstore.manifest import Manifest, encode_state
+from ckptstore.tree import unpack_value
 
 from states import assert_same, every_dtype
 
@@ -153,3 +154,13 @@ def test_header_layout_is_24_bytes_little_endian():
     framed = encode_object_bytes(Kind.COMMIT, b"abc", compression_level=None)
     assert framed[:4] == b"CKPT" and framed[4] == 1 and framed[5] == Kind.COMMIT
     assert struct.unpack_from("<QQ", framed, 8) == (3, 3) and framed[24:] == b"abc"
+
+
+def test_the_tree_names_users_import_from_manifest_are_the_tree_modules():
+    """The state tree lives in ckptstore.tree; the names docs and the integrations take from
+    ckptstore.manifest stay there, as the same objects."""
+    import ckptstore.manifest
+    import ckptstore.tree
+
+    assert ckptstore.manifest.key_segment is ckptstore.tree.key_segment
+    assert ckptstore.manifest.TensorRef is ckptstore.tree.TensorRef

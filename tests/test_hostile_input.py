@@ -54,8 +54,8 @@ from ckptstore.manifest import (
     TensorKind,
     build_tensor,
     encode_state,
-    unpack_value,
 )
+from ckptstore.tree import unpack_value
 from ckptstore.store import StoreConfig
 
 EXAMPLES = 4000 if SOAK else 150

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import InvalidCheckpoint, UnsupportedValue
-from ..manifest import key_segment
+from ..tree import key_segment
 from .files import (
     check_export_target,
     export_errors,

@@ -18,7 +18,7 @@ from ..commit import Commit
 from ..errors import CkptStoreError
 from ..gc import DEFAULT_GRACE_PERIOD_S, GcPlan
 from ..records import demoted_commit_ids, dropped_components
-from ..manifest import split_key_path
+from ..tree import split_key_path
 from ..retention import Retention as RetentionPolicy
 from ..store import Store
 
