@@ -7,7 +7,7 @@ moving a branch or tag never rewrites a commit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -185,7 +185,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
             branch=doc["branch"],
             metadata=metadata,
             metrics=metrics,
-            stats=CommitStats(*stats, new_metadata_bytes=new_metadata_bytes),
+            stats=replace(CommitStats(*stats), new_metadata_bytes=new_metadata_bytes),
             manifest_size_bytes=manifest_size,
         )
     except CkptStoreError:

@@ -61,9 +61,12 @@ class StoreConfig:
         """The config document: its fields, then (format 3 on) ``checksum``, the content id
         of the fields encoded alone, so that any change to a stored config is detected."""
         fields = dict(self.__dict__)
+        doc: bytes  # msgpack is untyped
         if self.format < CHECKSUMMED_CONFIG_FORMAT:
-            return msgpack.packb(fields, use_bin_type=True)
-        return msgpack.packb({**fields, "checksum": content_id(msgpack.packb(fields, use_bin_type=True))}, use_bin_type=True)
+            doc = msgpack.packb(fields, use_bin_type=True)
+        else:
+            doc = msgpack.packb({**fields, "checksum": content_id(msgpack.packb(fields, use_bin_type=True))}, use_bin_type=True)
+        return doc
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> StoreConfig:

@@ -93,11 +93,17 @@ def _same_values(pipeline: Pipeline, ma: Manifest, ea: TensorEntry, ida: str, mb
     import torch
     if (ea.dtype, ea.shape, ea.kind) != (eb.dtype, eb.shape, eb.kind):
         return False
-    whole = lambda e, m: e.stride is None and e.offset == 0 and m.blobs[e.blob].size == e.nbytes  # noqa: E731
+
+    def whole(e: TensorEntry, m: Manifest) -> bool:
+        return e.stride is None and e.offset == 0 and m.blobs[e.blob].size == e.nbytes
+
     if whole(ea, ma) and whole(eb, mb):
         return False  # each is its blob's only bytes: a different fingerprint is a change
     old, new = _read_tensor(pipeline, ma, ea, ida), _read_tensor(pipeline, mb, eb, idb)
-    as_bytes = lambda t: t.reshape(-1).view(np.uint8) if isinstance(t, np.ndarray) else t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+
+    def as_bytes(t: Any) -> Any:  # an ndarray or a tensor, as its bytes
+        return t.reshape(-1).view(np.uint8) if isinstance(t, np.ndarray) else t.detach().contiguous().reshape(-1).view(torch.uint8)
+
     return bool((as_bytes(old) == as_bytes(new)).all()) if isinstance(old, np.ndarray) else torch.equal(as_bytes(old), as_bytes(new))
 
 

@@ -129,7 +129,7 @@ class UnknownRef(RefError, LookupError):
         super().__init__(msg)
 
     def __str__(self) -> str:  # LookupError would otherwise repr() the message
-        return self.args[0]
+        return str(self.args[0])
 
 
 class AmbiguousRef(RefError, LookupError):
@@ -143,7 +143,7 @@ class AmbiguousRef(RefError, LookupError):
         super().__init__(f"ambiguous revision {ref!r}: matches {shown}{more}")
 
     def __str__(self) -> str:
-        return self.args[0]
+        return str(self.args[0])
 
 
 class WrongRefKind(UnknownRef):
@@ -239,7 +239,7 @@ class ComponentsUnavailable(CkptStoreError, KeyError):
         super().__init__(python_text(self.parts))
 
     def __str__(self) -> str:
-        return self.args[0]
+        return str(self.args[0])
 
 
 class CollectorBusy(CkptStoreError):
@@ -327,7 +327,7 @@ class StorageError(CkptStoreError, OSError):
         super().__init__(message)
 
     def __str__(self) -> str:
-        return self.args[0]
+        return str(self.args[0])
 
 
 class ObjectNotFound(StorageError, FileNotFoundError):
@@ -372,7 +372,7 @@ class CollectedWhileReading(CkptStoreError, LookupError):
         super().__init__(message)
 
     def __str__(self) -> str:  # LookupError would otherwise repr() the message
-        return self.args[0]
+        return str(self.args[0])
 
 
 class InvalidCheckpoint(CkptStoreError, ValueError):
@@ -434,7 +434,7 @@ class CheckpointNotFound(CkptStoreError, FileNotFoundError):
         super().__init__(message)
 
     def __str__(self) -> str:  # FileNotFoundError would otherwise show only the first of several args
-        return self.args[0]
+        return str(self.args[0])
 
 
 class ExportBusy(CkptStoreError):
@@ -458,7 +458,7 @@ class TargetExists(CkptStoreError, FileExistsError):
         super().__init__(python_text(self.parts))
 
     def __str__(self) -> str:  # FileExistsError would otherwise show only the first of several args
-        return self.args[0]
+        return str(self.args[0])
 
 
 class MissingExtra(CkptStoreError, ImportError):

@@ -7,7 +7,7 @@ the object store is indexed there.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .catalog import Catalog
@@ -167,3 +167,17 @@ class Reader:
             tensors.append(build_tensor(entry, buffer))
         state = unpack_value(manifest.tree, key=key, tensors=tensors)
         return state if selection.everything else selection.prune(state)
+
+    def restore(self, commit: Commit, targets: Mapping[str, Any], *, map_location: str | torch.device | None = None) -> Any:
+        """Load the components of ``commit`` into ``targets`` (see :meth:`ckptstore.Store.restore`)."""
+        manifest = self.get_manifest(commit.manifest, size_bytes=commit.manifest_size_bytes)
+        components = {p.split("/", 1)[0] for paths in manifest.key_paths for p in paths}
+        others = sorted(components - {key_segment(name) for name in targets})
+        state = self.checkout(commit, exclude=others, map_location=map_location)
+        missing = [name for name in targets if not isinstance(state, dict) or name not in state]
+        if missing:
+            available = sorted({*map(str, state), *others}) if isinstance(state, dict) else []
+            raise ComponentsUnavailable(commit.id, missing=missing, available=available)
+        for name, target in targets.items():
+            target.load_state_dict(state[name])
+        return state

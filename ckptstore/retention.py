@@ -167,7 +167,7 @@ class KeepEveryNSteps(Rule):
                 continue
             window = c.step // self.n
             held = first.get(window)
-            if held is None or (c.step, c.created_at_s) < (held.step, held.created_at_s):  # type: ignore[operator]
+            if held is None or (c.step, c.created_at_s) < (held.step, held.created_at_s):
                 first[window] = c
         return {c.id for c in first.values()}
 
@@ -213,7 +213,10 @@ class Policy:
 
     def resolved(self, *, best_metric: str, greater_is_better: bool | None) -> Policy:
         """This policy with the store's settings filled in (see :meth:`Rule.resolved`)."""
-        fill = lambda rule: None if rule is None else rule.resolved(best_metric=best_metric, greater_is_better=greater_is_better)  # noqa: E731
+
+        def fill(rule: Rule | None) -> Rule | None:
+            return None if rule is None else rule.resolved(best_metric=best_metric, greater_is_better=greater_is_better)
+
         return Policy(keep=fill(self.keep), demote=self.demote, keep_whole=fill(self.keep_whole), max_total_bytes=self.max_total_bytes)
 
     def unmatched(self, histories: Sequence[Sequence[CommitInfo]]) -> list[str]:

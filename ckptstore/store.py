@@ -26,18 +26,19 @@ from .catalog import Catalog
 from .commit import Commit
 from .config import StoreConfig, catalog_location, checked_overrides, session_config
 from .diff import Diff, diff_commits
-from .errors import ComponentsUnavailable, InvalidOption
+from .errors import InvalidOption
 from .formats.safetensors import DEFAULT_MAX_SHARD_SIZE_BYTES
 from .fsck import FsckReport
 from .fsck import check as check_store
-from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_LEASE_TTL_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collect
-from .layout import manifest_key
+from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collect
+from .layout import WRITERS_PREFIX, manifest_key
+from .lease import DEFAULT_LEASE_TTL_S, WriterMarker, wait_while_collector_sweeps
 from .manifest import BlobSource, Manifest
 from .tree import key_segment
 from .backends import ObjectStore, open_object_store
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode, default_threads
 from .records import dropped_components
-from .refs import LATEST, RefKind, RefStore, check_ref_name
+from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name
 from .reader import Reader
 from .repack import RepackReport
 from .repack import repack as repack_chunks
@@ -45,12 +46,12 @@ from .retention import Retention
 from .revisions import Revisions
 from .usage import Usage
 from .usage import measure as measure_usage
-from .writer import CommitWriter
+from .writer import CommitWriter, Publish
 
 if TYPE_CHECKING:  # imported where tensors are handled: commands on refs and commits start without them
     import torch
 
-    from .lease import WriterMarker
+__all__ = ["Store", "StoreConfig", "open_store"]
 
 log = logging.getLogger("ckptstore")
 
@@ -235,8 +236,7 @@ class Store:
         ``compression`` ("auto", "always", "never"; default: the store's setting) says when
         chunks are encoded (see :meth:`write_chunks`).
         """
-        check_delta_mode(delta)
-        check_compression_mode(compression)
+        self.check_write_options(delta=delta, compression=compression)
         publish = self.publisher(
             message=message, branch=branch, metadata=metadata, metrics=metrics, tags=tags,
             best_metric=best_metric, greater_is_better=greater_is_better,
@@ -282,7 +282,7 @@ class Store:
         tags: Iterable[str] = (),
         best_metric: str | None = None,
         greater_is_better: bool | None = None,
-    ) -> Callable[[Manifest, WriteResult], Commit]:
+    ) -> Publish:
         """Check the options of a commit now (nothing is written), and return the function
         that publishes a manifest whose chunks are stored: manifest → commit object → branch
         ref (the commit point) → ``latest``, ``tags``, ``best``. :meth:`commit` and the
@@ -292,10 +292,10 @@ class Store:
             best_metric=best_metric, greater_is_better=greater_is_better,
         )  # fmt: skip
 
-    def _advance_tag(self, name: str, commit: Commit, *, newer: Callable[[Commit], bool]) -> None:
-        """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (see
-        :meth:`CommitWriter.advance_tag`)."""
-        self._writer.advance_tag(name, commit, newer=newer)
+    def move_best(self, commit: Commit) -> None:
+        """Point the ``best`` tag at ``commit`` whatever it points at now (compare-and-swap,
+        retried): for an import that knows its best checkpoint other than by a metric."""
+        self._writer.advance_tag(BEST, commit, newer=lambda current: False)
 
     # -- checkout --------------------------------------------------------------------------
 
@@ -325,18 +325,7 @@ class Store:
         top-level value that holds no tensors (step counters, RNG states); the tensors of other
         components are not read. A component the commit lacks raises
         :class:`ComponentsUnavailable`."""
-        commit = self.commit_of(rev)
-        manifest = self.manifest_of(commit)
-        components = {p.split("/", 1)[0] for paths in manifest.key_paths for p in paths}
-        others = sorted(components - {key_segment(name) for name in targets})
-        state = self.checkout(commit.id, exclude=others, map_location=map_location)
-        missing = [name for name in targets if not isinstance(state, dict) or name not in state]
-        if missing:
-            available = sorted({*map(str, state), *others}) if isinstance(state, dict) else []
-            raise ComponentsUnavailable(commit.id, missing=missing, available=available)
-        for name, target in targets.items():
-            target.load_state_dict(state[name])
-        return state
+        return self._reader.restore(self.commit_of(rev), targets, map_location=map_location)
 
     # -- refs ----------------------------------------------------------------------------
 
@@ -524,8 +513,6 @@ class Store:
         publishing (:class:`WriterExpired` if it may have been judged dead), and its
         ``release()`` (idempotent, never raises) after. :meth:`commit` holds one per commit;
         this is for a writer whose marker outlives one call."""
-        from .lease import WriterMarker, wait_while_collector_sweeps
-
         marker = WriterMarker.create(self.objects)
         try:
             wait_while_collector_sweeps(self.objects, marker)
@@ -546,8 +533,6 @@ class Store:
         self.objects.delete(self._writer_marker_key(key))
 
     def _writer_marker_key(self, key: str) -> str:
-        from .lease import WRITERS_PREFIX
-
         if not isinstance(key, str) or not key.startswith(WRITERS_PREFIX) or "/" in key[len(WRITERS_PREFIX) :]:
             raise InvalidOption("key", f"{key!r} is not the key of a writer marker")
         return key

@@ -58,7 +58,7 @@ from .manifest import (
 from .tree import KeySelection, dotted_name, path_under
 from .backends import ObjectStore
 from .pipeline import Pipeline, Progress
-from .refs import BEST, RefKind, RefStore, check_ref_name
+from .refs import RefKind, RefStore, check_ref_name
 
 if TYPE_CHECKING:  # imported where tensors are handled
     import torch
@@ -77,15 +77,16 @@ class Repository(Protocol):
     pipeline: Pipeline
     config: Any  # StoreConfig: default_branch
 
-    def commit(self, state: Any, **options: Any) -> Commit: ...
+    @property
+    def commit(self) -> Callable[..., Any]: ...  # Store.commit: a Commit (a CommitFuture given blocking=False)
 
-    def checkout(self, rev: str, **options: Any) -> Any: ...
+    def checkout(self, rev: str = ..., *, include: str | Sequence[str] | None = ..., exclude: str | Sequence[str] | None = ...) -> Any: ...
 
     def commit_of(self, rev: str) -> Commit: ...
 
     def manifest_of(self, commit: Commit) -> Manifest: ...
 
-    def _advance_tag(self, name: str, commit: Commit, *, newer: Callable[[Commit], bool]) -> None: ...
+    def move_best(self, commit: Commit) -> None: ...
 
 
 # -- import ----------------------------------------------------------------------------------
@@ -97,7 +98,8 @@ def import_checkpoint(repo: Repository, path: str, *, message: str | None = None
     state, found = read_checkpoint(path)
     metadata = {**found, **dict(commit_options.pop("metadata", None) or {})}
     metrics = {**_logged_metrics(state, found.get("step")), **dict(commit_options.pop("metrics", None) or {})}
-    return repo.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, metrics=metrics, **commit_options)
+    commit: Commit = repo.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, metrics=metrics, **commit_options)
+    return commit
 
 
 def import_run(repo: Repository, output_dir: str, *, branch: str | None = None, message: str | None = None, append: bool = False, **commit_options: Any) -> list[Commit]:
@@ -135,7 +137,7 @@ def import_run(repo: Repository, output_dir: str, *, branch: str | None = None, 
         del state
     best_step = trainer_best_step(newest)
     if best_step in steps and commit_options.get("best_metric") is None:
-        repo._advance_tag(BEST, commits[steps.index(best_step)], newer=lambda current: False)
+        repo.move_best(commits[steps.index(best_step)])
     return commits
 
 

@@ -15,7 +15,8 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
@@ -46,6 +47,14 @@ log = logging.getLogger("ckptstore")
 COMMIT_OVERHEAD_BYTES = 4096
 #: Times a commit writes its chunks again when its writer marker lapsed before it published.
 WRITER_ATTEMPTS = 3
+
+
+class Publish(Protocol):
+    """What :meth:`CommitWriter.publisher` returns: it publishes a manifest whose chunks are
+    stored. ``fence`` runs right before each ref update (a writer checks that its marker is
+    still honoured)."""
+
+    def __call__(self, manifest: Manifest, written: WriteResult, *, fence: Callable[[], None] | None = None) -> Commit: ...
 
 
 class CommitWriter:
@@ -106,7 +115,7 @@ class CommitWriter:
         :meth:`publisher`) on ``branch``; with ``blocking=False`` in the background, from a
         snapshot (see :meth:`ckptstore.Store.commit`). Commits land in call order."""
 
-        def finish(manifest: Manifest, sources: dict) -> Commit:
+        def finish(manifest: Manifest, sources: dict[int, BlobSource]) -> Commit:
             for attempt in range(WRITER_ATTEMPTS):
                 with writing(self.objects) as marker:  # a collector deletes nothing until the branch has moved
                     head = self.refs.get(RefKind.BRANCH, branch or self.config.default_branch)
@@ -196,7 +205,7 @@ class CommitWriter:
         tags: Iterable[str] = (),
         best_metric: str | None = None,
         greater_is_better: bool | None = None,
-    ) -> Callable[[Manifest, WriteResult], Commit]:
+    ) -> Publish:
         """Check the options of a commit now (nothing is written), and return the function
         that publishes a manifest whose chunks are stored (see :meth:`ckptstore.Store.publisher`)."""
         branch = check_ref_name(branch or self.config.default_branch, kind=RefKind.BRANCH)
@@ -207,18 +216,17 @@ class CommitWriter:
             raise UnsupportedValue("message", "commit message must be a str of valid UTF-8 (no lone surrogates)")
         metrics_f = check_metrics(dict(metrics or {}))
         packed = pack_value(dict(metadata or {}), path="metadata")  # refuse bad metadata before anything is written
-        metadata = unpack_value(packed, key="metadata")  # a deep copy: later changes by the caller do not count
+        metadata_copy: dict[str, Any] = unpack_value(packed, key="metadata")  # a deep copy: later changes by the caller do not count
         size = len(packed) + len(message.encode("utf-8", "surrogatepass")) + len(msgpack.packb(metrics_f)) + COMMIT_OVERHEAD_BYTES
         if size > MAX_COMMIT_BYTES:
             raise UnsupportedValue("metadata", commit_too_large(size))
 
         def publish(manifest: Manifest, written: WriteResult, *, fence: Callable[[], None] | None = None) -> Commit:
-            commit = self._write_commit(manifest, written, branch=branch, message=message, metadata=metadata, metrics=metrics_f, fence=fence)
+            commit = self._write_commit(manifest, written, branch=branch, message=message, metadata=metadata_copy, metrics=metrics_f, fence=fence)
             # The commit has landed: a tag that cannot be moved now is a warning, not an error
             # (a caller told it failed would commit again).
-            moves = [(LATEST, lambda: self.advance_tag(LATEST, commit, newer=lambda current: False))]
-            moves += [(tag, lambda tag=tag: self.advance_tag(tag, commit, newer=lambda current: False)) for tag in tags]
-            moves.append((BEST, lambda: self._maybe_move_best(commit, best_metric, greater_is_better)))
+            moves: list[tuple[str, Callable[[], None]]] = [(tag, partial(self.advance_tag, tag, commit, newer=_never_newer)) for tag in [LATEST, *tags]]
+            moves.append((BEST, partial(self._maybe_move_best, commit, best_metric, greater_is_better)))
             for name, move in moves:
                 try:
                     move()
@@ -228,7 +236,7 @@ class CommitWriter:
 
         return publish
 
-    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict, metrics: dict[str, float], fence: Callable[[], None] | None = None) -> Commit:
+    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict[str, Any], metrics: dict[str, float], fence: Callable[[], None] | None = None) -> Commit:
         """Manifest → commit object → branch ref, for chunks already stored."""
         manifest_raw = manifest.to_bytes()
         manifest_id = content_id(manifest_raw)
@@ -249,7 +257,7 @@ class CommitWriter:
         )
         return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats, fence=fence)
 
-    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict, metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
+    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict[str, Any], metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
         """Commit object → branch ref (the commit point), re-parented onto a head another
         writer set meanwhile. ``fence`` runs right before each ref update (a writer checks
         that its marker is still honoured)."""
@@ -311,6 +319,11 @@ class CommitWriter:
 
     def _put_object(self, kind: Kind, key: str, raw: bytes) -> bool:
         return self.objects.put_if_absent(key, encode_object_bytes(kind, raw, compression_level=self.config.compression_level))
+
+
+def _never_newer(current: Commit) -> bool:
+    """For a tag that always moves to the newest commit (``latest``, ``tags=``)."""
+    return False
 
 
 def _is_utf8(text: str) -> bool:

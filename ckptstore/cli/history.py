@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import click
 
 from ..commit import Commit
+from ..diff import Diff
 from ..errors import CkptStoreError
 from ..history import ancestors
 from ..layout import commit_key
 from ..records import demoted_commit_ids, dropped_components
 from ..manifest import Manifest
-from ..store import LATEST, Diff, Store
+from ..refs import LATEST
+from ..store import Store
 from ..usage import CommitUsage, read_racing_collector, reading_commit
 from .context import Context, pass_ctx
 from .output import commit_json, echo_json, gc_marks, gc_marks_json, human_bytes, json_text, metrics_text, new_bytes_text, oneline_text, printable, ref_decorations, step_of
@@ -188,7 +191,7 @@ def show(ctx: Context, rev: str, as_json: bool) -> None:
         return commit, manifest, usage, dropped, crossed
 
     commit, manifest, usage, dropped, crossed = read_racing_collector(read)
-    tensors = [{"path": e.path, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes} for e in manifest.tensors]
+    tensors: list[dict[str, Any]] = [{"path": e.path, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes} for e in manifest.tensors]
     collected = store.collected_parents(commit)
     doc = commit_json(commit) | gc_marks_json(store, commit, collected, dropped) | {
         "manifest": commit.manifest, "exclusive_bytes": usage.exclusive_bytes if usage else None,

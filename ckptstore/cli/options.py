@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,8 +11,14 @@ DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
+if TYPE_CHECKING:  # click >= 8.2 types ParamType by the value it converts to; 8.1's cannot be subscripted
+    _FloatParam = click.ParamType[float]
+    _IntParam = click.ParamType[int]
+else:
+    _FloatParam = _IntParam = click.ParamType
 
-class Duration(click.ParamType):
+
+class Duration(_FloatParam):
     """``90``, ``90s``, ``30m``, ``1h``, ``7d``, ``2w`` → seconds."""
 
     name = "duration"
@@ -26,7 +32,7 @@ class Duration(click.ParamType):
         return float(m.group(1)) * DURATION_UNITS_S.get(m.group(2) or "s", 1)
 
 
-class ByteSize(click.ParamType):
+class ByteSize(_IntParam):
     """``500MB``, ``1.5GiB``, ``2000000`` → bytes."""
 
     name = "size"
@@ -40,7 +46,7 @@ class ByteSize(click.ParamType):
         return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
 
 
-class Fraction(click.ParamType):
+class Fraction(_FloatParam):
     """``10%``, ``1/5`` or ``0.1`` → a fraction in (0, 1]."""
 
     name = "fraction"

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import click
 
 from ..commit import Commit
-from ..store import LATEST, Store
+from ..refs import LATEST
+from ..store import Store
 from ..usage import read_racing_collector, reading_commit
 from .context import Context, pass_ctx
 from .output import commit_json, echo_json, printable, short_id, step_of

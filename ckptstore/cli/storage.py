@@ -10,6 +10,7 @@ import click
 
 from ..errors import StoreNotFound
 from ..gc import DEFAULT_GRACE_PERIOD_S, GcPlan
+from ..pipeline import CompressionMode, DeltaMode
 from ..retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from ..store import open_store
 from .context import Context, pass_ctx, storage_options
@@ -28,7 +29,7 @@ from .output import echo_json, human_bytes, new_bytes_text, printable, progress_
 @pass_ctx
 def init(
     ctx: Context, chunk_size_bytes: int | None, default_branch: str | None, best_metric: str | None, greater_is_better: bool | None,
-    delta: str | None, delta_keyframe_interval: int | None, compression: str | None,
+    delta: DeltaMode | None, delta_keyframe_interval: int | None, compression: CompressionMode | None,
 ) -> None:
     """Create a store (nothing changes if one exists).
 
@@ -77,8 +78,8 @@ def du(ctx: Context, per_commit: bool, as_json: bool) -> None:
         })  # fmt: skip
         return
     click.echo(f"physical  {human_bytes(usage.physical_bytes)} in {sum(n for n, _ in usage.objects.values())} objects")
-    for kind, (n, b) in sorted(usage.objects.items()):
-        click.echo(f"  {kind:<10} {n:>8}  {human_bytes(b)}")
+    for kind, (n, size) in sorted(usage.objects.items()):
+        click.echo(f"  {kind:<10} {n:>8}  {human_bytes(size)}")
     click.echo(f"logical   {human_bytes(usage.logical_bytes)} in {len(usage.commits)} commits")
     click.echo(f"dedup     {usage.dedup_ratio:.2f}x   compression {usage.compression_ratio:.2f}x")
     if usage.raw_chunks:

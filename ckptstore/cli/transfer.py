@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 
@@ -18,6 +19,11 @@ from ..store import Store
 from .context import Context, pass_ctx
 from .options import ByteSize, duration_text
 from .output import commit_json, echo_json, human_bytes, new_bytes_text, printable, progress_bars, short_id
+
+
+def _prefixed(progress: Callable[[str, int, int], None], name: str) -> Callable[[str, int, int], None]:
+    """``progress`` with each phase prefixed ``name`` (a bar per PATH)."""
+    return lambda phase, done, total: progress(f"{name} {phase}", done, total)
 
 
 @contextmanager
@@ -101,9 +107,9 @@ def import_(ctx: Context, paths: tuple[str, ...], branch: str | None, message: s
     commits = []
     with _reporting_interrupt(store), progress_bars(not as_json) as progress:
         for i, (path, is_run) in enumerate(zip(paths, runs)):
-            options = {"branch": branch, "message": message, "tags": tags if i == len(paths) - 1 else (), "progress": progress}
+            options: dict[str, Any] = {"branch": branch, "message": message, "tags": tags if i == len(paths) - 1 else (), "progress": progress}
             if progress is not None and len(paths) > 1:  # a bar per PATH
-                options["progress"] = lambda phase, done, total, name=os.path.basename(os.path.normpath(path)): progress(f"{name} {phase}", done, total)
+                options["progress"] = _prefixed(progress, os.path.basename(os.path.normpath(path)))
             made = store.import_run(path, append=True, **options) if is_run else [store.import_checkpoint(path, **options)]
             commits += made
             if not as_json:

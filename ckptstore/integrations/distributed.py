@@ -104,11 +104,11 @@ def commit(store: Store, state: Mapping[str, Any], *, group: dist.ProcessGroup |
         parts: list[Any] = [None] * dist.get_world_size(group) if rank == coordinator else []
         dist.gather_object((manifest.to_bytes(), written, marker.key), parts if rank == coordinator else None, dst=coordinator, group=group)
         result: list[Any] = [None]
-        if rank == coordinator:
+        if publish is not None:  # the coordinator
             try:
                 manifests = {r: Manifest.from_bytes(raw, key=f"(rank {r})") for r, (raw, _, _) in enumerate(parts)}
                 fence = _fence(store, marker, [key for _, _, key in parts])
-                result[0] = publish(merge_manifests(manifests), _sum_writes([w for _, w, _ in parts]), fence=fence).id  # type: ignore[misc]
+                result[0] = publish(merge_manifests(manifests), _sum_writes([w for _, w, _ in parts]), fence=fence).id
             except Exception as exc:  # tell the other ranks, then raise here
                 result[0] = exc
         dist.broadcast_object_list(result, src=coordinator, group=group)

@@ -38,7 +38,8 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -137,17 +138,17 @@ class CkptStoreCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
-        path = os.path.join(args.output_dir, checkpoint_folder(state.global_step))
+        path = os.path.join(cast(str, args.output_dir), checkpoint_folder(state.global_step))  # TrainingArguments fills in a default
         if not os.path.isdir(path):
             raise CheckpointNotFound(f"CkptStoreCallback: the Trainer saved, but there is no {path} to commit", path=path)
         checkpoint, _ = read_trainer_checkpoint(path)
         metadata = {**self.metadata, "step": state.global_step}
         if state.epoch is not None:
             metadata["epoch"] = float(state.epoch)
-        commit = self.store.commit(
+        commit = cast(Commit, self.store.commit(  # blocking (the default): the Commit itself
             checkpoint, branch=self.branch, message=checkpoint_folder(state.global_step), metadata=metadata,
             metrics=step_metrics(state), **best_metric_options(args),
-        )  # fmt: skip
+        ))  # fmt: skip
         del checkpoint  # memory maps of the folder's files
         self.commits.append(commit)
         log.info("committed %s as %s (step %d)", path, commit.short_id, state.global_step)
@@ -222,17 +223,17 @@ def _materialize(store: Store, ref: str | None, directory: str, *, best: bool) -
         best_path, wrote = _materialize_best(store, commit, best_step, directory)
         if best_path is not None:
             trainer_state = {**trainer_state, "best_model_checkpoint": best_path}
-        if wrote:
-            written.append(best_path)
+            if wrote:
+                written.append(best_path)
     with _building(path) as tmp:
         store.export(commit.id, tmp, component="model")  # the weights and the model directory's files
         write_files(tmp, {name: data for name, data in (state.get(FILES_KEY) or {}).items() if name in TRAINER_ONLY_FILES})
         for file, component in TRAINER_FILES.items():
             if component in state:
-                write_atomically(os.path.join(tmp, file), lambda f, value=state[component]: torch.save(value, f))
+                write_atomically(os.path.join(tmp, file), partial(torch.save, state[component]))
         for component, value in state.items():
             if RANK_RNG_FILE.fullmatch(f"{component}.pth"):
-                write_atomically(os.path.join(tmp, f"{component}.pth"), lambda f, value=value: torch.save(value, f))
+                write_atomically(os.path.join(tmp, f"{component}.pth"), partial(torch.save, value))
         if state.get(TRAINER_STATE_KEY) is not None:
             encoded = (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode()
             write_atomically(os.path.join(tmp, TRAINER_STATE_NAME), lambda f: f.write(encoded))

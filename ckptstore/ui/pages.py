@@ -164,7 +164,10 @@ class Site:
         manifest = self.store.manifest_of(c)
         parent_chunks = self.store.manifest_of(self.history.nodes[node.parents[0]].commit).chunk_ids() if node.parents else set()
         rows, components = self._tensor_rows(manifest, parent_chunks, node.dropped)
-        link = lambda p: f'<a href="{p}.html" class="commit-link">{p[:12]}</a>'
+
+        def link(p: str) -> str:
+            return f'<a href="{p}.html" class="commit-link">{p[:12]}</a>'
+
         facts = [
             ("commit", f"<code>{cid}</code>"), ("branch", escape(c.branch or "")), ("message", escape(c.message)),
             ("date", escape(c.created_at.isoformat(timespec="seconds"))),

@@ -103,8 +103,13 @@ def chart_svg(history: History, metric: str, href: Callable[[str], str], *, widt
     y0, y1 = min(p.value for p in all_pts), max(p.value for p in all_pts)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-9)
     y0, y1 = y0 - (y1 - y0) * 0.05, y1 + (y1 - y0) * 0.05
-    sx = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
-    sy = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
+
+    def sx(v: float) -> float:
+        return left + (v - x0) / (x1 - x0) * (right - left)
+
+    def sy(v: float) -> float:
+        return bottom - (v - y0) / (y1 - y0) * (bottom - top)
+
     out = [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#d0d7de"/>']
     for t in _ticks(x0, x1):
         out.append(f'<text x="{sx(t):.1f}" y="{bottom + 16}" text-anchor="middle" fill="#57606a">{t:g}</text>')
