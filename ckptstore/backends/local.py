@@ -368,7 +368,11 @@ class LocalObjectStore(ObjectStore):
 
             self._retrying(key, "delete", attempt)
         for directory in directories:
-            self._retrying(directory, "sync", lambda retry: fsync_directory(directory))
+
+            def sync(retry: bool, directory: str = directory) -> None:
+                fsync_directory(directory)
+
+            self._retrying(directory, "sync", sync)
 
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)

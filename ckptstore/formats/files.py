@@ -203,7 +203,11 @@ def write_checked_files(directory: str, files: Mapping[str, bytes | bytearray | 
             except FileExistsError:
                 if os.path.islink(parent) or not os.path.isdir(parent):
                     raise NotADirectoryError(f"cannot write {name} into {directory}: {parent} is not a folder") from None
-        write_atomically(os.path.join(directory, name), lambda f: f.write(data))  # (called before the loop goes on)
+
+        def write(f: BinaryIO, data: bytes | bytearray | memoryview = data) -> None:
+            f.write(data)
+
+        write_atomically(os.path.join(directory, name), write)
 
 
 def check_export_target(path: str, *, directory: bool, force: bool = False) -> None:
