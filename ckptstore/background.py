@@ -27,14 +27,14 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from typing import Generic, TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger("ckptstore")
 
 T = TypeVar("T")
 
 
-class CommitFuture(Future, Generic[T]):  # type: ignore[type-arg]
+class CommitFuture(Future[T]):
     """The outcome of an asynchronous commit. Calling :meth:`result` or :meth:`exception`
     counts as having seen it: a failure nobody saw is reported when the store closes or the
     process exits."""
@@ -57,8 +57,8 @@ class CommitQueue:
         self.name = name
         self.lock = threading.RLock()  #: held while a commit is queued, or a blocking one runs
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: CommitFuture | None = None
-        self._failed: list[CommitFuture] = []
+        self._pending: CommitFuture[Any] | None = None
+        self._failed: list[CommitFuture[Any]] = []
 
     def submit(self, fn: Callable[[], T]) -> CommitFuture[T]:
         """Queue ``fn`` after the commits queued before it. Call with :attr:`lock` held."""
@@ -88,7 +88,7 @@ class CommitQueue:
         if pending is not None:
             wait_for([pending])
 
-    def unseen_failures(self) -> list[CommitFuture]:
+    def unseen_failures(self) -> list[CommitFuture[Any]]:
         """Commits that failed and whose future nobody looked at; marked seen now."""
         out = [f for f in self._failed if not f.seen]
         for f in out:
@@ -101,7 +101,9 @@ class CommitQueue:
         self.wait()
         failures = self.unseen_failures()
         if failures:
-            raise failures[0].exception()  # type: ignore[misc]
+            error = failures[0].exception()
+            assert error is not None  # a failed future holds its exception
+            raise error
 
     def close(self) -> None:
         """Wait for the queued commits and stop the worker. Idempotent."""
@@ -157,7 +159,7 @@ def _exit_status() -> None:
 
 # concurrent.futures stops its pools from a hook of the same kind, registered when it was
 # imported (above); hooks run last-registered first, so this one runs while pools still work.
-_register_before_pools_stop: Callable[[Callable[[], None]], None] = getattr(threading, "_register_atexit", atexit.register)
+_register_before_pools_stop = getattr(threading, "_register_atexit", atexit.register)
 _register_before_pools_stop(_finish_at_exit)
 atexit.register(_exit_status)  # registered early, so it runs after the hooks registered later
 

@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 log = logging.getLogger("ckptstore.catalog")
 
@@ -79,7 +79,7 @@ _FAILURES: dict[str, dict[int, str]] = {
     },
 }
 
-_warned: set[str] = set()  # catalog files this process said it cannot use
+_warned: set[str | None] = set()  # catalog files this process said it cannot use
 _warned_lock = threading.Lock()
 
 
@@ -105,25 +105,28 @@ def _failure(exc: BaseException) -> str | None:
 
 
 _Result = TypeVar("_Result")
+_Params = ParamSpec("_Params")
 
 
-def _falls_back(method: Callable[..., _Result]) -> Callable[..., _Result]:
+def _falls_back(method: Callable[Concatenate[Catalog, _Params], _Result]) -> Callable[Concatenate[Catalog, _Params], _Result]:
     """Run a catalog method under the catalog's lock; if the file fails it (full, read-only,
     busy past the timeout, damaged while open), go on in memory and run it again there. An
     iterator argument is read into a list first, so the second run sees the same items."""
 
+    again: Callable[..., _Result] = method  # called on the arguments with iterators read into lists
+
     @functools.wraps(method)
-    def run(self: Catalog, *args, **kwargs):  # noqa: ANN202
-        args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
-        kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
+    def run(self: Catalog, /, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        listed = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
+        listed_kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
         with self._lock:
             try:
-                return method(self, *args, **kwargs)
+                return again(self, *listed, **listed_kwargs)
             except sqlite3.DatabaseError as exc:
                 if self.in_memory or _failure(exc) is None:
                     raise
                 self._fall_back(exc)
-            return method(self, *args, **kwargs)
+            return again(self, *listed, **listed_kwargs)
 
     return run
 
@@ -149,7 +152,7 @@ def _exclusive(lock_path: str, *, deadline: float) -> Iterator[None]:
         os.close(fd)  # drops the flock
 
 
-def _insert(db: sqlite3.Connection, table: str, rows: Iterable[dict]) -> None:
+def _insert(db: sqlite3.Connection, table: str, rows: Iterable[dict[str, Any]]) -> None:
     """Insert ``rows`` (column → value) into ``table``, each replacing the row of its primary
     key. In the caller's transaction."""
     for row in rows:
@@ -342,7 +345,7 @@ class Catalog:
     # -- commits ---------------------------------------------------------------------------
 
     @_falls_back
-    def add_commit(self, row: dict, parents: Iterable[str], metrics: dict[str, float]) -> None:
+    def add_commit(self, row: dict[str, Any], parents: Iterable[str], metrics: dict[str, float]) -> None:
         """Index one commit. Idempotent."""
         with self._write():
             _insert(self.db, "commits", [row])
@@ -358,7 +361,7 @@ class Catalog:
                 self.db.execute("DELETE FROM commits WHERE id = ?", [commit_id])
 
     @_falls_back
-    def commit_rows(self) -> list[dict]:
+    def commit_rows(self) -> list[dict[str, Any]]:
         """Every commit's id, manifest, created_at and step, and its metrics as a dict."""
         columns = ("id", "manifest", "created_at", "step")
         rows = [dict(zip(columns, r)) for r in self.db.execute(f"SELECT {', '.join(columns)} FROM commits")]

@@ -142,7 +142,8 @@ class WholeTensor:
         piece is the whole tensor, else a new tensor with each piece copied in place)."""
         import torch
         if len(self.pieces) == 1 and self.pieces[0].entry.shape == self.shape:
-            return build_tensor(self.pieces[0].entry, buffers[self.pieces[0].entry.blob])
+            view: torch.Tensor = build_tensor(self.pieces[0].entry, buffers[self.pieces[0].entry.blob])  # a DCP piece is a tensor
+            return view
         whole = torch.empty(self.shape, dtype=self.dtype)
         with torch.no_grad():
             for piece in self.pieces:

@@ -211,9 +211,9 @@ def _check_manifests(repo: Repository, inventory: Inventory, commits: dict[str, 
     return needs
 
 
-def _add_needed_chunks(needs: _Needs, cid: str, manifest: Manifest, held_at: list[list[str]], dropped: tuple[str, ...]) -> None:
+def _add_needed_chunks(needs: _Needs, cid: str, manifest: Manifest, held_at: list[tuple[str, ...]], dropped: tuple[str, ...]) -> None:
     needs.kept[cid] = []
-    first_path = {}
+    first_path: dict[int, str] = {}
     for entry, paths in zip(manifest.tensors, held_at):
         kept_paths = [path for path in paths if not any(path_under(path, p) for p in dropped)]  # a kept path holds it
         if kept_paths:
@@ -291,8 +291,9 @@ def _name_broken_paths(commits: dict[str, Commit], needs: _Needs, damaged: dict[
     named: set[tuple[str, str, str]] = set()
     for cid, entries in sorted(needs.kept.items()) if damaged else ():
         manifest = needs.manifests[commits[cid].manifest]
+        assert not isinstance(manifest, str)  # only a commit whose manifest was read keeps tensors
         for entry in entries:
-            for ref in manifest.blobs[entry.blob].chunks:  # type: ignore[union-attr]
+            for ref in manifest.blobs[entry.blob].chunks:
                 for chunk_id in (ref.id, *(() if ref.id in stored_whole else ref.bases)):
                     if chunk_id in damaged and (chunk_id, cid, entry.path) not in named:
                         named.add((chunk_id, cid, entry.path))

@@ -90,7 +90,7 @@ DEFAULT_GRACE_PERIOD_S = 3600.0
 DEFAULT_WRITER_TIMEOUT_S = LEGACY_RECORD_TTL_S
 
 def _gc_pause_s(attempt: int) -> float:
-    return min(0.5, 0.01 * 2 ** (attempt + 1))  # a writer (or a dead one's lock) holds the record
+    return min(0.5, 0.01 * 2.0 ** (attempt + 1))  # a writer (or a dead one's lock) holds the record
 
 
 def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str]) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import (
     CkptStoreError,
@@ -128,11 +129,11 @@ class ProcessIdentity:
             namespace = None
         return cls(socket.gethostname(), pid, _read_text("/proc/sys/kernel/random/boot_id"), namespace, _start_ticks(pid))
 
-    def to_doc(self) -> dict:
+    def to_doc(self) -> dict[str, Any]:
         return {"host": self.host, "pid": self.pid, "boot": self.boot, "pidns": self.pid_namespace, "start": self.start}
 
     @classmethod
-    def from_doc(cls, doc: dict) -> ProcessIdentity:
+    def from_doc(cls, doc: dict[str, Any]) -> ProcessIdentity:
         def text(name: str) -> str | None:
             value = doc.get(name)
             return value if isinstance(value, str) else None
@@ -171,7 +172,7 @@ def _current_identity() -> ProcessIdentity:
     return _IDENTITY
 
 
-def _ttl_of(doc: dict, default_s: float) -> float:
+def _ttl_of(doc: dict[str, Any], default_s: float) -> float:
     ttl = doc.get("ttl_s")
     return float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and 0 < ttl < 1e9 else default_s
 
@@ -267,7 +268,7 @@ class HeldRecord:
         self._renewals = 0
         self._lock = threading.RLock()
 
-    def doc(self) -> dict:
+    def doc(self) -> dict[str, Any]:
         """The record's fields (subclasses add theirs)."""
         return {**self.identity.to_doc(), "ttl_s": self.ttl_s, "renewals": self._renewals, "written_at_s": time.time()}
 
@@ -333,7 +334,7 @@ class RecordState:
     ttl_s: float
     age_s: float
     version: str | None
-    doc: dict
+    doc: dict[str, Any]
 
     @property
     def live(self) -> bool:
@@ -410,7 +411,7 @@ class CollectorLease(HeldRecord):
         self.holder = uuid.uuid4().hex
         self.sweeping = False
 
-    def doc(self) -> dict:
+    def doc(self) -> dict[str, Any]:
         # expires_at_s: for ckptstore 0.1 writers, which compare it with their own clock
         return {**super().doc(), "holder": self.holder, "sweeping": self.sweeping, "expires_at_s": time.time() + self.ttl_s}
 
@@ -481,7 +482,7 @@ class WriterMarker(HeldRecord):
         super().__init__(objects, writer_marker_key(uuid.uuid4().hex), ttl_s=ttl_s)
         self.started_at_s = time.time()
 
-    def doc(self) -> dict:
+    def doc(self) -> dict[str, Any]:
         return {**super().doc(), "started_at_s": self.started_at_s}
 
     @classmethod
@@ -575,7 +576,8 @@ def writers(objects: ObjectStore, *, ttl_s: float, default_ttl_s: float = LEGACY
             continue  # its writer finished
         found.append((info, data, version))
     now_s = storage_now(objects, ttl_s=ttl_s) if found else 0.0
-    live, dead = [], []
+    live: list[RecordState] = []
+    dead: list[RecordState] = []
     for info, data, version in found:
         state = judge(info, data, version, now_s=now_s, default_ttl_s=default_ttl_s)
         (live if state.live else dead).append(state)

@@ -13,6 +13,7 @@ memory stays bounded whatever the checkpoint's size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from .balance import EncodingBalance
 from .codec import (
@@ -51,6 +52,8 @@ if TYPE_CHECKING:  # imported where chunks are read or written: sizing a store n
     import torch
 
 log = logging.getLogger("ckptstore")
+
+_R = TypeVar("_R")
 
 #: When to store a chunk as a delta against the parent commit's: never, whenever there is a
 #: base, or where it is clearly smaller.
@@ -194,11 +197,11 @@ class ChunkReader:
                 raise IntegrityError(f"object body is {stored} bytes, its header says {body_size}", key=key, path=path)
             raw_in_place = codec is Codec.RAW and not bases and body_size == raw_size
             body = target if raw_in_place else self._scratch.get("body", body_size)  # no staging copy for raw
-            if not _read_exactly(f, memoryview(body)) or f.read(1):
+            if not _read_exactly(f, body.data) or f.read(1):
                 raise IntegrityError(f"object body is not the {body_size} bytes its header says", key=key, path=path)
             if not raw_in_place:
-                decode_into(Frame(codec, raw_size, memoryview(body), bases), target, xor=bool(bases), key=key, path=path)
-        if content_id(target) != ref.id:
+                decode_into(Frame(codec, raw_size, body.data, bases), target, xor=bool(bases), key=key, path=path)
+        if content_id(target.data) != ref.id:
             raise IntegrityError("chunk content does not match its id", key=key, path=path)
 
 
@@ -290,7 +293,7 @@ class Pipeline:
         if parent is not None and parent.id == chunk_id:
             if not self._objects.exists(chunk_key(chunk_id)):
                 return None
-            chain = parent.bases
+            chain: tuple[str, ...] | None = parent.bases
         else:
             chain = self.reader.bases_of(chunk_id)
         if chain and not self._reads_through(chain):
@@ -307,7 +310,7 @@ class Pipeline:
                 return False
         return True
 
-    def _put_chunk(self, chunk_id: str, parts: list) -> bool | None:
+    def _put_chunk(self, chunk_id: str, parts: list[bytes | memoryview]) -> bool | None:
         """Store a chunk's encoding create-only; where the store holds the chunk as a delta
         whose bases are gone (left by a collector of an older version, or by damage), replace
         it, atomically (compare-and-swap on its version), with this encoding. Returns True if
@@ -331,17 +334,17 @@ class Pipeline:
                 continue  # replaced or removed meanwhile: look again
         raise IntegrityError("chunk kept changing while it was repaired", key=key)
 
-    def _run(self, tasks: Iterable[tuple[int, Callable[[], object]]], *, progress: Progress | None = None, phase: str = "", total_bytes: int = 0) -> list[object]:
+    def _run(self, tasks: Iterable[tuple[int, Callable[[], _R]]], *, progress: Progress | None = None, phase: str = "", total_bytes: int = 0) -> list[_R]:
         """Run ``(staged_bytes, fn)`` tasks in the pool under the byte budget; return their
         results in order. The first failure cancels what has not started and is raised.
         ``progress(phase, bytes_done, total_bytes)`` is called as tasks finish (serialised)."""
         budget = ByteBudget(self.max_inflight_bytes)
         failed = threading.Event()
-        futures: list[Future] = []
+        futures: list[Future[_R | None]] = []
         done_bytes = 0
         progress_lock = threading.Lock()
 
-        def guarded(size: int, fn: Callable[[], object]) -> object:
+        def guarded(size: int, fn: Callable[[], _R]) -> _R | None:
             nonlocal done_bytes
             try:
                 if failed.is_set():
@@ -369,10 +372,11 @@ class Pipeline:
             except BaseException:  # Ctrl-C: tasks not yet started are skipped, the pool ends with those running
                 failed.set()
                 raise
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [exc for f in futures if (exc := f.exception()) is not None]
         if errors:
             raise errors[0]
-        return [f.result() for f in futures]
+        # no task failed, so none was skipped (None): each result is its task's
+        return cast("list[_R]", [f.result() for f in futures])
 
     def write_blobs(
         self,
@@ -414,7 +418,7 @@ class Pipeline:
         writer = _ChunkWriter(self, delta=delta, compression_level=compression_level, max_delta_chain=max_delta_chain, balance=balance)
         order: list[int] = []
 
-        def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
+        def tasks() -> Iterable[tuple[int, Callable[[], tuple[ChunkRef, bool, int]]]]:
             for index, source in sources.items():
                 data = source.data
                 parents = parent_chunks.get(index, [])
@@ -423,7 +427,7 @@ class Pipeline:
                     view = data[start : start + chunk_size_bytes]
                     parent = parents[position] if position < len(parents) else None
                     order.append(index)
-                    yield len(view), (lambda v=view, p=parent, g=group, b=source: writer.store_chunk(v, p, g, b))
+                    yield len(view), functools.partial(writer.store_chunk, view, parent, group, source)
 
         total = sum(len(source.data) for source in sources.values())
         try:
@@ -431,7 +435,7 @@ class Pipeline:
         finally:  # once no task reads them: the parent's chunks that changed are no base now
             if delta != "off":
                 self.recent.retire(writer.superseded)
-        return _fill_chunk_lists(manifest, sources, order, results)  # type: ignore[arg-type]
+        return _fill_chunk_lists(manifest, sources, order, results)
 
     def read_blobs(self, manifest: Manifest, blob_indices: Iterable[int], *, manifest_key: str, progress: Progress | None = None) -> dict[int, torch.Tensor]:
         """Read and verify the given blobs into new uint8 CPU tensors."""
@@ -447,7 +451,7 @@ class Pipeline:
             ahead.starting(position)
             self.reader.read_into(ref, target, path=path, needed_by=manifest_key)
 
-        def tasks() -> Iterable[tuple[int, Callable[[], object]]]:
+        def tasks() -> Iterable[tuple[int, Callable[[], None]]]:
             for index in blob_indices:
                 blob = manifest.blobs[index]
                 buffer = _blob_buffer(blob.size, key=manifest_key, path=first_path.get(index))
@@ -463,7 +467,7 @@ class Pipeline:
                     target = values[offset : offset + ref.size]
                     offset += ref.size
                     position = ahead.add(ref)
-                    yield ref.size, (lambda n=position, r=ref, t=target, p=path: read(n, r, t, p))
+                    yield ref.size, functools.partial(read, position, ref, target, path)
                     ahead.admitted(position)  # the pipeline asks for the next task once it took this one under its budget
 
         total = sum(sum(c.size for c in manifest.blobs[i].chunks) for i in blob_indices if manifest.blobs[i].inline is None)

@@ -79,7 +79,7 @@ class RecentChunks:
         if copy is None:
             copy = np.empty(size, dtype=np.uint8)
         copy[:] = np.frombuffer(data, dtype=np.uint8)
-        stale = whole and content_id(copy) != chunk_id  # the caller's buffer changed
+        stale = whole and content_id(copy.data) != chunk_id  # the caller's buffer changed
         with self._lock:
             found = self._chunks.get(chunk_id)
             if stale or (found is not None and (found[1] or not whole)):  # or another thread put it meanwhile

@@ -15,6 +15,8 @@ naming its key (a ``ValueError`` too). Reading never writes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 
 from .codec import Kind, decode_object, encode_object_bytes
@@ -27,12 +29,12 @@ from .backends import ObjectStore
 MAX_RECORD_BYTES = 1 << 20
 
 
-def encode_record(record: dict) -> bytes:
+def encode_record(record: dict[str, Any]) -> bytes:
     """A record object (frame kind ``record``, raw): a msgpack map."""
     return encode_object_bytes(Kind.RECORD, msgpack.packb(record, use_bin_type=True), compression_level=None)
 
 
-def decode_record(data: bytes, key: str) -> dict:
+def decode_record(data: bytes, key: str) -> dict[str, Any]:
     """The map of a record object; a malformed one is :class:`IntegrityError` naming ``key``."""
     try:
         doc = msgpack.unpackb(decode_object(data, key=key, kind=Kind.RECORD, max_raw_size=MAX_RECORD_BYTES), raw=False)
@@ -45,7 +47,7 @@ def decode_record(data: bytes, key: str) -> dict:
     return doc
 
 
-def read_record(objects: ObjectStore, key: str) -> tuple[dict, str] | None:
+def read_record(objects: ObjectStore, key: str) -> tuple[dict[str, Any], str] | None:
     """The record at ``key`` and its version, or ``None`` if there is none."""
     try:
         data, version = objects.get_versioned(key)

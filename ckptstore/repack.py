@@ -35,7 +35,6 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from .codec import HEADER_SIZE, Codec, Kind, decode_object, encode_object, read_header
 from .commit import Commit
@@ -47,9 +46,6 @@ from .lease import DEFAULT_MARKER_TTL_S, writing
 from .backends import ObjectStore
 from .pipeline import Progress, value_bytes
 from .refs import RefKind
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger("ckptstore.repack")
 
@@ -155,7 +151,7 @@ def _chunks_of(repo: Repository, commit_ids: Iterable[str]) -> tuple[int, dict[s
     return commits, chunks
 
 
-def encoded_for_repack(raw: bytes | memoryview | np.ndarray, *, group_bytes: int, compression_level: int) -> tuple[Codec, list]:
+def encoded_for_repack(raw: bytes | memoryview, *, group_bytes: int, compression_level: int) -> tuple[Codec, list[bytes | memoryview]]:
     """How repack stores ``raw`` self-contained: ``(codec, parts of the framed object)``."""
     encoded = encode_object(Kind.CHUNK, raw, compression_level=compression_level, group_bytes=group_bytes, min_saving=REPACK_MIN_SAVING)
     return encoded.codec, encoded.parts

@@ -70,6 +70,7 @@ bytes (or, for a compare-and-delete, the object gone) succeeds.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import io
@@ -166,7 +167,7 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "") -> list[str]: ...
 
     @abstractmethod
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]: ...
 
     @abstractmethod
     def info(self, key: str) -> ObjectInfo: ...

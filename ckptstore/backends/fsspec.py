@@ -6,6 +6,7 @@ Named after the library it wraps: imports are absolute, so ``fsspec`` here is th
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import threading
 import time
@@ -53,7 +54,12 @@ class _FsspecObjectStore(ObjectStore):
 
     def _read(self, key: str, **kwargs: Any) -> bytes:
         path = self._path(key)
-        return self._attempts(key, "read", lambda: self._fs.cat_file(path, **kwargs))
+
+        def cat() -> bytes:
+            data: bytes = self._fs.cat_file(path, **kwargs)
+            return data
+
+        return self._attempts(key, "read", cat)
 
     def get(self, key: str) -> bytes:
         return self._read(key)
@@ -100,13 +106,14 @@ class _FsspecObjectStore(ObjectStore):
     def list(self, prefix: str = "") -> list[str]:
         return [info.key for info in self.list_info(prefix)]
 
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         prefix = _check_prefix(prefix)
         base = f"{self._root}/{prefix}".rstrip("/")
 
         def find() -> dict[str, Any]:
             try:
-                return self._fs.find(base, detail=True)
+                listing: dict[str, Any] = self._fs.find(base, detail=True)
+                return listing
             except FileNotFoundError:
                 return {}
 

@@ -3,9 +3,11 @@ compare-and-swap under lock files (see :class:`LocalObjectStore`)."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
+import functools
 import io
 import os
 import re
@@ -25,7 +27,7 @@ from . import _KEY_RE, Data, ObjectInfo, ObjectStore, T, _check_prefix, _joined,
 _TEMP_NAME_RE = re.compile(r"\.tmp-[0-9a-f]{32}")
 
 
-def _open_for_read(path: str) -> Any:
+def _open_for_read(path: str) -> io.BufferedReader:
     """Open the object file at ``path``. A directory (a prefix of other keys) or a path below
     a file is no object: both raise ``FileNotFoundError``."""
     try:
@@ -62,23 +64,24 @@ class _LocalReader(io.RawIOBase):
         self._key = key
         self._path = path
         self._pos = 0
-        self._file: Any = None
+        self._file: io.FileIO | None = None
         self._file = store._retrying(key, "read", lambda retry: self._open())
 
-    def _open(self) -> Any:
+    def _open(self) -> io.FileIO:
         f = _open_for_read_raw(self._path)
         f.seek(self._pos)
         return f
 
-    def _call(self, fn: Callable[[Any], T]) -> T:
+    def _call(self, fn: Callable[[io.FileIO], T]) -> T:
         def attempt(retry: bool) -> T:
-            if retry or self._file is None:
-                if self._file is not None:
+            file = self._file
+            if retry or file is None:
+                if file is not None:
                     with contextlib.suppress(OSError):
-                        self._file.close()
+                        file.close()
                     self._file = None
-                self._file = self._open()
-            return fn(self._file)
+                self._file = file = self._open()
+            return fn(file)
 
         return self._store._retrying(self._key, "read", attempt)
 
@@ -89,6 +92,8 @@ class _LocalReader(io.RawIOBase):
         return True
 
     def fileno(self) -> int:
+        if self._file is None:
+            raise ValueError("I/O operation on closed file")
         return self._file.fileno()
 
     def tell(self) -> int:
@@ -116,7 +121,7 @@ class _LocalReader(io.RawIOBase):
         super().close()
 
 
-def _open_for_read_raw(path: str) -> Any:
+def _open_for_read_raw(path: str) -> io.FileIO:
     """:func:`_open_for_read`, unbuffered."""
     try:
         return open(path, "rb", buffering=0)
@@ -249,7 +254,7 @@ class LocalObjectStore(ObjectStore):
         errno (reopening the file at the same offset: objects are immutable) and raises any
         other failure as a :class:`StorageError`."""
         raw = _LocalReader(self, key, self._path(key))
-        return io.BufferedReader(raw)  # type: ignore[return-value]
+        return io.BufferedReader(raw)
 
     def will_read(self, key: str) -> None:
         """Ask the kernel to read the object's file into the page cache now (asynchronous
@@ -323,7 +328,7 @@ class LocalObjectStore(ObjectStore):
         while pending:
             dirpath = pending.pop()
             try:
-                entries = self._retry_call(lambda d=dirpath: _list_dir(d))
+                entries = self._retry_call(functools.partial(_list_dir, dirpath))
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone, or an object (a prefix is no directory)
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
@@ -350,7 +355,7 @@ class LocalObjectStore(ObjectStore):
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Unlink every key, then fsync each directory once. Idempotent."""
-        directories = set()
+        directories: set[str] = set()
         for key in keys:
             path = self._path(key)
 
@@ -363,20 +368,24 @@ class LocalObjectStore(ObjectStore):
 
             self._retrying(key, "delete", attempt)
         for directory in directories:
-            self._retrying(directory, "sync", lambda retry, d=directory: fsync_directory(d))
+
+            def sync(retry: bool, directory: str = directory) -> None:
+                fsync_directory(directory)
+
+            self._retrying(directory, "sync", sync)
 
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)
         return self._retrying(prefix, "list", lambda retry: sorted(key for key, _ in self._walk(prefix)))
 
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         _check_prefix(prefix)
 
         def attempt(retry: bool) -> list[ObjectInfo]:
             out = []
             for key, path in self._walk(prefix):
                 try:
-                    st = self._retry_call(lambda p=path: os.stat(p))
+                    st = self._retry_call(functools.partial(os.stat, path))
                 except FileNotFoundError:
                     continue  # deleted while listing
                 out.append(ObjectInfo(key, st.st_size, st.st_mtime))
@@ -472,8 +481,8 @@ class LocalObjectStore(ObjectStore):
                 if not _TEMP_NAME_RE.fullmatch(os.path.basename(path)):
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    if self._retry_call(lambda p=path: os.stat(p)).st_mtime < cutoff:
-                        self._retry_call(lambda p=path: os.unlink(p))
+                    if self._retry_call(functools.partial(os.stat, path)).st_mtime < cutoff:
+                        self._retry_call(functools.partial(os.unlink, path))
                         removed += 1
             return removed
 

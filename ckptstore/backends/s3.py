@@ -190,7 +190,11 @@ class S3ObjectStore(_FsspecObjectStore):
             async with response["Body"] as body:
                 return await body.read(), response["ETag"]
 
-        return self._attempts(key, "read", lambda: sync(self._fs.loop, fetch))
+        def fetched() -> tuple[bytes, str]:
+            result: tuple[bytes, str] = sync(self._fs.loop, fetch)
+            return result
+
+        return self._attempts(key, "read", fetched)
 
     def put_if_version(self, key: str, data: bytes, *, version: str | None) -> str:
         """``If-Match`` the ETag ``version`` (``If-None-Match: *`` for ``None``), tagged
@@ -212,7 +216,8 @@ class S3ObjectStore(_FsspecObjectStore):
             if etag is not None:
                 return etag
             raise
-        return response["ETag"]
+        new_etag: str = response["ETag"]
+        return new_etag
 
     def delete_if_version(self, key: str, *, version: str) -> None:
         """``DELETE`` with ``If-Match``. If botocore resent the request and it then failed

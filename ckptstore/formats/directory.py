@@ -205,7 +205,7 @@ def _remove_entries(old: str, new: str, owned: frozenset[str], *, prefix: str) -
     return not kept
 
 
-def _same_file(entry: os.DirEntry, path: str) -> bool:
+def _same_file(entry: os.DirEntry[str], path: str) -> bool:
     try:
         return os.path.samestat(entry.stat(follow_symlinks=False), os.lstat(path))
     except FileNotFoundError:

@@ -169,7 +169,7 @@ def check_files(files: Mapping[Any, Any]) -> dict[str, bytes | bytearray | memor
     for name, data in files.items():
         check_file_name(name)
         if isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.dim() == 1:
-            out[name] = memoryview(data.cpu().contiguous().numpy())
+            out[name] = data.cpu().contiguous().numpy().data
         elif isinstance(data, (bytes, bytearray)):
             out[name] = data
         else:
@@ -203,7 +203,11 @@ def write_checked_files(directory: str, files: Mapping[str, bytes | bytearray | 
             except FileExistsError:
                 if os.path.islink(parent) or not os.path.isdir(parent):
                     raise NotADirectoryError(f"cannot write {name} into {directory}: {parent} is not a folder") from None
-        write_atomically(os.path.join(directory, name), lambda f, data=data: f.write(data))
+
+        def write(f: BinaryIO, data: bytes | bytearray | memoryview = data) -> None:
+            f.write(data)
+
+        write_atomically(os.path.join(directory, name), write)
 
 
 def check_export_target(path: str, *, directory: bool, force: bool = False) -> None:

@@ -29,7 +29,7 @@ def numpy_safe_globals() -> list[Any]:
     import numpy as np
 
     return [
-        (np._core if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+        (np._core if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else np.core).multiarray._reconstruct, np.ndarray, np.dtype,  # type: ignore[attr-defined]  # numpy's stubs do not declare np._core
         *(type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)),
     ]  # fmt: skip
 

@@ -194,9 +194,9 @@ def read_directory(path: str) -> dict[str, torch.Tensor]:
                 raise InvalidCheckpoint(file, f"holds tensor {key!r}, which {source[key]} holds too")
             out[key], source[key] = tensor, name
     missing = [key for key in weight_map or () if key not in out]
-    if missing:
+    if missing and weight_map is not None:  # (only an index lists tensors)
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise InvalidCheckpoint(index_path, f"lists tensor {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it{more}")  # type: ignore[index]
+        raise InvalidCheckpoint(index_path, f"lists tensor {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it{more}")
     return out
 
 
@@ -264,7 +264,7 @@ def _safetensors_parts(header: bytes, shard: list[ExportedTensor], tensors: Mapp
     for t in shard:
         tensor = tensors[t.name].contiguous()
         if tensor.numel():
-            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            yield tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def write_shards(
