@@ -316,7 +316,7 @@ def encode_state(state: Any, *, inline_threshold_bytes: int) -> tuple[Manifest, 
     return Manifest(tree=tree, tensors=entries, blobs=blobs), sources
 
 
-def merge_manifests(parts: Mapping[str | int, Manifest], *, extra: Mapping[str, Any] | None = None) -> Manifest:
+def merge_manifests(parts: Mapping[str, Manifest] | Mapping[int, Manifest], *, extra: Mapping[str, Any] | None = None) -> Manifest:
     """One manifest whose tree maps each key of ``parts`` to that part's tree (tensors and
     blobs renumbered, key paths prefixed), plus the values of ``extra`` (which may hold
     :class:`TensorRef` s to the merged tensors). Chunks are shared, not copied: this is how

@@ -34,7 +34,6 @@ from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collec
 from .layout import WRITERS_PREFIX, manifest_key
 from .lease import DEFAULT_LEASE_TTL_S, WriterMarker, wait_while_collector_sweeps
 from .manifest import BlobSource, Manifest
-from .tree import key_segment
 from .backends import ObjectStore, open_object_store
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode, default_threads
 from .records import dropped_components
