@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from .catalog import Catalog
 from .commit import Commit
 from .errors import InvalidRefName, ProtectedBranch, RefExists, Said, UnknownRef, WrongRefKind, option
+from .history import ancestors
 from .lease import writing
 from .backends import ObjectStore
 from .refs import STORE_TAGS, RefKind, RefStore, check_ref_name
@@ -105,18 +106,14 @@ class Branching:
     def _reached_only_by(self, head: str, others: Iterable[str]) -> int:
         """How many commits ``head`` reaches (along every parent, across what GC removed) that
         none of ``others`` does."""
-        def walk(starts: Iterable[str], stop: set[str]) -> set[str]:
-            seen: set[str] = set()
-            todo = [c for c in starts if c not in stop]
-            while todo:
-                commit_id = todo.pop()
-                if commit_id not in seen:
-                    seen.add(commit_id)
-                    todo += [p for p in self._parents_of(self._get_commit(commit_id)) if p not in stop]
-            return seen
-
         others = set(others)
-        return 0 if head in others else len(walk([head], walk(others, set())))
+        if head in others:
+            return 0
+        def parents(cid: str) -> list[str]:
+            return self._parents_of(self._get_commit(cid))
+
+        reached_by_others = set(ancestors(others, parents))
+        return len(ancestors([head], lambda cid: None if cid in reached_by_others else parents(cid)))
 
     def _ref_to_delete(self, kind: RefKind, name: str) -> str:
         """The commit id ref ``name`` holds; :class:`WrongRefKind` if it is a ref of the other

@@ -41,6 +41,7 @@ from .commit import Commit
 from .errors import IntegrityError, ObjectNotFound, PreconditionFailed
 from .ids import content_id
 from .inventory import Repository
+from .history import ancestors
 from .layout import chunk_key, commit_key
 from .lease import DEFAULT_MARKER_TTL_S, writing
 from .backends import ObjectStore
@@ -104,19 +105,13 @@ class RepackReport:
 
 def reachable_commits(repo: Repository) -> list[str]:
     """Every stored commit a branch or tag reaches, along the parents history follows."""
-    stack = [cid for kind in RefKind for cid in repo.refs.list(kind).values()]
-    seen: set[str] = set()
-    out = []
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
+    heads = [cid for kind in RefKind for cid in repo.refs.list(kind).values()]
+
+    def parents_of(cid: str) -> list[str] | None:
         commit = _stored_commit(repo, cid)
-        if commit is not None:
-            out.append(cid)
-            stack.extend(repo.parents_of(commit))
-    return out
+        return None if commit is None else repo.parents_of(commit)
+
+    return ancestors(heads, parents_of)
 
 
 def _stored_commit(repo: Repository, commit_id: str) -> Commit | None:

@@ -9,8 +9,7 @@ import click
 
 from ..commit import Commit
 from ..diff import Diff
-from ..errors import CkptStoreError
-from ..history import ancestors
+from ..history import newest_first
 from ..layout import commit_key
 from ..records import demoted_commit_ids, dropped_components
 from ..manifest import Manifest
@@ -91,35 +90,10 @@ def log(ctx: Context, rev: str | None, max_count: int | None, oneline: bool, gra
 
 def _all_commits(store: Store, limit: int | None) -> list[Commit]:
     """Every commit reachable from a branch or tag, children before parents, newest first."""
-    heads = set(store.branches().values()) | set(store.tags().values())
-    seen: dict[str, Commit] = {}
+    from ..ui.model import reachable  # the same reading of history as ckpt ui's graph
 
-    def parents_of(cid: str) -> list[str] | None:
-        try:
-            seen[cid] = store.get_commit(cid)
-        except CkptStoreError:
-            return None  # collected (shallow history)
-        return store.parents_of(seen[cid])
-
-    ancestors(sorted(heads), parents_of)
-    # Newest first, but never a parent before its child.
-    ordered: list[Commit] = []
-    children: dict[str, int] = {cid: 0 for cid in seen}
-    parents = {cid: store.parents_of(c) for cid, c in seen.items()}
-    for cid in seen:
-        for p in parents[cid]:
-            if p in children:
-                children[p] += 1
-    ready = sorted((c for c in seen.values() if children[c.id] == 0), key=lambda c: c.created_at)
-    while ready:
-        commit = ready.pop()
-        ordered.append(commit)
-        for p in parents[commit.id]:
-            if p in children:
-                children[p] -= 1
-                if children[p] == 0:
-                    ready.append(seen[p])
-                    ready.sort(key=lambda c: c.created_at)
+    commits, parents = reachable(store, sorted(set(store.branches().values()) | set(store.tags().values())))
+    ordered = [commits[cid] for cid in newest_first(parents, lambda cid: commits[cid].created_at.timestamp())]
     return ordered[:limit] if limit else ordered
 
 

@@ -8,7 +8,6 @@ where it leaves a line drawn before it (its *fork point*), the default branch fi
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 from ..commit import Commit
 from ..errors import CkptStoreError
 from ..gc import DEFAULT_GRACE_PERIOD_S, GcPlan
+from ..history import collect, newest_first
 from ..records import demoted_commit_ids, dropped_components
 from ..tree import split_key_path
 from ..retention import Retention as RetentionPolicy
@@ -130,8 +130,8 @@ def load_history(store: Store, *, lines: Iterable[str] | None = None) -> History
     branch or tag names, or any revision, drawn as a line named as given)."""
     branches, tags = store.branches(), store.tags()
     heads = _heads(store, branches, tags, lines)
-    commits, parents = _reachable(store, heads.values())
-    order = _newest_first(commits, parents)
+    commits, parents = reachable(store, heads.values())
+    order = newest_first(parents, lambda cid: commits[cid].created_at.timestamp())
     demoted = demoted_commit_ids(store.objects)
     line_of: dict[str, str] = {}
     drawn: list[Line] = []
@@ -168,43 +168,18 @@ def _heads(store: Store, branches: Mapping[str, str], tags: Mapping[str, str], l
     return {name: branches[name] for name in ordered} | {f"tag: {name}": cid for name, cid in sorted(tags.items())}
 
 
-def _reachable(store: Store, heads: Iterable[str]) -> tuple[dict[str, Commit], dict[str, list[str]]]:
-    commits: dict[str, Commit] = {}
-    parents: dict[str, list[str]] = {}
-    stack = list(heads)
-    while stack:
-        cid = stack.pop()
-        if cid in commits:
-            continue
+def reachable(store: Store, heads: Iterable[str]) -> tuple[dict[str, Commit], dict[str, list[str]]]:
+    """The commits ``heads`` reach and their parents as history follows them; a commit that
+    cannot be read (collected by a gc running meanwhile) ends its line of history."""
+
+    def read(cid: str) -> tuple[Commit, list[str]] | None:
         try:
             commit = store.get_commit(cid)
         except CkptStoreError:
-            continue  # collected by a gc running meanwhile
-        commits[cid] = commit
-        parents[cid] = store.parents_of(commit)
-        stack.extend(parents[cid])
-    for cid, found in parents.items():  # a parent that could not be read is the end of that history
-        found[:] = [p for p in found if p in commits]
-    return commits, parents
+            return None
+        return commit, store.parents_of(commit)
 
-
-def _newest_first(commits: Mapping[str, Commit], parents: Mapping[str, list[str]]) -> list[str]:
-    """Commit ids newest first, never a parent before its child."""
-    children = {cid: 0 for cid in commits}
-    for cid in commits:
-        for p in parents[cid]:
-            children[p] += 1
-    ready = [(-commits[c].created_at.timestamp(), c) for c, n in children.items() if n == 0]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        _, cid = heapq.heappop(ready)
-        out.append(cid)
-        for p in parents[cid]:
-            children[p] -= 1
-            if children[p] == 0:
-                heapq.heappush(ready, (-commits[p].created_at.timestamp(), p))
-    return out
+    return collect(heads, read)
 
 
 def preview_retention(store: Store, history: History, retention: RetentionPolicy, *, grace_period_s: float = DEFAULT_GRACE_PERIOD_S) -> Retention:
