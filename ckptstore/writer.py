@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from functools import partial
@@ -35,7 +33,7 @@ from .manifest import BlobSource, ChunkRef, Manifest, encode_state
 from .tree import pack_value, path_under, unpack_value
 from .backends import ObjectStore
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode
-from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name
+from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name, retry_cas
 from .retention import greater_is_better_for
 
 if TYPE_CHECKING:
@@ -261,7 +259,10 @@ class CommitWriter:
         """Commit object → branch ref (the commit point), re-parented onto a head another
         writer set meanwhile. ``fence`` runs right before each ref update (a writer checks
         that its marker is still honoured)."""
-        for attempt in range(self.max_ref_retries):
+        head: str | None = None
+
+        def attempt() -> Commit:
+            nonlocal head
             head = self.refs.get(RefKind.BRANCH, branch)
             commit_id, raw = encode_commit(
                 manifest=manifest_id, manifest_size_bytes=manifest_size_bytes, parents=(head,) if head else (), message=message,
@@ -271,16 +272,16 @@ class CommitWriter:
             self._put_object(Kind.COMMIT, commit_key(commit_id), raw)
             if fence is not None:
                 fence()
-            try:
-                self.refs.set_ref_if_equals(RefKind.BRANCH, branch, commit_id, expected=head)
-            except RefConflict:
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                continue
+            self.refs.set_ref_if_equals(RefKind.BRANCH, branch, commit_id, expected=head)
             commit = decode_commit(commit_id, raw, key=commit_key(commit_id))
             self._index_commit(commit, raw)
             self.catalog.set_ref(RefKind.BRANCH.value, branch, commit_id)
             return commit
-        raise RefConflict(branch, expected=head, actual=self.refs.get(RefKind.BRANCH, branch))
+
+        def exhausted() -> RefConflict:
+            return RefConflict(branch, expected=head, actual=self.refs.get(RefKind.BRANCH, branch))
+
+        return retry_cas(attempt, conflicts=RefConflict, max_attempts=self.max_ref_retries, exhausted=exhausted)
 
     def _maybe_move_best(self, commit: Commit, best_metric: str | None, greater_is_better: bool | None) -> None:
         metric = best_metric or self.config.best_metric
@@ -303,19 +304,20 @@ class CommitWriter:
         """Move tag ``name`` to ``commit`` unless the commit it points at is ``newer`` (for
         ``best``: at least as good; ``latest`` and ``tags=`` always move). Compare-and-swap, retried,
         so concurrent writers leave the tag on the right commit."""
-        current = None
-        for attempt in range(self.max_ref_retries):
+        current: str | None = None
+
+        def attempt() -> None:
+            nonlocal current
             current = self.refs.get(RefKind.TAG, name)
             if current is not None and newer(self._get_commit(current)):
                 return
-            try:
-                self.refs.set_ref_if_equals(RefKind.TAG, name, commit.id, expected=current)
-            except RefConflict:
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
-                continue
+            self.refs.set_ref_if_equals(RefKind.TAG, name, commit.id, expected=current)
             self.catalog.set_ref(RefKind.TAG.value, name, commit.id)
-            return
-        raise RefConflict(name, expected=current, actual=self.refs.get(RefKind.TAG, name))
+
+        def exhausted() -> RefConflict:
+            return RefConflict(name, expected=current, actual=self.refs.get(RefKind.TAG, name))
+
+        retry_cas(attempt, conflicts=RefConflict, max_attempts=self.max_ref_retries, exhausted=exhausted)
 
     def _put_object(self, kind: Kind, key: str, raw: bytes) -> bool:
         return self.objects.put_if_absent(key, encode_object_bytes(kind, raw, compression_level=self.config.compression_level))
