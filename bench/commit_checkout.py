@@ -44,6 +44,7 @@ def change(t: Any) -> None:
 
 def run_child(args) -> dict:
     import torch
+
     from harness.ops import run_op, store_options
     from harness.state import build_state, describe
 

@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 import io_s3
+
 from harness import GB, MB, MiB, cli
 from harness.child import Children, serve
 from harness.files import disk_usage, evict, resident_bytes, wait_for_quiet
@@ -72,8 +73,8 @@ def run_child(args) -> dict:
         io_s3.run_moto(args)
     if args.op == "latency_proxy":
         io_s3.run_proxy(args)
-    import torch
     import safetensors.torch  # noqa: F401
+    import torch
     import torch.distributed.checkpoint  # every child imports these, as before, so that peak RSS compares alike
 
     from harness.ops import run_op, store_options

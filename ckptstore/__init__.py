@@ -50,8 +50,8 @@ from .gc import GcPlan
 from .repack import RepackReport
 from .retention import KeepBest, KeepEveryNSteps, KeepLast, KeepNewerThan, Policy, Rule
 from .store import Store
-from .usage import Usage
 from .store import open_store as open
+from .usage import Usage
 
 __version__ = "0.1.0"
 

@@ -10,12 +10,12 @@ import difflib
 import logging
 from collections.abc import Callable, Iterable
 
+from .backends import ObjectStore
 from .catalog import Catalog
 from .commit import Commit
 from .errors import InvalidRefName, ProtectedBranch, RefExists, Said, UnknownRef, WrongRefKind, option
 from .history import ancestors
 from .lease import writing
-from .backends import ObjectStore
 from .refs import STORE_TAGS, RefKind, RefStore, check_ref_name
 
 log = logging.getLogger("ckptstore")

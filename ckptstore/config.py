@@ -17,11 +17,11 @@ from typing import Any
 
 import msgpack
 
+from .backends import ObjectStore
 from .codec import MAX_DELTA_CHAIN, Kind, decode_object, encode_object_bytes
 from .errors import IntegrityError, InvalidOption, InvalidRefName, ObjectNotFound, ReadOnlyStore, StoreNotFound, UnsupportedFormat
 from .ids import HASH_ALGORITHM, check_hash_algorithm, content_id
 from .layout import CONFIG_KEY
-from .backends import ObjectStore
 from .pipeline import COMPRESSION_MODES, DELTA_MODES, check_compression_mode, check_delta_mode
 from .refs import RefKind, check_ref_name
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # imported where a tensor is made whole
 DCP_FORMAT = 1
 #: The key of the record in a DCP commit's tree (beside the ranks' int keys).
 RECORD_KEY = "dcp"
+#: The selection of every key path (a frozen value: safe as a default).
+EVERY_KEY = KeySelection()
 
 
 def item_key(fqn: str, offset: Sequence[int] | None, index: int | None) -> str:
@@ -183,7 +185,7 @@ class DcpSave:
         paths = {k: f"{key_segment(rank)}/{key_segment(local)}" for k, (rank, local) in record.stored.items()}
         return cls(record, items, paths, manifest, key)
 
-    def whole_tensors(self, commit_id: str, *, component: str | None = None, selection: KeySelection = KeySelection(), dropped: Iterable[str] = ()) -> list[WholeTensor]:
+    def whole_tensors(self, commit_id: str, *, component: str | None = None, selection: KeySelection = EVERY_KEY, dropped: Iterable[str] = ()) -> list[WholeTensor]:
         """The tensors under ``component`` (default: ``model`` where the state had one, else
         all) that ``selection`` selects, each whole from every rank's chunks, named by its
         path below the component (keys joined by ``.``, as :meth:`Store.export` names the

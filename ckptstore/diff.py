@@ -13,8 +13,8 @@ from typing import Any
 from .commit import Commit
 from .layout import manifest_key
 from .manifest import Manifest, TensorEntry, build_tensor
-from .tree import unpack_value
 from .pipeline import Pipeline
+from .tree import unpack_value
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from .backends import ObjectInfo, ObjectStore
 from .codec import (
     CHAIN_PREFIX_BYTES,
     HEADER_SIZE,
@@ -39,10 +40,9 @@ from .layout import (
     shallow_key,
 )
 from .manifest import ChunkRef, Manifest, TensorEntry
-from .tree import path_under
-from .backends import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress
 from .refs import RefKind
+from .tree import path_under
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .backends import ObjectInfo, ObjectStore
 from .commit import Commit
 from .errors import (
     CkptStoreError,
@@ -75,12 +76,11 @@ from .lease import (
     storage_now,
     writers,
 )
-from .tree import path_under
-from .backends import ObjectInfo, ObjectStore
 from .pipeline import ChunkReader, Progress
 from .records import encode_record, grafted_parents, read_demotion
 from .refs import RefKind, retry_cas
 from .retention import CommitInfo, Policy, Retention, policy_for
+from .tree import path_under
 
 log = logging.getLogger("ckptstore.gc")
 

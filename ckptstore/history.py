@@ -13,10 +13,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Container, Iterable, Mapping
 
+from .backends import ObjectStore
 from .commit import Commit
 from .errors import IntegrityError
 from .layout import shallow_key
-from .backends import ObjectStore
 from .records import grafted_parents
 
 

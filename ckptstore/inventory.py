@@ -17,6 +17,7 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .backends import ObjectInfo, ObjectStore
 from .catalog import Catalog
 from .commit import Commit
 from .errors import CkptStoreError, IntegrityError, UnsupportedFormat
@@ -35,10 +36,9 @@ from .layout import (
     shallow_key,
 )
 from .manifest import Manifest
-from .tree import path_under
-from .backends import ObjectInfo, ObjectStore
 from .records import dropped_components
 from .refs import RefKind, RefStore
+from .tree import path_under
 
 
 class Repository(Protocol):

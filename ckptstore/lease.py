@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .backends import ObjectInfo, ObjectStore
 from .errors import (
     CkptStoreError,
     ClockSkew,
@@ -59,7 +60,6 @@ from .errors import (
     WriterExpired,
 )
 from .layout import LEASE_KEY, WRITERS_PREFIX, writer_marker_key
-from .backends import ObjectInfo, ObjectStore
 from .records import decode_record, encode_record
 
 log = logging.getLogger("ckptstore.lease")

@@ -37,7 +37,8 @@ from .codec import DTYPE_INFO, MAX_DELTA_CHAIN, tensor_bytes, torch_dtype_names,
 from .errors import CkptStoreError, IntegrityError, UnsupportedFormat
 from .ids import is_full_id
 from .tree import NUMPY_KINDS, encode_tree, join_key, unpack_value
-from .tree import TensorRef as TensorRef, key_segment as key_segment  # public here too: merge_manifests takes TensorRefs; docs/design.md names manifest.key_segment
+from .tree import TensorRef as TensorRef  # public here too: merge_manifests takes TensorRefs; docs/design.md names manifest.key_segment
+from .tree import key_segment as key_segment
 
 if TYPE_CHECKING:  # imported where tensors are handled: reading a manifest needs neither
     import torch

@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
+from .backends import ObjectStore
 from .balance import EncodingBalance
 from .codec import (
     CHAIN_PREFIX_BYTES,
@@ -44,7 +45,6 @@ from .errors import IntegrityError, InvalidOption, ObjectNotFound, OutOfMemory, 
 from .ids import content_id
 from .layout import chunk_key
 from .manifest import BlobSource, ChunkRef, Manifest, TensorKind
-from .backends import ObjectStore
 from .recent_chunks import RecentChunks
 
 if TYPE_CHECKING:  # imported where chunks are read or written: sizing a store needs neither

@@ -10,18 +10,18 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .backends import ObjectStore
 from .catalog import Catalog
 from .codec import Kind, decode_object
 from .commit import MAX_COMMIT_BYTES, Commit, decode_commit
 from .errors import ComponentsUnavailable, IntegrityError, ObjectNotFound, UnsupportedFormat
-from .layout import COMMITS_PREFIX, SHALLOW_PREFIX, commit_key, id_of, manifest_key
-from .records import dropped_components
 from .ids import content_id, is_full_id
+from .layout import COMMITS_PREFIX, SHALLOW_PREFIX, commit_key, id_of, manifest_key
 from .manifest import Manifest, TensorKind, build_tensor
-from .tree import KeySelection, key_segment, path_under, tree_key_paths, unpack_value
-from .backends import ObjectStore
 from .pipeline import Pipeline, Progress
+from .records import dropped_components
 from .refs import RefKind, RefStore
+from .tree import KeySelection, key_segment, path_under, tree_key_paths, unpack_value
 
 if TYPE_CHECKING:
     import torch

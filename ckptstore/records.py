@@ -19,11 +19,11 @@ from typing import Any
 
 import msgpack
 
+from .backends import ObjectStore
 from .codec import Kind, decode_object, encode_object_bytes
 from .errors import CkptStoreError, IntegrityError, ObjectNotFound
 from .ids import is_full_id
 from .layout import demotion_key, id_of, shallow_key
-from .backends import ObjectStore
 
 #: The largest record read: demotion and shallow records list commit ids and key paths.
 MAX_RECORD_BYTES = 1 << 20

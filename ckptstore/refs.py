@@ -15,6 +15,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TypeVar
 
+from .backends import ObjectStore
 from .codec import Kind, decode_object, encode_object_bytes
 from .errors import (
     CkptStoreError,
@@ -27,7 +28,6 @@ from .errors import (
 from .ids import is_full_id
 from .layout import REFS_PREFIX, refs_prefix
 from .layout import ref_key as _ref_key
-from .backends import ObjectStore
 
 LATEST = "latest"
 BEST = "best"

@@ -36,15 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
+from .backends import ObjectStore
 from .codec import HEADER_SIZE, Codec, Kind, decode_object, encode_object, read_header
 from .commit import Commit
 from .errors import IntegrityError, ObjectNotFound, PreconditionFailed
+from .history import ancestors
 from .ids import content_id
 from .inventory import Repository
-from .history import ancestors
 from .layout import chunk_key, commit_key
 from .lease import DEFAULT_MARKER_TTL_S, writing
-from .backends import ObjectStore
 from .pipeline import Progress, value_bytes
 from .refs import RefKind
 

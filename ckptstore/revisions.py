@@ -9,13 +9,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+from .backends import ObjectStore
 from .catalog import Catalog
 from .commit import Commit
 from .errors import AmbiguousRef, IntegrityError, InvalidRefName, UnknownRef
 from .history import effective_parents
-from .layout import commit_key
 from .ids import is_full_id, is_id_prefix, parse_revision
-from .backends import ObjectStore
+from .layout import commit_key
 from .refs import RefKind, RefStore
 
 

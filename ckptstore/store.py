@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import transfer
+from .backends import ObjectStore, open_object_store
 from .background import CommitFuture
 from .branching import Branching
 from .catalog import Catalog
@@ -34,11 +35,10 @@ from .gc import DEFAULT_GRACE_PERIOD_S, DEFAULT_WRITER_TIMEOUT_S, GcPlan, collec
 from .layout import WRITERS_PREFIX, manifest_key
 from .lease import DEFAULT_LEASE_TTL_S, WriterMarker, wait_while_collector_sweeps
 from .manifest import BlobSource, Manifest
-from .backends import ObjectStore, open_object_store
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode, default_threads
+from .reader import Reader
 from .records import dropped_components
 from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name
-from .reader import Reader
 from .repack import RepackReport
 from .repack import repack as repack_chunks
 from .retention import Retention

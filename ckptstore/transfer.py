@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .backends import ObjectStore
 from .codec import torch_dtypes
 from .commit import Commit
 from .dcp_layout import DcpSave
@@ -48,17 +49,16 @@ from .formats.safetensors import (
     write_file,
 )
 from .layout import manifest_key
-from .records import dropped_components
 from .manifest import (
     Manifest,
     TensorEntry,
     TensorKind,
     build_tensor,
 )
-from .tree import KeySelection, dotted_name, path_under
-from .backends import ObjectStore
 from .pipeline import Pipeline, Progress
+from .records import dropped_components
 from .refs import RefKind, RefStore, check_ref_name
+from .tree import KeySelection, dotted_name, path_under
 
 if TYPE_CHECKING:  # imported where tensors are handled
     import torch

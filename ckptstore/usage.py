@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .backends import ObjectStore
 from .codec import HEADER_SIZE
 from .commit import Commit
 from .errors import CollectedWhileReading, IntegrityError, ObjectNotFound
 from .history import ancestors
 from .inventory import Repository, list_objects, manifest_chunks, stored_needs
 from .layout import CONFIG_KEY, STORE_PREFIXES, chunk_key, commit_key, id_of, kind_of, manifest_key
-from .backends import ObjectStore
 from .pipeline import value_bytes
 from .refs import RefKind
 from .repack import DEFAULT_REPACK_LEVEL, encoded_for_repack

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
+from .backends import ObjectStore
 from .background import CommitFuture, CommitQueue
 from .branching import check_namespace, check_tag_name
 from .catalog import Catalog
@@ -25,16 +26,15 @@ from .codec import Kind, encode_object_bytes
 from .commit import MAX_COMMIT_BYTES, Commit, CommitStats, check_metrics, commit_too_large, decode_commit, encode_commit
 from .config import StoreConfig
 from .errors import CkptStoreError, RefConflict, UnsupportedValue, WriterExpired
-from .layout import commit_key, manifest_key
-from .records import dropped_components
 from .ids import content_id
+from .layout import commit_key, manifest_key
 from .lease import writing
 from .manifest import BlobSource, ChunkRef, Manifest, encode_state
-from .tree import pack_value, path_under, unpack_value
-from .backends import ObjectStore
 from .pipeline import CompressionMode, DeltaMode, Pipeline, Progress, WriteResult, check_compression_mode, check_delta_mode
+from .records import dropped_components
 from .refs import BEST, LATEST, RefKind, RefStore, check_ref_name, retry_cas
 from .retention import greater_is_better_for
+from .tree import pack_value, path_under, unpack_value
 
 if TYPE_CHECKING:
     import torch

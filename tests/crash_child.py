@@ -38,12 +38,11 @@ import sys
 import threading
 import time
 
+import forker
 import torch
+from forker import say
 
 import ckptstore
-
-import forker
-from forker import say
 
 #: Store settings of every open in these tests: small chunks so small tensors span several.
 OPEN = {"chunk_size_bytes": 4096, "inline_threshold_bytes": 256}

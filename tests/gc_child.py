@@ -16,12 +16,11 @@ import sys
 import time
 import traceback
 
+import forker
 import torch
 
 import ckptstore
 from ckptstore.errors import CollectorBusy
-
-import forker
 
 # --------------------------------------------------------------------------------------------
 # Deterministic states

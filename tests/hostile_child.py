@@ -36,8 +36,8 @@ from ckptstore.commit import decode_commit
 from ckptstore.errors import CkptStoreError
 from ckptstore.ids import content_id
 from ckptstore.manifest import Manifest
-from ckptstore.tree import unpack_value
 from ckptstore.store import StoreConfig
+from ckptstore.tree import unpack_value
 
 GiB = 1 << 30
 MiB = 1 << 20

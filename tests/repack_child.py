@@ -20,13 +20,12 @@ import sys
 import time
 
 import torch
+from states import assert_same
 
 import ckptstore
 from ckptstore.errors import CkptStoreError, CollectorBusy
 from ckptstore.layout import commit_key
 from ckptstore.retention import KeepLast
-
-from states import assert_same
 
 CHUNK_SIZE_BYTES = 32 << 10
 TENSORS = 3

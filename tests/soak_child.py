@@ -29,14 +29,13 @@ import sys
 import time
 from typing import Any
 
+import forker
 import torch
+from gc_child import hash_seed
+from states import assert_same
 
 import ckptstore
 from ckptstore.errors import CkptStoreError, CollectorBusy, IntegrityError
-
-import forker
-from gc_child import hash_seed
-from states import assert_same
 
 #: Store settings: 4 KiB chunks, so each tensor of some KiB is a blob of several chunks.
 OPEN = {"chunk_size_bytes": 4096, "inline_threshold_bytes": 256, "delta": "on", "delta_keyframe_interval": 4}

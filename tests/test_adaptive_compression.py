@@ -14,11 +14,11 @@ import torch
 from states import assert_same
 
 import ckptstore
+from ckptstore.balance import EncodingBalance
 from ckptstore.codec import HEADER_SIZE, Codec, Kind, encode_object_bytes, read_header
+from ckptstore.config import StoreConfig
 from ckptstore.errors import InvalidOption
 from ckptstore.ids import content_id
-from ckptstore.balance import EncodingBalance
-from ckptstore.config import StoreConfig
 from ckptstore.layout import CONFIG_KEY
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))

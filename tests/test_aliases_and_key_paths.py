@@ -32,8 +32,8 @@ from torch import nn
 
 import ckptstore
 from ckptstore.errors import ComponentsUnavailable, UnsupportedValue
-from ckptstore.tree import join_key as _join
 from ckptstore.retention import KeepLast, Policy
+from ckptstore.tree import join_key as _join
 
 CHUNK = 4096
 INLINE = 128  # small tensors take the chunked path too

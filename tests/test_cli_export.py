@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import Run, ckpt
 from safetensors.torch import load_file
 
 import ckptstore
-from cli_run import Run, ckpt
 from ckptstore.errors import InvalidOption, StorageError, TargetExists, UnsupportedValue
 
 

@@ -26,7 +26,7 @@ from ckptstore.retention import KeepLast
 HEAVY = ("torch", "numpy")
 
 _RUN = textwrap.dedent(
-    """
+    f"""
     import json, sys
     from ckptstore.cli import main
 
@@ -36,9 +36,8 @@ _RUN = textwrap.dedent(
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     with open(sys.argv[1], "w") as f:
-        json.dump({"code": code, "imported": [m for m in %r if m in sys.modules]}, f)
+        json.dump({{"code": code, "imported": [m for m in {HEAVY!r} if m in sys.modules]}}, f)
     """
-    % (HEAVY,)
 )
 
 
@@ -125,7 +124,7 @@ def test_init_imports_neither(tmp_path: Path) -> None:
 
 
 def test_importing_the_package_loads_neither() -> None:
-    code = "import sys, ckptstore; ckptstore.open; ckptstore.Store; print([m for m in %r if m in sys.modules])" % (HEAVY,)
+    code = f"import sys, ckptstore; ckptstore.open; ckptstore.Store; print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip() == "[]"
 

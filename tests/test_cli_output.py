@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import Run, ok
 from forker import Forker
 from soak import SOAK
 
 import ckptstore
-from cli_run import Run, ok
 from ckptstore.retention import KeepLast, Policy
 
 #: Calls racing the collector, and the longest they may take together.

@@ -11,13 +11,12 @@ import torch
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from states import assert_same, every_dtype
 
 import ckptstore
 from ckptstore.codec import HEADER, MAGIC, Kind, decode_object, encode_object_bytes
 from ckptstore.manifest import Manifest, encode_state
 from ckptstore.tree import unpack_value
-
-from states import assert_same, every_dtype
 
 
 @pytest.mark.parametrize("level", [None, 1, 3, 19])

@@ -36,15 +36,14 @@ import time
 from pathlib import Path
 
 import pytest
+from forker import Forker
 from soak import SOAK
+from soak_child import OPEN, read_log, soak_state
+from states import assert_same
 
 import ckptstore
 from ckptstore.errors import CollectorBusy, IntegrityError
 from ckptstore.gc import GcPlan
-
-from forker import Forker
-from soak_child import OPEN, read_log, soak_state
-from states import assert_same
 
 CHILD = str(Path(__file__).with_name("soak_child.py"))
 SOAK_SECONDS = float(os.environ.get("CKPTSTORE_SOAK_SECONDS", "600")) if SOAK else 15.0

@@ -43,13 +43,12 @@ from faults import (
 from soak import scaled
 
 import ckptstore
+from ckptstore.backends import open_object_store
+from ckptstore.backends.local import LocalObjectStore
 from ckptstore.errors import CkptStoreError, StorageError
 from ckptstore.layout import commit_key
 from ckptstore.lease import read_lease
-from ckptstore.backends import open_object_store
-from ckptstore.backends.local import LocalObjectStore
 from ckptstore.retention import KeepLast
-
 
 #: Store settings that make every commit write several chunks, some of them shared.
 STORE_SETTINGS = {"chunk_size_bytes": 4096, "inline_threshold_bytes": 256, "threads": 4}

@@ -39,8 +39,8 @@ from ckptstore.errors import CollectorBusy, ComponentsUnavailable, PolicyMatches
 from ckptstore.gc import collect
 from ckptstore.layout import LEASE_KEY, WRITERS_PREFIX, chunk_key, commit_key, demotion_key, manifest_key, shallow_key
 from ckptstore.lease import (
-    Heartbeat,
     CollectorLease,
+    Heartbeat,
     read_lease,
     writing,
 )
@@ -387,8 +387,8 @@ class GcMachine(RuleBasedStateMachine):
         out = []
         for policy, commits in governed.items():
             has_loss = any(not math.isnan(self.info[c].metrics.get("eval_loss", math.nan)) for c in commits)
-            for rule in (policy.keep, policy.keep_whole):
-                for r in (rule.rules if isinstance(rule, AnyOf) else (rule,)) if rule is not None else ():
+            for kept in (policy.keep, policy.keep_whole):
+                for r in (kept.rules if isinstance(kept, AnyOf) else (kept,)) if kept is not None else ():
                     if isinstance(r, KeepBest) and r.n and not has_loss:
                         out.append(repr(r))
         return out

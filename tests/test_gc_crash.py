@@ -25,17 +25,16 @@ import time
 from pathlib import Path
 
 import pytest
+from forker import Forker
+from gc_child import kill_policy, race_source, race_state, training_state
 from soak import SOAK
+from states import assert_same
 
 import ckptstore
 from ckptstore.errors import CollectorBusy, ComponentsUnavailable
 from ckptstore.gc import collect
 from ckptstore.layout import DELETION_ORDER, LEASE_KEY, WRITERS_PREFIX
 from ckptstore.retention import KeepBest, KeepLast, Policy
-
-from forker import Forker
-from gc_child import kill_policy, race_source, race_state, training_state
-from states import assert_same
 
 CHILD = str(Path(__file__).with_name("gc_child.py"))
 RACE_COMMITS = 1000 if SOAK else 200

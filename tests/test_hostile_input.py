@@ -47,16 +47,16 @@ from ckptstore.codec import (
     encode_object_bytes,
 )
 from ckptstore.commit import decode_commit
-from ckptstore.ids import content_id
 from ckptstore.errors import CkptStoreError
+from ckptstore.ids import content_id
 from ckptstore.manifest import (
     Manifest,
     TensorKind,
     build_tensor,
     encode_state,
 )
-from ckptstore.tree import unpack_value
 from ckptstore.store import StoreConfig
+from ckptstore.tree import unpack_value
 
 EXAMPLES = 4000 if SOAK else 150
 MiB = 1 << 20

@@ -166,7 +166,7 @@ def test_shard_holding_a_tensor_the_index_places_elsewhere_or_omits_is_refused(t
         ({"a": _f32(4, 0), "b": _f32(4, 8)}, 24, "overlap"),
         ({"a": _f32(4, 0), "b": _f32(4, 24)}, 40, "belong to no tensor"),
         ({"a": _f32(4, 0)}, 24, "belong to no tensor"),  # bytes after the last tensor
-        ('{"a": %s, "a": %s}' % (json.dumps(_f32(4, 0)), json.dumps(_f32(4, 16))), 32, "twice"),
+        (f'{{"a": {json.dumps(_f32(4, 0))}, "a": {json.dumps(_f32(4, 16))}}}', 32, "twice"),
         ('{"a": {"dtype": "F32", "dtype": "I32", "shape": [4], "data_offsets": [0, 16]}}', 16, "twice"),
         ({"a": {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]}}, 16, "malformed entry"),
     ],
@@ -187,8 +187,8 @@ def test_malformed_safetensors_layout_is_refused(tmp_path, header, data_size, ma
     [
         ({"__metadata__": ["format", "pt"], "w": _f32(4, 0)}, "__metadata__"),
         ({"__metadata__": {"step": 5}, "w": _f32(4, 0)}, "__metadata__"),
-        ('{"w\\udcff": %s}' % json.dumps(_f32(4, 0)), "not valid Unicode"),
-        ('{"__metadata__": {"note": "\\ud800"}, "w": %s}' % json.dumps(_f32(4, 0)), "not valid Unicode"),
+        (f'{{"w\\udcff": {json.dumps(_f32(4, 0))}}}', "not valid Unicode"),
+        (f'{{"__metadata__": {{"note": "\\ud800"}}, "w": {json.dumps(_f32(4, 0))}}}', "not valid Unicode"),
     ],
     ids=["metadata-list", "metadata-int-value", "surrogate-name", "surrogate-metadata"],
 )

@@ -30,9 +30,9 @@ from test_faults import (
 )
 
 import ckptstore
-from ckptstore.errors import PreconditionFailed
 from ckptstore.backends.local import LocalObjectStore
 from ckptstore.backends.s3 import S3ObjectStore
+from ckptstore.errors import PreconditionFailed
 from ckptstore.retention import KeepLast
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -22,9 +22,9 @@ from states import assert_same
 
 import ckptstore
 from ckptstore import KeepLast
-from ckptstore.errors import ClockSkew, ConditionalWritesUnsupported, IntegrityError, ObjectNotFound, StorageError
+from ckptstore.errors import ConditionalWritesUnsupported, IntegrityError, StorageError
 from ckptstore.gc import collect, plan
-from ckptstore.layout import LEASE_KEY, WRITERS_PREFIX, chunk_key
+from ckptstore.layout import LEASE_KEY, chunk_key
 from ckptstore.lease import CollectorLease, writing
 from ckptstore.pipeline import ChunkReader
 
@@ -174,7 +174,7 @@ def test_a_collector_in_another_pid_namespace_waits_for_a_live_writer(tmp_path):
     root = str(tmp_path / "store")
     store = ckptstore.open(root, **SMALL)
     states = fine_tuning(2, seed=3)
-    old = store.commit(states[0])
+    store.commit(states[0])
     store.commit({"model": {"other": torch.zeros(4096)}})  # the head: old's chunks are unneeded
     collector = _in_namespace(
         """

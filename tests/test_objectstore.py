@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptstore.errors import ObjectNotFound, PreconditionFailed, StorageError
 from ckptstore.backends import ObjectStore, open_object_store
 from ckptstore.backends.local import LocalObjectStore
+from ckptstore.errors import ObjectNotFound, PreconditionFailed, StorageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_THREADS = 8

@@ -18,10 +18,10 @@ import torch
 from states import assert_same
 
 import ckptstore
+from ckptstore.backends.local import LocalObjectStore
 from ckptstore.codec import CHAIN_PREFIX_BYTES, HEADER_SIZE, Codec, Kind, delta_chain, read_header
 from ckptstore.errors import IntegrityError
 from ckptstore.layout import chunk_key
-from ckptstore.backends.local import LocalObjectStore
 from ckptstore.pipeline import ByteBudget, ChunkReader
 
 CHUNK = 8 << 10

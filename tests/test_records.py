@@ -4,11 +4,11 @@ and the one compare-and-swap retry."""
 import msgpack
 import pytest
 
+from ckptstore.backends.local import LocalObjectStore
 from ckptstore.codec import Kind, encode_object_bytes
 from ckptstore.errors import CkptStoreError, CollectorBusy, IntegrityError, PreconditionFailed, RefConflict
 from ckptstore.layout import LEASE_KEY, chunk_key, commit_key, demotion_key, id_of, kind_of, shallow_key, writer_marker_key
 from ckptstore.lease import read_lease
-from ckptstore.backends.local import LocalObjectStore
 from ckptstore.records import (
     MAX_RECORD_BYTES,
     decode_record,

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
+from repack_child import CHUNK_SIZE_BYTES, check_commit, state
+from states import assert_same
 
 import ckptstore
 from ckptstore.cli import cli
 from ckptstore.codec import HEADER_SIZE, Codec, Kind, read_header
 from ckptstore.layout import chunk_key
 from ckptstore.repack import reachable_commits
-
-from repack_child import CHUNK_SIZE_BYTES, check_commit, state
-from states import assert_same
 
 CHILD = str(Path(__file__).resolve().parent / "repack_child.py")
 

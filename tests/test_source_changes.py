@@ -5,12 +5,9 @@ chunk that a later clean commit would trust and reuse."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +15,6 @@ import torch
 
 import ckptstore
 from ckptstore.errors import SourceChanged
-from ckptstore.ids import content_id
 from ckptstore.manifest import ChunkRef
 from ckptstore.pipeline import ChunkReader
 

@@ -16,12 +16,11 @@ import textwrap
 import msgpack
 import pytest
 import torch
+from states import assert_same, full_state, trained
 
 import ckptstore
 from ckptstore.backends import open_object_store
 from ckptstore.layout import chunk_key, commit_key, manifest_key
-
-from states import assert_same, full_state, trained
 
 CHUNK = 4096
 INLINE = 256  # shrunk with the chunk size so small tensors take the chunked path

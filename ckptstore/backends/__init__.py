@@ -80,7 +80,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar, Union
+from typing import Any, BinaryIO, TypeVar
 
 from ..errors import (
     CkptStoreError,
@@ -93,9 +93,9 @@ from ..errors import (
 )
 
 T = TypeVar("T")
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 #: What a write accepts: one buffer, or a sequence of buffers written in order.
-Data = Union[Buffer, Sequence[Buffer]]
+Data = Buffer | Sequence[Buffer]
 
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
 

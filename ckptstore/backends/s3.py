@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..errors import CkptStoreError, ConditionalWritesUnsupported, ObjectNotFound, PreconditionFailed, StorageError
-from ..redaction import redact_credentials_in_logs
 from ..layout import PROBE_PREFIX
+from ..redaction import redact_credentials_in_logs
 from . import Data, ObjectInfo, _chain, _joined, _translated
 from .fsspec import _FsspecObjectStore, _modified_s
 

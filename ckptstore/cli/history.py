@@ -11,13 +11,26 @@ from ..commit import Commit
 from ..diff import Diff
 from ..history import newest_first
 from ..layout import commit_key
-from ..records import demoted_commit_ids, dropped_components
 from ..manifest import Manifest
+from ..records import demoted_commit_ids, dropped_components
 from ..refs import LATEST
 from ..store import Store
 from ..usage import CommitUsage, read_racing_collector, reading_commit
 from .context import Context, pass_ctx
-from .output import commit_json, echo_json, gc_marks, gc_marks_json, human_bytes, json_text, metrics_text, new_bytes_text, oneline_text, printable, ref_decorations, step_of
+from .output import (
+    commit_json,
+    echo_json,
+    gc_marks,
+    gc_marks_json,
+    human_bytes,
+    json_text,
+    metrics_text,
+    new_bytes_text,
+    oneline_text,
+    printable,
+    ref_decorations,
+    step_of,
+)
 
 
 @click.command()

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO
 
+from .._host import fsync_directory
 from ..errors import (
     CkptStoreError,
     ExportBusy,
@@ -34,7 +35,6 @@ from ..errors import (
     TargetExists,
     UnsupportedValue,
 )
-from .._host import fsync_directory
 
 #: The component that holds a checkpoint directory's other files (``config.json``, tokenizer
 #: files, ``1_Pooling/config.json``): relative POSIX path → the file's bytes as a uint8 tensor.

@@ -18,9 +18,9 @@ from ..errors import CkptStoreError
 from ..gc import DEFAULT_GRACE_PERIOD_S, GcPlan
 from ..history import collect, newest_first
 from ..records import demoted_commit_ids, dropped_components
-from ..tree import split_key_path
 from ..retention import Retention as RetentionPolicy
 from ..store import Store
+from ..tree import split_key_path
 
 
 @dataclass(frozen=True)

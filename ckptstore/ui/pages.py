@@ -17,8 +17,8 @@ from typing import Any
 
 from ..codec import HEADER_SIZE, Kind, read_header
 from ..errors import CkptStoreError
-from ..manifest import Manifest
 from ..layout import chunk_key
+from ..manifest import Manifest
 from ..store import Store
 from ..usage import Usage, store_sizes
 from .model import History, component_of

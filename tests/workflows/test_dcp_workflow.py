@@ -15,8 +15,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 import ckptstore
 from ckptstore.dcp_layout import DcpSave
-from ckptstore.integrations.distributed import StoreReader, StoreWriter
 from ckptstore.errors import ComponentsUnavailable, InvalidOption, InvalidRefName, NotExportable, UnsupportedValue
+from ckptstore.integrations.distributed import StoreReader, StoreWriter
 from ckptstore.integrations.training import BRANCH_ENV, REF_ENV
 from ckptstore.layout import manifest_key
 from tests.dist_worker import BERT_CONFIG, bert_training_state, change_one_percent
