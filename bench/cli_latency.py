@@ -51,7 +51,13 @@ def build_store(url: str, *, commits: int) -> None:
             if step == commits // 4:
                 store.branch("sweep")
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
-            store.commit(state, branch=branch, message=f"step {step}", metrics={"train_loss": loss.item()}, tags=[f"step-{step}"] if step % 50 == 0 else ())
+            store.commit(
+                state,
+                branch=branch,
+                message=f"step {step}",
+                metrics={"train_loss": loss.item()},
+                tags=[f"step-{step}"] if step % 50 == 0 else (),
+            )
 
 
 def ckpt_command() -> list[str]:

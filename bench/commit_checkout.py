@@ -180,13 +180,25 @@ def _bars(report: dict, med: dict[str, float]) -> list[str]:
         lines.append(f"- {'PASS' if ok else 'FAIL'}: {label} ({detail})")
 
     save, commit = med.get("torch.save + fsync"), med.get("ckptstore first commit")
-    check("first commit ≤ 1.5 × torch.save", commit <= 1.5 * save, f"{commit:.3f}s vs 1.5 × {save:.3f}s = {1.5 * save:.3f}s; ratio {commit / save:.2f}")
+    check(
+        "first commit ≤ 1.5 × torch.save",
+        commit <= 1.5 * save,
+        f"{commit:.3f}s vs 1.5 × {save:.3f}s = {1.5 * save:.3f}s; ratio {commit / save:.2f}",
+    )
     for cache in report["caches"]:
         suffix = f" [{cache}]" if len(report["caches"]) > 1 else ""
         load, co = med.get("torch.load" + suffix), med.get("ckptstore checkout" + suffix)
-        check(f"checkout ≤ 1.5 × torch.load{suffix}", co <= 1.5 * load, f"{co:.3f}s vs 1.5 × {load:.3f}s = {1.5 * load:.3f}s; ratio {co / load:.2f}")
+        check(
+            f"checkout ≤ 1.5 × torch.load{suffix}",
+            co <= 1.5 * load,
+            f"{co:.3f}s vs 1.5 × {load:.3f}s = {1.5 * load:.3f}s; ratio {co / load:.2f}",
+        )
     pct = med.get("ckptstore 1%-changed re-commit")
-    check("1%-changed re-commit ≥ 5× faster than torch.save", save >= 5 * pct, f"{pct:.3f}s vs torch.save {save:.3f}s: {save / pct:.1f}× faster")
+    check(
+        "1%-changed re-commit ≥ 5× faster than torch.save",
+        save >= 5 * pct,
+        f"{pct:.3f}s vs torch.save {save:.3f}s: {save / pct:.1f}× faster",
+    )
     report["bar"] = {"pass": all(verdicts), "medians_s": med}
     lines.append(f"\nOverall: {'PASS' if all(verdicts) else 'FAIL'}")
     return lines
@@ -195,12 +207,14 @@ def _bars(report: dict, med: dict[str, float]) -> list[str]:
 def summarize(report: dict, args) -> str:
     setup, runs = report["setup"], report["runs"]
     logical = setup["logical_bytes"]
-    lines = [(
-        f"State: {args.size}, {setup['n_params'] / 1e6:.1f}M params + AdamW exp_avg/exp_avg_sq, "
-        f"{setup['n_tensors']} tensors, {logical / GB:.3f} GB logical (each storage once). "
-        f"1%-changed: {len(setup['changed'])} of {setup['n_candidates']} tensors, {setup['changed_bytes'] / MB:.1f} MB. "
-        f"Median of {args.repeat}; GB = 1e9 B; RSS in MB = 1e6 B."
-    )]
+    lines = [
+        (
+            f"State: {args.size}, {setup['n_params'] / 1e6:.1f}M params + AdamW exp_avg/exp_avg_sq, "
+            f"{setup['n_tensors']} tensors, {logical / GB:.3f} GB logical (each storage once). "
+            f"1%-changed: {len(setup['changed'])} of {setup['n_candidates']} tensors, {setup['changed_bytes'] / MB:.1f} MB. "
+            f"Median of {args.repeat}; GB = 1e9 B; RSS in MB = 1e6 B."
+        )
+    ]
     cfg = next((r[0].get("store_config") for r in runs.values() if r[0].get("store_config")), {})
     thr = next((r[0].get("store_threads") for r in runs.values() if r[0].get("store_threads")), None)
     lines.append(f"ckptstore: chunk {cfg.get('chunk_size_bytes', 0) / (1 << 20):g} MiB, compression_level {cfg.get('compression_level')}, threads {thr}.")

@@ -87,7 +87,17 @@ class Tally:
         self.decode_s = defaultdict(float)
         self.codecs = defaultdict(lambda: defaultdict(int))
 
-    def encode(self, component: str, method: str, chunk: np.ndarray, *, group: int, base: np.ndarray | None = None, delta: str = "on", min_saving: float = MIN_SAVING) -> int:
+    def encode(
+        self,
+        component: str,
+        method: str,
+        chunk: np.ndarray,
+        *,
+        group: int,
+        base: np.ndarray | None = None,
+        delta: str = "on",
+        min_saving: float = MIN_SAVING,
+    ) -> int:
         """Encode, decode and check ``chunk``; tally it and return its stored size."""
         delta_base = DeltaBase.of(base, (content_id(base),), group_bytes=group) if base is not None else None
         start = time.perf_counter()
@@ -124,7 +134,9 @@ def print_rows(title: str, rows: list[dict]) -> None:
     print(f"|{'-' * 16}|{'-' * 14}|{'-' * 10}|{'-' * 12}|{'-' * 18}|{'-' * 18}|--------|")
     for r in rows:
         codecs = ", ".join(f"{k} {v}" for k, v in sorted(r["codecs"].items()))
-        print(f"| {r['component']:<14} | {r['method']:<12} | {r['raw_bytes'] / 1e6:>8.1f} | {r['fraction']:>10.3f} | {r['encode_MBps']:>16.0f} | {r['decode_MBps']:>16.0f} | {codecs} |")
+        print(
+            f"| {r['component']:<14} | {r['method']:<12} | {r['raw_bytes'] / 1e6:>8.1f} | {r['fraction']:>10.3f} | {r['encode_MBps']:>16.0f} | {r['decode_MBps']:>16.0f} | {codecs} |"
+        )
 
 
 def real_model(args) -> list[dict]:
@@ -247,7 +259,13 @@ class FineTuning:
         store_rows["logical_bytes"] = dict(self.logical)
         store_rows["commits"] = self.commits
         store_rows["delta_vs_whole"] = {
-            kind: {"chunks": len(r), "min": min(r), "median": statistics.median(r), "max": max(r), "share_at_most_auto_ratio": sum(x <= DELTA_AUTO_MAX_RATIO for x in r) / len(r)}
+            kind: {
+                "chunks": len(r),
+                "min": min(r),
+                "median": statistics.median(r),
+                "max": max(r),
+                "share_at_most_auto_ratio": sum(x <= DELTA_AUTO_MAX_RATIO for x in r) / len(r),
+            }
             for kind, r in self.delta_vs_whole.items()
         }
         return store_rows
@@ -293,7 +311,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--keyframe", type=int, default=8)
-    parser.add_argument("--stores-only", action="store_true", help="only the stores' commit throughput (about 6 minutes): no real-model part, no per-encoding tally")
+    parser.add_argument(
+        "--stores-only",
+        action="store_true",
+        help="only the stores' commit throughput (about 6 minutes): no real-model part, no per-encoding tally",
+    )
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     args.chunk_bytes = int(args.chunk_size_mb * (1 << 20))
@@ -312,7 +334,7 @@ def main() -> None:
     if sequence:
         print_rows(f"Fine-tuning: {stores['commits']} commits every {args.every} steps, lr {args.lr}, keyframe every {args.keyframe}", sequence)
     if stores["delta_vs_whole"]:
-        print(f"\nDeltas per chunk (>= 100 kB): stored size over the chunk's own encoding (delta=\"auto\" keeps those <= {DELTA_AUTO_MAX_RATIO})")
+        print(f'\nDeltas per chunk (>= 100 kB): stored size over the chunk\'s own encoding (delta="auto" keeps those <= {DELTA_AUTO_MAX_RATIO})')
         for kind, q in stores["delta_vs_whole"].items():
             print(f"  {kind:<16}: {q['chunks']:4d} chunks, min {q['min']:.2f}, median {q['median']:.2f}, max {q['max']:.2f}, "
                   f"{q['share_at_most_auto_ratio']:.0%} at most {DELTA_AUTO_MAX_RATIO}")  # fmt: skip
@@ -328,7 +350,9 @@ def main() -> None:
         fraction = {r["method"]: r["fraction"] for r in sequence if r["component"] == "bf16 weights"}
         bf16_real = next(r["fraction"] for r in real if r["component"] == "bf16 weights" and r["method"] == "grouped")
         print(f"  bf16 weights of the real model, byte-grouped: {bf16_real:.3f} of raw (bar <= 0.72): {'PASS' if bf16_real <= 0.72 else 'FAIL'}")
-        print(f"  bf16 fine-tuning commits with delta encoding: {fraction['delta']:.3f} of raw (bar <= 0.45): {'PASS' if fraction['delta'] <= 0.45 else 'FAIL'}")
+        print(
+            f"  bf16 fine-tuning commits with delta encoding: {fraction['delta']:.3f} of raw (bar <= 0.45): {'PASS' if fraction['delta'] <= 0.45 else 'FAIL'}"
+        )
     for method, label in (("grouped", "automatic codec choice (the default store)"), ("delta auto", 'delta="auto"')):
         for seq in ("bf16", "fp32"):
             row = stores[seq][method]

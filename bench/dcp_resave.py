@@ -74,7 +74,11 @@ def saves(url: str, delta: str) -> dict[str, float]:
     change_one_percent(model, opt)
     started = time.perf_counter()
     writer = StoreWriter(store, message="second")
-    dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, storage_writer=writer, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+    dcp.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict()},
+        storage_writer=writer,
+        planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+    )
     second_s = time.perf_counter() - started
     added = store.du().physical_bytes - first_bytes
     return {"state": state_bytes(model, opt), "first": first_bytes, "added": added, "first_s": first_s, "second_s": second_s,
@@ -110,7 +114,24 @@ def main() -> None:
     parser.add_argument("--delta", choices=("off", "on", "auto"), nargs="*", default=["off", "on", "auto"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("\n".join(table_header(["ranks", "delta", "state (MB)", "first save stored (MB)", "re-save added (MB)", "added / state", "delta chunks", "first save (s)", "re-save (s)"], "lllllllll")))
+    print(
+        "\n".join(
+            table_header(
+                [
+                    "ranks",
+                    "delta",
+                    "state (MB)",
+                    "first save stored (MB)",
+                    "re-save added (MB)",
+                    "added / state",
+                    "delta chunks",
+                    "first save (s)",
+                    "re-save (s)",
+                ],
+                "lllllllll",
+            )
+        )
+    )
     for ranks in args.ranks:
         for delta in args.delta:
             r = run(ranks, delta)

@@ -83,7 +83,11 @@ def run_child(args) -> dict:
     if args.op == "setup":
         t0 = time.perf_counter()
         state, model = build_state(args.size, args.seed)
-        result: dict[str, Any] = {"op": "setup", "build_s": time.perf_counter() - t0, "n_params": sum(p.numel() for p in model.parameters())}
+        result: dict[str, Any] = {
+            "op": "setup",
+            "build_s": time.perf_counter() - t0,
+            "n_params": sum(p.numel() for p in model.parameters()),
+        }
         for dtype, st in (("fp32", state), ("bf16", to_bf16(state))):
             torch.save(st, os.path.join(args.workdir, f"source-{dtype}.pt"))
             result[dtype] = describe(st)
@@ -197,11 +201,40 @@ class Parent:
 
     def __init__(self, args) -> None:
         self.args = args
-        self.children = Children(os.path.abspath(__file__), args.workdir, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        self.children = Children(
+            os.path.abspath(__file__),
+            args.workdir,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
 
-    def child(self, op: str, target: str = "", *, dtype: str = "fp32", threads: int | None = None, verify: bool = False, extra: list[str] | None = None) -> dict:
+    def child(
+        self,
+        op: str,
+        target: str = "",
+        *,
+        dtype: str = "fp32",
+        threads: int | None = None,
+        verify: bool = False,
+        extra: list[str] | None = None,
+    ) -> dict:
         a = self.args
-        argv = ["--op", op, "--workdir", a.workdir, "--target", target, "--size", a.size, "--seed", str(a.seed), "--dtype", dtype, *cli.store_argv(a, threads)]
+        argv = [
+            "--op",
+            op,
+            "--workdir",
+            a.workdir,
+            "--target",
+            target,
+            "--size",
+            a.size,
+            "--seed",
+            str(a.seed),
+            "--dtype",
+            dtype,
+            *cli.store_argv(a, threads),
+        ]
         return self.children.run(argv + (["--verify"] if verify else []) + (extra or []))
 
 
@@ -298,7 +331,10 @@ def run_async(args, report: dict, parent: Parent) -> None:
         wait_for_quiet(args.max_load, args.max_wait_s)
         store = os.path.join(args.workdir, f"async-{r}")
         res = parent.child("async", store, extra=["--async-commits", str(args.async_commits)])
-        cli.log(f"async: blocking {res['blocking_changed']['seconds']:.3f}s; async returns " + ", ".join(f"{a['seconds']:.3f}s" for a in res["async"]), load=True)
+        cli.log(
+            f"async: blocking {res['blocking_changed']['seconds']:.3f}s; async returns " + ", ".join(f"{a['seconds']:.3f}s" for a in res["async"]),
+            load=True,
+        )
         out.append(res)
         shutil.rmtree(store)
     report["async"] = out
@@ -313,7 +349,14 @@ def run_memory(args, report: dict, parent: Parent) -> None:
     for r in range(args.extra_repeat):
         wait_for_quiet(args.max_load, args.max_wait_s)
         store = os.path.join(args.workdir, f"memory-{r}")
-        extra = ["--mem-bytes", str(args.mem_bytes), "--mem-tensor-bytes", str(args.mem_tensor_bytes), "--mem-budget-bytes", str(args.mem_budget_bytes)]
+        extra = [
+            "--mem-bytes",
+            str(args.mem_bytes),
+            "--mem-tensor-bytes",
+            str(args.mem_tensor_bytes),
+            "--mem-budget-bytes",
+            str(args.mem_budget_bytes),
+        ]
         os.sync()
         c = parent.child("mem_commit", store, extra=extra)
         cli.log(f"memory: commit {c['seconds']:.1f}s, extra peak RSS {c['extra_peak_rss'] / MiB:,.0f} MiB", load=True)
@@ -351,7 +394,10 @@ def _dtype_table(report: dict, args, dtype: str) -> list[str]:
     runs, s = report["table"][dtype], report["setup"][dtype]
     logical = s["logical_bytes"]
     lines = [f"\n### {dtype} state: {fmt_size(logical)}, {s['n_tensors']} tensors; median of {args.repeat}\n"]
-    lines += table_header(["operation", "median s", "GB/s", "CPU s", "others' CPU s", "on disk", "extra peak RSS", "peak RSS", "load avg", "all runs (s)"], "lrrrrrrrrl")
+    lines += table_header(
+        ["operation", "median s", "GB/s", "CPU s", "others' CPU s", "on disk", "extra peak RSS", "peak RSS", "load avg", "all runs (s)"],
+        "lrrrrrrrrl",
+    )
     for name, rs in runs.items():
         m = _med(rs)
         disk = "—"
@@ -372,7 +418,9 @@ def _dtype_table(report: dict, args, dtype: str) -> list[str]:
     )
     cold_res = [r.get("resident_before") for n, rs in runs.items() if "[cold]" in n for r in rs]
     if any(x is not None for x in cold_res):
-        lines.append(f"Cold reads: at most {max(x for x in cold_res if x is not None) / MB:.1f} MB of the files were in the page cache before the read (fincore).")
+        lines.append(
+            f"Cold reads: at most {max(x for x in cold_res if x is not None) / MB:.1f} MB of the files were in the page cache before the read (fincore)."
+        )
     return lines
 
 
@@ -388,7 +436,13 @@ def _table_bars(report: dict, args, bars: Bars) -> list[str]:
     for dtype in args.dtypes:
         fastest, peer = _fastest_save(table[dtype])
         commit = _med(table[dtype]["ckptstore first commit"])
-        lines.append(bars.check(f"(1) {dtype} durable first commit ≤ fastest durable peer", commit <= peer, f"{commit:.3f} s vs {fastest} {peer:.3f} s (ratio {commit / peer:.2f})"))
+        lines.append(
+            bars.check(
+                f"(1) {dtype} durable first commit ≤ fastest durable peer",
+                commit <= peer,
+                f"{commit:.3f} s vs {fastest} {peer:.3f} s (ratio {commit / peer:.2f})",
+            )
+        )
     for dtype in args.dtypes:
         for cache, need in (("warm", 0.9), ("cold", 1.0)):
             load, co = _med(table[dtype][f"torch.load [{cache}]"]), _med(table[dtype][f"ckptstore checkout [{cache}]"])
@@ -397,10 +451,22 @@ def _table_bars(report: dict, args, bars: Bars) -> list[str]:
     for dtype in args.dtypes:
         runs = table[dtype]
         st, co = _med(runs[f"{ST_TOUCHED} [cold]"]), _med(runs["ckptstore checkout [cold]"])
-        lines.append(bars.check(f"(4) {dtype} checkout cold ≥ 0.9× safetensors load_file (mmap, every page touched), cold", st / co >= 0.9, f"checkout {co:.3f} s vs {st:.3f} s: {st / co:.2f}× its speed"))
+        lines.append(
+            bars.check(
+                f"(4) {dtype} checkout cold ≥ 0.9× safetensors load_file (mmap, every page touched), cold",
+                st / co >= 0.9,
+                f"checkout {co:.3f} s vs {st:.3f} s: {st / co:.2f}× its speed",
+            )
+        )
         need = 1.5 if dtype == "fp32" else 1.0
         load, co = _med(runs["torch.load [warm]"]), _med(runs["ckptstore checkout [warm]"])
-        lines.append(bars.check(f"(4) {dtype} checkout warm ≥ {need:g}× torch.load speed", load / co >= need, f"checkout {co:.3f} s vs torch.load {load:.3f} s: {load / co:.2f}×"))
+        lines.append(
+            bars.check(
+                f"(4) {dtype} checkout warm ≥ {need:g}× torch.load speed",
+                load / co >= need,
+                f"checkout {co:.3f} s vs torch.load {load:.3f} s: {load / co:.2f}×",
+            )
+        )
         if "ckptstore checkout, repacked [cold]" in runs:  # reported beside the bars, not a bar
             cold, warm = _med(runs["ckptstore checkout, repacked [cold]"]), _med(runs["ckptstore checkout, repacked [warm]"])
             stored = runs["ckptstore repack (both commits)"][0]["repack"]
@@ -411,7 +477,13 @@ def _table_bars(report: dict, args, bars: Bars) -> list[str]:
         pct_runs = table[dtype]["ckptstore 1%-changed re-commit"]
         pct, new_bytes = _med(pct_runs), statistics.median(r["stats"]["new_bytes"] for r in pct_runs)
         changed = report["setup"][dtype]["changed_bytes"]
-        lines.append(bars.check(f"(3) {dtype} 1%-changed re-commit ≥ 10× faster than the fastest peer's save", peer >= 10 * pct, f"{pct:.3f} s vs {fastest} {peer:.3f} s: {peer / pct:.1f}× faster"))
+        lines.append(
+            bars.check(
+                f"(3) {dtype} 1%-changed re-commit ≥ 10× faster than the fastest peer's save",
+                peer >= 10 * pct,
+                f"{pct:.3f} s vs {fastest} {peer:.3f} s: {peer / pct:.1f}× faster",
+            )
+        )
         lines.append(bars.check(f"(3) {dtype} 1%-changed re-commit writes ≤ 1.1× the changed bytes", new_bytes <= 1.1 * changed,
                                 f"new_bytes {new_bytes:,.0f} B vs changed {changed:,} B: {new_bytes / changed:.3f}×"))  # fmt: skip
     return lines
@@ -420,7 +492,21 @@ def _table_bars(report: dict, args, bars: Bars) -> list[str]:
 def _threads_section(report: dict, args) -> list[str]:
     t, logical = report["threads"], report["setup"]["fp32"]["logical_bytes"]
     lines = [f"\n### Thread scaling (fp32, {fmt_size(logical)}; {args.extra_repeat} run(s), median)\n"]
-    lines += table_header(["threads", "commit s", "commit GB/s", "commit extra peak RSS", "checkout warm s", "GB/s", "checkout cold s", "GB/s", "checkout extra peak RSS", "load avg"], "rrrrrrrrrr")
+    lines += table_header(
+        [
+            "threads",
+            "commit s",
+            "commit GB/s",
+            "commit extra peak RSS",
+            "checkout warm s",
+            "GB/s",
+            "checkout cold s",
+            "GB/s",
+            "checkout extra peak RSS",
+            "load avg",
+        ],
+        "rrrrrrrrrr",
+    )
     for n in args.thread_counts:
         c, w, k = t[f"{n}/commit"], t[f"{n}/checkout warm"], t[f"{n}/checkout cold"]
         lines.append(f"| {n} | {_med(c):.3f} | {logical / GB / _med(c):.2f} | {_med(c, 'extra_peak_rss') / MB:,.0f} MB | {_med(w):.3f} | {logical / GB / _med(w):.2f} | "
@@ -431,19 +517,44 @@ def _threads_section(report: dict, args) -> list[str]:
 def _async_section(report: dict, args, bars: Bars) -> tuple[list[str], list[str]]:
     a = report["async"]
     lines = [f"\n### Async commit (fp32; every tensor changed before each commit; {args.extra_repeat} run(s))\n"]
-    lines += table_header(["commit", "returns after (s)", "finished after (s)", "CPU s (blocking part)", "others' CPU s", "memcpy GB/s just before", "extra peak RSS", "new bytes"], "lrrrrrrr")
+    lines += table_header(
+        [
+            "commit",
+            "returns after (s)",
+            "finished after (s)",
+            "CPU s (blocking part)",
+            "others' CPU s",
+            "memcpy GB/s just before",
+            "extra peak RSS",
+            "new bytes",
+        ],
+        "lrrrrrrr",
+    )
     for res in a:
-        for label, e in (("blocking, first (empty store)", res["blocking_first"]), ("blocking, all tensors changed", res["blocking_changed"])):
-            lines.append(f"| {label} | {e['seconds']:.3f} | {e['seconds']:.3f} | {e['cpu_s']:.2f} | {e['others_cpu_s']:.2f} | — | {e['extra_peak_rss'] / MB:,.0f} MB | {fmt_size(e['stats']['new_bytes'])} |")
+        for label, e in (
+            ("blocking, first (empty store)", res["blocking_first"]),
+            ("blocking, all tensors changed", res["blocking_changed"]),
+        ):
+            lines.append(
+                f"| {label} | {e['seconds']:.3f} | {e['seconds']:.3f} | {e['cpu_s']:.2f} | {e['others_cpu_s']:.2f} | — | {e['extra_peak_rss'] / MB:,.0f} MB | {fmt_size(e['stats']['new_bytes'])} |"
+            )
         for i, e in enumerate(res["async"]):
             label = "async #1 (allocates the staging buffers)" if i == 0 else f"async #{i + 1} (reuses them)"
-            lines.append(f"| {label} | {e['seconds']:.3f} | {e['total_s']:.3f} | {e['cpu_s']:.2f} | {e['others_cpu_s']:.2f} | {e['memcpy_gbps_before']:.1f} | {e['extra_peak_rss'] / MB:,.0f} MB | {fmt_size(e['stats']['new_bytes'])} |")
+            lines.append(
+                f"| {label} | {e['seconds']:.3f} | {e['total_s']:.3f} | {e['cpu_s']:.2f} | {e['others_cpu_s']:.2f} | {e['memcpy_gbps_before']:.1f} | {e['extra_peak_rss'] / MB:,.0f} MB | {fmt_size(e['stats']['new_bytes'])} |"
+            )
     blocking = statistics.median(r["blocking_changed"]["seconds"] for r in a)
     first = statistics.median(r["async"][0]["seconds"] for r in a)
     steady = statistics.median(e["seconds"] for r in a for e in r["async"][1:]) if len(a[0]["async"]) > 1 else float("nan")
     more = [(f"- (4) async commit, first: blocks {first:.3f} s = {100 * first / blocking:.1f}% of a blocking commit ({blocking:.3f} s) — "
              f"{'within' if first <= 0.1 * blocking else 'over'} 10% (informational; the bar is the steady state)")]  # fmt: skip
-    more.append(bars.check("(4) async commit, steady state: blocking part ≤ 10% of a blocking commit", steady <= 0.1 * blocking, f"{steady:.3f} s = {100 * steady / blocking:.1f}% of {blocking:.3f} s"))
+    more.append(
+        bars.check(
+            "(4) async commit, steady state: blocking part ≤ 10% of a blocking commit",
+            steady <= 0.1 * blocking,
+            f"{steady:.3f} s = {100 * steady / blocking:.1f}% of {blocking:.3f} s",
+        )
+    )
     return lines, more
 
 
@@ -456,8 +567,12 @@ def _memory_section(report: dict, args, bars: Bars) -> tuple[list[str], list[str
         state = c["state_bytes"]
         lim_c = c["budget"] + 256 * MiB
         lim_co = state + c["budget"] + 256 * MiB
-        lines.append(f"| commit (state already in RSS) | {c['seconds']:.1f} | {state / GB / c['seconds']:.2f} | {c['rss_before'] / MiB:,.0f} | {c['peak_rss'] / MiB:,.0f} | {c['extra_peak_rss'] / MiB:,.0f} | {lim_c / MiB:,.0f} |")
-        lines.append(f"| checkout, cold (into an empty process) | {co['seconds']:.1f} | {state / GB / co['seconds']:.2f} | {co['rss_before'] / MiB:,.0f} | {co['peak_rss'] / MiB:,.0f} | {co['extra_peak_rss'] / MiB:,.0f} | {lim_co / MiB:,.0f} |")
+        lines.append(
+            f"| commit (state already in RSS) | {c['seconds']:.1f} | {state / GB / c['seconds']:.2f} | {c['rss_before'] / MiB:,.0f} | {c['peak_rss'] / MiB:,.0f} | {c['extra_peak_rss'] / MiB:,.0f} | {lim_c / MiB:,.0f} |"
+        )
+        lines.append(
+            f"| checkout, cold (into an empty process) | {co['seconds']:.1f} | {state / GB / co['seconds']:.2f} | {co['rss_before'] / MiB:,.0f} | {co['peak_rss'] / MiB:,.0f} | {co['extra_peak_rss'] / MiB:,.0f} | {lim_co / MiB:,.0f} |"
+        )
         more.append(bars.check("(5) commit: peak RSS ≤ state + budget + 256 MiB", c["peak_rss"] - c["rss_interp"] <= state + lim_c,
                                f"peak − interpreter = {(c['peak_rss'] - c['rss_interp']) / MiB:,.0f} MiB ≤ {(state + lim_c) / MiB:,.0f} MiB; growth over the state {c['extra_peak_rss'] / MiB:,.0f} MiB"))  # fmt: skip
         more.append(bars.check("(5) checkout: peak RSS ≤ state + budget + 256 MiB", co["extra_peak_rss"] <= lim_co,
@@ -547,7 +662,10 @@ def run_parts(args, parts: list[str]) -> dict:
             report["setup"] = parent.child("setup")
             with open(os.path.join(args.workdir, "setup.json"), "w") as f:
                 json.dump(report["setup"], f)
-            cli.log(f"setup: built in {report['setup']['build_s']:.1f}s; fp32 {report['setup']['fp32']['logical_bytes'] / GB:.3f} GB, bf16 {report['setup']['bf16']['logical_bytes'] / GB:.3f} GB", load=True)
+            cli.log(
+                f"setup: built in {report['setup']['build_s']:.1f}s; fp32 {report['setup']['fp32']['logical_bytes'] / GB:.3f} GB, bf16 {report['setup']['bf16']['logical_bytes'] / GB:.3f} GB",
+                load=True,
+            )
         for part, fn in PARTS.items():
             if part in parts:
                 cli.log(f"part: {part}", load=True)

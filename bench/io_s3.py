@@ -172,10 +172,32 @@ def _empty_bucket(client: Any, bucket: str) -> None:
     client.delete_bucket(Bucket=bucket)
 
 
-def _measure_pair(child: Any, args, out: dict, servers: tuple[Any, list], bucket: str, key: str, ep: str, n: int, *, latency: float, first: bool, trace: str) -> None:
+def _measure_pair(
+    child: Any,
+    args,
+    out: dict,
+    servers: tuple[Any, list],
+    bucket: str,
+    key: str,
+    ep: str,
+    n: int,
+    *,
+    latency: float,
+    first: bool,
+    trace: str,
+) -> None:
     """Commit, then check out (verified on the first run), the S3 state in ``bucket``."""
     moto, proxies = servers
-    extra = ["--s3-bytes", str(args.s3_bytes), "--s3-tensor-bytes", str(args.s3_tensor_bytes), "--s3-chunk-bytes", str(args.s3_chunk_bytes), "--endpoint", ep]
+    extra = [
+        "--s3-bytes",
+        str(args.s3_bytes),
+        "--s3-tensor-bytes",
+        str(args.s3_tensor_bytes),
+        "--s3-chunk-bytes",
+        str(args.s3_chunk_bytes),
+        "--endpoint",
+        ep,
+    ]
     for opname, verify in (("commit", False), ("checkout", first)):
         offset = os.path.getsize(trace)
         cpu0 = (_cpu_s(moto), sum(_cpu_s(p) for p in proxies))

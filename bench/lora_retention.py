@@ -196,6 +196,7 @@ def snapshot_trainable(model: GPT2LoRA, opt: torch.optim.Optimizer) -> dict[str,
 # --------------------------------------------------------------------------------------------
 # The run
 
+
 class LoRARun:
     """The LoRA run in ``workdir``: the model, its optimizer and task, the store, and every
     commit's figures (``commits``) and trainable tensors (``snapshots``, to check checkouts)."""
@@ -387,6 +388,7 @@ def run(args) -> dict[str, Any]:
     report["machine"]["loadavg_1m"] = [load_start[0], os.getloadavg()[0]]  # other work on the machine skews the times
     return report
 
+
 # --------------------------------------------------------------------------------------------
 # Report
 
@@ -405,15 +407,19 @@ def summarize(report: dict[str, Any]) -> str:
     recommit = [c["commit_s"] for c in commits[1:]]
     per_manifest = statistics.median(c["new_bytes"] for c in commits[1:]) if n > 1 else float("nan")
     lines = [
-        (f"Run: {a['size']} base in {a['base_dtype']}, {m['base_params'] / 1e6:.1f}M params = {fmt_bytes(m['base_bytes'])} "
-        f"(tied lm_head counted once); LoRA rank {a['rank']} on q and v of every layer: {m['adapter_tensors']} tensors, "
-        f"{m['adapter_params']:,} params fp32 = {fmt_bytes(m['adapter_bytes'])}; AdamW state {fmt_bytes(m['optimizer_bytes'])} "
-        f"({m['optimizer_tensors']} tensors). {n} commits, {a['steps_per_commit']} AdamW steps each. MB = 1e6 B."),
-        (f"Each later commit writes no chunk, only a manifest of {fmt_bytes(per_manifest)} (median `CommitStats.new_bytes`) and a "
-        f"commit object of about {report['before_gc']['store']['commits']['apparent'] // n} B, against "
-        f"{fmt_bytes(m['adapter_bytes'] + m['optimizer_bytes'])} of adapter + optimizer state. The manifest also carries "
-        f"the {m['base_inline_tensors']} base tensors ≤ the inline threshold (biases, layernorms: "
-        f"{fmt_bytes(m['base_inline_bytes'])}) again each time."),
+        (
+            f"Run: {a['size']} base in {a['base_dtype']}, {m['base_params'] / 1e6:.1f}M params = {fmt_bytes(m['base_bytes'])} "
+            f"(tied lm_head counted once); LoRA rank {a['rank']} on q and v of every layer: {m['adapter_tensors']} tensors, "
+            f"{m['adapter_params']:,} params fp32 = {fmt_bytes(m['adapter_bytes'])}; AdamW state {fmt_bytes(m['optimizer_bytes'])} "
+            f"({m['optimizer_tensors']} tensors). {n} commits, {a['steps_per_commit']} AdamW steps each. MB = 1e6 B."
+        ),
+        (
+            f"Each later commit writes no chunk, only a manifest of {fmt_bytes(per_manifest)} (median `CommitStats.new_bytes`) and a "
+            f"commit object of about {report['before_gc']['store']['commits']['apparent'] // n} B, against "
+            f"{fmt_bytes(m['adapter_bytes'] + m['optimizer_bytes'])} of adapter + optimizer state. The manifest also carries "
+            f"the {m['base_inline_tensors']} base tensors ≤ the inline threshold (biases, layernorms: "
+            f"{fmt_bytes(m['base_inline_bytes'])}) again each time."
+        ),
         f"eval_loss: {commits[0]['eval_loss']:.4f} at commit 1 → {commits[-1]['eval_loss']:.4f} at commit {n}; "
         f"best {commits[b['best_index']]['eval_loss']:.4f} at commit {b['best_index'] + 1}"
         + (" (among the last 3)" if b["best_index"] >= n - 3 else " (not among the last 3)")
@@ -441,8 +447,10 @@ def summarize(report: dict[str, Any]) -> str:
         f"| GC, wall (plan + execute) | {g['wall_s']:.3f} |",
         f"| GC, execute only (`GcPlan.elapsed_s`) | {g['elapsed_s']:.3f} |",
         "",
-        (f"GC: {g['summary']}. Deleted by kind: {', '.join(f'{v} {kk}' for kk, v in g['deleted_by_kind'].items())}. "
-        f"Kept commits {[i + 1 for i in g['kept_indices']]}."),
+        (
+            f"GC: {g['summary']}. Deleted by kind: {', '.join(f'{v} {kk}' for kk, v in g['deleted_by_kind'].items())}. "
+            f"Kept commits {[i + 1 for i in g['kept_indices']]}."
+        ),
         "",
         "Store by prefix before → after GC (apparent bytes, files):",
     ]
@@ -450,6 +458,12 @@ def summarize(report: dict[str, Any]) -> str:
         x, y = b["store"].get(prefix, {"apparent": 0, "files": 0}), af["store"].get(prefix, {"apparent": 0, "files": 0})
         lines.append(f"- `{prefix}`: {x['apparent']:,} B in {x['files']} → {y['apparent']:,} B in {y['files']}")
     lines.append(f"\nThe catalog (`.catalog/`, not counted above) is {fmt_bytes(report['catalog_after_close'])} once the store is closed.")
+    return "\n".join(lines + _verdict(report))
+
+
+def _verdict(report: dict[str, Any]) -> list[str]:
+    """The checks, the bar (also recorded in ``report["bar"]``) and the machine."""
+    b, n, lines = report["before_gc"], len(report["commits"]), []
     c = report["checks"]
     lines.append(
         "\nChecks: kept set as the policy says: {}; kept commits check out bit-exact (adapters, optimizer, base, tie): {}; "
@@ -470,7 +484,8 @@ def summarize(report: dict[str, Any]) -> str:
         f"\nMachine: {machine_line(mi)}, ckptstore at {mi.get('ckptstore_commit', 'unknown commit')}; "
         f"load average (1 min) {mi['loadavg_1m'][0]:.1f} at the start, {mi['loadavg_1m'][1]:.1f} at the end; total {report['total_s']:.0f}s"
     )
-    return "\n".join(lines)
+    return lines
+
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)

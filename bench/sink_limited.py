@@ -137,14 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     warm_up = dict(list(state["model"].items())[:8])  # imports and first-use costs, paid once before any timed run
     for mode in modes:
-        commit_once({"model": warm_up}, mode=mode, url=f"memory://sink-limited-warm-up-{mode}-{os.getpid()}", cap_bytes_per_s=args.cap_mb_s * MB, threads=args.threads)
+        commit_once(
+            {"model": warm_up},
+            mode=mode,
+            url=f"memory://sink-limited-warm-up-{mode}-{os.getpid()}",
+            cap_bytes_per_s=args.cap_mb_s * MB,
+            threads=args.threads,
+        )
     try:
         for i in range(args.repeat):
             for mode in modes if i % 2 == 0 else modes[::-1]:
                 url = os.path.join(workdir, f"store-{mode}-{i}") if args.backend == "local" else f"memory://sink-limited-{mode}-{i}-{os.getpid()}"
                 run = commit_once(state, mode=mode, url=url, cap_bytes_per_s=args.cap_mb_s * MB, threads=args.threads)
                 runs.append(run)
-                print(f"run {i + 1} {mode:>6}: {run['seconds']:.3f} s, stored/raw {run['stored_over_raw']:.3f}, chunks {run['chunks']}", file=sys.stderr, flush=True)
+                print(
+                    f"run {i + 1} {mode:>6}: {run['seconds']:.3f} s, stored/raw {run['stored_over_raw']:.3f}, chunks {run['chunks']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if args.backend == "local":
                     shutil.rmtree(url, ignore_errors=True)
                 else:  # fsspec's memory filesystem lives as long as the process

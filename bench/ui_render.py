@@ -44,7 +44,14 @@ def build_store(url: str, *, commits: int, branches: int) -> None:
             state["optimizer"]["m"][i % 64] += 1.0
             loss = loss0 * (0.999**i) + 0.05 * ((i * 7919) % 13) / 13
             tags = [f"step-{start_step + i}"] if (start_step + i) % 100 == 0 and branch == "main" else []
-            store.commit(state, branch=branch, message=f"{branch} step {start_step + i}", metadata={"step": start_step + i}, metrics={"eval_loss": loss}, tags=tags)
+            store.commit(
+                state,
+                branch=branch,
+                message=f"{branch} step {start_step + i}",
+                metadata={"step": start_step + i},
+                metrics={"eval_loss": loss},
+                tags=tags,
+            )
 
     commit_on("main", per_branch[0], step, 3.0)
     for b in range(1, branches):
@@ -68,7 +75,12 @@ def measure(url: str, *, runs: int) -> list[tuple[str, float]]:
     preview_retention(store, history, Policy(keep=KeepLast(50)), grace_period_s=0)
     timings = [("read the history and preview retention (once, at start)", time.perf_counter() - t0)]
     head = store.resolve("main")
-    pages = [("history (graph + curves)", "index.html"), ("storage", "storage.html"), ("commit", f"commit/{head}.html"), ("diff", f"diff/{store.resolve('main~1')}..{head}.html")]
+    pages = [
+        ("history (graph + curves)", "index.html"),
+        ("storage", "storage.html"),
+        ("commit", f"commit/{head}.html"),
+        ("diff", f"diff/{store.resolve('main~1')}..{head}.html"),
+    ]
     for name, path in pages:
         first, again = [], []
         for _ in range(runs):

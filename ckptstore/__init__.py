@@ -1,9 +1,9 @@
 """ckptstore: content-addressed checkpoint storage and versioning for PyTorch training.
 
-    import ckptstore
-    store = ckptstore.open("ckpts")
-    c = store.commit({"model": model, "optimizer": opt, "step": 100}, metrics={"eval_loss": 1.9})
-    state = store.checkout("latest")
+import ckptstore
+store = ckptstore.open("ckpts")
+c = store.commit({"model": model, "optimizer": opt, "step": 100}, metrics={"eval_loss": 1.9})
+state = store.checkout("latest")
 """
 
 from .commit import Commit, CommitStats

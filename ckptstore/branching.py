@@ -78,7 +78,10 @@ class Branching:
         head = self._ref_to_delete(RefKind.BRANCH, name)
         if not force:
             default = name == self.default_branch
-            lost = self._reached_only_by(head, [c for n, c in self.listed(RefKind.BRANCH).items() if n != name] + [c for n, c in self.listed(RefKind.TAG).items() if n not in STORE_TAGS])
+            lost = self._reached_only_by(
+                head,
+                [c for n, c in self.listed(RefKind.BRANCH).items() if n != name] + [c for n, c in self.listed(RefKind.TAG).items() if n not in STORE_TAGS],
+            )
             if default or lost:
                 raise ProtectedBranch(name, head, default=default, lost_commits=lost, force=option("force", flag="-D"))
         self._delete_ref(RefKind.BRANCH, name, expected=head)
@@ -109,6 +112,7 @@ class Branching:
         others = set(others)
         if head in others:
             return 0
+
         def parents(cid: str) -> list[str]:
             return self._parents_of(self._get_commit(cid))
 

@@ -54,8 +54,17 @@ SCHEMA_VERSION = 4
 TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "meta": ({"key": str, "value": str}, "key"),
     "commits": (
-        {"id": str, "manifest": str, "message": str, "created_at": float, "branch": str,
-         "step": int, "logical_bytes": int, "new_bytes": int, "object": bytes},
+        {
+            "id": str,
+            "manifest": str,
+            "message": str,
+            "created_at": float,
+            "branch": str,
+            "step": int,
+            "logical_bytes": int,
+            "new_bytes": int,
+            "object": bytes,
+        },
         "id",
     ),
     "parents": ({"commit": str, "position": int, "parent": str}, ("commit", "position")),
@@ -74,8 +83,12 @@ _FAILURES: dict[str, dict[int, str]] = {
     "busy": {5: "database is locked", 6: "database table is locked"},
     "corrupt": {11: "malformed", 26: "file is not a database"},
     "unwritable": {
-        3: "access permission denied", 8: "readonly database", 10: "disk i/o error",
-        13: "database or disk is full", 14: "unable to open database file", 22: "large file support",
+        3: "access permission denied",
+        8: "readonly database",
+        10: "disk i/o error",
+        13: "database or disk is full",
+        14: "unable to open database file",
+        22: "large file support",
     },
 }
 
@@ -290,7 +303,8 @@ class Catalog:
             logging.WARNING if first else logging.DEBUG,
             "catalog %s cannot be used (%s); keeping the catalog in memory for this process "
             "(it is a cache of the store: nothing is lost, commands work, lookups are slower)",
-            self.path, exc,
+            self.path,
+            exc,
         )
 
     @contextlib.contextmanager

@@ -167,6 +167,7 @@ class DeltaBase:
     def of(cls, data: bytes | memoryview | np.ndarray, chain: tuple[str, ...], *, group_bytes: int) -> DeltaBase:
         """A base whose bytes are in hand."""
         import numpy as np
+
         values = np.frombuffer(data, dtype=np.uint8)
         return cls(chain, len(values), sample_of(values, group_bytes=group_bytes), lambda: values)
 
@@ -202,6 +203,7 @@ def _planes(values: np.ndarray, group: int, scratch: np.ndarray | None = None) -
     large enough (a fresh buffer costs a page fault per 4 KiB, more than the copy itself);
     trailing bytes are left out."""
     import numpy as np
+
     count = len(values) // group
     if scratch is None or len(scratch) < count * group:
         scratch = np.empty(count * group, dtype=np.uint8)
@@ -222,6 +224,7 @@ def sample_of(values: np.ndarray, *, group_bytes: int) -> np.ndarray:
     ``values`` (uint8) from four places, each a whole number of values (a view if that is
     all of them)."""
     import numpy as np
+
     group = group_bytes if group_bytes in GROUP_SIZES else 1
     if len(values) <= 2 * _SAMPLE_BYTES:
         return values
@@ -371,10 +374,7 @@ def read_header(data: bytes | memoryview, *, key: str, kind: Kind) -> tuple[Code
     if magic != MAGIC:
         raise IntegrityError("not a ckptstore object (bad magic)", key=key)
     if version != OBJECT_FORMAT_VERSION:
-        raise UnsupportedFormat(
-            f"object {key} has format version {version}; this version of ckptstore reads "
-            f"version {OBJECT_FORMAT_VERSION}"
-        )
+        raise UnsupportedFormat(f"object {key} has format version {version}; this version of ckptstore reads version {OBJECT_FORMAT_VERSION}")
     if found_kind != kind:
         raise IntegrityError(f"object is of kind {found_kind}, expected {kind.name.lower()}", key=key)
     if _reserved != 0:
@@ -467,6 +467,7 @@ def _plane_buffer(size: int, index: int = 0) -> np.ndarray:
     """Per-thread buffer ``index`` for a decompressed byte plane (reused: a fresh buffer
     costs a page fault per 4 KiB)."""
     import numpy as np
+
     buffers = getattr(_local, "planes", None)
     if buffers is None:
         buffers = _local.planes = {}
@@ -478,6 +479,7 @@ def _plane_buffer(size: int, index: int = 0) -> np.ndarray:
 
 def _put(target: np.ndarray, data: bytes | memoryview | np.ndarray, *, xor: bool) -> None:
     import numpy as np
+
     source = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if xor:
         np.bitwise_xor(target, source, out=target)
@@ -508,6 +510,7 @@ def decode_into(frame: Frame, target: np.ndarray, *, xor: bool = False, key: str
 
 def _decode_grouped(body: memoryview, target: np.ndarray, *, xor: bool, key: str, path: str | None) -> None:
     import numpy as np
+
     if not len(body) or body[0] not in GROUP_SIZES:
         raise IntegrityError(f"grouped body has group size {body[0] if len(body) else None}", key=key, path=path)
     group = body[0]
@@ -568,6 +571,7 @@ def decode_object(data: bytes | memoryview, *, key: str, kind: Kind, max_raw_siz
 # --------------------------------------------------------------------------------------------
 # Tensors ↔ bytes
 
+
 class DtypeInfo(NamedTuple):
     """What a store needs to know of a torch dtype, known without importing torch (the
     attributes are ``torch.dtype``'s own)."""
@@ -617,5 +621,6 @@ def dtype_from_name(name: str, *, key: str | None = None, path: str | None = Non
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, as a zero-copy view."""
     import torch
+
     flat = tensor.reshape(-1).view(torch.uint8)
     return flat.numpy().data.cast("B")

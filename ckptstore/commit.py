@@ -150,10 +150,7 @@ def decode_commit(commit_id: str, data: bytes | memoryview, *, key: str) -> Comm
     if not isinstance(doc, dict):
         raise IntegrityError("malformed commit: not a map", key=key)
     if type(doc.get("format")) is not int or doc.get("format") != COMMIT_FORMAT_VERSION:
-        raise UnsupportedFormat(
-            f"commit {key} has format version {doc.get('format')!r}; this version of "
-            f"ckptstore reads version {COMMIT_FORMAT_VERSION}"
-        )
+        raise UnsupportedFormat(f"commit {key} has format version {doc.get('format')!r}; this version of ckptstore reads version {COMMIT_FORMAT_VERSION}")
     try:
         parents = tuple(doc["parents"])
         stats = doc["stats"]

@@ -80,8 +80,7 @@ class StoreConfig:
             raise IntegrityError(f"malformed store config: {exc}", key=CONFIG_KEY) from exc
         if type(version) is not int or version not in READABLE_STORE_FORMATS:
             raise UnsupportedFormat(
-                f"store has format version {version!r}; this version of ckptstore reads "
-                f"versions {', '.join(map(str, READABLE_STORE_FORMATS))}"
+                f"store has format version {version!r}; this version of ckptstore reads versions {', '.join(map(str, READABLE_STORE_FORMATS))}"
             )
         if version >= CHECKSUMMED_CONFIG_FORMAT and checksum != expected:
             raise IntegrityError("store config does not match its checksum (damaged or edited)", key=CONFIG_KEY)

@@ -143,6 +143,7 @@ class WholeTensor:
         """The whole tensor from its pieces' blob buffers (a view of the buffer where one
         piece is the whole tensor, else a new tensor with each piece copied in place)."""
         import torch
+
         if len(self.pieces) == 1 and self.pieces[0].entry.shape == self.shape:
             view: torch.Tensor = build_tensor(self.pieces[0].entry, buffers[self.pieces[0].entry.blob])  # a DCP piece is a tensor
             return view
@@ -185,7 +186,9 @@ class DcpSave:
         paths = {k: f"{key_segment(rank)}/{key_segment(local)}" for k, (rank, local) in record.stored.items()}
         return cls(record, items, paths, manifest, key)
 
-    def whole_tensors(self, commit_id: str, *, component: str | None = None, selection: KeySelection = EVERY_KEY, dropped: Iterable[str] = ()) -> list[WholeTensor]:
+    def whole_tensors(
+        self, commit_id: str, *, component: str | None = None, selection: KeySelection = EVERY_KEY, dropped: Iterable[str] = ()
+    ) -> list[WholeTensor]:
         """The tensors under ``component`` (default: ``model`` where the state had one, else
         all) that ``selection`` selects, each whole from every rank's chunks, named by its
         path below the component (keys joined by ``.``, as :meth:`Store.export` names the
@@ -199,7 +202,10 @@ class DcpSave:
         dropped what is."""
         record = self.record
         if record.planner_data is None:
-            raise NotExportable(commit_id, "it was saved through torch.distributed.checkpoint without planner_data (flatten_state_dict=False, or a planner that records none), so the nesting of its fqns, and the names of its tensors, are unknown")
+            raise NotExportable(
+                commit_id,
+                "it was saved through torch.distributed.checkpoint without planner_data (flatten_state_dict=False, or a planner that records none), so the nesting of its fqns, and the names of its tensors, are unknown",
+            )
         paths: dict[str, str] = {}
         for fqn in record.entries:
             nested = record.planner_data.get(fqn)
@@ -215,7 +221,11 @@ class DcpSave:
         if not_tensors:
             shown = ", ".join(not_tensors[:5]) + (f" and {len(not_tensors) - 5} more" if len(not_tensors) > 5 else "")
             selecting = Said("include= or exclude=", "--include or --exclude")
-            raise NotExportable(commit_id, [f"values that are not tensors are selected (DCP saved them as bytes): {shown}; select only tensors with ", selecting], path=not_tensors[0])
+            raise NotExportable(
+                commit_id,
+                [f"values that are not tensors are selected (DCP saved them as bytes): {shown}; select only tensors with ", selecting],
+                path=not_tensors[0],
+            )
         if not selected:
             wanted = [component] if component else list(selection.include or ["(selected tensors)"])
             raise ComponentsUnavailable(commit_id, missing=wanted, available=[str(t) for t in tops])
@@ -263,7 +273,10 @@ class DcpSave:
             raise IntegrityError(f"DCP item {item} should be a tensor", key=self.key)
         entry = self.manifest.tensors[value.index]
         if torch_dtype_names().get(info.dtype) != entry.dtype or len(offsets) != len(info.size) or len(entry.shape) != len(info.size):
-            raise IntegrityError(f"DCP item {item} is stored as {entry.dtype} {tuple(entry.shape)}, not as a chunk of {fqn}'s {info.dtype} {info.size}", key=self.key)
+            raise IntegrityError(
+                f"DCP item {item} is stored as {entry.dtype} {tuple(entry.shape)}, not as a chunk of {fqn}'s {info.dtype} {info.size}",
+                key=self.key,
+            )
         return Piece(offsets, entry)
 
 

@@ -91,6 +91,7 @@ def _same_values(pipeline: Pipeline, ma: Manifest, ea: TensorEntry, ida: str, mb
     a view of a storage that may have changed elsewhere)."""
     import numpy as np
     import torch
+
     if (ea.dtype, ea.shape, ea.kind) != (eb.dtype, eb.shape, eb.kind):
         return False
 
@@ -121,14 +122,13 @@ def _fingerprints(manifest: Manifest) -> dict[str, tuple[TensorEntry, str]]:
         h.update(blob.inline if blob.inline is not None else b"".join(c.id.encode() for c in blob.chunks))
         blob_ids.append(h.hexdigest())
     return {
-        path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}")
-        for e, paths in zip(manifest.tensors, manifest.key_paths)
-        for path in paths
+        path: (e, f"{e.dtype}|{e.shape}|{e.stride}|{e.offset}|{blob_ids[e.blob]}") for e, paths in zip(manifest.tensors, manifest.key_paths) for path in paths
     }
 
 
 def _with_change_stats(change: TensorChange, old: Any, new: Any) -> TensorChange:
     import torch
+
     if not isinstance(old, torch.Tensor):
         old, new = torch.from_numpy(old), torch.from_numpy(new)
     if old.is_complex() or old.dtype == torch.bool or not old.numel():

@@ -204,10 +204,7 @@ class RefConflict(RefError):
         self.ref = ref
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            f"ref {ref!r} changed concurrently: expected {expected or '(absent)'}, "
-            f"found {actual or '(absent)'}"
-        )
+        super().__init__(f"ref {ref!r} changed concurrently: expected {expected or '(absent)'}, found {actual or '(absent)'}")
 
 
 class UnsupportedValue(CkptStoreError, TypeError):
@@ -230,7 +227,10 @@ class ComponentsUnavailable(CkptStoreError, KeyError):
         parts: list[str | Said] = []
         if self.dropped:
             names = ", ".join(map(repr, self.dropped))
-            parts += [f"commit {commit_id[:12]} was demoted by garbage collection and no longer holds {names}; check out the rest with ", option("exclude", self.dropped)]
+            parts += [
+                f"commit {commit_id[:12]} was demoted by garbage collection and no longer holds {names}; check out the rest with ",
+                option("exclude", self.dropped),
+            ]
         if self.missing:
             has = ", ".join(map(repr, self.available)) or "nothing"
             parts += ["; "] if parts else []
@@ -266,7 +266,10 @@ class SourceChanged(CkptStoreError, RuntimeError):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        advice = Said("commit with blocking=False to snapshot the state first, or do not write to it while committing", "do not change the files while ckpt reads them")
+        advice = Said(
+            "commit with blocking=False to snapshot the state first, or do not write to it while committing",
+            "do not change the files while ckpt reads them",
+        )
         self.parts = (f"{path or '<root>'}: its bytes changed while the commit read them; nothing was published (", advice, ")")
         super().__init__(python_text(self.parts))
 

@@ -89,10 +89,7 @@ class FsckReport:
         state = f"{len(self.problems)} problem(s)" if not self.ok else "healthy" if self.data_read else "structure ok (data not read; use --read-data)"
         read = f", read and re-hashed {self.chunks_read} chunks ({self.bytes_read:,} bytes)" if self.chunks_read else ""
         repaired = "; catalog rebuilt" if self.catalog_repaired else ""
-        return (
-            f"{state}: checked {self.commits} commits, {self.manifests} manifests, {self.chunks} chunks{read}; "
-            f"{len(self.orphans)} orphan objects{repaired}"
-        )
+        return f"{state}: checked {self.commits} commits, {self.manifests} manifests, {self.chunks} chunks{read}; {len(self.orphans)} orphan objects{repaired}"
 
 
 def check(
@@ -226,7 +223,9 @@ def _add_needed_chunks(needs: _Needs, cid: str, manifest: Manifest, held_at: lis
                 needs.chunks.setdefault(base, (ChunkRef(base, ref.size, ref.bases[depth + 1 :]), cid, path))
 
 
-def _check_chunks(repo: Repository, inventory: Inventory, needs: _Needs, report: FsckReport, *, to_read: set[str], threads: int, progress: Progress | None) -> tuple[dict[str, Problem], set[str]]:
+def _check_chunks(
+    repo: Repository, inventory: Inventory, needs: _Needs, report: FsckReport, *, to_read: set[str], threads: int, progress: Progress | None
+) -> tuple[dict[str, Problem], set[str]]:
     """Chunks: existence, header and size; those in ``to_read``, every byte. Returns the
     damaged chunks' problems and the chunks stored self-contained."""
     objects, listing = repo.objects, inventory.listing
@@ -263,7 +262,9 @@ def _check_chunks(repo: Repository, inventory: Inventory, needs: _Needs, report:
     return damaged, stored_whole
 
 
-def _check_chunk_object(objects: ObjectStore, reader: ChunkReader, ref: ChunkRef, info: ObjectInfo, *, path: str | None, stored_whole: set[str], read: bool) -> int:
+def _check_chunk_object(
+    objects: ObjectStore, reader: ChunkReader, ref: ChunkRef, info: ObjectInfo, *, path: str | None, stored_whole: set[str], read: bool
+) -> int:
     """Check one stored chunk's header and size (and with ``read``, every byte, through its
     delta chain); raise what is wrong. Returns the bytes read."""
     key = info.key

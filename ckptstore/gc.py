@@ -89,6 +89,7 @@ DEFAULT_GRACE_PERIOD_S = 3600.0
 #: 0.1) protects its commit; and the age past which temp files are abandoned uploads.
 DEFAULT_WRITER_TIMEOUT_S = LEGACY_RECORD_TTL_S
 
+
 def _gc_pause_s(attempt: int) -> float:
     return min(0.5, 0.01 * 2.0 ** (attempt + 1))  # a writer (or a dead one's lock) holds the record
 
@@ -107,7 +108,13 @@ def record_demotion(objects: ObjectStore, commit_id: str, prefixes: Iterable[str
         objects.put_if_version(key, encode_record({"dropped": list(merged), "at_s": time.time()}), version=None if found is None else found[1])
         return merged
 
-    return retry_cas(attempt, conflicts=PreconditionFailed, max_attempts=100, pause_s=_gc_pause_s, exhausted=lambda: CollectorBusy(f"demotion record {key} kept changing under the collector"))
+    return retry_cas(
+        attempt,
+        conflicts=PreconditionFailed,
+        max_attempts=100,
+        pause_s=_gc_pause_s,
+        exhausted=lambda: CollectorBusy(f"demotion record {key} kept changing under the collector"),
+    )
 
 
 def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> None:
@@ -120,7 +127,13 @@ def record_grafts(objects: ObjectStore, commit_id: str, parents: list[str]) -> N
         if current is None or current[0] != parents:
             objects.put_if_version(key, encode_record({"parents": parents, "at_s": time.time()}), version=None if current is None else current[1])
 
-    retry_cas(attempt, conflicts=PreconditionFailed, max_attempts=100, pause_s=_gc_pause_s, exhausted=lambda: CollectorBusy(f"shallow record {key} kept changing under the collector"))
+    retry_cas(
+        attempt,
+        conflicts=PreconditionFailed,
+        max_attempts=100,
+        pause_s=_gc_pause_s,
+        exhausted=lambda: CollectorBusy(f"shallow record {key} kept changing under the collector"),
+    )
 
 
 @dataclass
@@ -378,7 +391,16 @@ def _history(head: str, commits: dict[str, Commit], parents: dict[str, list[str]
     return out
 
 
-def _fit_budget(repo: Repository, history: list[CommitInfo], kept: set[str], budget_bytes: int, *, protected: set[str], commits: dict[str, Commit], listing: dict[str, ObjectInfo]) -> set[str]:
+def _fit_budget(
+    repo: Repository,
+    history: list[CommitInfo],
+    kept: set[str],
+    budget_bytes: int,
+    *,
+    protected: set[str],
+    commits: dict[str, Commit],
+    listing: dict[str, ObjectInfo],
+) -> set[str]:
     """Drop the oldest unprotected commits of ``kept`` until the objects they need (chunks,
     manifest, commit object: stored bytes) add up to at most ``budget_bytes``."""
     need: dict[str, dict[str, int]] = {}

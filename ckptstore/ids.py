@@ -30,9 +30,7 @@ def content_id(data: bytes | bytearray | memoryview) -> str:
 def check_hash_algorithm(name: str) -> None:
     """Refuse a store whose config names a hash this version does not implement."""
     if name != HASH_ALGORITHM:
-        raise UnsupportedFormat(
-            f"store uses hash algorithm {name!r}; this version of ckptstore supports {HASH_ALGORITHM!r}"
-        )
+        raise UnsupportedFormat(f"store uses hash algorithm {name!r}; this version of ckptstore supports {HASH_ALGORITHM!r}")
 
 
 def is_full_id(text: str) -> bool:

@@ -215,6 +215,7 @@ class BlobSource:
         so the caller may change the state right away. ``spare``: buffers by size to reuse
         (a fresh buffer costs a page fault per 4 KiB, several times the copy itself)."""
         import torch
+
         if self.private or not len(self.data):
             return self
         free = (spare or {}).get(len(self.data))
@@ -235,11 +236,10 @@ def _plan_tensors(tensors: list[tuple[str, Any]], *, inline_threshold_bytes: int
     sources of the blobs still to be chunked, by blob index."""
     import numpy as np
     import torch
+
     groups: dict[tuple[str, int], list[int]] = {}
     for i, (_, t) in enumerate(tensors):
-        shareable = (
-            isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_conj() and not t.is_neg()
-        )
+        shareable = isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_conj() and not t.is_neg()
         key = (str(t.device), t.untyped_storage().data_ptr()) if shareable else ("alone", i)
         groups.setdefault(key, []).append(i)
 
@@ -292,6 +292,7 @@ def _to_host(t: torch.Tensor, copies: list[torch.Tensor]) -> torch.Tensor:
     """``t`` on the CPU. A CUDA tensor is copied into pinned memory without blocking (the
     caller synchronises once for all of them); other devices copy as ``.cpu()`` does."""
     import torch
+
     if t.device.type == "cpu":
         return t
     if t.device.type == "cuda":
@@ -304,6 +305,7 @@ def _to_host(t: torch.Tensor, copies: list[torch.Tensor]) -> torch.Tensor:
 
 def _torch_entry(path: str, t: torch.Tensor, stride: tuple[int, ...] | None, blob: int, offset: int) -> TensorEntry:
     import torch
+
     kind = TensorKind.PARAMETER if type(t) is torch.nn.Parameter else TensorKind.TENSOR
     return TensorEntry(path, torch_dtype_names()[t.dtype], tuple(t.shape), stride, blob, offset, kind, bool(t.requires_grad))
 
@@ -330,7 +332,18 @@ def merge_manifests(parts: Mapping[str, Manifest] | Mapping[int, Manifest], *, e
         refs = [TensorRef(first_tensor + i) for i in range(len(part.tensors))]
         tree[name] = unpack_value(part.tree, key=f"(part {name})", tensors=refs)
         for e in part.tensors:
-            tensors.append(TensorEntry(f"{join_key('', name)}/{e.path}" if e.path else join_key("", name), e.dtype, e.shape, e.stride, e.blob + first_blob, e.offset, e.kind, e.requires_grad))
+            tensors.append(
+                TensorEntry(
+                    f"{join_key('', name)}/{e.path}" if e.path else join_key("", name),
+                    e.dtype,
+                    e.shape,
+                    e.stride,
+                    e.blob + first_blob,
+                    e.offset,
+                    e.kind,
+                    e.requires_grad,
+                )
+            )
         blobs.extend(part.blobs)
     tree.update(extra or {})
     return Manifest(tree=encode_tree(tree)[0], tensors=tensors, blobs=blobs)
@@ -407,8 +420,7 @@ class _ManifestReader:
     def _check_version(self, version: Any) -> None:
         if type(version) is not int or version not in READABLE_MANIFEST_FORMATS:
             raise UnsupportedFormat(
-                f"manifest {self.key} has format version {version!r}; this version of "
-                f"ckptstore reads versions {', '.join(map(str, READABLE_MANIFEST_FORMATS))}"
+                f"manifest {self.key} has format version {version!r}; this version of ckptstore reads versions {', '.join(map(str, READABLE_MANIFEST_FORMATS))}"
             )
         self.version = version
 
@@ -476,6 +488,7 @@ class _ManifestReader:
 
     def numpy_itemsize(self, dtype: str, path: str) -> int:
         import numpy as np
+
         size = self.numpy_itemsizes.get(dtype)
         if size is None:
             try:
@@ -526,6 +539,7 @@ def build_tensor(entry: TensorEntry, blob_buffer: torch.Tensor) -> Any:
     sharing a blob stay tied)."""
     import numpy as np
     import torch
+
     if entry.kind is TensorKind.NDARRAY:
         flat = blob_buffer.numpy()[entry.offset : entry.offset + entry.nbytes]
         return flat.view(np.dtype(entry.dtype)).reshape(entry.shape)

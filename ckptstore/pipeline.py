@@ -66,6 +66,7 @@ def check_delta_mode(delta: str | None) -> None:
     if delta is not None and delta not in DELTA_MODES:
         raise InvalidOption("delta", f"must be one of {', '.join(DELTA_MODES)}, not {delta!r}")
 
+
 #: How a commit encodes its chunks: "auto" where the sample says an encoding pays and the
 #: sink, not the CPU, bounds the commit (see :class:`EncodingBalance`); "always" wherever the
 #: sample says it pays; "never": every chunk raw and whole (no sampling, no deltas).
@@ -132,6 +133,7 @@ class _Scratch(threading.local):
 
     def get(self, name: str, size: int) -> np.ndarray:
         import numpy as np
+
         buffer = self.__dict__.get(name)
         if buffer is None or len(buffer) < size:
             buffer = self.__dict__[name] = np.empty(size, dtype=np.uint8)
@@ -187,7 +189,11 @@ class ChunkReader:
                 bases, codec, prefix_size = delta_chain(prefix, key=key, path=path)
                 body_size -= prefix_size
             if bases and bases != ref.bases:  # (a self-contained chunk where a delta was recorded was stored whole again)
-                raise IntegrityError(f"chunk is a delta against {bases[0]}, its manifest records {ref.bases[0] if ref.bases else 'no base'}", key=key, path=path)
+                raise IntegrityError(
+                    f"chunk is a delta against {bases[0]}, its manifest records {ref.bases[0] if ref.bases else 'no base'}",
+                    key=key,
+                    path=path,
+                )
             if bases:
                 self.read_into(ChunkRef(bases[0], ref.size, bases[1:]), target, path=path, needed_by=key)
             here = f.tell()
@@ -556,7 +562,11 @@ class _ChunkWriter:
             stored = self.pipeline._put_chunk(chunk_id, encoded.parts)
         if self.balance is not None:  # CPU seconds besides encoding: before it, and in the write
             before_s = (chosen[0][1] if chosen else encoded_s) - started_s
-            self.balance.worked(size, before_s + time.thread_time() - put_started_s, encoded=(chosen[0][0], group, encoded_s - chosen[0][1]) if chosen else None)
+            self.balance.worked(
+                size,
+                before_s + time.thread_time() - put_started_s,
+                encoded=(chosen[0][0], group, encoded_s - chosen[0][1]) if chosen else None,
+            )
         if not blob.private and content_id(view) != chunk_id:  # (a raw body is written from the caller's bytes)
             self.pipeline._drop_if_not(chunk_id, size, stored=stored)
             raise SourceChanged(blob.path)
@@ -576,6 +586,7 @@ class _ChunkWriter:
         """Keep a chunk that the next commit may take as a base: its bytes, or its sample
         (``sample``, if encoding took it already)."""
         import numpy as np
+
         if self.delta == "off" or group == 1:
             return
         if whole:
@@ -609,6 +620,7 @@ def _blob_buffer(size: int, *, key: str, path: str | None) -> torch.Tensor:
     cache holds the files just read, the kernel compacts memory to find huge pages on each
     fault, and a warm checkout took 2.3 s instead of 0.5 s. So no advice.)"""
     import torch
+
     try:
         return torch.empty(size, dtype=torch.uint8)
     except (RuntimeError, MemoryError) as exc:  # torch's allocator raises RuntimeError

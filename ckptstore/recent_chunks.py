@@ -62,6 +62,7 @@ class RecentChunks:
 
     def _put(self, chunk_id: str, data: bytes | memoryview | np.ndarray, *, whole: bool) -> None:
         import numpy as np
+
         size = len(data)
         if size > self.limit_bytes:
             return

@@ -185,7 +185,11 @@ class RefStore:
         both a ref and a folder of refs."""
         for other in self.names(kind):
             if other.startswith(name + "/") or name.startswith(other + "/"):
-                raise InvalidRefName(f"{kind.noun} {name!r} clashes with existing {kind.noun} {other!r}", name=name, rule=f"it would be both a {kind.noun} and a folder of them")
+                raise InvalidRefName(
+                    f"{kind.noun} {name!r} clashes with existing {kind.noun} {other!r}",
+                    name=name,
+                    rule=f"it would be both a {kind.noun} and a folder of them",
+                )
 
     def delete_ref_if_equals(self, kind: RefKind, name: str, *, expected: str) -> None:
         """Delete ``name`` if it points at ``expected``; raise :class:`RefConflict` if not.

@@ -169,7 +169,11 @@ def repack(
     repack leaves every chunk whole (old or new)."""
     started = time.monotonic()
     objects = repo.objects
-    level = compression_level if compression_level is not None else (repo.config.compression_level if repo.config.compression_level is not None else DEFAULT_REPACK_LEVEL)
+    level = (
+        compression_level
+        if compression_level is not None
+        else (repo.config.compression_level if repo.config.compression_level is not None else DEFAULT_REPACK_LEVEL)
+    )
     ids = reachable_commits(repo) if commit_ids is None else list(dict.fromkeys(commit_ids))
     report = RepackReport(dry_run=dry_run)
     report.commits, chunks = _chunks_of(repo, ids)

@@ -134,11 +134,7 @@ class KeepBest(Rule):
     def select(self, history: Sequence[CommitInfo], *, now_s: float) -> set[str]:
         metric = self.metric or "eval_loss"  # a collection resolves it first (the store's metric)
         sign = 1.0 if greater_is_better_for(metric, self.greater_is_better) else -1.0
-        scored = [
-            (sign * c.metrics[metric], -age, c.id)
-            for age, c in enumerate(history)
-            if metric in c.metrics and not math.isnan(c.metrics[metric])
-        ]
+        scored = [(sign * c.metrics[metric], -age, c.id) for age, c in enumerate(history) if metric in c.metrics and not math.isnan(c.metrics[metric])]
         scored.sort(reverse=True)
         return {commit_id for _, _, commit_id in scored[: self.n]}
 

@@ -111,4 +111,3 @@ class Revisions:
                 raise AmbiguousRef(rev, matches)
         names = list(self.catalog.refs(RefKind.BRANCH.value)) + list(self.catalog.refs(RefKind.TAG.value))
         raise UnknownRef(rev, suggestions=difflib.get_close_matches(base, names, n=3, cutoff=0.6))
-

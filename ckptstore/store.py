@@ -95,15 +95,6 @@ class Store:
     def url(self) -> str:
         return self.objects.url
 
-    @property
-    def max_ref_retries(self) -> int:
-        """How many times a commit retries moving a ref while other writers keep moving it first."""
-        return self._writer.max_ref_retries
-
-    @max_ref_retries.setter
-    def max_ref_retries(self, value: int) -> None:
-        self._writer.max_ref_retries = value
-
     def __repr__(self) -> str:
         return f"<ckptstore.Store {self.url!r}>"
 
@@ -269,7 +260,9 @@ class Store:
         write (it measures both as it goes: see :class:`~ckptstore.balance.EncodingBalance`),
         writing the others raw; "never" writes every chunk raw and whole. Only the stored
         bytes depend on it, never the ids."""
-        return self._writer.write_chunks(manifest, sources, progress=progress, parent=parent, delta=delta, parent_key_path=parent_key_path, compression=compression)
+        return self._writer.write_chunks(
+            manifest, sources, progress=progress, parent=parent, delta=delta, parent_key_path=parent_key_path, compression=compression
+        )
 
     def publisher(
         self,
@@ -415,7 +408,9 @@ class Store:
         snapshot; other files are kept only if they are regular files, not symlinks."""
         return transfer.import_checkpoint(self, path, message=message, **commit_options)
 
-    def import_run(self, output_dir: str, *, branch: str | None = None, message: str | None = None, append: bool = False, **commit_options: Any) -> list[Commit]:
+    def import_run(
+        self, output_dir: str, *, branch: str | None = None, message: str | None = None, append: bool = False, **commit_options: Any
+    ) -> list[Commit]:
         """Commit every ``checkpoint-N`` folder of the Trainer ``output_dir``, in step order,
         one commit each with its parent the one before, on ``branch`` (default: the store's
         default branch); returns the commits, oldest first. Each is what
@@ -553,7 +548,9 @@ class Store:
         manifest's contents names."""
         return manifest_key(commit.manifest)
 
-    def read_blobs(self, commit: Commit, blob_indices: Iterable[int], *, manifest: Manifest | None = None, progress: Progress | None = None) -> dict[int, torch.Tensor]:
+    def read_blobs(
+        self, commit: Commit, blob_indices: Iterable[int], *, manifest: Manifest | None = None, progress: Progress | None = None
+    ) -> dict[int, torch.Tensor]:
         """The blobs ``blob_indices`` of ``commit``'s manifest (``manifest``: that manifest, if
         already read with :meth:`manifest_of`), each in a new uint8 CPU tensor; every chunk is
         verified against its id (:class:`IntegrityError` naming the chunk, the key path and the
@@ -693,4 +690,3 @@ def open_store(
         max_inflight_bytes=max_inflight_bytes,
         delta_base_cache_bytes=delta_base_cache_bytes,
     )
-

@@ -98,11 +98,19 @@ def import_checkpoint(repo: Repository, path: str, *, message: str | None = None
     state, found = read_checkpoint(path)
     metadata = {**found, **dict(commit_options.pop("metadata", None) or {})}
     metrics = {**_logged_metrics(state, found.get("step")), **dict(commit_options.pop("metrics", None) or {})}
-    commit: Commit = repo.commit(state, message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}", metadata=metadata, metrics=metrics, **commit_options)
+    commit: Commit = repo.commit(
+        state,
+        message=message if message is not None else f"import {os.path.basename(os.path.normpath(path))}",
+        metadata=metadata,
+        metrics=metrics,
+        **commit_options,
+    )
     return commit
 
 
-def import_run(repo: Repository, output_dir: str, *, branch: str | None = None, message: str | None = None, append: bool = False, **commit_options: Any) -> list[Commit]:
+def import_run(
+    repo: Repository, output_dir: str, *, branch: str | None = None, message: str | None = None, append: bool = False, **commit_options: Any
+) -> list[Commit]:
     """Commit every ``checkpoint-N`` folder of the Trainer ``output_dir`` in step order (see
     :meth:`~ckptstore.store.Store.import_run`): every folder read and checked before the first
     commit."""
@@ -114,7 +122,11 @@ def import_run(repo: Repository, output_dir: str, *, branch: str | None = None, 
     branch = check_ref_name(branch or repo.config.default_branch, kind=RefKind.BRANCH)
     head = repo.refs.get(RefKind.BRANCH, branch)
     if head is not None and not append:
-        raise RefExists.saying(f"branch {branch!r} already has commits (head {head[:12]}); import the run onto a new branch, or pass ", option("append"), " to commit it on top")
+        raise RefExists.saying(
+            f"branch {branch!r} already has commits (head {head[:12]}); import the run onto a new branch, or pass ",
+            option("append"),
+            " to commit it on top",
+        )
     read = _read_run(checkpoints)
     newest: dict[str, Any] = next((state[TRAINER_STATE_KEY] for *_, state, _ in reversed(read) if isinstance(state.get(TRAINER_STATE_KEY), dict)), {})
     steps = [step for step, *_ in read]
@@ -196,7 +208,18 @@ def export(
         check_exportable(tensors)
         if format == "pt":
             return write_torch_file(path, lambda: read_whole(tensors), force=force)
-        return _write_export(repo, path, commit, tensors, read_whole, format=format, with_files=False, max_shard_size_bytes=max_shard_size_bytes, force=force, progress=progress)
+        return _write_export(
+            repo,
+            path,
+            commit,
+            tensors,
+            read_whole,
+            format=format,
+            with_files=False,
+            max_shard_size_bytes=max_shard_size_bytes,
+            force=force,
+            progress=progress,
+        )
     tops = sorted({p.split("/", 1)[0] for paths in manifest.key_paths for p in paths})
     if component is None and "model" in tops and not whole_state:
         component = "model"
@@ -211,14 +234,27 @@ def export(
         buffers = repo.pipeline.read_blobs(manifest, sorted({e.blob for e in wanted}), manifest_key=key)
         return {t.name: build_tensor(e, buffers[e.blob]) for t, e in zip(shard, wanted)}
 
-    return _write_export(repo, path, commit, tensors, read_shard, format=format, with_files=component == "model", max_shard_size_bytes=max_shard_size_bytes, force=force, progress=progress)
+    return _write_export(
+        repo,
+        path,
+        commit,
+        tensors,
+        read_shard,
+        format=format,
+        with_files=component == "model",
+        max_shard_size_bytes=max_shard_size_bytes,
+        force=force,
+        progress=progress,
+    )
 
 
 def _prefix(component: str | None) -> str:
     return "" if component is None else component.strip("/") + "/"
 
 
-def _selected_state(repo: Repository, commit: Commit, *, component: str | None, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None) -> Any:
+def _selected_state(
+    repo: Repository, commit: Commit, *, component: str | None, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None
+) -> Any:
     """The state of ``commit`` (or its ``component``) as a ``.pt`` export writes it: what
     :meth:`~ckptstore.store.Store.checkout` returns, ``include``/``exclude`` applied."""
     state = repo.checkout(commit.id, include=include if include is not None or component is None else [component], exclude=exclude)
@@ -253,7 +289,9 @@ def _exported_entries(
     if lost:
         raise ComponentsUnavailable(commit.id, dropped=lost)
     if not entries:
-        raise ComponentsUnavailable(commit.id, missing=[component or "(selected tensors)"] if component else list(include or ["(selected tensors)"]), available=tops)
+        raise ComponentsUnavailable(
+            commit.id, missing=[component or "(selected tensors)"] if component else list(include or ["(selected tensors)"]), available=tops
+        )
     return entries
 
 

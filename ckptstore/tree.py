@@ -208,6 +208,7 @@ class _TreeEncoder:
     def _encode_array(self, value: Any, path: str) -> Any:
         import numpy as np
         import torch
+
         if not self.allow_tensors:
             raise UnsupportedValue(path, "tensors and arrays are not allowed here (commit metadata)")
         if isinstance(value, np.ndarray):

@@ -127,9 +127,7 @@ def reading_commit(repo: Repository, commit_id: str) -> Iterator[None]:
     except (IntegrityError, ObjectNotFound) as exc:
         if repo.objects.exists(commit_key(commit_id)) or commit_id in _ref_targets(repo):
             raise
-        raise CollectedWhileReading(
-            f"collected while reading: a garbage collector removed commit {commit_id[:12]} while it was read", key=exc.key
-        ) from exc
+        raise CollectedWhileReading(f"collected while reading: a garbage collector removed commit {commit_id[:12]} while it was read", key=exc.key) from exc
 
 
 def read_racing_collector(read: Callable[[], T]) -> T:
@@ -203,13 +201,12 @@ def _measure(repo: Repository) -> Usage:
     for name, head in sorted(heads.items()):
         if commit_key(head) not in sizes and repo.refs.get(RefKind.BRANCH, name) != head:
             raise CollectedWhileReading(
-                f"collected while reading: branch {name} moved on and a garbage collector removed its head {head[:12]}", key=commit_key(head)
+                f"collected while reading: branch {name} moved on and a garbage collector removed its head {head[:12]}",
+                key=commit_key(head),
             )  # (a head that a ref still names is missing for good: damage, which fsck reports)
         history = ancestors([head], lambda c: repo.parents_of(commits[c]) if c in commits else None)
         keys = set().union(*(needs[c] for c in history)) if history else set()
-        usage.branches.append(
-            BranchUsage(name, len(history), sum(commits[c].stats.logical_bytes for c in history), sum(sizes[k] for k in keys))
-        )
+        usage.branches.append(BranchUsage(name, len(history), sum(commits[c].stats.logical_bytes for c in history), sum(sizes[k] for k in keys)))
     return usage
 
 

@@ -188,7 +188,13 @@ class CommitWriter:
             match = by_path.get(entry.path)
             if entry.blob in out or match is None or old.blobs[match.blob].inline is not None:
                 continue
-            same = (match.dtype, match.shape, match.stride, match.offset, match.kind) == (entry.dtype, entry.shape, entry.stride, entry.offset, entry.kind)
+            same = (match.dtype, match.shape, match.stride, match.offset, match.kind) == (
+                entry.dtype,
+                entry.shape,
+                entry.stride,
+                entry.offset,
+                entry.kind,
+            )
             if same and old.blobs[match.blob].size == manifest.blobs[entry.blob].size:
                 out[entry.blob] = old.blobs[match.blob].chunks
         return out
@@ -234,7 +240,17 @@ class CommitWriter:
 
         return publish
 
-    def _write_commit(self, manifest: Manifest, written: WriteResult, *, branch: str, message: str, metadata: dict[str, Any], metrics: dict[str, float], fence: Callable[[], None] | None = None) -> Commit:
+    def _write_commit(
+        self,
+        manifest: Manifest,
+        written: WriteResult,
+        *,
+        branch: str,
+        message: str,
+        metadata: dict[str, Any],
+        metrics: dict[str, float],
+        fence: Callable[[], None] | None = None,
+    ) -> Commit:
         """Manifest → commit object → branch ref, for chunks already stored."""
         manifest_raw = manifest.to_bytes()
         manifest_id = content_id(manifest_raw)
@@ -255,7 +271,18 @@ class CommitWriter:
         )
         return self._commit_onto_branch(branch, manifest_id, len(manifest_raw), message, metadata, metrics, stats, fence=fence)
 
-    def _commit_onto_branch(self, branch: str, manifest_id: str, manifest_size_bytes: int, message: str, metadata: dict[str, Any], metrics: dict[str, float], stats: CommitStats, *, fence: Callable[[], None] | None = None) -> Commit:
+    def _commit_onto_branch(
+        self,
+        branch: str,
+        manifest_id: str,
+        manifest_size_bytes: int,
+        message: str,
+        metadata: dict[str, Any],
+        metrics: dict[str, float],
+        stats: CommitStats,
+        *,
+        fence: Callable[[], None] | None = None,
+    ) -> Commit:
         """Commit object → branch ref (the commit point), re-parented onto a head another
         writer set meanwhile. ``fence`` runs right before each ref update (a writer checks
         that its marker is still honoured)."""

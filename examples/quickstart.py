@@ -48,10 +48,8 @@ def main(path: str) -> None:
     for _ in range(4):
         loss = train(model, opt, steps=5, start=step)
         step += 5
-        c = store.commit({"model": model, "optimizer": opt, "step": step},
-                         message=f"step {step}", metadata={"step": step}, metrics={"eval_loss": loss})
-        print(f"commit {c.short_id} step {step:3d} loss {loss:.4f} "
-              f"new {c.stats.new_bytes:7d} B of {c.stats.logical_bytes} B")
+        c = store.commit({"model": model, "optimizer": opt, "step": step}, message=f"step {step}", metadata={"step": step}, metrics={"eval_loss": loss})
+        print(f"commit {c.short_id} step {step:3d} loss {loss:.4f} new {c.stats.new_bytes:7d} B of {c.stats.logical_bytes} B")
 
     # Fork from the best checkpoint and train the fork with a lower learning rate.
     fork = f"low-lr-{step}"
@@ -61,8 +59,12 @@ def main(path: str) -> None:
     for group in fopt.param_groups:
         group["lr"] = 1e-3
     loss = train(fmodel, fopt, steps=5, start=fstate["step"])
-    c = store.commit({"model": fmodel, "optimizer": fopt, "step": fstate["step"] + 5},
-                     branch=fork, message="fine-tune at lr 1e-3", metrics={"eval_loss": loss})
+    c = store.commit(
+        {"model": fmodel, "optimizer": fopt, "step": fstate["step"] + 5},
+        branch=fork,
+        message="fine-tune at lr 1e-3",
+        metrics={"eval_loss": loss},
+    )
     print(f"forked {fork} from best at step {fstate['step']}, committed {c.short_id}")
 
     # Check out both lines and compare.

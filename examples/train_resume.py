@@ -26,9 +26,7 @@ from ckptstore.integrations.training import Checkpointer, ResumableRandomSampler
 class Net(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4)
-        )
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

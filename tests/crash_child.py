@@ -120,8 +120,6 @@ def writer_loss(writer: int, i: int) -> float:
 # Instrumentation (from outside the store: wrappers on the opened store's instances)
 
 
-
-
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

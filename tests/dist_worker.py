@@ -1,11 +1,11 @@
 """A rank of the distributed tests (run by tests/test_distributed.py through torchrun).
 
-    dist_worker.py save URL    # 4 ranks: dcp.save of sharded and replicated DTensors, then
-                               # ckptstore.integrations.distributed.commit of per-rank states
-    dist_worker.py load URL    # N ranks: dcp.load of the DCP commit, resharded to N
-    dist_worker.py bert URL    # 2 ranks (tests/workflows/test_dcp_workflow.py): a BERT's weights
-                               # sharded, its AdamW state replicated; dcp.save, 1% changed,
-                               # dcp.save again with delta="on"; then rank 0 alone saves its shards
+dist_worker.py save URL    # 4 ranks: dcp.save of sharded and replicated DTensors, then
+                           # ckptstore.integrations.distributed.commit of per-rank states
+dist_worker.py load URL    # N ranks: dcp.load of the DCP commit, resharded to N
+dist_worker.py bert URL    # 2 ranks (tests/workflows/test_dcp_workflow.py): a BERT's weights
+                           # sharded, its AdamW state replicated; dcp.save, 1% changed,
+                           # dcp.save again with delta="on"; then rank 0 alone saves its shards
 """
 
 from __future__ import annotations
@@ -81,7 +81,11 @@ def main() -> None:
         second = StoreWriter(store, branch="ft", delta="on", message="second", metadata={"step": 2}, metrics={"eval_loss": 1.5}, tags=["tuned"])
         # This planner gives every replicated item (the optimizer state) to rank 0, where the
         # first save spread them over both ranks: their delta bases are found all the same.
-        dcp.save({"model": sharded(), "optimizer": opt.state_dict()}, storage_writer=second, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+        dcp.save(
+            {"model": sharded(), "optimizer": opt.state_dict()},
+            storage_writer=second,
+            planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+        )
         shards = sharded()  # distributing is collective: every rank takes part
         if rank == 0:
             result["second"], result["du_second"] = second.commit.id, store.du().physical_bytes

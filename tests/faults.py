@@ -80,13 +80,9 @@ class Rule:
 def _error_response(status: int) -> bytes:
     reason, code = {500: ("Internal Server Error", "InternalError"), 503: ("Slow Down", "SlowDown")}[status]
     body = (
-        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-        f"<Message>injected by the fault proxy</Message><RequestId>fault</RequestId></Error>"
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>injected by the fault proxy</Message><RequestId>fault</RequestId></Error>'
     ).encode()
-    return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -336,7 +332,25 @@ class LocalFaults:
     without uninstalling."""
 
     #: Calls that may fail with an errno, and which of them write (ENOSPC applies to those).
-    FAILING = ("open", "create", "write", "fsync", "link", "unlink", "replace", "mkdir", "stat", "fstat", "read", "scandir", "walk", "readinto", "exists", "isfile", "isdir")
+    FAILING = (
+        "open",
+        "create",
+        "write",
+        "fsync",
+        "link",
+        "unlink",
+        "replace",
+        "mkdir",
+        "stat",
+        "fstat",
+        "read",
+        "scandir",
+        "walk",
+        "readinto",
+        "exists",
+        "isfile",
+        "isdir",
+    )
     WRITING = ("write", "fsync", "mkdir", "create")
 
     def __init__(

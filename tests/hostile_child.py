@@ -365,14 +365,24 @@ def _(base: Base):
 
 @case("Manifest.from_bytes: shape x itemsize larger than the blob")
 def _(base: Base):
-    doc = {"format": 1, "tree": msgpack.packb({}), "tensors": [["x", "float32", [10**9], None, 0, 0, 0, False]], "blobs": [[8, [], b"\0" * 8]]}
+    doc = {
+        "format": 1,
+        "tree": msgpack.packb({}),
+        "tensors": [["x", "float32", [10**9], None, 0, 0, 0, False]],
+        "blobs": [[8, [], b"\0" * 8]],
+    }
     data = msgpack.packb(doc, use_bin_type=True)
     return (lambda: Manifest.from_bytes(data, key="m")), len(data)
 
 
 @case("Manifest.from_bytes: shape x stride past the blob")
 def _(base: Base):
-    doc = {"format": 1, "tree": msgpack.packb({}), "tensors": [["x", "float32", [2, 2], [2**40, 1], 0, 0, 0, False]], "blobs": [[16, [], b"\0" * 16]]}
+    doc = {
+        "format": 1,
+        "tree": msgpack.packb({}),
+        "tensors": [["x", "float32", [2, 2], [2**40, 1], 0, 0, 0, False]],
+        "blobs": [[16, [], b"\0" * 16]],
+    }
     data = msgpack.packb(doc, use_bin_type=True)
     return (lambda: Manifest.from_bytes(data, key="m")), len(data)
 

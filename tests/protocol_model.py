@@ -312,8 +312,12 @@ def structure_problems(store: Store, *, spare_late: bool = True) -> list[str]:
     """Stored objects that lack something they need (``spare_late``: except those written
     late, by a writer a collector had given up on)."""
     when = lambda late: " (written late)" if late else ""  # noqa: E731
-    out = [f"commit {cid}{when(late)} lacks a chunk or base" for cid, _, _, late in store.commits if not (late and spare_late) and not commit_readable(store, cid)]
-    out += [f"chunk {n}{_via(ch)}{when(late)} lacks its chain" for n, ch, _, late in store.chunks if not (late and spare_late) and not chunk_readable(store, n, ch)]
+    out = [
+        f"commit {cid}{when(late)} lacks a chunk or base" for cid, _, _, late in store.commits if not (late and spare_late) and not commit_readable(store, cid)
+    ]
+    out += [
+        f"chunk {n}{_via(ch)}{when(late)} lacks its chain" for n, ch, _, late in store.chunks if not (late and spare_late) and not chunk_readable(store, n, ch)
+    ]
     return out
 
 
@@ -637,7 +641,13 @@ class Model:
                     yield "the save fails: the coordinator died", store, W_DONE._replace(status="failed"), False, None
                     return
             store2 = store._replace(markers=_put(store.markers, ((i, w.attempt), 0)))
-            yield "creates its marker", store2, w._replace(pc=("lease",), marker=True, hb_sent=0, hb_ok=0, hb_lost=None, fenced=False, late=False), False, None
+            yield (
+                "creates its marker",
+                store2,
+                w._replace(pc=("lease",), marker=True, hb_sent=0, hb_ok=0, hb_lost=None, fenced=False, late=False),
+                False,
+                None,
+            )
         elif op == "lease":
             lease = store.lease
             nxt = {"writer": ("head",), "rank": ("check", 0), "coord": ("gather",)}[q.kind]
@@ -647,11 +657,23 @@ class Model:
                 own = _get(store.markers, (i, w.attempt))
                 gone = self.lease_gone(s, i, lease, own[1] if own is not None else 0)
                 if True in gone:
-                    yield f"reads the lease: sweeping, but its holder is dead or it expired{_undecided(gone)}", store, w._replace(pc=nxt), False, None
+                    yield (
+                        f"reads the lease: sweeping, but its holder is dead or it expired{_undecided(gone)}",
+                        store,
+                        w._replace(pc=nxt),
+                        False,
+                        None,
+                    )
                 # else it waits while a live collector deletes: no step
         elif op == "head":
             found = _get(store.commits, store.head) if store.head else None
-            yield f"reads head {store.head}", store, w._replace(pc=("check", 0), head=store.head, base=found[1] if found else ()), False, None
+            yield (
+                f"reads head {store.head}",
+                store,
+                w._replace(pc=("check", 0), head=store.head, base=found[1] if found else ()),
+                False,
+                None,
+            )
         elif op == "check":
             k = pc[1]
             c = q.target[k]
@@ -681,7 +703,13 @@ class Model:
             elif self.chain_ok(store, c, found[1]):
                 yield f"finds chunk {c}{_via(found[1])} stored meanwhile", store, self._record(w, q, c, found[1]), False, None
             else:
-                yield f"finds chunk {c}{_via(found[1])} stored meanwhile, its chain broken", store, w._replace(pc=("rewrite", k)), False, None
+                yield (
+                    f"finds chunk {c}{_via(found[1])} stored meanwhile, its chain broken",
+                    store,
+                    w._replace(pc=("rewrite", k)),
+                    False,
+                    None,
+                )
         elif op == "rewrite":
             k = pc[1]
             c = q.target[k]
@@ -693,7 +721,13 @@ class Model:
                 keys = [(i, w.attempt)] + [k for k, _ in store.markers if k[0] == rank]
                 yield "deletes its marker and the rank's", store._replace(markers=_drop(store.markers, keys)), W_DONE, False, None
             elif q.kind == "rank":
-                yield "deletes its marker", store._replace(markers=_drop(store.markers, [(i, w.attempt)])), w._replace(pc=("deliver",), marker=False), False, None
+                yield (
+                    "deletes its marker",
+                    store._replace(markers=_drop(store.markers, [(i, w.attempt)])),
+                    w._replace(pc=("deliver",), marker=False),
+                    False,
+                    None,
+                )
             else:
                 yield "deletes its marker", store._replace(markers=_drop(store.markers, [(i, w.attempt)])), W_DONE, False, None
         elif op == "deliver":
@@ -710,7 +744,13 @@ class Model:
             if rank.delivered:
                 yield "gathers the rank's results", store, w._replace(pc=("chead",), refs=rank.refs), False, None
             elif rank.status not in ACTIVE:
-                yield "the save fails: the rank died", store, w._replace(pc=("unmark",)) if w.marker else W_DONE._replace(status="failed"), False, None
+                yield (
+                    "the save fails: the rank died",
+                    store,
+                    w._replace(pc=("unmark",)) if w.marker else W_DONE._replace(status="failed"),
+                    False,
+                    None,
+                )
         elif op == "chead":
             yield f"reads head {store.head}", store, w._replace(pc=("commit",), head=store.head), False, None
         elif op == "commit":
@@ -749,7 +789,13 @@ class Model:
         if w.made < self.cfg.commit_objects:
             yield f"{what} conflicts (head is {store.head}): re-parents", store, w._replace(pc=("commit",), head=store.head), False, None
         else:
-            yield f"{what} conflicts: gives up", store, w._replace(pc=("unmark",)) if w.marker else W_DONE._replace(status="failed"), False, None
+            yield (
+                f"{what} conflicts: gives up",
+                store,
+                w._replace(pc=("unmark",)) if w.marker else W_DONE._replace(status="failed"),
+                False,
+                None,
+            )
 
     def _record(self, w: W, q: Proc, c: str, chain: Chain) -> W:
         refs = (*w.refs, (c, chain))
@@ -797,7 +843,13 @@ class Model:
             plans = list(self.make_plans(store, i, now_age))
             note = " (an age the cap leaves undecided: one plan per outcome)" if len(set(plans)) > 1 else ""
             for plan in plans:
-                yield f"plans {_plan_text(plan)}{note}", store, c._replace(pc=("mark", 0) if plan else ("reap",), plan=plan, known=known), False, None
+                yield (
+                    f"plans {_plan_text(plan)}{note}",
+                    store,
+                    c._replace(pc=("mark", 0) if plan else ("reap",), plan=plan, known=known),
+                    False,
+                    None,
+                )
         elif op == "mark":
             yield "renews its lease, sweeping", renewed(True), self._renewal(c._replace(pc=("list", k), t_snap=0)), False, None
         elif op == "list":
@@ -809,7 +861,13 @@ class Model:
                 judged = tuple(key for key, gone in zip(keys, verdicts) if gone)
                 live = [key for key, gone in zip(keys, verdicts) if not gone]
                 if live and not ours:  # its unmarking compare-and-swap fails
-                    yield f"lists markers: {names(live)} live{note}; its lease was taken over (CollectorBusy)", store, C_DONE._replace(status="lost"), False, None
+                    yield (
+                        f"lists markers: {names(live)} live{note}; its lease was taken over (CollectorBusy)",
+                        store,
+                        C_DONE._replace(status="lost"),
+                        False,
+                        None,
+                    )
                     continue
                 if live:  # it unmarks at once: between the two, writers only wait
                     c2 = self._renewal(c._replace(pc=("mark", k), judged=()))
@@ -821,7 +879,13 @@ class Model:
                     if isinstance(wj, W) and wj.attempt == attempt and not wj.late and wj.status in ACTIVE:
                         procs = procs[:j] + (wj._replace(late=True),) + procs[j + 1 :]
                 text = f"{names(judged)} abandoned" if judged else "none"
-                yield f"lists markers: {text}{note}", store, c._replace(pc=("protect", k), judged=judged), False, None if procs is s.procs else procs
+                yield (
+                    f"lists markers: {text}{note}",
+                    store,
+                    c._replace(pc=("protect", k), judged=judged),
+                    False,
+                    None if procs is s.procs else procs,
+                )
         elif op == "protect":
             protected = set(c.protected)
             if store.head is not None:
@@ -853,7 +917,13 @@ class Model:
                 gone = [key for key in c.judged if _get(store.markers, key) is not None]
             else:  # lease.writers() again, now
                 gone = [key for key, age in store.markers if self.marker_abandoned(s, i, key, age, 0)[0]]
-            yield f"deletes the abandoned markers ({len(gone)})", store._replace(markers=_drop(store.markers, gone)), c._replace(pc=("release",)), False, None
+            yield (
+                f"deletes the abandoned markers ({len(gone)})",
+                store._replace(markers=_drop(store.markers, gone)),
+                c._replace(pc=("release",)),
+                False,
+                None,
+            )
         elif op == "release":
             yield "releases the lease", store._replace(lease=None) if ours else store, C_DONE, False, None
 
@@ -1089,7 +1159,9 @@ ROLLBACK = Scenario(
     head="C3",
 )
 #: The same with the removed commit still stored (commits are deleted before chunks).
-ROLLBACK_WITH_COMMIT = replace(ROLLBACK, name="rollback onto a stored delta, its old commit still stored", commits=(("C2", (("d", ("a",)),)), *ROLLBACK.commits))
+ROLLBACK_WITH_COMMIT = replace(
+    ROLLBACK, name="rollback onto a stored delta, its old commit still stored", commits=(("C2", (("d", ("a",)),)), *ROLLBACK.commits)
+)
 #: The head moved on from ``a`` to ``x``; a writer commits ``a`` again (nothing needs it).
 OLD_STATE = Scenario("rollback onto an old chunk", chunks=(("a", (), None), ("x", (), None)), commits=(("C2", (("x", ()),)),), head="C2")
 #: A delta just stored (by a writer that has not published yet, or died) on an old base.
@@ -1097,7 +1169,12 @@ YOUNG_DELTA = replace(ROLLBACK, name="a young delta on an old base", chunks=(("a
 #: What ef55ec3's collector leaves when it dies between two batches: ``d`` without ``a``.
 DANGLING = Scenario("a delta whose base is gone", chunks=(("d", ("a",), None), ("x", (), None)), commits=(("C3", (("x", ()),)),), head="C3")
 #: A chain ``d -> b -> a`` whose last base is gone.
-DANGLING_CHAIN = Scenario("a chain whose last base is gone", chunks=(("b", ("a",), None), ("d", ("b", "a"), None), ("x", (), None)), commits=(("C3", (("x", ()),)),), head="C3")
+DANGLING_CHAIN = Scenario(
+    "a chain whose last base is gone",
+    chunks=(("b", ("a",), None), ("d", ("b", "a"), None), ("x", (), None)),
+    commits=(("C3", (("x", ()),)),),
+    head="C3",
+)
 
 WRITER = Proc("writer", "W", ("d",))  # commits d, as a delta against the head's chunk if d is gone
 OLD_WRITER = Proc("writer", "W", ("a",))
@@ -1188,54 +1265,237 @@ def checks(*, soak: bool = False) -> list[Check]:
     exact = {"cap_margin": 2}
     out = [
         # (a) ef55ec3: each defect with only the environment step it needs.
-        Check("ef55ec3, defect 1: deletes in key order, a rollback reuses a delta whose base is gone", OLD, Config(ROLLBACK, TWO, **_quiet(2)), "reused broken delta"),
-        Check("ef55ec3, defect 1: keeps a young delta, deletes its old base", OLD, Config(YOUNG_DELTA, TWO, **_quiet(2)), "reused broken delta"),
-        Check("ef55ec3, defect 3: a collector in another pid namespace", OLD, Config(OLD_STATE, OLD_TWO, **_quiet(2, namespaces=((0, 0), (0, 1)))), "namespaces"),
+        Check(
+            "ef55ec3, defect 1: deletes in key order, a rollback reuses a delta whose base is gone",
+            OLD,
+            Config(ROLLBACK, TWO, **_quiet(2)),
+            "reused broken delta",
+        ),
+        Check(
+            "ef55ec3, defect 1: keeps a young delta, deletes its old base",
+            OLD,
+            Config(YOUNG_DELTA, TWO, **_quiet(2)),
+            "reused broken delta",
+        ),
+        Check(
+            "ef55ec3, defect 3: a collector in another pid namespace",
+            OLD,
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, namespaces=((0, 0), (0, 1)))),
+            "namespaces",
+        ),
         Check("ef55ec3, defect 4: wall clocks skewed by more than the ttl", OLD, Config(OLD_STATE, OLD_TWO, **_quiet(2, skews=SKEWS)), "skew"),
-        Check("ef55ec3, defect 5: a DCP rank releases its marker before the publish", OLD, Config(OLD_STATE, DCP, **_quiet(3)), "rank released"),
+        Check(
+            "ef55ec3, defect 5: a DCP rank releases its marker before the publish",
+            OLD,
+            Config(OLD_STATE, DCP, **_quiet(3)),
+            "rank released",
+        ),
         Check("ef55ec3 without key order, namespaces, skew or DCP: no violation", OLD, Config(OLD_STATE, OLD_TWO, **_quiet(2))),
         # The new protocol as first specified: what this model found.
-        Check("as written: a writer paused past the ttl comes back, heartbeats, publishes", AS_WRITTEN, Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("W",), **exact)), "pause"),
-        Check("as written: a collector paused past the ttl comes back, heartbeats, deletes", AS_WRITTEN, Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("G",), **exact)), "pause"),
-        Check("as written: a heartbeat is counted from its late answer", AS_WRITTEN, Config(OLD_STATE, OLD_TWO, **_quiet(2, lost_answers=1, **exact)), "lost answer"),
-        Check("as written: a DCP rank's marker goes stale before the coordinator takes one", AS_WRITTEN, Config(OLD_STATE, DCP, **_quiet(3, pauses=1, **exact)), "pause"),
-        Check("as written: a writer reuses a chain through a base rewritten whole", AS_WRITTEN, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_quiet(2)), "rewritten base"),
-        Check("as stated, the invariant fails for what a fenced writer writes late", NEW, Config(ROLLBACK, TWO, check_structure=True, structure_spares_late=False, **_quiet(2, pauses=1, faulty=("W",), **exact)), "late write"),
+        Check(
+            "as written: a writer paused past the ttl comes back, heartbeats, publishes",
+            AS_WRITTEN,
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("W",), **exact)),
+            "pause",
+        ),
+        Check(
+            "as written: a collector paused past the ttl comes back, heartbeats, deletes",
+            AS_WRITTEN,
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("G",), **exact)),
+            "pause",
+        ),
+        Check(
+            "as written: a heartbeat is counted from its late answer",
+            AS_WRITTEN,
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, lost_answers=1, **exact)),
+            "lost answer",
+        ),
+        Check(
+            "as written: a DCP rank's marker goes stale before the coordinator takes one",
+            AS_WRITTEN,
+            Config(OLD_STATE, DCP, **_quiet(3, pauses=1, **exact)),
+            "pause",
+        ),
+        Check(
+            "as written: a writer reuses a chain through a base rewritten whole",
+            AS_WRITTEN,
+            Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_quiet(2)),
+            "rewritten base",
+        ),
+        Check(
+            "as stated, the invariant fails for what a fenced writer writes late",
+            NEW,
+            Config(ROLLBACK, TWO, check_structure=True, structure_spares_late=False, **_quiet(2, pauses=1, faulty=("W",), **exact)),
+            "late write",
+        ),
         # (b) The new protocol: no violation.
-        Check("new: rollback onto a delta, every environment step", NEW, Config(ROLLBACK, TWO, check_structure=True, restarts=0, **_full(2)), min_states=150_000),
-        Check("new: rollback onto a delta, a fenced writer starts over", NEW, Config(ROLLBACK, TWO, check_structure=True, **_full(2, lost_answers=0)), min_states=35_000),
-        Check("new: a young delta on an old base", NEW, Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2, crashes=0, lost_answers=0)), min_states=15_000),
+        Check(
+            "new: rollback onto a delta, every environment step",
+            NEW,
+            Config(ROLLBACK, TWO, check_structure=True, restarts=0, **_full(2)),
+            min_states=150_000,
+        ),
+        Check(
+            "new: rollback onto a delta, a fenced writer starts over",
+            NEW,
+            Config(ROLLBACK, TWO, check_structure=True, **_full(2, lost_answers=0)),
+            min_states=35_000,
+        ),
+        Check(
+            "new: a young delta on an old base",
+            NEW,
+            Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2, crashes=0, lost_answers=0)),
+            min_states=15_000,
+        ),
         Check("new: DCP", NEW, Config(OLD_STATE, DCP, check_structure=True, **_full(3, lost_answers=0)), min_states=60_000),
-        Check("new: a store left damaged by ef55ec3", NEW, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2, crashes=0, lost_answers=0)), min_states=40_000),
-        Check("new: two writers", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3)), min_states=20_000),
-        Check("new: two collectors, one dies", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_quiet(3, crashes=1)), min_states=12_000),
-        Check("new: two collectors, one paused and taken over", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_quiet(3, pauses=1, faulty=("G",))), min_states=35_000),
+        Check(
+            "new: a store left damaged by ef55ec3",
+            NEW,
+            Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2, crashes=0, lost_answers=0)),
+            min_states=40_000,
+        ),
+        Check(
+            "new: two writers",
+            NEW,
+            Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3)),
+            min_states=20_000,
+        ),
+        Check(
+            "new: two collectors, one dies",
+            NEW,
+            Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_quiet(3, crashes=1)),
+            min_states=12_000,
+        ),
+        Check(
+            "new: two collectors, one paused and taken over",
+            NEW,
+            Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_quiet(3, pauses=1, faulty=("G",))),
+            min_states=35_000,
+        ),
         # (c) The new protocol with one mechanism set back: its defect returns.
-        Check("new, deletes in key order", NEW.flipped("delete_order"), Config(ROLLBACK, TWO, check_structure=True, **_quiet(2)), "dangling delta"),
-        Check("new, no chain closure in planning", NEW.flipped("chain_closure"), Config(YOUNG_DELTA, TWO, check_structure=True, **_quiet(2)), "dangling delta"),
+        Check(
+            "new, deletes in key order",
+            NEW.flipped("delete_order"),
+            Config(ROLLBACK, TWO, check_structure=True, **_quiet(2)),
+            "dangling delta",
+        ),
+        Check(
+            "new, no chain closure in planning",
+            NEW.flipped("chain_closure"),
+            Config(YOUNG_DELTA, TWO, check_structure=True, **_quiet(2)),
+            "dangling delta",
+        ),
         Check("new, no chain check on reuse", NEW.flipped("reuse_check"), Config(DANGLING, TWO, **_quiet(2)), "reused broken delta"),
-        Check("new, chain check by existence only", replace(NEW, reuse_check="chain_exists"), Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_quiet(2)), "rewritten base"),
-        Check("new, liveness by hostname and pid", NEW.flipped("identity"), Config(OLD_STATE, OLD_TWO, **_quiet(2, namespaces=((0, 0), (0, 1)))), "namespaces"),
+        Check(
+            "new, chain check by existence only",
+            replace(NEW, reuse_check="chain_exists"),
+            Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_quiet(2)),
+            "rewritten base",
+        ),
+        Check(
+            "new, liveness by hostname and pid",
+            NEW.flipped("identity"),
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, namespaces=((0, 0), (0, 1)))),
+            "namespaces",
+        ),
         Check("new, liveness by wall clocks", NEW.flipped("clock"), Config(OLD_STATE, OLD_TWO, **_quiet(2, skews=SKEWS)), "skew"),
         Check("new, no fence check", NEW.flipped("fence"), Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, **exact)), "pause"),
-        Check("new, the DCP rank releases its marker after write_data", NEW.flipped("dcp_marker"), Config(OLD_STATE, DCP, **_quiet(3)), "rank released"),
-        Check("new, a heartbeat gap does not fence (writer)", NEW.flipped("gap_fences"), Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("W",), **exact)), "pause"),
-        Check("new, a heartbeat gap does not fence (collector)", NEW.flipped("gap_fences"), Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("G",), **exact)), "pause"),
-        Check("new, a late heartbeat answer counted when it arrives", NEW.flipped("heartbeat_time"), Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, lost_answers=1, **exact)), "lost answer"),
-        Check("new, a delete resent without the fence check", NEW.flipped("fence_resent_deletes"), Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, lost_answers=1, faulty=("G",), **exact)), "lost answer"),
-        Check("new, the DCP coordinator takes its marker when it writes", NEW.flipped("dcp_coordinator_marker_first"), Config(OLD_STATE, DCP, **_quiet(3, pauses=1, **exact)), "pause"),
+        Check(
+            "new, the DCP rank releases its marker after write_data",
+            NEW.flipped("dcp_marker"),
+            Config(OLD_STATE, DCP, **_quiet(3)),
+            "rank released",
+        ),
+        Check(
+            "new, a heartbeat gap does not fence (writer)",
+            NEW.flipped("gap_fences"),
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("W",), **exact)),
+            "pause",
+        ),
+        Check(
+            "new, a heartbeat gap does not fence (collector)",
+            NEW.flipped("gap_fences"),
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, faulty=("G",), **exact)),
+            "pause",
+        ),
+        Check(
+            "new, a late heartbeat answer counted when it arrives",
+            NEW.flipped("heartbeat_time"),
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, lost_answers=1, **exact)),
+            "lost answer",
+        ),
+        Check(
+            "new, a delete resent without the fence check",
+            NEW.flipped("fence_resent_deletes"),
+            Config(OLD_STATE, OLD_TWO, **_quiet(2, pauses=1, lost_answers=1, faulty=("G",), **exact)),
+            "lost answer",
+        ),
+        Check(
+            "new, the DCP coordinator takes its marker when it writes",
+            NEW.flipped("dcp_coordinator_marker_first"),
+            Config(OLD_STATE, DCP, **_quiet(3, pauses=1, **exact)),
+            "pause",
+        ),
     ]
     if soak:
         every_namespace = {"namespaces": None}
         out += [
-            Check("soak, new: rollback with its old commit, every environment step, every namespace", NEW, Config(ROLLBACK_WITH_COMMIT, TWO, check_structure=True, **every_namespace), min_states=1_000_000, soak=True),
-            Check("soak, new: DCP, every environment step, every namespace", NEW, Config(OLD_STATE, DCP, check_structure=True, **every_namespace), min_states=3_000_000, soak=True),
-            Check("soak, new: a young delta, every environment step", NEW, Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2)), min_states=400_000, soak=True),
-            Check("soak, new: a store left damaged by ef55ec3, every environment step", NEW, Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2)), min_states=900_000, soak=True),
-            Check("soak, new: two writers, a pause", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, pauses=1)), min_states=800_000, soak=True),
-            Check("soak, new: two writers, a crash", NEW, Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, crashes=1)), min_states=90_000, soak=True),
-            Check("soak, new: two collectors, a crash and a pause", NEW, Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_full(3, lost_answers=0)), min_states=450_000, soak=True),
-            Check("soak, new: a two-chunk rollback, batches of two", NEW, Config(ROLLBACK, (Proc("writer", "W", ("d", "x")), COLLECTOR), batch_size=2, check_structure=True, **_full(2)), min_states=400_000, soak=True),
+            Check(
+                "soak, new: rollback with its old commit, every environment step, every namespace",
+                NEW,
+                Config(ROLLBACK_WITH_COMMIT, TWO, check_structure=True, **every_namespace),
+                min_states=1_000_000,
+                soak=True,
+            ),
+            Check(
+                "soak, new: DCP, every environment step, every namespace",
+                NEW,
+                Config(OLD_STATE, DCP, check_structure=True, **every_namespace),
+                min_states=3_000_000,
+                soak=True,
+            ),
+            Check(
+                "soak, new: a young delta, every environment step",
+                NEW,
+                Config(YOUNG_DELTA, TWO, check_structure=True, **_full(2)),
+                min_states=400_000,
+                soak=True,
+            ),
+            Check(
+                "soak, new: a store left damaged by ef55ec3, every environment step",
+                NEW,
+                Config(DANGLING_CHAIN, (CHAIN_WRITER, COLLECTOR), **_full(2)),
+                min_states=900_000,
+                soak=True,
+            ),
+            Check(
+                "soak, new: two writers, a pause",
+                NEW,
+                Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, pauses=1)),
+                min_states=800_000,
+                soak=True,
+            ),
+            Check(
+                "soak, new: two writers, a crash",
+                NEW,
+                Config(ROLLBACK, (WRITER, SECOND_WRITER, COLLECTOR), check_structure=True, **_quiet(3, crashes=1)),
+                min_states=90_000,
+                soak=True,
+            ),
+            Check(
+                "soak, new: two collectors, a crash and a pause",
+                NEW,
+                Config(OLD_STATE, (OLD_WRITER, COLLECTOR, SECOND_COLLECTOR), check_structure=True, **_full(3, lost_answers=0)),
+                min_states=450_000,
+                soak=True,
+            ),
+            Check(
+                "soak, new: a two-chunk rollback, batches of two",
+                NEW,
+                Config(ROLLBACK, (Proc("writer", "W", ("d", "x")), COLLECTOR), batch_size=2, check_structure=True, **_full(2)),
+                min_states=400_000,
+                soak=True,
+            ),
         ]
     return out
 

@@ -257,9 +257,7 @@ def _wait_for_a_gap(store, chains: dict[str, tuple[str, ...]], *, timeout_s: flo
     return False
 
 
-def _rollback_state(
-    store, branch: str, back: int, history: list, before_fork: tuple | None, record: dict
-) -> tuple[dict | None, tuple[int, int]]:
+def _rollback_state(store, branch: str, back: int, history: list, before_fork: tuple | None, record: dict) -> tuple[dict | None, tuple[int, int]]:
     """The state a rollback commits again, and its (line, number): right after ``side`` was
     forked afresh, what it held before (a sweep going back to its old checkpoint, which no
     revision reaches any more: by id); else the commit ``back`` before the branch's head

@@ -46,25 +46,71 @@ STORE_INTERNALS = {"objects", "refs", "pipeline", "catalog"}
 #: The layers, bottom first: a module imports only modules of its own layer or below (imports
 #: for the type checker only excepted). A module (or package) is placed by its longest prefix.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundations: errors, the key layout, host facts, leaf helpers", (
-        "errors", "layout", "_host", "redaction", "background", "catalog", "retention", "cli.options",
-    )),
-    ("encodings: ids, frames and codecs, state trees, manifests, commits", (
-        "ids", "codec", "balance", "recent_chunks", "tree", "manifest", "commit",
-    )),
-    ("storage and file formats: backends, safetensors/.pt/HF files, the DCP layout", (
-        "backends", "formats", "dcp_layout",
-    )),
-    ("small mutable objects and the history they record: records, refs, leases, history", (
-        "records", "refs", "lease", "history",
-    )),
+    (
+        "foundations: errors, the key layout, host facts, leaf helpers",
+        (
+            "errors",
+            "layout",
+            "_host",
+            "redaction",
+            "background",
+            "catalog",
+            "retention",
+            "cli.options",
+        ),
+    ),
+    (
+        "encodings: ids, frames and codecs, state trees, manifests, commits",
+        (
+            "ids",
+            "codec",
+            "balance",
+            "recent_chunks",
+            "tree",
+            "manifest",
+            "commit",
+        ),
+    ),
+    (
+        "storage and file formats: backends, safetensors/.pt/HF files, the DCP layout",
+        (
+            "backends",
+            "formats",
+            "dcp_layout",
+        ),
+    ),
+    (
+        "small mutable objects and the history they record: records, refs, leases, history",
+        (
+            "records",
+            "refs",
+            "lease",
+            "history",
+        ),
+    ),
     ("chunks in and out", ("pipeline",)),
-    ("what a store holds, read: inventory, config, reading, revisions, branches, diffs", (
-        "inventory", "config", "reader", "revisions", "branching", "diff",
-    )),
-    ("operations: writing commits, gc, fsck, du, repack, import and export", (
-        "writer", "gc", "fsck", "usage", "repack", "transfer",
-    )),
+    (
+        "what a store holds, read: inventory, config, reading, revisions, branches, diffs",
+        (
+            "inventory",
+            "config",
+            "reader",
+            "revisions",
+            "branching",
+            "diff",
+        ),
+    ),
+    (
+        "operations: writing commits, gc, fsck, du, repack, import and export",
+        (
+            "writer",
+            "gc",
+            "fsck",
+            "usage",
+            "repack",
+            "transfer",
+        ),
+    ),
     ("the facade", ("store",)),
     ("on the facade: the package's names, integrations, pictures", ("__init__", "integrations", "ui")),
     ("entry points: the command line, and the old module names", ("cli", "__main__", "training", "distributed")),
@@ -269,7 +315,12 @@ def test_integrations_touch_no_store_internals(module: Module):
 
 def test_the_store_internals_check_sees_each_kind_of_access():
     code = "store.objects.get(k)\nself.store.refs\nself.store._commits\nstore.__class__\nstore.commit(s)\nother_store.pipeline\nx.objects"
-    assert [text for _, text in store_internals_used(ast.parse(code))] == ["store.objects", "self.store.refs", "self.store._commits", "other_store.pipeline"]
+    assert [text for _, text in store_internals_used(ast.parse(code))] == [
+        "store.objects",
+        "self.store.refs",
+        "self.store._commits",
+        "other_store.pipeline",
+    ]
 
 
 # --------------------------------------------------------------------------------------------

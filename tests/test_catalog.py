@@ -69,7 +69,11 @@ def test_six_processes_opening_one_new_store_at_once_all_succeed(tmp_path: Path)
     ranks = [
         subprocess.Popen(
             [sys.executable, __file__, "rank", str(rank)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors[rank], text=True, env=_child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors[rank],
+            text=True,
+            env=_child_env(),
         )
         for rank in range(RANKS)
     ]
@@ -313,8 +317,17 @@ def _full_mid_session(directory: str) -> None:
     path = os.path.join(directory, "catalog.sqlite")
 
     def row(i: int, size: int) -> dict:
-        return {"id": f"{i:032x}", "manifest": "m", "message": f"commit {i}", "created_at": float(i), "branch": "main",
-                "step": i, "logical_bytes": 0, "new_bytes": 0, "object": os.urandom(size)}
+        return {
+            "id": f"{i:032x}",
+            "manifest": "m",
+            "message": f"commit {i}",
+            "created_at": float(i),
+            "branch": "main",
+            "step": i,
+            "logical_bytes": 0,
+            "new_bytes": 0,
+            "object": os.urandom(size),
+        }
 
     catalog = Catalog(path)
     for i in range(5):
@@ -407,7 +420,9 @@ if __name__ == "__main__":
         _hold(args[0])
     else:
         scenarios = {
-            "full-disk": _full_disk, "full-mid-session": _full_mid_session, "read-only": _read_only,
+            "full-disk": _full_disk,
+            "full-mid-session": _full_mid_session,
+            "read-only": _read_only,
             "unwritable-directory": _unwritable_directory,
         }
         scenarios[mode](args[0])

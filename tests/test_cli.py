@@ -425,7 +425,11 @@ def test_log_graph_and_du_agree_with_the_store(tmp_path):
     for name, head in store.branches().items():
         history = _history(store, head)
         keys = set().union(*(needs[c] for c in history))
-        expected_branches[name] = (len(history), sum(store.get_commit(c).stats.logical_bytes for c in history), sum(before[k] for k in keys))
+        expected_branches[name] = (
+            len(history),
+            sum(store.get_commit(c).stats.logical_bytes for c in history),
+            sum(before[k] for k in keys),
+        )
     users: dict[str, int] = {}
     for keys in needs.values():
         for key in keys:
@@ -579,7 +583,9 @@ def test_errors_are_one_line_usage_errors_exit_2_and_debug_shows_the_traceback(s
     runs = small_store["runs"]
     errors, usage, (parent, prefix, version) = runs[:9], runs[9:17], runs[17:20]
 
-    messages = [_assert_error_line(run, rc=2 if step == ["tag", "latest"] else 1) for step, run in zip(_ERROR_STEPS, errors)]  # a reserved name is a usage error
+    messages = [
+        _assert_error_line(run, rc=2 if step == ["tag", "latest"] else 1) for step, run in zip(_ERROR_STEPS, errors)
+    ]  # a reserved name is a usage error
     assert messages[0] == "unknown revision 'mian'; did you mean 'main'?"
     assert messages[1] == "unknown revision 'main~5'; did you mean 'main~1'?"
     assert messages[2].startswith("unknown revision 'sweeep'; did you mean 'sweep'")

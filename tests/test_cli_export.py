@@ -26,7 +26,14 @@ from ckptstore.errors import InvalidOption, StorageError, TargetExists, Unsuppor
 def _state(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     embedding = torch.nn.Parameter(torch.randn(16, 8, generator=g))
-    model = OrderedDict([("embed.weight", embedding), ("encoder.0.weight", torch.randn(8, 8, generator=g)), ("encoder.0.bias", torch.randn(8, generator=g)), ("lm_head.weight", embedding)])
+    model = OrderedDict(
+        [
+            ("embed.weight", embedding),
+            ("encoder.0.weight", torch.randn(8, 8, generator=g)),
+            ("encoder.0.bias", torch.randn(8, generator=g)),
+            ("lm_head.weight", embedding),
+        ]
+    )
     model._metadata = OrderedDict([("", {"version": 1}), ("encoder.0", {"version": 2})])  # as nn.Module.state_dict() leaves it
     optimizer = {
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(16, 8, generator=g)}, 1: {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 8, generator=g)}},
@@ -98,7 +105,10 @@ def _in_cli_words(run: Run) -> None:
 # -- nothing existing is replaced without force -----------------------------------------------
 
 
-@pytest.mark.parametrize("name,options", [("model.pt", []), ("model.safetensors", []), ("state.bin", ["--format", "pt"]), ("weights", ["--format", "safetensors"])])
+@pytest.mark.parametrize(
+    "name,options",
+    [("model.pt", []), ("model.safetensors", []), ("state.bin", ["--format", "pt"]), ("weights", ["--format", "safetensors"])],
+)
 def test_an_existing_file_is_refused_and_left_byte_identical_until_forced(tmp_path, name, options):
     url, store, (first, second) = _store(tmp_path)
     target = tmp_path / name

@@ -19,10 +19,7 @@ from ckptstore.layout import chunk_key, commit_key
 def ckpt_many(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
     """Run ``ckpt`` once per argument list, all at once (each start imports torch)."""
     env = {k: v for k, v in os.environ.items() if k not in ("CKPTSTORE_URL", "CKPTSTORE_STORAGE_OPTIONS")}
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "ckptstore", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for argv in argvs
-    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "ckptstore", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for argv in argvs]
     out = []
     try:
         for argv, proc in zip(argvs, procs):

@@ -58,7 +58,22 @@ def collected(tmp_path: Path) -> tuple[str, list[str]]:
 
 def test_show_and_log_mark_collected_parents_and_demotions(collected, capsys):
     url, ids = collected
-    code, out, err = ckpt(capsys, "--store", url, "gc", "--keep-last", "2", "--keep-best", "1", "--demote", "optimizer", "--keep-whole-last", "1", "--grace-period", "0s")
+    code, out, err = ckpt(
+        capsys,
+        "--store",
+        url,
+        "gc",
+        "--keep-last",
+        "2",
+        "--keep-best",
+        "1",
+        "--demote",
+        "optimizer",
+        "--keep-whole-last",
+        "1",
+        "--grace-period",
+        "0s",
+    )
     assert code == 0, err
     assert f"demote  {ids[4][:12]}  (without optimizer)" in out.splitlines()
     assert out.splitlines()[-1].startswith("removed 3 commits, demoted 1, kept 3; deleted ")
@@ -172,10 +187,16 @@ def test_new_data_bytes_never_exceed_logical_bytes(tmp_path, capsys):
 
     code, out, err = ckpt(capsys, "--store", url, "show", tiny.id, "--json")
     doc = json.loads(out)
-    assert (doc["new_data_bytes"], doc["new_metadata_bytes"], doc["new_bytes"]) == (tiny.stats.new_data_bytes, tiny.stats.new_metadata_bytes, tiny.stats.new_bytes)
+    assert (doc["new_data_bytes"], doc["new_metadata_bytes"], doc["new_bytes"]) == (
+        tiny.stats.new_data_bytes,
+        tiny.stats.new_metadata_bytes,
+        tiny.stats.new_bytes,
+    )
     code, out, err = ckpt(capsys, "--store", url, "show", tiny.id)
     size = next(line for line in out.splitlines() if line.startswith("size "))
-    assert size.startswith(f"size     {tiny.stats.logical_bytes} B logical, {tiny.stats.new_data_bytes} B data + {tiny.stats.new_metadata_bytes} B metadata newly stored")
+    assert size.startswith(
+        f"size     {tiny.stats.logical_bytes} B logical, {tiny.stats.new_data_bytes} B data + {tiny.stats.new_metadata_bytes} B metadata newly stored"
+    )
     usage = {c["id"]: c for c in json.loads(ckpt(capsys, "--store", url, "du", "--json")[1])["commits"]}
     assert (usage[tiny.id]["new_bytes"], usage[tiny.id]["new_metadata_bytes"]) == (tiny.stats.new_bytes, tiny.stats.new_metadata_bytes)
     code, out, err = ckpt(capsys, "--store", url, "log", "-n", "1")

@@ -175,7 +175,10 @@ def test_user_strings_are_printable_in_every_command(tmp_path):
     assert set(commits[second.id]["metrics"]) == {"loss" + HOSTILE}
     shown = _strict_json(ok(url, "show", first.id, "--json").out)
     assert shown["dropped_components"] == ["opt" + HOSTILE]
-    assert {t["path"] for t in _strict_json(ok(url, "show", second.id, "--json").out)["tensors"]} >= {"model/x" + HOSTILE, "opt" + HOSTILE + "/m"}
+    assert {t["path"] for t in _strict_json(ok(url, "show", second.id, "--json").out)["tensors"]} >= {
+        "model/x" + HOSTILE,
+        "opt" + HOSTILE + "/m",
+    }
 
 
 # -- 17.17: strict JSON, and metadata with int and str keys -------------------------------------

@@ -313,7 +313,7 @@ def test_commit_returns_when_latest_is_locked_by_another_process(tmp_path, caplo
         with open(lock, "rb") as f:  # really held: nobody else may flock it
             with pytest.raises(BlockingIOError):
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        store.max_ref_retries = 4  # the retries end while the lock is still held
+        store._writer.max_ref_retries = 4  # (Store(max_ref_retries=...) on open) the retries end while the lock is still held
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="ckptstore"):
             commit = store.commit(small_state(8), message="second")

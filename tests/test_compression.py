@@ -58,7 +58,13 @@ def _special_floats(dtype: torch.dtype, n: int, seed: int) -> bytes:
     size = t.element_size()
     specials = {
         2: [b"\x00\x80", b"\x01\x00", b"\x81\x7f", b"\xc1\xff", b"\x80\x7f", b"\x01\x7c", b"\x01\xfe"],
-        4: [struct.pack("<f", -0.0), struct.pack("<I", 1), struct.pack("<I", 0x7FC12345), struct.pack("<I", 0xFF812345), struct.pack("<f", float("inf"))],
+        4: [
+            struct.pack("<f", -0.0),
+            struct.pack("<I", 1),
+            struct.pack("<I", 0x7FC12345),
+            struct.pack("<I", 0xFF812345),
+            struct.pack("<f", float("inf")),
+        ],
         8: [struct.pack("<d", -0.0), struct.pack("<Q", 1), struct.pack("<Q", 0x7FF8DEADBEEF0001), struct.pack("<d", float("-inf"))],
     }.get(size, [])
     for i, value in enumerate(specials * 3):
@@ -260,7 +266,13 @@ def test_a_checkout_reads_at_most_keyframe_interval_objects_per_chunk(tmp_path):
 def test_the_delta_base_cache_changes_nothing_stored(tmp_path, cache_bytes):
     stores = {}
     for name in ("a", "b"):
-        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="on", delta_base_cache_bytes=cache_bytes if name == "a" else 1 << 30)
+        store = ckptstore.open(
+            str(tmp_path / name),
+            chunk_size_bytes=8192,
+            inline_threshold_bytes=1024,
+            delta="on",
+            delta_base_cache_bytes=cache_bytes if name == "a" else 1 << 30,
+        )
         stores[name] = [store.commit(s).manifest for s in fine_tuning(5)]
     assert stores["a"] == stores["b"]
 
@@ -283,7 +295,15 @@ def test_auto_deltas_choose_alike_whether_bases_are_kept_sampled_or_read_back(tm
     states = list(_auto_states())
     manifests = {}
     for name, cache in (("probe", cache_bytes), ("reference", 0)):
-        store = ckptstore.open(str(tmp_path / name), chunk_size_bytes=8192, inline_threshold_bytes=1024, delta="auto", delta_keyframe_interval=3, delta_base_cache_bytes=cache, compression="always")  # the codec's rule, not the sink's speed
+        store = ckptstore.open(
+            str(tmp_path / name),
+            chunk_size_bytes=8192,
+            inline_threshold_bytes=1024,
+            delta="auto",
+            delta_keyframe_interval=3,
+            delta_base_cache_bytes=cache,
+            compression="always",
+        )  # the codec's rule, not the sink's speed
         commits = []
         for step, state in enumerate(states):
             commits.append(store.commit(state))

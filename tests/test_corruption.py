@@ -381,8 +381,7 @@ class Tally:
         lines = [f"{title}: {sum(self.cases.values())} cases in {self.seconds:.1f} s"]
         for kind in sorted(self.cases):
             lines.append(
-                f"  {kind:32s} {self.cases[kind]:4d} cases, {self.detected[kind]:4d} detected, "
-                f"{self.equivalent[kind]:3d} still decode to the same bytes"
+                f"  {kind:32s} {self.cases[kind]:4d} cases, {self.detected[kind]:4d} detected, {self.equivalent[kind]:3d} still decode to the same bytes"
             )
         for note, n in sorted(self.notes.items()):
             lines.append(f"  note: {note}: {n}")
@@ -558,7 +557,6 @@ def _catalog_case(template: Template, work: Path, index: int, tally: Tally) -> N
 # Tests
 
 
-
 def test_template_is_healthy(template: Template) -> None:
     store = ckptstore.open(str(template.root), **OPEN_OPTIONS)
     try:
@@ -569,7 +567,10 @@ def test_template_is_healthy(template: Template) -> None:
         assert len({cid for cid in template.states if any(len(template.users[k]) > 1 for k in template.deps[cid])}) == 4
         if DELTA:
             assert template.deltas, "some chunks are stored as deltas"
-            assert any(template.deps[c] & template.deps[p] - set(template.keys["refs"]) for c, p in [(cid, e[1][0]) for es in template.logs.values() for e in es for cid in [e[0]] if e[1]])
+            assert any(
+                template.deps[c] & template.deps[p] - set(template.keys["refs"])
+                for c, p in [(cid, e[1][0]) for es in template.logs.values() for e in es for cid in [e[0]] if e[1]]
+            )
     finally:
         store.close()
 

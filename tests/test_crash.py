@@ -193,10 +193,7 @@ class CatalogFindings:
             self.found.append(f"after {where}: " + "; ".join(new[:3]))
 
     def assert_none(self) -> None:
-        assert not self.found, (
-            f"{len(self.found)} kills left the catalog disagreeing with the object store after a fresh open:\n"
-            + "\n".join(self.found[:40])
-        )
+        assert not self.found, f"{len(self.found)} kills left the catalog disagreeing with the object store after a fresh open:\n" + "\n".join(self.found[:40])
 
 
 def check_store(store, model: Model, *, landed: int, read_data: bool = False) -> list[str]:

@@ -30,8 +30,28 @@ def _free_port() -> int:
 
 def _torchrun(nproc: int, *args: str, tmp_path: Path) -> list[dict]:
     out = tmp_path / f"result-{args[0]}-{nproc}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), str(WORKER), args[0], args[1], str(out), *args[2:]]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        args[0],
+        args[1],
+        str(out),
+        *args[2:],
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
 

@@ -28,11 +28,12 @@ from ckptstore.errors import CheckpointNotFound, CkptStoreError, InvalidOption, 
 PACKAGE = Path(ckptstore.__file__).parent
 
 #: Builtin exception classes a deliberate error must not be raised as.
-CHECKED = {
-    name
-    for name, value in vars(builtins).items()
-    if isinstance(value, type) and issubclass(value, Exception) and not issubclass(value, Warning)
-} - {"AssertionError", "NotImplementedError", "StopIteration", "StopAsyncIteration"}
+CHECKED = {name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, Exception) and not issubclass(value, Warning)} - {
+    "AssertionError",
+    "NotImplementedError",
+    "StopIteration",
+    "StopAsyncIteration",
+}
 
 #: (module, function, class): why it stays a builtin.
 ALLOWED = {

@@ -152,7 +152,9 @@ class Tally:
                 f.write(json.dumps(figures, sort_keys=True) + "\n")
 
 
-def run_workload(store: ckptstore.Store, tally: Tally, expected: dict[int, Any], *, commits: int, seed: int, checkout_every: int = 2, gc_every: int = 10) -> None:
+def run_workload(
+    store: ckptstore.Store, tally: Tally, expected: dict[int, Any], *, commits: int, seed: int, checkout_every: int = 2, gc_every: int = 10
+) -> None:
     """``commits`` commits on ``main`` (with ``eval_loss``, so ``best`` moves too); after
     every ``checkout_every``-th, a checkout of a random commit of the branch's history, checked
     bit-exact against what was committed at its step; after every ``gc_every``-th, a GC that
@@ -164,7 +166,10 @@ def run_workload(store: ckptstore.Store, tally: Tally, expected: dict[int, Any],
         state = make_state(step)
         expected[step] = state
         tally.commits += 1
-        ok, _ = tally.attempt("commit", lambda s=state, n=step: store.commit(s, message=f"step {n}", metadata={"step": n}, metrics={"eval_loss": rng.random()}))
+        ok, _ = tally.attempt(
+            "commit",
+            lambda s=state, n=step: store.commit(s, message=f"step {n}", metadata={"step": n}, metrics={"eval_loss": rng.random()}),
+        )
         tally.commits_ok += ok
         if step % checkout_every == 0:
             found, history = tally.attempt("log", lambda: store.log("main"))
@@ -223,7 +228,9 @@ def proxy_fault_counts(proxy: S3FaultProxy) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def s3_store_behind_proxy(s3_server: str, s3_url: tuple[str, dict], *, config_kwargs: dict | None = None, **proxy_options: Any) -> Iterator[tuple[ckptstore.Store, S3FaultProxy]]:
+def s3_store_behind_proxy(
+    s3_server: str, s3_url: tuple[str, dict], *, config_kwargs: dict | None = None, **proxy_options: Any
+) -> Iterator[tuple[ckptstore.Store, S3FaultProxy]]:
     url, options = s3_url
     with S3FaultProxy(s3_server, **proxy_options) as proxy:
         proxy.enabled = False  # the store is created fault-free
@@ -272,7 +279,10 @@ def test_local_transient_faults_soak(tmp_path):
     commit, checkout and GC through."""
     expected: dict[int, Any] = {}
     tally = Tally("local, 1% transient syscall faults (EIO, EIO after the call, short write, short read)")
-    with local_store_with_faults(str(tmp_path / "store"), rate=0.01, faults=TRANSIENT_LOCAL_FAULTS, latency_s=0.0002, seed=1) as (store, faults):
+    with local_store_with_faults(str(tmp_path / "store"), rate=0.01, faults=TRANSIENT_LOCAL_FAULTS, latency_s=0.0002, seed=1) as (
+        store,
+        faults,
+    ):
         run_workload(store, tally, expected, commits=scaled(30, 2000), seed=1)
         tally.faults = local_fault_counts(faults)
         faults.enabled = False
@@ -446,7 +456,9 @@ def test_local_listing_is_complete_or_fails(tmp_path):
 # GC cut short by a fault, at any point (deletions included)
 
 
-def gc_interrupted_rounds(store: ckptstore.Store, switch: Callable[[bool], None], tally: Tally, expected: dict[int, Any], *, rounds: int, commits: int = 3) -> int:
+def gc_interrupted_rounds(
+    store: ckptstore.Store, switch: Callable[[bool], None], tally: Tally, expected: dict[int, Any], *, rounds: int, commits: int = 3
+) -> int:
     """Rounds of: ``commits`` commits (no faults), then a GC (KeepLast(2)) under faults that are
     not retried, then, with the faults off, the check that every ref and the history of
     ``main`` are whole; then a GC without faults finishes the job and fsck must be clean.
@@ -491,7 +503,10 @@ def test_local_gc_cut_short_by_faults(tmp_path):
     ``main`` stay whole, and the next GC finishes the job."""
     expected: dict[int, Any] = {}
     tally = Tally("local, GC cut short (4% EIO on unlink and fsync, no retries)")
-    with local_store_with_faults(str(tmp_path / "store"), rate=0.04, faults=("eio", "eio_after"), calls=("unlink", "fsync"), seed=8) as (store, faults):
+    with local_store_with_faults(str(tmp_path / "store"), rate=0.04, faults=("eio", "eio_after"), calls=("unlink", "fsync"), seed=8) as (
+        store,
+        faults,
+    ):
         faults.enabled = False
 
         def switch(on: bool) -> None:
@@ -513,6 +528,7 @@ def test_s3_gc_cut_short_by_faults(s3_server, s3_url):
     expected: dict[int, Any] = {}
     tally = Tally("s3, GC cut short (25% HTTP faults on PUT, POST, DELETE; no botocore retries)")
     retries = {"retries": {"mode": "standard", "total_max_attempts": 1}}
+
     def writes(request: Any) -> bool:
         return request.method in ("PUT", "POST", "DELETE")
 

@@ -781,9 +781,7 @@ def test_demoted_commit_keeps_id_and_history_and_the_rest_of_its_state():
     optimizer_chunks = {}
     for cid in ids:
         manifest = store.get_manifest(store.get_commit(cid).manifest)
-        optimizer_chunks[cid] = {
-            chunk_key(c.id) for e in manifest.tensors if e.path.startswith("optimizer/") for c in manifest.blobs[e.blob].chunks
-        }
+        optimizer_chunks[cid] = {chunk_key(c.id) for e in manifest.tensors if e.path.startswith("optimizer/") for c in manifest.blobs[e.blob].chunks}
         assert optimizer_chunks[cid]
     calls = []
     policy = Policy(keep=None, demote=("optimizer",), keep_whole=KeepLast(1))

@@ -138,6 +138,7 @@ def test_hostile_input_gives_a_typed_error_fast_and_small(measured: dict[str, di
 # --------------------------------------------------------------------------------------------
 # Fuzzing
 
+
 @pytest.fixture(autouse=True)
 def _bounded_memory(request: pytest.FixtureRequest) -> Any:
     """Fuzz tests run in this process: cap its address space meanwhile (4 GiB above what it
@@ -177,7 +178,11 @@ def _corpus() -> dict[str, list[bytes]]:
     """Real encodings to mutate: object frames (raw and zstd), manifests, trees, commits."""
     g = torch.Generator().manual_seed(5)
     state = {
-        "model": {"w": torch.randn(6, 5, generator=g), "t": torch.arange(40, dtype=torch.int16).view(5, 8).t(), "b": torch.zeros(3, dtype=torch.bfloat16)},
+        "model": {
+            "w": torch.randn(6, 5, generator=g),
+            "t": torch.arange(40, dtype=torch.int16).view(5, 8).t(),
+            "b": torch.zeros(3, dtype=torch.bfloat16),
+        },
         "values": {"step": 7, "pair": (1, 2.5), "by_int": {0: "x"}, "big": 2**90, "dtype": torch.float16, "dev": torch.device("cpu")},
     }
     manifest, _ = encode_state(state, inline_threshold_bytes=1 << 20)
@@ -232,9 +237,11 @@ def _ext_of(children: Any) -> Any:
 
 VALUES = st.recursive(
     ATOMS | EXT,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=5) | st.integers(-3, 3) | st.binary(max_size=3), children, max_size=4)
-    | _ext_of(children),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.text(max_size=5) | st.integers(-3, 3) | st.binary(max_size=3), children, max_size=4)
+        | _ext_of(children)
+    ),
     max_leaves=20,
 )
 
@@ -253,12 +260,24 @@ def manifest_docs(draw: Any) -> bytes:
         if draw(st.booleans()) and type(size) is int and 0 <= size <= 64:  # (a 2**62-byte inline blob is no input to draw)
             blob = [size, [], draw(st.binary(min_size=size, max_size=size) | VALUES)]
         else:
-            blob = [size, draw(st.lists(st.tuples(st.sampled_from(["ab" * 16, "cd" * 16]) | VALUES, plausible_count | VALUES).map(list), max_size=3) | VALUES), None]
+            blob = [
+                size,
+                draw(st.lists(st.tuples(st.sampled_from(["ab" * 16, "cd" * 16]) | VALUES, plausible_count | VALUES).map(list), max_size=3) | VALUES),
+                None,
+            ]
         blobs.append(draw(st.just(blob) | VALUES) if draw(st.integers(0, 9)) == 0 else blob)
     tensors = []
     for _ in range(draw(st.integers(0, 4))):
         shape = draw(st.lists(st.integers(0, 6) | st.sampled_from([0, 2**31, 2**61]), max_size=4) | VALUES)
-        stride = draw(st.none() | st.lists(st.integers(0, 8) | st.sampled_from([2**40]), min_size=len(shape) if isinstance(shape, list) else 0, max_size=len(shape) if isinstance(shape, list) else 0) | VALUES)
+        stride = draw(
+            st.none()
+            | st.lists(
+                st.integers(0, 8) | st.sampled_from([2**40]),
+                min_size=len(shape) if isinstance(shape, list) else 0,
+                max_size=len(shape) if isinstance(shape, list) else 0,
+            )
+            | VALUES
+        )
         entry = [
             draw(st.text(max_size=8)), draw(st.sampled_from(list(DTYPE_INFO)) | st.sampled_from(["<f4", "|u1", "<i8", "<c8", "O", "i4,i4"]) | VALUES),
             shape, stride, draw(st.integers(0, 3) | VALUES), draw(st.integers(0, 16) | VALUES), draw(st.integers(0, 2) | VALUES), draw(st.booleans() | VALUES),
@@ -304,7 +323,11 @@ def _build_every_inline_tensor(manifest: Manifest) -> None:
         blob = manifest.blobs[entry.blob]
         if blob.inline is None:
             continue
-        if entry.requires_grad and entry.kind is not TensorKind.NDARRAY and not (DTYPE_INFO[entry.dtype].is_floating_point or DTYPE_INFO[entry.dtype].is_complex):
+        if (
+            entry.requires_grad
+            and entry.kind is not TensorKind.NDARRAY
+            and not (DTYPE_INFO[entry.dtype].is_floating_point or DTYPE_INFO[entry.dtype].is_complex)
+        ):
             continue  # a known bug, kept out so the fuzzer looks for others: see the hostile case "requires_grad on an int64 tensor"
         buffer = torch.frombuffer(bytearray(blob.inline), dtype=torch.uint8) if blob.size else torch.empty(0, dtype=torch.uint8)
         build_tensor(entry, buffer)

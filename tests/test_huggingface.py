@@ -59,9 +59,7 @@ def _trainer(output_dir, callbacks, **overrides) -> transformers.Trainer:
     config = transformers.GPT2Config(vocab_size=64, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)  # dropout 0.1
     model = transformers.GPT2LMHeadModel(config)
     args = transformers.TrainingArguments(output_dir=str(output_dir), **{**SETTINGS, **overrides})
-    return transformers.Trainer(
-        model=model, args=args, train_dataset=Tokens(40, seed=1), eval_dataset=Tokens(16, seed=2), callbacks=callbacks
-    )
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(40, seed=1), eval_dataset=Tokens(16, seed=2), callbacks=callbacks)
 
 
 def _by_step(trainer: transformers.Trainer, key: str) -> dict[int, float]:

@@ -499,7 +499,14 @@ def test_an_export_killed_between_the_renames_of_its_swap_is_put_back(tmp_path):
     (tmp_path / f".out.export-new-{'b' * 32}" / "model.safetensors").write_bytes(b"half")
     with pytest.raises(TargetExists):  # put back, and then not replaced unforced
         store.export(b.id, str(out))
-    assert sorted(os.listdir(out)) == ["config.json", "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors", INDEX_NAME]
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "model-00001-of-00004.safetensors",
+        "model-00002-of-00004.safetensors",
+        "model-00003-of-00004.safetensors",
+        "model-00004-of-00004.safetensors",
+        INDEX_NAME,
+    ]
     store.export(b.id, str(out), force=True)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert (out / "config.json").read_text() == '{"model_type": "gpt2"}'

@@ -159,7 +159,7 @@ def _unshare_prefix() -> list[str]:
 def _in_namespace(code: str, *args: str) -> list[str]:
     """A command running ``code`` in a new pid namespace, as a process whose pid (999991
     there) names no process outside it."""
-    script = "echo 999990 > /proc/sys/kernel/ns_last_pid 2>/dev/null; \"$@\""  # a fork: the next pid
+    script = 'echo 999990 > /proc/sys/kernel/ns_last_pid 2>/dev/null; "$@"'  # a fork: the next pid
     return [*_unshare_prefix(), "sh", "-c", script, "sh", sys.executable, "-c", textwrap.dedent(code), *args]
 
 

@@ -15,7 +15,27 @@ PACKAGE = Path(ckptstore.__file__).parent
 #: Modules a checkout, log, diff, gc or fsck runs through. formats.py (import from foreign
 #: formats, torch.load with weights_only=True), distributed.py (DCP byte items are DCP's
 #: business) and the CLI are not on the load path of a ckptstore object.
-LOAD_PATH = ["codec", "commit", "manifest", "backends/__init__", "backends/local", "backends/fsspec", "backends/s3", "_host", "refs", "catalog", "pipeline", "store", "gc", "fsck", "lease", "usage", "retention", "ids", "errors"]
+LOAD_PATH = [
+    "codec",
+    "commit",
+    "manifest",
+    "backends/__init__",
+    "backends/local",
+    "backends/fsspec",
+    "backends/s3",
+    "_host",
+    "refs",
+    "catalog",
+    "pipeline",
+    "store",
+    "gc",
+    "fsck",
+    "lease",
+    "usage",
+    "retention",
+    "ids",
+    "errors",
+]
 FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "marshal", "dill", "cloudpickle", "shelve", "joblib"}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
 

@@ -276,9 +276,7 @@ def test_delete_if_version(store):
 def test_concurrent_put_if_version_has_one_winner(store):
     v0 = store.put_if_version("refs/main", b"base", version=None)
 
-    results = run_in_threads(
-        lambda i: store.put_if_version("refs/main", f"thread {i}".encode(), version=v0)
-    )
+    results = run_in_threads(lambda i: store.put_if_version("refs/main", f"thread {i}".encode(), version=v0))
 
     winners = [i for i, r in enumerate(results) if isinstance(r, str)]
     assert len(winners) == 1, results
@@ -493,9 +491,7 @@ def test_local_put_if_absent_survives_sigkill(local_store):
     for round_ in range(5):
         prefix = f"round{round_}"
         args = [REPO_ROOT / "ckptstore", Path(__file__).parent, local_store.root, prefix]
-        child = subprocess.Popen(
-            [sys.executable, "-c", _CRASH_CHILD, *map(str, args)], stdout=subprocess.PIPE, text=True
-        )
+        child = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, *map(str, args)], stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout.readline() == "ready\n"
             time.sleep(rng.uniform(0.05, 0.4))

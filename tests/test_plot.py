@@ -21,7 +21,11 @@ XLINK = "{http://www.w3.org/1999/xlink}"
 
 
 def _state(v: float) -> dict:
-    return {"model": {"w": torch.randn(160, 160, generator=torch.Generator().manual_seed(0)) + v, "b": torch.arange(16.0) + v}, "optimizer": {"m": torch.ones(64) * v}, "step": int(v)}
+    return {
+        "model": {"w": torch.randn(160, 160, generator=torch.Generator().manual_seed(0)) + v, "b": torch.arange(16.0) + v},
+        "optimizer": {"m": torch.ones(64) * v},
+        "step": int(v),
+    }
 
 
 def build_run_store(url: str, storage_options: dict | None = None) -> dict[str, list[str]]:
@@ -33,7 +37,9 @@ def build_run_store(url: str, storage_options: dict | None = None) -> dict[str, 
         ids["main"].append(s.commit(_state(i), message=f"main {i}", branch="main", metadata={"step": i * 10}, metrics={"eval_loss": loss, "acc": 0.1 * i}).id)
     s.branch("sweep", at="best")
     for i in range(3):
-        ids["sweep"].append(s.commit(_state(100 + i), message=f"sweep {i}", branch="sweep", metadata={"step": 30 + 10 * i}, metrics={"eval_loss": 1.4 - 0.1 * i}).id)
+        ids["sweep"].append(
+            s.commit(_state(100 + i), message=f"sweep {i}", branch="sweep", metadata={"step": 30 + 10 * i}, metrics={"eval_loss": 1.4 - 0.1 * i}).id
+        )
     s.branch("alt", at="main~4")
     for i in range(2):
         ids["alt"].append(s.commit(_state(200 + i), message=f"alt {i}", branch="alt", metadata={"step": 20 + 10 * i}, metrics={"eval_loss": 2.5 - 0.2 * i}).id)
@@ -66,7 +72,7 @@ def _points(svg_path) -> dict[str, list[tuple[float, float, bool]]]:
     out = {}
     for group in root.iter(f"{SVG}g"):
         if group.get("id", "").startswith("points:"):
-            out[group.get("id")[len("points:"):]] = [
+            out[group.get("id")[len("points:") :]] = [
                 (to_x(float(u.get("x"))), to_y(float(u.get("y"))), "fill: none" in u.get("style", "")) for u in group.iter(f"{SVG}use")
             ]
     return out

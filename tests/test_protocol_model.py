@@ -90,7 +90,7 @@ def test_protocol_as_first_written_has_the_violations_found(c: pm.Check) -> None
 
 
 def test_structural_invariant_as_stated_fails_for_late_writes() -> None:
-    """"An object that exists has every object it needs" cannot hold for what a writer writes
+    """ "An object that exists has every object it needs" cannot hold for what a writer writes
     after a collector gave up on it (its chunk and commit writes are not fenced, only its
     ref update): such objects are garbage, spared by the structural check."""
     (c,) = _select("as stated", expect_violation=True)

@@ -99,7 +99,15 @@ class RecordingStore(LocalObjectStore):
 
 def test_readahead_stays_within_the_byte_budget_and_announces_each_chunk_once(tmp_path: Path, monkeypatch) -> None:
     budget = 5 * CHUNK
-    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=CHUNK, inline_threshold_bytes=1024, compression_level=3, threads=3, max_inflight_bytes=budget, **ALWAYS)
+    store = ckptstore.open(
+        str(tmp_path / "s"),
+        chunk_size_bytes=CHUNK,
+        inline_threshold_bytes=1024,
+        compression_level=3,
+        threads=3,
+        max_inflight_bytes=budget,
+        **ALWAYS,
+    )
     state = {f"t{i}": torch.randn(16 << 10, generator=torch.Generator().manual_seed(i)) for i in range(6)}  # 48 chunks
     commit = store.commit(state)
     store.close()
@@ -171,7 +179,15 @@ def test_readahead_hint_is_harmless(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "remove"])
 def test_damaged_chunk_is_refused_with_readahead_on(tmp_path: Path, damage: str) -> None:
-    store = ckptstore.open(str(tmp_path / "s"), chunk_size_bytes=CHUNK, inline_threshold_bytes=1024, compression_level=3, threads=4, max_inflight_bytes=4 * CHUNK, **ALWAYS)
+    store = ckptstore.open(
+        str(tmp_path / "s"),
+        chunk_size_bytes=CHUNK,
+        inline_threshold_bytes=1024,
+        compression_level=3,
+        threads=4,
+        max_inflight_bytes=4 * CHUNK,
+        **ALWAYS,
+    )
     state = state_of(0)
     commit = store.commit(state)
     manifest = store.manifest_of(commit)

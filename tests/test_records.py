@@ -97,7 +97,13 @@ def test_retry_cas_retries_conflicts_then_gives_up():
         raise RefConflict("main", expected=None, actual=CID)
 
     with pytest.raises(CollectorBusy):
-        retry_cas(always, conflicts=(RefConflict, PreconditionFailed), max_attempts=3, pause_s=lambda n: 0.0, exhausted=lambda: CollectorBusy("busy"))
+        retry_cas(
+            always,
+            conflicts=(RefConflict, PreconditionFailed),
+            max_attempts=3,
+            pause_s=lambda n: 0.0,
+            exhausted=lambda: CollectorBusy("busy"),
+        )
 
 
 def test_retry_cas_lets_other_errors_through():

@@ -130,7 +130,14 @@ def _overwrite(endpoint: str, url: str, key: str, data: bytes) -> None:
     import boto3
 
     bucket, prefix = url.removeprefix("s3://").split("/", 1)
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", aws_session_token="", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        aws_session_token="",
+        region_name="us-east-1",
+    )
     client.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
 
 
@@ -378,7 +385,15 @@ def test_cli_debug_in_a_real_process_shows_no_sentinel(s3_server: str, s3_url: t
     url, _ = s3_url
     missing = f"s3://ckptstore-missing-{uuid.uuid4().hex[:12]}/store"
     argv = ["--debug", "--store", missing, "log"]
-    proc = subprocess.run([sys.executable, "-m", "ckptstore", *argv], env=_cli_env(url, s3_server), cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptstore", *argv],
+        env=_cli_env(url, s3_server),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr[-2000:]
     assert not _found(proc.stdout + proc.stderr), f"{_found(proc.stdout + proc.stderr)}\n{proc.stderr[-2000:]}"
 

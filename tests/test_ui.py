@@ -22,7 +22,9 @@ from cli_run import ok
 from test_plot import build_run_store
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_browser = pytest.mark.skipif(BROWSER is None, reason="no headless browser: Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+needs_browser = pytest.mark.skipif(
+    BROWSER is None, reason="no headless browser: Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
+)
 POLICY = "--keep-last 2 --grace-period 0"
 
 
@@ -43,7 +45,12 @@ class _Served:
     """``ckpt ui --port 0`` in a child process; ``base`` is the URL it printed."""
 
     def __init__(self, url: str) -> None:
-        self.child = subprocess.Popen([sys.executable, "-m", "ckptstore", "--store", url, "ui", "--port", "0", "--policy", POLICY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", "ckptstore", "--store", url, "ui", "--port", "0", "--policy", POLICY],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.child.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:\d+/", line)
         assert match, line + self.child.stderr.read()
@@ -85,14 +92,22 @@ def _check_pages(url: str, tmp_path: Path, shots: Path | None) -> None:
             assert change["path"] in page
             assert f"{change['max_abs_change']:.4g}" in page and f"{change['relative_change']:.4g}" in page
         commit = urllib.request.urlopen(served.base + f"commit/{diff['b']}.html", timeout=60).read().decode()
-        row = re.search(r"<tr><td><code>model/w</code></td><td>float32</td><td>\(160, 160\)</td>(?:<td>[^<]*</td>){3}<td>(raw|zstd|grouped|delta)</td></tr>", commit)
+        row = re.search(
+            r"<tr><td><code>model/w</code></td><td>float32</td><td>\(160, 160\)</td>(?:<td>[^<]*</td>){3}<td>(raw|zstd|grouped|delta)</td></tr>",
+            commit,
+        )
         assert row, "the commit page names each tensor's dtype, shape, bytes and codec"
         storage = urllib.request.urlopen(served.base + "storage.html", timeout=60).read().decode()
         plan = json.loads(ok(url, "gc", *POLICY.split(), "--dry-run", "--json").out)
         assert f"({plan['planned_bytes']:,} bytes, by gc's own dry run)" in storage
         if shots is not None:
             shots.mkdir(parents=True, exist_ok=True)
-            for name, path in [("history", ""), ("commit", f"commit/{diff['b']}.html"), ("diff", f"diff/{diff['a']}..{diff['b']}.html"), ("storage", "storage.html")]:
+            for name, path in [
+                ("history", ""),
+                ("commit", f"commit/{diff['b']}.html"),
+                ("diff", f"diff/{diff['a']}..{diff['b']}.html"),
+                ("storage", "storage.html"),
+            ]:
                 _browser(tmp_path, served.base + path, screenshot=shots / f"ui-{name}.png")
                 assert (shots / f"ui-{name}.png").stat().st_size > 10_000
 

@@ -23,7 +23,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_store_options(p: argparse.ArgumentParser, *, compression: bool = False, threads_help: str = "ckptstore pipeline threads (default: the store's default)") -> None:
+def add_store_options(
+    p: argparse.ArgumentParser,
+    *,
+    compression: bool = False,
+    threads_help: str = "ckptstore pipeline threads (default: the store's default)",
+) -> None:
     """``--threads``, ``--chunk-size-mb``, ``--compression-level`` (and ``--compression``):
     each unset keeps the store's default (:func:`harness.ops.store_options`)."""
     p.add_argument("--threads", type=int, help=threads_help)
@@ -45,7 +50,12 @@ def store_argv(args: argparse.Namespace, threads: int | None = None) -> list[str
     """The store options that were given, as a child's command-line flags."""
     out: list[str] = []
     t = threads if threads is not None else args.threads
-    for flag, value in (("--threads", t), ("--chunk-size-mb", args.chunk_size_mb), ("--compression-level", args.compression_level), ("--compression", getattr(args, "compression", None))):
+    for flag, value in (
+        ("--threads", t),
+        ("--chunk-size-mb", args.chunk_size_mb),
+        ("--compression-level", args.compression_level),
+        ("--compression", getattr(args, "compression", None)),
+    ):
         if value is not None:
             out += [flag, str(value)]
     return out

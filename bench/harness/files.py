@@ -85,7 +85,12 @@ def resident_bytes(path: str) -> int | None:
         return None
     total = 0
     for start in range(0, len(files), 200):
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files[start : start + 200]], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", *files[start : start + 200]],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode != 0:
             return None
         total += sum(int(x) for x in out.stdout.split())

@@ -133,11 +133,20 @@ def _describe_output(operation: Operation, out: Any, *, count_raw_chunks: bool) 
     result: dict[str, Any] = {}
     store = operation.store
     if operation.op == "ckpt_repack":
-        result["repack"] = {"rewritten_chunks": out.rewritten_chunks, "chunks": out.chunks, "stored_bytes_before": out.stored_bytes_before, "stored_bytes_after": out.stored_bytes_after}
+        result["repack"] = {
+            "rewritten_chunks": out.rewritten_chunks,
+            "chunks": out.chunks,
+            "stored_bytes_before": out.stored_bytes_before,
+            "stored_bytes_after": out.stored_bytes_after,
+        }
     if operation.op in COMMIT_OPS:
         result["stats"] = commit_stats(out)
         result["store_threads"] = store.pipeline.threads
-        result["store_config"] = {"chunk_size_bytes": store.config.chunk_size_bytes, "compression_level": store.config.compression_level, "compression": store.config.compression}
+        result["store_config"] = {
+            "chunk_size_bytes": store.config.chunk_size_bytes,
+            "compression_level": store.config.compression_level,
+            "compression": store.config.compression,
+        }
         if count_raw_chunks:
             result["stored_raw_chunks"] = _stored_raw_chunks(store)
     return result

@@ -253,7 +253,12 @@ def _translated(url: str, key: str, action: str) -> Iterator[None]:
         if _is_precondition_failure(exc):
             raise PreconditionFailed(f"object {key} changed concurrently", key=key) from exc
         if action in _WRITING_ACTIONS and _is_refused_write(exc):
-            refused = ReadOnlyStore(url, action=action if key else action.removesuffix(" of"), key=key or None, reason=getattr(exc, "strerror", None) or str(exc))
+            refused = ReadOnlyStore(
+                url,
+                action=action if key else action.removesuffix(" of"),
+                key=key or None,
+                reason=getattr(exc, "strerror", None) or str(exc),
+            )
             refused.errno = getattr(exc, "errno", None) or errno.EACCES
             raise refused from exc
         error = StorageError(f"could not {action} object {key}: {type(exc).__name__}: {exc}", key=key)
@@ -313,5 +318,5 @@ def open_object_store(url: str, *, storage_options: Mapping[str, Any] | None = N
         "url",
         f"unsupported store URL scheme {protocol!r} in {url!r}: use a local path, memory://NAME "
         "or s3://BUCKET/PREFIX (they are the backends with atomic create-only and "
-        "compare-and-swap writes)"
+        "compare-and-swap writes)",
     )

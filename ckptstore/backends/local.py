@@ -597,8 +597,7 @@ class LocalObjectStore(ObjectStore):
                 current = self._current_version(path)
                 if current != version and not (retry and current == new):
                     raise PreconditionFailed(
-                        f"object {key} is at version {current or '(absent)'}, "
-                        f"not {version or '(absent)'}",
+                        f"object {key} is at version {current or '(absent)'}, not {version or '(absent)'}",
                         key=key,
                     )
                 if current == version:  # else a retry found its own earlier write

@@ -81,7 +81,11 @@ class S3ObjectStore(_FsspecObjectStore):
                 ignored.append("If-None-Match: *")
             _, version = self.get_versioned(key)
             try:
-                self.put_if_version(key, b"third", version='"00000000000000000000000000000000"' if version != '"00000000000000000000000000000000"' else '"1"')
+                self.put_if_version(
+                    key,
+                    b"third",
+                    version='"00000000000000000000000000000000"' if version != '"00000000000000000000000000000000"' else '"1"',
+                )
                 ignored.append("If-Match")
             except PreconditionFailed:
                 pass

@@ -34,7 +34,14 @@ from .output import printable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--store", "url", envvar="CKPTSTORE_URL", default="ckpts", show_default=True, help="Store URL: a directory, s3://BUCKET/PREFIX or memory://NAME (env CKPTSTORE_URL).")
+@click.option(
+    "--store",
+    "url",
+    envvar="CKPTSTORE_URL",
+    default="ckpts",
+    show_default=True,
+    help="Store URL: a directory, s3://BUCKET/PREFIX or memory://NAME (env CKPTSTORE_URL).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 @click.version_option(__version__, prog_name="ckpt")
 @click.pass_context
@@ -70,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         click.echo(f"ckpt: error: {printable(message)}", err=True)
         sys.exit(2 if isinstance(exc, InvalidRefName) else 1)  # a malformed or reserved name is a usage error
-
 
 
 #: Every command of ``ckpt``, one line per module that defines them.

@@ -111,7 +111,10 @@ def _all_commits(store: Store, limit: int | None) -> list[Commit]:
 
 
 def draw_graph(
-    commits: list[Commit], parents_of: dict[str, list[str]], decorations: dict[str, list[str]], describe: Callable[[Commit, dict[str, list[str]]], str]
+    commits: list[Commit],
+    parents_of: dict[str, list[str]],
+    decorations: dict[str, list[str]],
+    describe: Callable[[Commit, dict[str, list[str]]], str],
 ) -> list[str]:
     """Lines of a ``git log --graph``-style drawing: one column per line of history, ``*``
     for a commit, ``|/`` where a fork joins its parent's column (``|_|/`` across columns in
@@ -205,7 +208,9 @@ def show(ctx: Context, rev: str, as_json: bool) -> None:
     if commit.metrics:
         click.echo("metrics  " + metrics_text(commit, ", "))
     exclusive = f", {human_bytes(usage.exclusive_bytes)} stored for this commit alone" if usage else ""
-    click.echo(f"size     {human_bytes(commit.stats.logical_bytes)} logical, {new_bytes_text(commit.stats.new_bytes, commit.stats.new_metadata_bytes)} newly stored{exclusive}")
+    click.echo(
+        f"size     {human_bytes(commit.stats.logical_bytes)} logical, {new_bytes_text(commit.stats.new_bytes, commit.stats.new_metadata_bytes)} newly stored{exclusive}"
+    )
     click.echo(f"tensors  {len(tensors)}")
     width = max((len(printable(t["path"])) for t in tensors), default=0)
     for t in tensors:
@@ -247,6 +252,5 @@ def diff(ctx: Context, a: str, b: str, no_values: bool, as_json: bool) -> None:
         click.echo(click.style(f"~ {printable(c.path)}  {what}  {human_bytes(c.nbytes[1])}", fg="yellow"))
     click.echo(
         f"{len(d.added)} added ({human_bytes(d.added_bytes)}), {len(d.removed)} removed ({human_bytes(d.removed_bytes)}), "
-        f"{len(d.changed)} changed ({human_bytes(d.changed_bytes)}), {d.unchanged} unchanged"
-        + ("; non-tensor values differ" if d.values_changed else "")
+        f"{len(d.changed)} changed ({human_bytes(d.changed_bytes)}), {d.unchanged} unchanged" + ("; non-tensor values differ" if d.values_changed else "")
     )

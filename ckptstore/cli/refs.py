@@ -17,10 +17,21 @@ from .output import commit_json, echo_json, printable, short_id, step_of
 @click.command()
 @click.argument("name", required=False)
 @click.argument("start", required=False)
-@click.option("-d", "--delete", "delete", is_flag=True, help="Delete branch NAME (refused for the default branch, or the only ref to some commits, unless forced).")
+@click.option(
+    "-d",
+    "--delete",
+    "delete",
+    is_flag=True,
+    help="Delete branch NAME (refused for the default branch, or the only ref to some commits, unless forced).",
+)
 @click.option("-D", "force_delete", is_flag=True, help="Delete branch NAME even so (-d --force).")
 @click.option("-m", "--move", "rename", is_flag=True, help="Rename branch NAME to START.")
-@click.option("-f", "--force", is_flag=True, help="Move NAME to START if it exists; with -d, delete even the default branch or the only ref to commits.")
+@click.option(
+    "-f",
+    "--force",
+    is_flag=True,
+    help="Move NAME to START if it exists; with -d, delete even the default branch or the only ref to commits.",
+)
 @click.option("--json", "as_json", is_flag=True, help="List as JSON.")
 @pass_ctx
 def branch(ctx: Context, name: str | None, start: str | None, delete: bool, force_delete: bool, rename: bool, force: bool, as_json: bool) -> None:

@@ -23,13 +23,27 @@ from .output import echo_json, human_bytes, new_bytes_text, printable, progress_
 @click.option("--default-branch", help="Branch that commits go to by default (default main).")
 @click.option("--best-metric", help="Metric that moves the best tag (default eval_loss).")
 @click.option("--greater-is-better/--lower-is-better", default=None, help="Direction of --best-metric.")
-@click.option("--delta", type=click.Choice(["off", "on", "auto"]), help="Store changed float tensors as XOR deltas against the previous commit's (default off).")
+@click.option(
+    "--delta",
+    type=click.Choice(["off", "on", "auto"]),
+    help="Store changed float tensors as XOR deltas against the previous commit's (default off).",
+)
 @click.option("--delta-keyframe-interval", type=click.IntRange(1, 65), help="A full copy at least every N commits (default 8).")
-@click.option("--compression", type=click.Choice(["auto", "always", "never"]), help="When commits compress: auto (where the storage, not the CPU, bounds the commit; the default), always, or never.")
+@click.option(
+    "--compression",
+    type=click.Choice(["auto", "always", "never"]),
+    help="When commits compress: auto (where the storage, not the CPU, bounds the commit; the default), always, or never.",
+)
 @pass_ctx
 def init(
-    ctx: Context, chunk_size_bytes: int | None, default_branch: str | None, best_metric: str | None, greater_is_better: bool | None,
-    delta: DeltaMode | None, delta_keyframe_interval: int | None, compression: CompressionMode | None,
+    ctx: Context,
+    chunk_size_bytes: int | None,
+    default_branch: str | None,
+    best_metric: str | None,
+    greater_is_better: bool | None,
+    delta: DeltaMode | None,
+    delta_keyframe_interval: int | None,
+    compression: CompressionMode | None,
 ) -> None:
     """Create a store (nothing changes if one exists).
 
@@ -91,11 +105,15 @@ def du(ctx: Context, per_commit: bool, as_json: bool) -> None:
         click.echo("branches")
         width = max(len(printable(b.name)) for b in usage.branches)
         for b in usage.branches:
-            click.echo(f"  {click.style(f'{printable(b.name):<{width}}', fg='green')}  {b.commits:>5} commits  {human_bytes(b.logical_bytes):>10} logical  {human_bytes(b.physical_bytes):>10} stored")
+            click.echo(
+                f"  {click.style(f'{printable(b.name):<{width}}', fg='green')}  {b.commits:>5} commits  {human_bytes(b.logical_bytes):>10} logical  {human_bytes(b.physical_bytes):>10} stored"
+            )
     if per_commit:
         click.echo("commits")
         for c in usage.commits:
-            click.echo(f"  {short_id(c.id)}  {human_bytes(c.logical_bytes):>10} logical  {new_bytes_text(c.new_bytes, c.new_metadata_bytes)} added  {human_bytes(c.exclusive_bytes):>10} its own")
+            click.echo(
+                f"  {short_id(c.id)}  {human_bytes(c.logical_bytes):>10} logical  {new_bytes_text(c.new_bytes, c.new_metadata_bytes)} added  {human_bytes(c.exclusive_bytes):>10} its own"
+            )
 
 
 def policy_from_options(
@@ -142,18 +160,55 @@ def _plan_json(plan: GcPlan) -> dict[str, Any]:
 @click.option("--keep-last", type=click.IntRange(min=0), help="Keep the N newest commits of each branch.")
 @click.option("--keep-best", type=click.IntRange(min=0), help="Keep the N best commits of each branch by --metric.")
 @click.option("--metric", default=None, help="Metric for --keep-best (default: the store's best_metric, which `best` follows).")
-@click.option("--greater-is-better/--lower-is-better", default=None, help="Direction of --metric (default: the store's for its best_metric, else lower for names ending in 'loss').")
+@click.option(
+    "--greater-is-better/--lower-is-better",
+    default=None,
+    help="Direction of --metric (default: the store's for its best_metric, else lower for names ending in 'loss').",
+)
 @click.option("--keep-every-steps", type=click.IntRange(min=1), help="Keep the first commit of every window of N steps.")
 @click.option("--keep-within", "keep_within_s", type=Duration(), help="Keep commits newer than this (30m, 12h, 7d).")
 @click.option("--max-total-size", "max_total_bytes", type=ByteSize(), help="Then drop the oldest kept commits until a branch's commits fit (500GB).")
-@click.option("--demote", multiple=True, metavar="PREFIX", help="Drop this component (key prefix, e.g. optimizer) from kept commits not kept whole. Repeatable.")
+@click.option(
+    "--demote",
+    multiple=True,
+    metavar="PREFIX",
+    help="Drop this component (key prefix, e.g. optimizer) from kept commits not kept whole. Repeatable.",
+)
 @click.option("--keep-whole-last", type=click.IntRange(min=0), help="With --demote: the N newest commits keep every component.")
-@click.option("--branch", "branches", multiple=True, metavar="PATTERN", help="Apply the policy to these branches only (glob; others keep everything). Repeatable.")
-@click.option("--grace-period", "grace_period_s", type=Duration(), default=DEFAULT_GRACE_PERIOD_S, show_default="1h", help="Never delete objects younger than this.")
+@click.option(
+    "--branch",
+    "branches",
+    multiple=True,
+    metavar="PATTERN",
+    help="Apply the policy to these branches only (glob; others keep everything). Repeatable.",
+)
+@click.option(
+    "--grace-period",
+    "grace_period_s",
+    type=Duration(),
+    default=DEFAULT_GRACE_PERIOD_S,
+    show_default="1h",
+    help="Never delete objects younger than this.",
+)
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would be removed; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @pass_ctx
-def gc(ctx: Context, keep_last, keep_best, metric, greater_is_better, keep_every_steps, keep_within_s, max_total_bytes, demote, keep_whole_last, branches, grace_period_s, dry_run, as_json) -> None:  # type: ignore[no-untyped-def]
+def gc(
+    ctx: Context,
+    keep_last: int | None,
+    keep_best: int | None,
+    metric: str | None,
+    greater_is_better: bool | None,
+    keep_every_steps: int | None,
+    keep_within_s: float | None,
+    max_total_bytes: int | None,
+    demote: tuple[str, ...],
+    keep_whole_last: int | None,
+    branches: tuple[str, ...],
+    grace_period_s: float,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Apply a retention policy and delete what no kept commit needs.
 
     Without a policy option, every commit a branch or tag reaches is kept and only

@@ -54,10 +54,25 @@ def _reporting_interrupt(store: Store) -> Iterator[None]:
 @click.option("--include", multiple=True, metavar="PATTERN", help="Only these key paths (glob or prefix). Repeatable.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Not these key paths. Repeatable.")
 @click.option("--max-shard-size", "max_shard_size_bytes", type=ByteSize(), default="5GB", show_default=True, help="Largest shard.")
-@click.option("--format", "format_", type=click.Choice(["hf", "safetensors", "pt"]), help="hf: a safetensors directory; safetensors: one file; pt: the whole state as one torch.save file (default: by PATH's suffix).")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["hf", "safetensors", "pt"]),
+    help="hf: a safetensors directory; safetensors: one file; pt: the whole state as one torch.save file (default: by PATH's suffix).",
+)
 @click.option("--force", is_flag=True, help="Replace a file at PATH, or export into a directory that has files in it.")
 @pass_ctx
-def export_(ctx: Context, rev: str, path: str, component: str | None, include: tuple[str, ...], exclude: tuple[str, ...], max_shard_size_bytes: int, format_: str | None, force: bool) -> None:
+def export_(
+    ctx: Context,
+    rev: str,
+    path: str,
+    component: str | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    max_shard_size_bytes: int,
+    format_: str | None,
+    force: bool,
+) -> None:
     """Write REV as a Hugging Face style safetensors directory PATH (or one PATH.pt file).
     Nothing at PATH is replaced without --force.
 
@@ -107,7 +122,12 @@ def import_(ctx: Context, paths: tuple[str, ...], branch: str | None, message: s
     commits = []
     with _reporting_interrupt(store), progress_bars(not as_json) as progress:
         for i, (path, is_run) in enumerate(zip(paths, runs)):
-            options: dict[str, Any] = {"branch": branch, "message": message, "tags": tags if i == len(paths) - 1 else (), "progress": progress}
+            options: dict[str, Any] = {
+                "branch": branch,
+                "message": message,
+                "tags": tags if i == len(paths) - 1 else (),
+                "progress": progress,
+            }
             if progress is not None and len(paths) > 1:  # a bar per PATH
                 options["progress"] = _prefixed(progress, os.path.basename(os.path.normpath(path)))
             made = store.import_run(path, append=True, **options) if is_run else [store.import_checkpoint(path, **options)]
@@ -115,6 +135,8 @@ def import_(ctx: Context, paths: tuple[str, ...], branch: str | None, message: s
             if not as_json:
                 for commit in made:
                     named = f" {printable(commit.message)}" if is_run else ""
-                    click.echo(f"{short_id(commit.id)}{named} on {printable(commit.branch)}: {human_bytes(commit.stats.logical_bytes)}, {new_bytes_text(commit.stats.new_bytes, commit.stats.new_metadata_bytes)} newly stored")
+                    click.echo(
+                        f"{short_id(commit.id)}{named} on {printable(commit.branch)}: {human_bytes(commit.stats.logical_bytes)}, {new_bytes_text(commit.stats.new_bytes, commit.stats.new_metadata_bytes)} newly stored"
+                    )
     if as_json:
         echo_json(commit_json(commits[0]) if len(commits) == 1 and not any(runs) else [commit_json(c) for c in commits])

@@ -38,7 +38,17 @@ def retention_from_gc_options(ctx: click.Context, text: str) -> tuple[Any, float
     for flag in ("dry_run", "as_json"):
         if params.get(flag):
             raise InvalidOption("policy", f"{text!r}: only the options of a policy (a preview is always a dry run)")
-    keys = ("keep_last", "keep_best", "metric", "greater_is_better", "keep_every_steps", "keep_within_s", "max_total_bytes", "demote", "keep_whole_last")
+    keys = (
+        "keep_last",
+        "keep_best",
+        "metric",
+        "greater_is_better",
+        "keep_every_steps",
+        "keep_within_s",
+        "max_total_bytes",
+        "demote",
+        "keep_whole_last",
+    )
     policy = policy_from_options(*(params[k] for k in keys))
     retention = {pattern: policy for pattern in params["branches"]} if params["branches"] and policy is not None else policy
     return retention, params["grace_period_s"]
@@ -69,7 +79,12 @@ def _size(text: str) -> tuple[int, int]:
 @click.argument("revs", metavar="[REV]...", nargs=-1)
 @click.option("-o", "--output", default=None, help="PNG or SVG file to write (default: METRIC.png).")
 @click.option("--size", "size_px", default="1000x600", show_default=True, help="Image size in pixels, WIDTHxHEIGHT.")
-@click.option("--policy", default=None, metavar="'GC OPTIONS'", help="Show hollow the commits this retention would delete: options of ckpt gc, quoted ('--keep-last 3 --keep-best 1').")
+@click.option(
+    "--policy",
+    default=None,
+    metavar="'GC OPTIONS'",
+    help="Show hollow the commits this retention would delete: options of ckpt gc, quoted ('--keep-last 3 --keep-best 1').",
+)
 @click.pass_context
 def plot(ctx: click.Context, metric: str, revs: tuple[str, ...], output: str | None, size_px: str, policy: str | None) -> None:
     """Plot METRIC against metadata.step for every branch (or the REVs given).
@@ -92,9 +107,20 @@ def plot(ctx: click.Context, metric: str, revs: tuple[str, ...], output: str | N
 
 
 @click.command()
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port to serve on (0: any free port; the URL is printed).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8765,
+    show_default=True,
+    help="Port to serve on (0: any free port; the URL is printed).",
+)
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1; anything but loopback must be asked for here).")
-@click.option("--policy", default=None, metavar="'GC OPTIONS'", help="Retention to preview on the storage page and curves: options of ckpt gc, quoted.")
+@click.option(
+    "--policy",
+    default=None,
+    metavar="'GC OPTIONS'",
+    help="Retention to preview on the storage page and curves: options of ckpt gc, quoted.",
+)
 @click.option("--export", "export_dir", default=None, metavar="DIR", help="Write the pages to DIR as static files instead of serving them.")
 @click.pass_context
 def ui(ctx: click.Context, port: int, host: str | None, policy: str | None, export_dir: str | None) -> None:

@@ -165,6 +165,7 @@ def check_files(files: Mapping[Any, Any]) -> dict[str, bytes | bytearray | memor
     checked (:func:`check_file_name`; a name inside another file's name is
     :class:`InvalidFileName` too) and every value as bytes (else :class:`UnsupportedValue`)."""
     import torch
+
     out: dict[str, bytes | bytearray | memoryview] = {}
     for name, data in files.items():
         check_file_name(name)

@@ -134,6 +134,7 @@ def read_extra_files(path: str, *, skip: Callable[[str], bool] = lambda name: Fa
     see :func:`hub_cache_blobs`), other non-regular files and files over
     :data:`MAX_EXTRA_FILE_BYTES`."""
     import torch
+
     files: dict[str, torch.Tensor] = {}
     blobs = hub_cache_blobs(path)
 

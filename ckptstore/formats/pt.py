@@ -47,6 +47,7 @@ def load_weights_only(path: str) -> Any:
     legacy one (``_use_new_zipfile_serialization=False``, an old hub ``pytorch_model.bin``),
     which torch cannot map, is read whole."""
     import torch
+
     allow_numpy = torch.serialization.safe_globals(numpy_safe_globals()) if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()
     with open_checkpoint_file(path) as f:  # checked first: torch would block on a FIFO
         magic = f.read(4)
@@ -60,7 +61,9 @@ def load_weights_only(path: str) -> Any:
             refused = re.search(r"WeightsUnpickler error: (.*?)(?:\.\s|\n|$)", text)  # torch's own reason, not its advice
             why = f"{type(exc).__name__}: {refused[1] if refused else (text.splitlines()[0] if text else '')}"
             if not (is_zip or magic == _LEGACY_MAGIC):
-                raise InvalidCheckpoint(path, f"is not a file torch.save writes (neither zip nor legacy format); torch.load(weights_only=True) failed: {why}") from exc
+                raise InvalidCheckpoint(
+                    path, f"is not a file torch.save writes (neither zip nor legacy format); torch.load(weights_only=True) failed: {why}"
+                ) from exc
             raise InvalidCheckpoint(path, f"cannot be loaded with weights_only=True: {why}") from exc
 
 
@@ -73,6 +76,7 @@ def write_torch_file(path: str, read_state: Callable[[], Any], *, force: bool = 
     nothing is written. A file already there is :class:`TargetExists` unless ``force``
     (checked before the state is read: :func:`check_export_target`)."""
     import torch
+
     check_export_target(path, directory=False, force=force)
     with export_errors(path):
         with export_lock(os.path.abspath(path)):

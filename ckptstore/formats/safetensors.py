@@ -237,7 +237,9 @@ def check_exportable(tensors: Iterable[ExportedTensor]) -> None:
         seen[t.name] = t.key_path
 
 
-def write_safetensors(path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, *, replace: bool = True) -> None:
+def write_safetensors(
+    path: str, shard: list[ExportedTensor], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, *, replace: bool = True
+) -> None:
     """Write ``shard`` as the safetensors file ``path`` (through :func:`write_atomically`),
     its tensors laid out in the order given, one at a time from ``tensors``."""
     # Written here, not with the safetensors package: its serialize_file (and so save_file)

@@ -279,5 +279,3 @@ class _building:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         replace_directory(self.tmp, self.path)
-
-

@@ -235,7 +235,11 @@ class Checkpointer:
         if RNG_KEY in state:
             restore_rng_state(state[RNG_KEY])
         else:
-            log.warning("commit %s (%s) has no RNG states: the RNGs are left as they are, so the run will not repeat an uninterrupted one bit for bit", commit.short_id, ref)
+            log.warning(
+                "commit %s (%s) has no RNG states: the RNGs are left as they are, so the run will not repeat an uninterrupted one bit for bit",
+                commit.short_id,
+                ref,
+            )
         self.user = dict(state.get(USER_KEY) or {})
         step = state.get(STEP_KEY, commit.metadata.get(STEP_KEY, 0))
         if STEP_KEY not in state:

@@ -143,7 +143,14 @@ def load_history(store: Store, *, lines: Iterable[str] | None = None) -> History
             ids.append(cid)
             cid = parents[cid][0] if parents[cid] else None
         if ids:
-            drawn.append(Line(name, "tag" if name not in branches and name in tags else "branch", tuple(reversed(ids)), cid if cid in commits else None))
+            drawn.append(
+                Line(
+                    name,
+                    "tag" if name not in branches and name in tags else "branch",
+                    tuple(reversed(ids)),
+                    cid if cid in commits else None,
+                )
+            )
     names_at: dict[str, list[str]] = {}
     for name, cid in branches.items():
         names_at.setdefault(cid, []).append(name)

@@ -133,13 +133,27 @@ class Site:
             if any(e.path == p or e.path.startswith(p.rstrip("/") + "/") for p in dropped):
                 stored, new, codec = 0, 0, "dropped by gc"
             elif blob.inline is not None:
-                stored, new, codec = len(blob.inline) // share, 0, "inline (in the manifest)"  # counted with the manifest, not as new chunks
+                stored, new, codec = (
+                    len(blob.inline) // share,
+                    0,
+                    "inline (in the manifest)",
+                )  # counted with the manifest, not as new chunks
             else:
                 stored = sum(self.sizes.get(chunk_key(c.id), 0) for c in blob.chunks) // share
                 new = sum(self.sizes.get(chunk_key(c.id), 0) for c in blob.chunks if c.id not in parent_chunks) // share
                 codec = ", ".join(sorted({self._codec(c.id, codecs) for c in blob.chunks})) or "empty"
             shared = f" (blob shared by {share})" if share > 1 else ""
-            rows.append([f"<code>{escape(e.path)}</code>", escape(e.dtype), escape(str(tuple(e.shape))), human(e.nbytes), human(stored) + shared, human(new), escape(codec)])
+            rows.append(
+                [
+                    f"<code>{escape(e.path)}</code>",
+                    escape(e.dtype),
+                    escape(str(tuple(e.shape))),
+                    human(e.nbytes),
+                    human(stored) + shared,
+                    human(new),
+                    escape(codec),
+                ]
+            )
             c = components.setdefault(component_of(e.path), [0, 0, 0, 0])
             c[0] += 1
             c[1] += e.nbytes
@@ -184,7 +198,10 @@ class Site:
         body = "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
         body += "<h2>metrics</h2>" + _table(["metric", "value"], [[escape(k), f"{v:.6g}"] for k, v in sorted(c.metrics.items())])
         body += "<h2>metadata</h2><pre>" + escape(_json(c.metadata)) + "</pre>"
-        body += "<h2>components</h2>" + _table(["component", "tensors", "logical", "stored", "new"], [[escape(k), str(v[0]), human(v[1]), human(v[2]), human(v[3])] for k, v in sorted(components.items())])
+        body += "<h2>components</h2>" + _table(
+            ["component", "tensors", "logical", "stored", "new"],
+            [[escape(k), str(v[0]), human(v[1]), human(v[2]), human(v[3])] for k, v in sorted(components.items())],
+        )
         body += f"<h2>tensors ({len(rows)})</h2>" + _table(["key path", "dtype", "shape", "bytes", "stored", "new", "codec"], rows, cls="tensors")
         return _layout(f"commit {cid[:12]}", body, root="../")
 
@@ -193,7 +210,11 @@ class Site:
         rows = [["added", f"<code>{escape(t.path)}</code>", escape(str(t.dtype[1])), escape(str(t.shape[1])), human(t.nbytes[1]), "", ""] for t in d.added]
         rows += [["removed", f"<code>{escape(t.path)}</code>", escape(str(t.dtype[0])), escape(str(t.shape[0])), human(t.nbytes[0]), "", ""] for t in d.removed]
         for t in d.changed:
-            layout = f"{t.dtype[0]} {t.shape[0]} → {t.dtype[1]} {t.shape[1]}" if (t.dtype[0], t.shape[0]) != (t.dtype[1], t.shape[1]) else f"{t.dtype[1]} {t.shape[1]}"
+            layout = (
+                f"{t.dtype[0]} {t.shape[0]} → {t.dtype[1]} {t.shape[1]}"
+                if (t.dtype[0], t.shape[0]) != (t.dtype[1], t.shape[1])
+                else f"{t.dtype[1]} {t.shape[1]}"
+            )
             delta = "" if t.max_abs_change is None else f"{t.max_abs_change:.4g}"
             rel = "" if t.relative_change is None else f"{t.relative_change:.4g}"
             rows.append(["changed", f"<code>{escape(t.path)}</code>", escape(layout), "", human(t.nbytes[1]), delta, rel])
@@ -202,14 +223,24 @@ class Site:
             f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed ({human(d.changed_bytes)}), {d.unchanged} unchanged"
             + ("; non-tensor values differ" if d.values_changed else "") + "</p>"
         )  # fmt: skip
-        return _layout(f"diff {a[:12]}..{b[:12]}", head + _table(["", "key path", "dtype / shape", "", "bytes", "max |Δ|", "relative change"], rows, cls="diff"), root="../")
+        return _layout(
+            f"diff {a[:12]}..{b[:12]}",
+            head + _table(["", "key path", "dtype / shape", "", "bytes", "max |Δ|", "relative change"], rows, cls="diff"),
+            root="../",
+        )
 
     def storage(self) -> str:
         self.warm()
         usage = self.usage
         body = f"<p>{human(usage.logical_bytes)} logical in {len(usage.commits)} commits, {human(usage.physical_bytes)} stored; dedup {usage.dedup_ratio:.2f}×, compression {usage.compression_ratio:.2f}×</p>"
-        body += "<h2>branches</h2>" + _table(["branch", "commits", "logical", "stored"], [[escape(b.name), str(b.commits), human(b.logical_bytes), human(b.physical_bytes)] for b in usage.branches])
-        body += "<h2>components</h2>" + _table(["component", "logical (all commits)", "stored in chunks (each once)", "inline in manifests (raw, each manifest once)"], [[escape(k), human(v[0]), human(v[1]), human(v[2])] for k, v in sorted(self.components.items())])
+        body += "<h2>branches</h2>" + _table(
+            ["branch", "commits", "logical", "stored"],
+            [[escape(b.name), str(b.commits), human(b.logical_bytes), human(b.physical_bytes)] for b in usage.branches],
+        )
+        body += "<h2>components</h2>" + _table(
+            ["component", "logical (all commits)", "stored in chunks (each once)", "inline in manifests (raw, each manifest once)"],
+            [[escape(k), human(v[0]), human(v[1]), human(v[2])] for k, v in sorted(self.components.items())],
+        )
         body += "<h2>retention preview</h2>" + self._retention()
         return _layout("storage", body, root="")
 

@@ -63,10 +63,28 @@ def _draw(ax: Any, history: History, metric: str) -> None:
         xs, ys = [p.step for p in points], [p.value for p in points]
         ax.plot(xs, ys, color=color, linewidth=1.5, label=line.name, gid=f"curve:{line.name}")
         hollow = [history.outcome(p.commit_id) == "delete" for p in points]
-        ax.scatter(xs, ys, s=28, zorder=3, edgecolors=color, facecolors=["none" if h else color for h in hollow], linewidths=1.2, gid=f"points:{line.name}")
+        ax.scatter(
+            xs,
+            ys,
+            s=28,
+            zorder=3,
+            edgecolors=color,
+            facecolors=["none" if h else color for h in hollow],
+            linewidths=1.2,
+            gid=f"points:{line.name}",
+        )
         marks = [p for p in points if p.commit_id in forks and history.nodes[p.commit_id].line == line.name]
         if marks:
-            ax.scatter([p.step for p in marks], [p.value for p in marks], s=90, marker="D", facecolors="none", edgecolors="black", zorder=4, gid=f"forks:{line.name}")
+            ax.scatter(
+                [p.step for p in marks],
+                [p.value for p in marks],
+                s=90,
+                marker="D",
+                facecolors="none",
+                edgecolors="black",
+                zorder=4,
+                gid=f"forks:{line.name}",
+            )
     if best is not None and best in history.nodes:
         node = history.nodes[best]
         value = node.commit.metrics.get(metric)

@@ -48,8 +48,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self, body: bool = True) -> None:
         path = unquote(urlsplit(self.path).path).lstrip("/")
-        if path.startswith("static/") and path[len("static/"):] in STATIC_FILES:
-            return self._send(HTTPStatus.OK, static_file(path[len("static/"):]), path, body=body)
+        if path.startswith("static/") and path[len("static/") :] in STATIC_FILES:
+            return self._send(HTTPStatus.OK, static_file(path[len("static/") :]), path, body=body)
         try:
             html = self.server.site().page(path)
         except CkptStoreError as exc:
@@ -103,7 +103,15 @@ def _warm(site: Site) -> None:
         pass  # the page itself reads again, and shows the error
 
 
-def serve(store: Store, history: History, *, host: str | None = None, port: int = 8765, announce: Callable[[str], None] = print, reload: Callable[[], History] | None = None) -> None:
+def serve(
+    store: Store,
+    history: History,
+    *,
+    host: str | None = None,
+    port: int = 8765,
+    announce: Callable[[str], None] = print,
+    reload: Callable[[], History] | None = None,
+) -> None:
     """Serve the pages on ``host:port`` (default 127.0.0.1) until interrupted. ``host`` is
     the address asked for: the default binds loopback only."""
     address = host if host is not None else LOOPBACK

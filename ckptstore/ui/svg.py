@@ -27,7 +27,10 @@ def _color(history: History, line: str) -> str:
 def _mark(x: float, y: float, *, kind: str, color: str, hollow: bool, title: str, r: float = 5) -> str:
     fill = "white" if hollow else color
     if kind == "best":
-        pts = " ".join(f"{x + (r * 1.9 if i % 2 == 0 else r * 0.8) * math.sin(i * math.pi / 5):.1f},{y - (r * 1.9 if i % 2 == 0 else r * 0.8) * math.cos(i * math.pi / 5):.1f}" for i in range(10))
+        pts = " ".join(
+            f"{x + (r * 1.9 if i % 2 == 0 else r * 0.8) * math.sin(i * math.pi / 5):.1f},{y - (r * 1.9 if i % 2 == 0 else r * 0.8) * math.cos(i * math.pi / 5):.1f}"
+            for i in range(10)
+        )
         shape = f'<polygon class="best" points="{pts}" fill="gold" stroke="black"/>'
     elif kind == "fork":
         shape = f'<rect class="fork" x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}" transform="rotate(45 {x:.1f} {y:.1f})" fill="{fill}" stroke="black" stroke-width="1.5"/>'
@@ -114,7 +117,9 @@ def chart_svg(history: History, metric: str, href: Callable[[str], str], *, widt
     for t in _ticks(x0, x1):
         out.append(f'<text x="{sx(t):.1f}" y="{bottom + 16}" text-anchor="middle" fill="#57606a">{t:g}</text>')
     for t in _ticks(y0, y1):
-        out.append(f'<line x1="{left}" x2="{right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eaeef2"/><text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" fill="#57606a">{t:.4g}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eaeef2"/><text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" fill="#57606a">{t:.4g}</text>'
+        )
     out.append(f'<text x="{(left + right) / 2}" y="{height - 4}" text-anchor="middle">step</text>')
     forks = history.fork_points()
     for i, (line, pts) in enumerate(series):
@@ -126,6 +131,18 @@ def chart_svg(history: History, metric: str, href: Callable[[str], str], *, widt
             node = history.nodes[p.commit_id]
             if node.line != line.name and line.fork == p.commit_id:
                 continue  # the fork point is drawn by the line it belongs to
-            mark = _mark(sx(p.step), sy(p.value), kind=_kind(history, p.commit_id, forks), color=color, hollow=history.outcome(p.commit_id) == "delete", title=describe(node, {metric: p.value}), r=4)
+            mark = _mark(
+                sx(p.step),
+                sy(p.value),
+                kind=_kind(history, p.commit_id, forks),
+                color=color,
+                hollow=history.outcome(p.commit_id) == "delete",
+                title=describe(node, {metric: p.value}),
+                r=4,
+            )
             out.append(f'<a href="{escape(href(p.commit_id))}" class="point" data-commit="{p.commit_id}" data-line="{escape(line.name)}">{mark}</a>')
-    return f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" data-metric="{escape(metric)}" width="{width}" height="{height}" font-size="11">' + "".join(out) + "</svg>"
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" data-metric="{escape(metric)}" width="{width}" height="{height}" font-size="11">'
+        + "".join(out)
+        + "</svg>"
+    )

@@ -98,7 +98,9 @@ def test_dcp_on_two_ranks_delta_resave_export_and_resume(tmp_path, monkeypatch):
 
     # The optimizer state moved from rank 1 to rank 0 between the saves, and the re-save
     # still stored deltas: 1% of the elements changed, a few % of the state's bytes added.
-    optimizer_ranks = lambda c: {rank for key, (rank, _) in DcpSave.of(store.manifest_of(c), key=manifest_key(c.manifest)).record.stored.items() if key.startswith("optimizer.")}  # noqa: E731
+    optimizer_ranks = lambda c: {
+        rank for key, (rank, _) in DcpSave.of(store.manifest_of(c), key=manifest_key(c.manifest)).record.stored.items() if key.startswith("optimizer.")
+    }  # noqa: E731
     assert optimizer_ranks(first) == {0, 1} and optimizer_ranks(second) == {0}
     growth = result["du_second"] - result["du_first"]
     print(f"2 ranks: state {second.stats.logical_bytes} bytes, re-save added {growth} ({growth / second.stats.logical_bytes:.1%})")
@@ -174,7 +176,11 @@ def test_dcp_exports_that_cannot_be_named_or_made_whole_are_refused(tmp_path):
         store.export("full", str(tmp_path / "sched"), component="scheduler")
     # Saved without flattening: DCP records no planner_data, so the nesting of the names is
     # unknown (the model's state dict went in as one bytes item).
-    dcp.save({"model": model.state_dict(), "w": torch.ones(4)}, storage_writer=StoreWriter(store, branch="flat"), planner=DefaultSavePlanner(flatten_state_dict=False))
+    dcp.save(
+        {"model": model.state_dict(), "w": torch.ones(4)},
+        storage_writer=StoreWriter(store, branch="flat"),
+        planner=DefaultSavePlanner(flatten_state_dict=False),
+    )
     with pytest.raises(NotExportable, match="without planner_data"):
         store.export("flat", str(tmp_path / "flat"))
     for path in ("opt", "sched", "flat"):

@@ -97,7 +97,11 @@ def test_import_run_makes_one_commit_per_checkpoint_with_metrics_and_best(tmp_pa
     # training_args.bin) is stored once: each later commit stores what training changed, the
     # MLP and its optimizer state, and reuses the rest.
     one = commits[0].stats.logical_bytes
-    frozen = sum(t.nbytes for name, t in store.checkout(commits[0].id, include=["model"])["model"].items() if not name.startswith(("transformer.h.1.mlp", "transformer.ln_f")))
+    frozen = sum(
+        t.nbytes
+        for name, t in store.checkout(commits[0].id, include=["model"])["model"].items()
+        if not name.startswith(("transformer.h.1.mlp", "transformer.ln_f"))
+    )
     assert frozen > 0.5 * one
     assert all(c.stats.reused_bytes >= frozen and c.stats.new_bytes < 0.5 * one for c in commits[1:])
     assert store.du().physical_bytes < 3.5 * one  # not 6x

@@ -109,7 +109,9 @@ def _no_read_only_mount(scratch: str) -> str | None:
     return None
 
 
-def test_a_store_on_a_read_only_mount_serves_every_read_refuses_every_write_and_changes_nothing(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_store_on_a_read_only_mount_serves_every_read_refuses_every_write_and_changes_nothing(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     reason = _no_read_only_mount(str(tmp_path_factory.mktemp("mount-probe")))
     if reason:
         pytest.skip(reason)
@@ -141,7 +143,11 @@ def test_s3_credentials_that_only_read_serve_every_read_and_refuse_writes(tmp_pa
             policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
             iam.put_user_policy(UserName=user, PolicyName=f"{user}-s3", PolicyDocument=json.dumps(policy))
             key = iam.create_access_key(UserName=user)["AccessKey"]
-            options[user] = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+            options[user] = {
+                "key": key["AccessKeyId"],
+                "secret": key["SecretAccessKey"],
+                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            }
         boto3.client("s3", **admin).create_bucket(Bucket="read-only-test")
         requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=30).raise_for_status()  # IAM enforced from now on
         url = "s3://read-only-test/store"
@@ -232,7 +238,9 @@ def _ckpt(capsys: pytest.CaptureFixture[str] | None, *argv: str) -> tuple[int, s
 def _assert_bit_exact(got: object, want: object, path: str = "") -> None:
     if isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape, path
-        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.bfloat16 else got, want.view(torch.uint8) if want.dtype == torch.bfloat16 else want), path
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.bfloat16 else got, want.view(torch.uint8) if want.dtype == torch.bfloat16 else want), (
+            path
+        )
     elif isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), path
         for key in want:

@@ -133,7 +133,15 @@ def test_two_branches_committing_alternately_each_resume_their_own_head(tmp_path
                 if i > 1:  # the other job committed last: `latest` is not this branch's head
                     assert store.resolve("latest") != head.id and store.commit_of("latest").metadata["step"] != expected_step
         result_path = tmp_path / f"run-{i}.json"
-        _run("checkpointer_child.py", str(result_path), "--steps", str(steps), "--lr", lr, env=_env(CKPTSTORE_URL=url, CKPTSTORE_BRANCH=branch))
+        _run(
+            "checkpointer_child.py",
+            str(result_path),
+            "--steps",
+            str(steps),
+            "--lr",
+            lr,
+            env=_env(CKPTSTORE_URL=url, CKPTSTORE_BRANCH=branch),
+        )
         result = json.loads(result_path.read_text())
         assert result["branch"] == branch and result["resumed_at"] == expected_step, (i, result)
         if expected_weights is not None:
