@@ -1,5 +1,5 @@
-"""Ctrl-C during ``ckpt import``: a real ``python -m ckptstore import`` child gets SIGINT once
-it has stored some chunks. It exits with status 130 and says what it leaves behind (the
+"""Ctrl-C during ``ckpt import``: a real ``ckpt import`` child (``python -m ckptstore``, with Ctrl-C as a
+terminal gives it) gets SIGINT once it has stored some chunks. It exits with status 130 and says what it leaves behind (the
 chunks it stored that no commit references, their size, and that ``ckpt gc`` reclaims them
 after the grace period); a later ``gc --grace-period 0s`` reclaims exactly those and leaves a
 store that fsck finds sound."""
@@ -24,10 +24,19 @@ from ckptstore.gc import DEFAULT_GRACE_PERIOD_S
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: ``python -m ckptstore ARGS`` as a terminal starts it: Ctrl-C raises KeyboardInterrupt. A
+#: process started with SIGINT ignored (a background job of a non-interactive shell, as a CI
+#: script may run this suite) passes that on, and Python then leaves it ignored.
+_AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'ckpt'; runpy.run_module('ckptstore', run_name='__main__', alter_sys=True)"
+)
+
+
 def _ckpt(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("CKPTSTORE_URL", None)
-    return subprocess.Popen([sys.executable, "-m", "ckptstore", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-c", _AS_FROM_A_TERMINAL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
 
 def _run(*args: str) -> tuple[int, str, str]:
@@ -43,14 +52,10 @@ def _chunk_files(store_dir: Path) -> int:
 def test_ctrl_c_during_import_says_what_it_leaves_and_gc_reclaims_it(tmp_path):
     big = tmp_path / "big.safetensors"
     gen = torch.Generator().manual_seed(0)
-    save_file({f"t{i}": torch.randn(2_000_000, generator=gen) for i in range(48)}, str(big))  # 384 MB, incompressible
+    save_file({f"t{i}": torch.randn(2_000_000, generator=gen) for i in range(12)}, str(big))  # 96 MB, incompressible
     store_dir = tmp_path / "store"
     url = str(store_dir)
-    # About 24,000 chunks to write, each fsync'd: 15 s or more of work, so that the interrupt lands
-    # mid-import even when this process is slow to see the first ones. (With 1,500 chunks, and
-    # with 6,000, full runs of the suite twice saw the import finish before the signal was sent;
-    # sent by hand at random points of the import, it was honoured every time.)
-    assert _run("--store", url, "init", "--chunk-size", "16KiB")[0] == 0
+    assert _run("--store", url, "init", "--chunk-size", "64KiB")[0] == 0  # about 1,500 chunks to write
 
     child = _ckpt("--store", url, "import", str(big))
     deadline = time.monotonic() + 60
@@ -60,7 +65,7 @@ def test_ctrl_c_during_import_says_what_it_leaves_and_gc_reclaims_it(tmp_path):
         time.sleep(0.005)
     child.send_signal(signal.SIGINT)
     sent = f"sent at {time.monotonic() - deadline + 60:.2f} s, {_chunk_files(store_dir)} chunks stored then"
-    out, err = child.communicate(timeout=120)
+    out, err = child.communicate(timeout=60)
 
     # What this process passes on to the child (a disposition or mask that ignores SIGINT would be inherited).
     passed_on = f"SIGINT here: {signal.getsignal(signal.SIGINT)}, blocked here: {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
@@ -69,7 +74,7 @@ def test_ctrl_c_during_import_says_what_it_leaves_and_gc_reclaims_it(tmp_path):
         left = store.objects.list_info("chunks/") + store.objects.list_info("manifests/")
         chunks = len(store.objects.list_info("chunks/"))
         assert store.branches() == {} and store.objects.list("commits/") == []
-    assert 20 <= chunks < 23_000, "the interrupt came too late to test anything"
+    assert 20 <= chunks < 1400, "the interrupt came too late to test anything"
     manifests = len(left) - chunks
     expected = (
         f"interrupted: {chunks} chunks" + (f" and {manifests} manifests" if manifests else "")
