@@ -85,6 +85,11 @@ def _check_pages(url: str, tmp_path: Path, shots: Path | None) -> None:
         assert re.search(r'<svg[^>]* id="graph"', index)
         for branch in ("main", "sweep", "alt"):
             assert f'class="curve" data-line="{branch}"' in index, branch
+        # Hovering a point names its commit: each point's SVG <title> starts with its short id.
+        points = re.findall(r'class="point" data-commit="([0-9a-f]{32})" data-line="([^"]+)"><title>([^<]*)</title>', index)
+        assert {line for _, line, _ in points} >= {"main", "sweep", "alt"}
+        for cid, _, title in points:
+            assert title.startswith(cid[:12] + " on "), (cid, title)
         assert "demoted: without optimizer" in index
         assert "policy: delete" in index  # the previewed policy's deletions are marked
         page = _browser(tmp_path, served.base + f"diff/{diff['a']}..{diff['b']}.html")
