@@ -152,3 +152,32 @@ def test_export_writes_the_pages_with_relative_links(tmp_path):
     assert (out / "diff" / f"{ids['main'][2]}..{ids['sweep'][0]}.html").exists()
     links = re.findall(r'(?:href|src)="([^"#]+)"', index + commit)
     assert links and not [link for link in links if link.startswith(("/", "http:", "https:"))]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_gc_in_another_process_while_the_ui_serves(tmp_path):
+    """The server read the history before a collection in another process removed most of it:
+    the pages of what is kept still render (the head's page reads its parent's manifest, which
+    is gone), and the pages of removed commits are 404, not server errors."""
+    url = str(tmp_path / "store")
+    ids = build_run_store(url)
+    with _Served(url) as served:
+        head = ids["main"][-1]
+        assert _get(served.base + f"commit/{head}.html")[0] == 200
+        plan = json.loads(ok(url, "gc", "--keep-last", "1", "--grace-period", "0", "--dry-run", "--json").out)
+        removed = plan["removed_commits"]
+        assert ids["main"][-2] in removed
+        ok(url, "gc", "--keep-last", "1", "--grace-period", "0")  # in this process; the server is a child of its own
+        status, page = _get(served.base + f"commit/{head}.html")
+        assert status == 200 and head in page, page[:500]
+        for cid in removed:
+            assert _get(served.base + f"commit/{cid}.html")[0] == 404, cid
+        status, index = _get(served.base)
+        assert status == 200 and head[:12] in index and not [cid for cid in removed if cid[:12] in index]

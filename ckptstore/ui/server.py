@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from html import escape
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -51,11 +52,16 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("static/") and path[len("static/") :] in STATIC_FILES:
             return self._send(HTTPStatus.OK, static_file(path[len("static/") :]), path, body=body)
         try:
-            html = self.server.site().page(path)
+            try:
+                html = self.server.site().page(path)
+            except CkptStoreError:  # perhaps a gc in another process removed what the history named: read it again, once
+                html = self.server.site(reread=True).page(path)
         except CkptStoreError as exc:
-            return self._send(HTTPStatus.INTERNAL_SERVER_ERROR, f"<pre>{exc}</pre>".encode(), ".html", body=body)
+            return self._send(HTTPStatus.INTERNAL_SERVER_ERROR, f"<pre>{escape(str(exc))}</pre>".encode(), ".html", body=body)
         if html is None:
-            return self._send(HTTPStatus.NOT_FOUND, b"<p>no such page</p>", ".html", body=body)
+            return self._send(
+                HTTPStatus.NOT_FOUND, b"<p>no such page (a commit no branch or tag reaches any more, or a path this site does not have)</p>", ".html", body=body
+            )
         self._send(HTTPStatus.OK, html.encode(), ".html" if path else "index.html", body=body)
 
     def _send(self, status: HTTPStatus, data: bytes, path: str, *, body: bool) -> None:
@@ -81,11 +87,12 @@ class _Server(ThreadingHTTPServer):
         self._reload = reload
         self._lock = threading.Lock()
 
-    def site(self) -> Site:
-        """The pages, read again when a branch or tag moved since they were read."""
+    def site(self, *, reread: bool = False) -> Site:
+        """The pages, read again when a branch or tag moved since they were read, or when
+        ``reread`` (a page found gone what the history named: collected meanwhile)."""
         with self._lock:
             history = self._site.history
-            if self._reload is not None and (self._store.branches() != history.branches or self._store.tags() != history.tags):
+            if self._reload is not None and (reread or self._store.branches() != history.branches or self._store.tags() != history.tags):
                 self._site = self._warmed(Site(self._store, self._reload()))
             return self._site
 
